@@ -1,0 +1,70 @@
+"""Which implementation runs an op: the Triton kernel or the plain-torch reference.
+
+CUDA tensors run the Triton kernels. CPU tensors run the torch reference path, so tinyq works
+on a machine without a GPU. Under ``TRITON_INTERPRET=1`` (the CPU test suite) the Triton kernels
+can also run on CPU tensors; tests select that with ``force_backend("triton")``.
+
+``TINYQ_BACKEND=torch|triton|auto`` overrides the choice process-wide (default ``auto``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+_VALID = ("auto", "torch", "triton")
+_state = threading.local()
+
+
+def interpreting() -> bool:
+    """True when Triton kernels execute in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _requested() -> str:
+    forced = getattr(_state, "forced", None)
+    if forced is not None:
+        return forced
+    env = os.environ.get("TINYQ_BACKEND", "auto")
+    if env not in _VALID:
+        raise ValueError(f"TINYQ_BACKEND={env!r} is not one of {_VALID}")
+    return env
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` should launch the Triton kernel."""
+    mode = _requested()
+    if mode == "torch":
+        return False
+    if t.is_cuda:
+        return True
+    # CPU tensor: only the interpreter can run a Triton kernel on it.
+    return mode == "triton" and interpreting()
+
+
+@contextlib.contextmanager
+def force_backend(mode: str):
+    """Run the enclosed ops on ``mode`` ("torch", "triton" or "auto")."""
+    if mode not in _VALID:
+        raise ValueError(f"backend {mode!r} is not one of {_VALID}")
+    prev = getattr(_state, "forced", None)
+    _state.forced = mode
+    try:
+        yield
+    finally:
+        _state.forced = prev
+
+
+def check_kernel_device(name: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error unless all tensors sit on one device a Triton kernel can use."""
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: tensors are on different devices: {sorted(map(str, devices))}")
+    dev = devices.pop()
+    if dev.type != "cuda" and not interpreting():
+        raise ValueError(
+            f"{name}: the Triton kernel needs CUDA tensors (got {dev}); CPU tensors go through the "
+            "torch reference path, or set TRITON_INTERPRET=1 to interpret the kernel"
+        )

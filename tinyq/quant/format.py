@@ -1,0 +1,174 @@
+"""tinyq's int4 weight format, defined here and nowhere else.
+
+A linear layer ``y = x @ W.T + b`` with ``W`` of shape ``[N, K]`` (N outputs, K inputs, as in
+``nn.Linear.weight``) is stored as three tensors:
+
+=========  ==================  ===============  ==============================================
+name       shape               dtype            meaning
+=========  ==================  ===============  ==============================================
+qweight    ``[N, K // 8]``     int32            word ``c`` of row ``n`` holds ``q[n, 8c + i]``
+                                                in bits ``4i .. 4i+3`` (``i = 0`` lowest nibble);
+                                                ``q`` is unsigned, 0..15
+scales     ``[N, K // G]``     fp16 or bf16     one scale per (output row, group of G inputs)
+zeros      ``[N, K // G]``     same as scales   integer zero points 0..15 (exact in fp16/bf16)
+=========  ==================  ===============  ==============================================
+
+``W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]``.
+
+Why this layout: it is K-contiguous like ``nn.Linear.weight``, so the decode GEMV reads each
+output row as one contiguous run (2 KB per row at K=4096) and fusing q/k/v or gate/up at load is
+a plain ``torch.cat`` along N. Zeros are kept as integers in the scale dtype so the kernels
+dequantize with one subtract and one multiply, and conversion to AutoAWQ's packing is lossless.
+
+The quantizer is AWQ's group-wise asymmetric one (min/max per group, integer zero point).
+"""
+from __future__ import annotations
+
+import torch
+
+GROUP_SIZES = (32, 64, 128)
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
+PACK = 8  # int4 values per int32 word
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ "gemm": nibble i holds column 8c + AWQ_ORDER[i]
+
+
+def check_group_size(group_size: int, k: int, what: str = "weight") -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
+    if k % group_size != 0:
+        raise ValueError(
+            f"{what}: in_features K={k} is not divisible by group_size={group_size}; "
+            f"choose a group size that divides K (e.g. {[g for g in GROUP_SIZES if k % g == 0] or 'none'})"
+        )
+
+
+def quantize_groupwise(w: torch.Tensor, group_size: int, n_bit: int = 4, scale_dtype=torch.float16):
+    """Round-to-nearest group-wise asymmetric quantization of ``w [N, K]`` (AWQ's quantizer).
+
+    Returns ``q`` (uint8 ``[N, K]``, 0..2^b-1), ``scales`` and ``zeros`` (``scale_dtype``, ``[N, K/G]``).
+    The scale is rounded to ``scale_dtype`` before ``q`` is computed, so ``(q - z) * s`` is the
+    best reconstruction the stored scale allows.
+    """
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+    if not 2 <= n_bit <= 8:
+        raise ValueError(f"n_bit={n_bit} is outside 2..8")
+    n, k = w.shape
+    if k % group_size != 0:
+        raise ValueError(f"weight of shape {tuple(w.shape)}: K={k} is not divisible by group_size={group_size}")
+    qmax = 2**n_bit - 1
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    wmax = g.amax(dim=-1)
+    wmin = g.amin(dim=-1)
+    scales = ((wmax - wmin).clamp(min=1e-5) / qmax).to(scale_dtype)
+    s = scales.float()
+    zeros = (-torch.round(wmin / s)).clamp(0, qmax)
+    q = (torch.round(g / s[..., None]) + zeros[..., None]).clamp(0, qmax)
+    return q.reshape(n, k).to(torch.uint8), scales, zeros.to(scale_dtype)
+
+
+def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """``(q - z) * s`` in float32, ``[N, K]``."""
+    n, k = q.shape
+    groups = scales.shape[1]
+    g = k // groups
+    qf = q.float().reshape(n, groups, g)
+    return ((qf - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, k)
+
+
+def fake_quantize(w: torch.Tensor, group_size: int, n_bit: int = 4) -> torch.Tensor:
+    """Quantize then dequantize, in ``w``'s dtype (used by AWQ's search and by evaluation)."""
+    q, s, z = quantize_groupwise(w, group_size, n_bit, scale_dtype=torch.float16 if w.dtype != torch.bfloat16 else w.dtype)
+    return dequantize_groupwise(q, s, z).to(w.dtype)
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """int64 words in [0, 2^32) -> int32 with two's-complement wrap-around."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _pack_last_dim(v: torch.Tensor, order=tuple(range(PACK))) -> torch.Tensor:
+    """Pack int values 0..15 along the last dim, 8 per int32; nibble i holds element ``order[i]``."""
+    *lead, n = v.shape
+    if n % PACK != 0:
+        raise ValueError(f"cannot pack a last dimension of {n}: it must be a multiple of {PACK}")
+    v = v.to(torch.int64).reshape(*lead, n // PACK, PACK)
+    words = torch.zeros(v.shape[:-1], dtype=torch.int64, device=v.device)
+    for i, src in enumerate(order):
+        words |= (v[..., src] & 0xF) << (4 * i)
+    return _to_int32(words)
+
+
+def _unpack_last_dim(words: torch.Tensor, order=tuple(range(PACK))) -> torch.Tensor:
+    """Inverse of :func:`_pack_last_dim`; returns uint8 values with the last dim multiplied by 8."""
+    if words.dtype != torch.int32:
+        raise ValueError(f"packed words must be int32, got {words.dtype}")
+    shifts = torch.arange(0, 4 * PACK, 4, device=words.device, dtype=torch.int32)
+    nib = (words.unsqueeze(-1) >> shifts) & 0xF  # [..., W, 8], nibble i
+    out = torch.empty_like(nib)
+    out[..., list(order)] = nib
+    return out.reshape(*words.shape[:-1], words.shape[-1] * PACK).to(torch.uint8)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``q`` uint8 ``[N, K]`` (0..15) -> tinyq ``qweight`` int32 ``[N, K // 8]``."""
+    if q.dim() != 2:
+        raise ValueError(f"expected q of shape [N, K], got {tuple(q.shape)}")
+    if int(q.max()) > 15 or int(q.min()) < 0:
+        raise ValueError("int4 values must lie in 0..15")
+    return _pack_last_dim(q)
+
+
+def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
+    """tinyq ``qweight`` int32 ``[N, K // 8]`` -> uint8 ``[N, K]``."""
+    return _unpack_last_dim(qweight)
+
+
+def quantize_weight(w: torch.Tensor, group_size: int, scale_dtype=torch.float16):
+    """``w [N, K]`` -> ``(qweight, scales, zeros)`` in tinyq's format (RTN)."""
+    check_group_size(group_size, w.shape[-1])
+    q, s, z = quantize_groupwise(w, group_size, 4, scale_dtype)
+    return pack_int4(q), s, z
+
+
+def dequantize_weight(qweight, scales, zeros) -> torch.Tensor:
+    """tinyq format -> float32 ``W [N, K]`` (the reference every kernel is checked against)."""
+    return dequantize_groupwise(unpack_int4(qweight), scales, zeros)
+
+
+# --- AutoAWQ / HF "awq gemm" interoperability ------------------------------------------------
+
+def from_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor):
+    """AutoAWQ "gemm" tensors -> tinyq ``(qweight, scales, zeros)``; lossless.
+
+    AWQ: ``qweight`` int32 ``[K, N/8]`` and ``qzeros`` int32 ``[K/G, N/8]`` packed along N in the
+    order :data:`AWQ_ORDER`; ``scales`` ``[K/G, N]``; ``W[k, n] = (q - z) * s``; ``y = x @ W``.
+    """
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(f"AWQ qweight/qzeros must be int32, got {qweight.dtype}/{qzeros.dtype}")
+    k, n8 = qweight.shape
+    groups = scales.shape[0]
+    if scales.shape[1] != n8 * PACK or qzeros.shape != (groups, n8) or k % groups != 0:
+        raise ValueError(
+            f"inconsistent AWQ shapes: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
+            f"scales {tuple(scales.shape)}"
+        )
+    q = _unpack_last_dim(qweight, AWQ_ORDER)  # [K, N]
+    z = _unpack_last_dim(qzeros, AWQ_ORDER)  # [K/G, N]
+    return pack_int4(q.t().contiguous()), scales.t().contiguous(), z.t().contiguous().to(scales.dtype)
+
+
+def to_awq_gemm(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):
+    """tinyq ``(qweight, scales, zeros)`` -> AutoAWQ "gemm" ``(qweight, qzeros, scales)``; lossless."""
+    q = unpack_int4(qweight)  # [N, K]
+    n = q.shape[0]
+    if n % PACK != 0:
+        raise ValueError(f"AWQ gemm format needs out_features divisible by {PACK}, got N={n}")
+    z = zeros.round().to(torch.int64)
+    return (
+        _pack_last_dim(q.t().contiguous(), AWQ_ORDER),
+        _pack_last_dim(z.t().contiguous(), AWQ_ORDER),
+        scales.t().contiguous().to(torch.float16),
+    )
