@@ -1,4 +1,5 @@
-"""Drop-in ``nn.Module`` layers."""
+"""Drop-in ``nn.Module`` layers and their safetensors I/O."""
+from tinyq.nn.io import load_safetensors, save_safetensors
 from tinyq.nn.w4a16_linear import W4A16Linear
 
-__all__ = ["W4A16Linear"]
+__all__ = ["W4A16Linear", "load_safetensors", "save_safetensors"]

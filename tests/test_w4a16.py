@@ -1,0 +1,126 @@
+"""W4A16 kernels (GEMV, fused-dequant GEMM, the M dispatcher) against the float32 reference.
+
+Runs the Triton kernels themselves: on the CPU through the interpreter (conftest sets
+TRITON_INTERPRET=1), on CUDA for the `gpu`-marked tests.
+"""
+import pytest
+import torch
+
+from tests.tolerances import assert_close_rel
+from tinyq.backend import force_backend
+from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
+from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
+from tinyq.kernels.w4a16_matmul import w4a16_matmul
+from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference
+from tinyq.quant.format import quantize_weight
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def make_case(m, n, k, group_size, dtype, bias=True, device=DEV):
+    w = torch.randn(n, k) * 0.02
+    qweight, scales, zeros = quantize_weight(w, group_size, dtype)
+    x = torch.randn(m, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(x), to(qweight), to(scales), to(zeros), to(b)
+
+
+def poisoned(m, n, dtype, device=DEV):
+    return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
+def test_gemv(m, n, k, group_size, dtype):
+    if k % group_size:
+        pytest.skip("group does not divide K")
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
+    y = poisoned(m, n, dtype)
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2)
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("group_size,block_k", [(32, 32), (64, 64), (128, 64), (128, 128)])
+@pytest.mark.parametrize("m,n,k", [(5, 40, 256), (17, 67, 384), (33, 16, 128)])
+def test_gemm(m, n, k, group_size, block_k, swap_ab, dtype):
+    if k % group_size:
+        pytest.skip("group does not divide K")
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, bias=(m % 2 == 1))
+    y = poisoned(m, n, dtype)
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab, num_warps=4)
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+def test_gemm_fp16_accumulate(swap_ab):
+    x, qw, s, z, b = make_case(37, 48, 512, 64, torch.float16)
+    y = poisoned(37, 48, torch.float16)
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=16, block_k=64, swap_ab=swap_ab, acc_fp16=True)
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+    with pytest.raises(ValueError, match="fp16 accumulation needs fp16"):
+        xb, qwb, sb, zb, _ = make_case(4, 16, 64, 64, torch.bfloat16)
+        launch_w4a16_gemm(xb, qwb, sb, zb, None, poisoned(4, 16, torch.bfloat16),
+                          block_m=16, block_n=16, block_k=64, acc_fp16=True)
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 17])
+def test_dispatch_shipped_configs(m):
+    """Every M bucket of the shipped config table, through the public launcher."""
+    x, qw, s, z, b = make_case(m, 24, 192, 64, torch.float16)
+    assert_close_rel(w4a16_matmul(x, qw, s, z, b), w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_functional_op_3d_input(dtype):
+    x, qw, s, z, b = make_case(6, 32, 128, 32, dtype)
+    x3 = x.reshape(2, 3, 128)
+    with force_backend("triton"):
+        y = w4a16_linear(x3, qw, s, z, b)
+    assert y.shape == (2, 3, 32)
+    assert_close_rel(y, w4a16_linear_reference(x3, qw, s, z, b))
+
+
+def test_non_contiguous_input_is_handled_by_the_op():
+    x, qw, s, z, b = make_case(8, 16, 128, 64, torch.float16)
+    xt = torch.cat([x, x], dim=1)[:, ::2]  # strided view with the same shape as x
+    with force_backend("triton"):
+        y = w4a16_linear(xt, qw, s, z, b)
+    assert_close_rel(y, w4a16_linear_reference(xt.contiguous(), qw, s, z, b))
+
+
+def test_bad_inputs_are_clear_errors():
+    x, qw, s, z, b = make_case(2, 16, 128, 64, torch.float16)
+    with pytest.raises(ValueError, match="input has 64 features but the weight expects K=128"):
+        w4a16_matmul(x[:, :64].contiguous(), qw, s, z)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        w4a16_linear(x.to(torch.int32), qw, s, z)
+    with pytest.raises(ValueError, match="imply group size 42.6667"):
+        w4a16_matmul(x, qw, s[:, :1].repeat(1, 3).contiguous(), z[:, :1].repeat(1, 3).contiguous())
+    with pytest.raises(ValueError, match="qweight must be a 2-D int32"):
+        w4a16_matmul(x, qw.to(torch.int64), s, z)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        w4a16_matmul(x, qw, s, z, torch.zeros(15, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous along K"):
+        w4a16_matmul(torch.randn(128, 2, dtype=torch.float16).t(), qw, s, z)
+    with pytest.raises(ValueError, match="scales dtype"):
+        w4a16_matmul(x.to(torch.bfloat16), qw, s, z)
+    with pytest.raises(ValueError, match="different devices"):
+        w4a16_matmul(x, qw.to("meta"), s, z)
+    with pytest.raises(ValueError, match="expects a 2-D input"):
+        w4a16_matmul(x.reshape(1, 2, 128), qw, s, z)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 64, 100, 256, 1000, 2048])
+@pytest.mark.parametrize("n,k,group_size", [(4096, 4096, 128), (6144, 4096, 64), (1000, 576, 64), (4096, 14336, 32)])
+def test_gpu_shapes(m, n, k, group_size, dtype):
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
+    y = w4a16_matmul(x, qw, s, z, b)
+    torch.cuda.synchronize()
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))

@@ -1,0 +1,16 @@
+"""One tolerance table for kernel tests: max |out - ref| / max |ref| by output dtype.
+
+The references are float32; the budget is the output rounding (fp16: 2^-11, bf16: 2^-8 relative)
+plus a few ulps for the kernel's different summation order.
+"""
+import torch
+
+REL_TOL = {torch.float16: 4e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype=None):
+    dtype = dtype or out.dtype
+    assert torch.isfinite(out).all(), "output has NaN/Inf (unwritten poison?)"
+    err = (out.float() - ref.float()).abs().max().item()
+    scale = ref.float().abs().max().item()
+    assert err <= REL_TOL[dtype] * scale + 1e-6, f"max abs err {err:.4g} > {REL_TOL[dtype]} x {scale:.4g}"

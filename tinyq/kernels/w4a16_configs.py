@@ -1,0 +1,49 @@
+"""Shipped launch configs for the W4A16 kernels, bucketed by M, so nobody waits for autotuning.
+
+``CONFIGS[arch]`` is a list of ``(max_m, config)`` in increasing ``max_m``; the first bucket with
+``m <= max_m`` wins. ``kernel`` is ``"gemv"`` (:mod:`tinyq.kernels.w4a16_gemv`) or ``"gemm"``
+(:mod:`tinyq.kernels.w4a16_gemm`). ``benchmarks/bench_w4a16.py --sweep`` measures candidates and
+prints the winners in this format; ``sm90`` below comes from that sweep on the H100 (see
+``benchmarks/results/``). Other architectures use ``default`` (untuned, chosen to be safe on
+~100 KB of shared memory).
+"""
+from __future__ import annotations
+
+import torch
+
+GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, cheaper than MMA padding
+
+CONFIGS = {
+    "default": [
+        (GEMV_MAX_M, dict(kernel="gemv", block_n=16, block_k=256, num_warps=4, num_stages=2)),
+        (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=3)),
+        (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
+        (256, dict(kernel="gemm", block_m=128, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
+        (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)),
+    ],
+}
+CONFIGS["sm90"] = CONFIGS["default"]
+
+
+def device_arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "default"
+    major, minor = torch.cuda.get_device_capability(device)
+    key = f"sm{major}{minor}"
+    return key if key in CONFIGS else "default"
+
+
+def fp16_accumulate_default(device: torch.device) -> bool:
+    """fp16 accumulation is the default only where it is faster: GeForce parts run fp16-accumulate
+    MMA at twice the fp32-accumulate rate (a product-line cap, per NVIDIA's spec sheets; not
+    measured here). H100/A100 and workstation parts run both at one rate, so fp32 stays."""
+    if device.type != "cuda":
+        return False
+    return "GeForce" in torch.cuda.get_device_name(device)
+
+
+def select_config(m: int, device: torch.device) -> dict:
+    for max_m, cfg in CONFIGS[device_arch(device)]:
+        if max_m is None or m <= max_m:
+            return dict(cfg)
+    raise AssertionError("the last bucket must be open-ended")

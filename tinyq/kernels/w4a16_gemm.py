@@ -1,0 +1,143 @@
+"""W4A16 GEMM for prefill and skinny batches: ``y = x @ W.T (+ b)``, dequantization fused.
+
+Each K step loads a ``[BLOCK_N, BLOCK_K/8]`` tile of packed words (contiguous along K), unpacks
+it in registers to ``[BLOCK_N, BLOCK_K]`` int4 values, dequantizes ``(q - z) * s`` in the
+activation dtype and feeds the tensor cores. No dequantized weight ever reaches memory.
+
+``BLOCK_K`` divides ``GROUP_SIZE``, so a K step lies inside one group and needs one scale and
+zero per column (a ``[BLOCK_N]`` load per step).
+
+Flags:
+- ``SWAP_AB``: compute ``y.T = W @ x.T`` so the dequantized weight tile is the MMA's first operand.
+  On Hopper that operand may come from registers, which spares the dequantized tile a trip
+  through shared memory, and for skinny M (≤ 16) it puts N, not M, on the MMA's 64-row side.
+- ``ACC_FP16``: the MMA accumulates each K step in fp16 (twice the tensor rate of fp32
+  accumulation on GeForce/RTX parts, equal on H100/A100); the step's partial is then added into
+  an fp32 accumulator. Overflow can only come from one step's partial sum of ``BLOCK_K`` products
+  exceeding 65504, not from the whole K reduction. fp16 activations only.
+
+Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``); ``qweight`` int32 [N, K/8];
+``scales``/``zeros`` [N, K/G] (x's dtype); ``bias`` [N] or none; ``y`` [M, N] (row stride
+``stride_ym``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tinyq.backend import interpreting
+
+
+@triton.jit
+def _w4a16_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_ym,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SWAP_AB: tl.constexpr,
+    ACC_FP16: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide the quantization group")
+    tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a whole number of int32 words")
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row blocks share each weight tile while it sits in L2.
+    pids_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % pids_per_group) % group_rows)
+    pid_n = (pid % pids_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_kw = tl.arange(0, BLOCK_K // 8)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    shifts = tl.arange(0, 8) * 4
+    words_per_row = K // 8
+    groups_per_row = K // GROUP_SIZE
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + offs_kw[None, :]  # [BN, BK/8]
+    sz_ptrs = offs_n * groups_per_row  # [BN]
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
+        z = tl.load(z_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
+        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BK/8, 8]
+        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+        if DOT_FP32:
+            x = x.to(tl.float32)
+            w = (q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]
+        else:
+            w = (q.to(x.dtype) - z[:, None]) * s[:, None]  # [BN, BK], exact (q - z), one rounding
+        if SWAP_AB:
+            if ACC_FP16:
+                acc += tl.dot(w, tl.trans(x), out_dtype=tl.float16).to(tl.float32)
+            else:
+                acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            if ACC_FP16:
+                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float16).to(tl.float32)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K // 8
+
+    if SWAP_AB:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def launch_w4a16_gemm(
+    x, qweight, scales, zeros, bias, y, *,
+    block_m: int, block_n: int, block_k: int, group_m: int = 8,
+    swap_ab: bool = False, acc_fp16: bool = False, num_warps: int = 4, num_stages: int = 3,
+):
+    """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    group_size = k // scales.shape[1]
+    block_k = min(block_k, group_size)
+    if acc_fp16 and x.dtype != torch.float16:
+        raise ValueError(f"fp16 accumulation needs fp16 activations, got {x.dtype}")
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    _w4a16_gemm_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else y, y,
+        m, n, k,
+        x.stride(0), y.stride(0),
+        GROUP_SIZE=group_size,
+        HAS_BIAS=bias is not None,
+        SWAP_AB=swap_ab,
+        ACC_FP16=acc_fp16,
+        DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=group_m,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y
