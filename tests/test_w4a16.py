@@ -124,3 +124,31 @@ def test_gpu_shapes(m, n, k, group_size, dtype):
     y = w4a16_matmul(x, qw, s, z, b)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_and_compile():
+    """The op captures in a CUDA graph and compiles with inductor, giving the eager result."""
+    import tinyq
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 256)).half().cuda()
+    tinyq.quantize_(model, tinyq.W4A16Config(group_size=64))
+    x = torch.randn(1, 512, dtype=torch.float16, device="cuda")
+    eager = model(x)
+    static_x = x.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        model(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = model(static_x)
+    x2 = torch.randn_like(x)
+    static_x.copy_(x2)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_y, model(x2))
+    compiled = torch.compile(model, fullgraph=True)
+    assert torch.allclose(compiled(x).float(), eager.float(), atol=1e-2, rtol=1e-2)

@@ -1,0 +1,206 @@
+"""W4A16 linear benchmark: tinyq vs cuBLAS fp16 (F.linear) vs torch's tinygemm, one run.
+
+Llama-3-8B linear shapes at M = 1, 16, 2048, 4096; group size 128. tinygemm
+(``torch._weight_int4pack_mm``) takes bf16 only, so it runs in bf16; cuBLAS and tinyq in fp16.
+Prints medians (us), GB/s (weight + activation bytes), TFLOP/s and ratios; ``--sweep`` first
+measures launch-config candidates per M bucket and uses the winners (printed in the format of
+``tinyq/kernels/w4a16_configs.py``). Also measures fp16 accumulation (tinyq W4A16 GEMM and the
+plain fp16acc GEMM) against fp32 accumulation and cuBLAS at large M.
+
+    python benchmarks/bench_w4a16.py [--sweep] [--out benchmarks/results/w4a16_h100.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import bench_ms, environment, write_json  # noqa: E402
+from tinyq.kernels.fp16acc_gemm import fp16acc_gemm  # noqa: E402
+from tinyq.kernels.w4a16_configs import select_config  # noqa: E402
+from tinyq.kernels.w4a16_matmul import w4a16_matmul  # noqa: E402
+from tinyq.ops.linear import w4a16_linear_reference  # noqa: E402
+from tinyq.quant.format import quantize_weight  # noqa: E402
+
+SHAPES = {  # name: (K, N)
+    "qkv": (4096, 6144),
+    "o": (4096, 4096),
+    "gate_up": (4096, 28672),
+    "down": (14336, 4096),
+    "lm_head": (4096, 128256),
+}
+MS = (1, 16, 2048, 4096)
+G = 128
+
+
+def make_weights(k, n, device="cuda"):
+    w = torch.randn(n, k, device=device) * 0.02
+    qweight, scales, zeros = quantize_weight(w, G, torch.float16)
+    return w.half(), qweight, scales, zeros
+
+
+def tinygemm_pack(w16):
+    """Random int4 weights in torch's tinygemm layout (same shape as ``w16``), or None."""
+    try:
+        n, k = w16.shape
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=w16.device)
+        packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+        wp = torch._convert_weight_to_int4pack(packed_u8, 8)
+        sz = torch.rand(k // G, n, 2, device=w16.device, dtype=torch.bfloat16)
+        return wp, sz
+    except Exception as e:  # reported, and the row shows nan
+        print(f"tinygemm unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+def tinygemm_fn(packed, x):
+    """torch's int4 tinygemm (bf16 activations) as a zero-arg callable, or None."""
+    if packed is None:
+        return None
+    wp, sz = packed
+    xb = x.bfloat16()
+    try:
+        torch._weight_int4pack_mm(xb, wp, G, sz)
+    except Exception as e:
+        print(f"tinygemm failed: {type(e).__name__}: {e}")
+        return None
+    return lambda: torch._weight_int4pack_mm(xb, wp, G, sz)
+
+
+def candidates(m):
+    if m <= 4:
+        for bn, bk, nw, ns in itertools.product((8, 16, 32), (256, 512), (4, 8), (2, 3)):
+            yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+        for bn, ns in itertools.product((16, 32, 64), (3, 5)):
+            yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=True, num_warps=4, num_stages=ns)
+    elif m <= 64:
+        for bn, swap, ns in itertools.product((32, 64, 128), (False, True), (3, 5)):
+            yield dict(kernel="gemm", block_m=16 if m <= 16 else 64, block_n=bn, block_k=128, swap_ab=swap,
+                       num_warps=4, num_stages=ns)
+    else:
+        for (bm, bn), bk, swap, nw in itertools.product(((128, 128), (128, 256), (64, 256)), (64, 128), (False, True), (4, 8)):
+            if swap:
+                bm, bn = bn, bm  # the weight tile is the MMA's 64/128-row side
+            ns = 4 if bk == 64 else 3
+            yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=nw,
+                       num_stages=ns, group_m=8)
+
+
+def sweep(weights, m, shape_names, rep_ms):
+    """Best config for bucket ``m``: lowest summed time over ``shape_names``."""
+    best = None
+    for cfg in candidates(m):
+        total = 0.0
+        try:
+            for name in shape_names:
+                k, n = SHAPES[name]
+                _, qw, s, z = weights[name]
+                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                total += bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg), 10, rep_ms)
+        except Exception as e:  # out of shared memory / registers: skip the candidate
+            print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        if best is None or total < best[0]:
+            best = (total, cfg)
+    print(f"  M={m}: best {best[1]} ({best[0] * 1e3:.1f} us over {shape_names})", flush=True)
+    return best[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    args = ap.parse_args()
+    ms = [int(v) for v in args.ms.split(",")]
+    ms = sorted(ms, key=lambda v: (v < 2048, -v))  # sweep the largest M first; smaller prefill M reuse it
+    torch.manual_seed(0)
+    weights = {name: make_weights(*SHAPES[name]) for name in SHAPES}
+    env = environment()
+    print(env, flush=True)
+
+    tuned = {}
+    if args.sweep:
+        for m in ms:
+            if m >= 2048 and 4096 in tuned:
+                tuned[m] = tuned[4096]
+                continue
+            names = ["qkv", "o", "gate_up", "down"] if m <= 16 else ["o", "gate_up"]
+            tuned[m] = sweep(weights, m, names, rep_ms=40 if m <= 16 else 60)
+
+    tinygemm_weights = {}
+    rows = []
+    for m in ms:
+        for name, (k, n) in SHAPES.items():
+            w16, qw, s, z = weights[name]
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            cfg = tuned.get(m) or select_config(m, x.device)
+            # correctness on this exact shape before timing it
+            y = w4a16_matmul(x, qw, s, z, config=cfg)
+            ref = w4a16_linear_reference(x, qw, s, z).float()
+            rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+            t_q = bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg))
+            t_fp16 = bench_ms(lambda: F.linear(x, w16))
+            if name not in tinygemm_weights:
+                tinygemm_weights[name] = tinygemm_pack(w16)
+            tg = tinygemm_fn(tinygemm_weights[name], x)
+            t_tg = bench_ms(tg) if tg is not None else float("nan")
+            wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
+            io = (m * k + m * n) * 2
+            rows.append(dict(m=m, shape=name, k=k, n=n, config=cfg, max_rel_err=rel, tinyq_us=t_q * 1e3,
+                             cublas_fp16_us=t_fp16 * 1e3, tinygemm_us=t_tg * 1e3,
+                             tinyq_gbps=(wbytes + io) / t_q / 1e6, tinyq_tflops=2 * m * n * k / t_q / 1e9,
+                             cublas_tflops=2 * m * n * k / t_fp16 / 1e9))
+            print(f"M={m:5d} {name:8s} tinyq {t_q*1e3:9.1f} us  fp16 {t_fp16*1e3:9.1f}  tinygemm {t_tg*1e3:9.1f}"
+                  f"  {rows[-1]['tinyq_gbps']:7.0f} GB/s {rows[-1]['tinyq_tflops']:6.1f} TF  err {rel:.1e}", flush=True)
+
+    # fp16 accumulation vs fp32 accumulation at prefill sizes
+    acc_rows = []
+    for m in [v for v in ms if v >= 2048]:
+        for name in ("o", "gate_up"):
+            k, n = SHAPES[name]
+            w16, qw, s, z = weights[name]
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            cfg = tuned.get(m) or select_config(m, x.device)
+            t32 = bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg, acc_fp16=False))
+            t16 = bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg, acc_fp16=True))
+            g32 = bench_ms(lambda: fp16acc_gemm(x, w16, acc_fp16=False))
+            g16 = bench_ms(lambda: fp16acc_gemm(x, w16, acc_fp16=True))
+            cub = bench_ms(lambda: F.linear(x, w16))
+            acc_rows.append(dict(m=m, shape=name, w4a16_acc32_us=t32 * 1e3, w4a16_acc16_us=t16 * 1e3,
+                                 gemm_acc32_us=g32 * 1e3, gemm_acc16_us=g16 * 1e3, cublas_us=cub * 1e3))
+
+    summary = {}
+    for m in ms:
+        sel = [r for r in rows if r["m"] == m and r["shape"] != "lm_head"]
+        summary[m] = {k: sum(r[k] for r in sel) for k in ("tinyq_us", "cublas_fp16_us", "tinygemm_us")}
+    write_json(args.out, dict(env=env, group_size=G, rows=rows, fp16_accumulate=acc_rows, tuned=tuned,
+                              summary_without_lm_head=summary))
+    if tuned:
+        print("\ntuned configs (w4a16_configs.py format):")
+        for m, cfg in tuned.items():
+            print(f"    ({m}, dict({', '.join(f'{k}={v!r}' for k, v in cfg.items())})),")
+    print("\nfp16 vs fp32 accumulation (us):")
+    for r in acc_rows:
+        print(f"  M={r['m']} {r['shape']:8s} w4a16 acc32 {r['w4a16_acc32_us']:8.1f} acc16 {r['w4a16_acc16_us']:8.1f} | "
+              f"fp16 gemm acc32 {r['gemm_acc32_us']:8.1f} acc16 {r['gemm_acc16_us']:8.1f} cuBLAS {r['cublas_us']:8.1f}")
+    print(f"\n{env.get('gpu')} torch {env['torch']} triton {env['triton']}; sum of qkv+o+gate_up+down (us):")
+    print(f"{'M':>6} {'tinyq':>9} {'cuBLAS':>9} {'tinygemm':>9} {'vs cuBLAS':>9} {'vs tg':>7}  target")
+    for m, sm in summary.items():
+        target = {1: "<= 55 us", 4096: "<= cuBLAS/0.95"}.get(m, "")
+        met = ""
+        if m == 1:
+            met = "MET" if sm["tinyq_us"] <= 55 else "missed"
+        elif m == 4096:
+            met = "MET" if sm["tinyq_us"] <= sm["cublas_fp16_us"] / 0.95 else "missed"
+        print(f"{m:6d} {sm['tinyq_us']:9.1f} {sm['cublas_fp16_us']:9.1f} {sm['tinygemm_us']:9.1f} "
+              f"{sm['cublas_fp16_us'] / sm['tinyq_us']:8.2f}x {sm['tinygemm_us'] / sm['tinyq_us']:6.2f}x  {target} {met}")
+
+
+if __name__ == "__main__":
+    main()

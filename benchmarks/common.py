@@ -1,0 +1,65 @@
+"""Shared benchmark helpers: timing, environment record, result files."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+
+import torch
+
+
+def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of ``fn`` with CUDA events; L2 is flushed before every run
+    (triton.testing.do_bench), so weights that would fit in L2 are still read from HBM."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def bench_graph_ms(fn, n_inner: int = 20, reps: int = 30) -> float:
+    """Median ms per call of ``fn`` replayed from a captured CUDA graph of ``n_inner`` calls
+    (removes launch gaps; used for chains of small kernels)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n_inner):
+            fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / n_inner)
+    return statistics.median(times)
+
+
+def environment() -> dict:
+    import triton
+
+    env = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["capability"] = "sm%d%d" % torch.cuda.get_device_capability()
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    print(f"wrote {path}")
