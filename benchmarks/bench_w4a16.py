@@ -74,25 +74,42 @@ def tinygemm_fn(packed, x):
 
 def candidates(m):
     if m <= 4:
-        for bn, bk, nw, ns in itertools.product((8, 16, 32), (256, 512), (4, 8), (2, 3)):
-            yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-        for bn, ns in itertools.product((16, 32, 64), (3, 5)):
-            yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=True, num_warps=4, num_stages=ns)
+        for bn, bk, nw, ns in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (2, 3)):
+            yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_nibbles=True)
+        yield dict(kernel="gemv", block_n=8, block_k=512, num_warps=4, num_stages=2, split_nibbles=False)
+        for bn, unpack in itertools.product((16, 32), ("gather", "split")):
+            yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=True, unpack=unpack,
+                       num_warps=4, num_stages=4)
     elif m <= 64:
-        for bn, swap, ns in itertools.product((32, 64, 128), (False, True), (3, 5)):
+        for unpack, bn, swap, ns in itertools.product(("gather", "split"), (32, 64, 128), (False, True), (3, 5)):
             yield dict(kernel="gemm", block_m=16 if m <= 16 else 64, block_n=bn, block_k=128, swap_ab=swap,
-                       num_warps=4, num_stages=ns)
+                       unpack=unpack, num_warps=4, num_stages=ns)
+        yield dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, unpack="reshape",
+                   num_warps=4, num_stages=5)
     else:
-        for (bm, bn), bk, swap, nw in itertools.product(((128, 128), (128, 256), (64, 256)), (64, 128), (False, True), (4, 8)):
-            if swap:
-                bm, bn = bn, bm  # the weight tile is the MMA's 64/128-row side
-            ns = 4 if bk == 64 else 3
-            yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=nw,
-                       num_stages=ns, group_m=8)
+        big = [  # (block_m, block_n, block_k, swap_ab, unpack, num_warps, num_stages)
+            (128, 128, 64, False, "reshape", 4, 4),
+            (128, 128, 64, False, "gather", 4, 4),
+            (128, 128, 64, False, "gather", 8, 4),
+            (128, 256, 64, False, "gather", 8, 3),
+            (256, 128, 64, False, "gather", 8, 3),
+            (128, 128, 128, False, "split", 8, 3),
+            (256, 128, 128, False, "split", 8, 3),
+            (128, 256, 128, False, "split", 8, 3),
+            (256, 128, 64, True, "gather", 8, 3),
+            (128, 128, 64, True, "gather", 4, 4),
+            (256, 128, 128, True, "split", 8, 3),
+            (128, 128, 128, True, "split", 8, 3),
+            (256, 64, 64, False, "gather", 4, 4),
+            (256, 128, 64, False, "reshape", 8, 3),
+        ]
+        for bm, bn, bk, swap, unpack, nw, ns in big:
+            yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack,
+                       num_warps=nw, num_stages=ns, group_m=8)
 
 
 def sweep(weights, m, shape_names, rep_ms):
-    """Best config for bucket ``m``: lowest summed time over ``shape_names``."""
+    """Best config for bucket ``m``: lowest summed time over ``shape_names`` (wrong results skipped)."""
     best = None
     for cfg in candidates(m):
         total = 0.0
@@ -101,10 +118,15 @@ def sweep(weights, m, shape_names, rep_ms):
                 k, n = SHAPES[name]
                 _, qw, s, z = weights[name]
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+                y = w4a16_matmul(x, qw, s, z, config=cfg)
+                ref = w4a16_linear_reference(x[:, :], qw, s, z).float() if m <= 64 or name == "o" else None
+                if ref is not None and (y.float() - ref).abs().max() > 1e-2 * ref.abs().max():
+                    raise RuntimeError("wrong result")
                 total += bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg), 10, rep_ms)
-        except Exception as e:  # out of shared memory / registers: skip the candidate
+        except Exception as e:  # out of shared memory / registers, or wrong: skip the candidate
             print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}")
             continue
+        print(f"  M={m} {total * 1e3:9.1f} us  {cfg}")
         if best is None or total < best[0]:
             best = (total, cfg)
     print(f"  M={m}: best {best[1]} ({best[0] * 1e3:.1f} us over {shape_names})", flush=True)

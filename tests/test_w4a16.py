@@ -31,36 +31,44 @@ def poisoned(m, n, dtype, device=DEV):
     return torch.full((m, n), float("nan"), dtype=dtype, device=device)
 
 
+@pytest.mark.parametrize("split_nibbles", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
-def test_gemv(m, n, k, group_size, dtype):
+def test_gemv(m, n, k, group_size, dtype, split_nibbles):
     if k % group_size:
         pytest.skip("group does not divide K")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     y = poisoned(m, n, dtype)
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2)
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2,
+                      split_nibbles=split_nibbles)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unpack", ["reshape", "gather", "split"])
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("group_size,block_k", [(32, 32), (64, 64), (128, 64), (128, 128)])
 @pytest.mark.parametrize("m,n,k", [(5, 40, 256), (17, 67, 384), (33, 16, 128)])
-def test_gemm(m, n, k, group_size, block_k, swap_ab, dtype):
+def test_gemm(m, n, k, group_size, block_k, swap_ab, unpack, dtype):
     if k % group_size:
         pytest.skip("group does not divide K")
+    if unpack == "split" and block_k < 128:
+        pytest.skip("split needs block_k >= 128")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype, bias=(m % 2 == 1))
     y = poisoned(m, n, dtype)
-    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab, num_warps=4)
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab,
+                      unpack=unpack, num_warps=4)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
+@pytest.mark.parametrize("unpack", ["gather", "split"])
 @pytest.mark.parametrize("swap_ab", [False, True])
-def test_gemm_fp16_accumulate(swap_ab):
-    x, qw, s, z, b = make_case(37, 48, 512, 64, torch.float16)
+def test_gemm_fp16_accumulate(swap_ab, unpack):
+    x, qw, s, z, b = make_case(37, 48, 512, 128, torch.float16)
     y = poisoned(37, 48, torch.float16)
-    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=16, block_k=64, swap_ab=swap_ab, acc_fp16=True)
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=16, block_k=128, swap_ab=swap_ab, acc_fp16=True,
+                      unpack=unpack)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
     with pytest.raises(ValueError, match="fp16 accumulation needs fp16"):
         xb, qwb, sb, zb, _ = make_case(4, 16, 64, 64, torch.bfloat16)

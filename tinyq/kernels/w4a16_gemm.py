@@ -30,6 +30,34 @@ from tinyq.backend import interpreting
 
 
 @triton.jit
+def _dequant_dot(acc, x, q, s, z, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr, DOT_FP32: tl.constexpr):
+    """acc += x @ ((q - z) * s).T  (or its transpose when SWAP_AB); q [BN, k], x [BM, k]."""
+    if DOT_FP32:
+        x = x.to(tl.float32)
+        w = (q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]
+    else:
+        w = (q.to(x.dtype) - z[:, None]) * s[:, None]  # exact (q - z), one rounding
+    if SWAP_AB:
+        if ACC_FP16:
+            acc += tl.dot(w, tl.trans(x), out_dtype=tl.float16).to(tl.float32)
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        if ACC_FP16:
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float16).to(tl.float32)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+# How a K step's packed words become a [BLOCK_N, BLOCK_K] tile (named, compared as constexprs).
+UNPACK_RESHAPE: tl.constexpr = tl.constexpr(0)  # [BN, BK/8] words -> [BN, BK/8, 8] nibbles -> reshape
+UNPACK_GATHER: tl.constexpr = tl.constexpr(1)  # load word k // 8 for every k (8x L1 hits), shift by 4 * (k % 8)
+UNPACK_SPLIT: tl.constexpr = tl.constexpr(2)  # 8 dots, one per nibble slice, against x[:, 8c + i] (strided)
+UNPACK_MODES = {"reshape": 0, "gather": 1, "split": 2}
+
+
+@triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     M, N, K,
@@ -39,6 +67,7 @@ def _w4a16_gemm_kernel(
     SWAP_AB: tl.constexpr,
     ACC_FP16: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    UNPACK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -67,35 +96,36 @@ def _w4a16_gemm_kernel(
     groups_per_row = K // GROUP_SIZE
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + offs_kw[None, :]  # [BN, BK/8]
+    if UNPACK == UNPACK_GATHER:
+        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + (offs_k // 8)[None, :]  # [BN, BK], 8 k per word
+        k_shift = ((offs_k % 8) * 4)[None, :]
+    else:
+        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + offs_kw[None, :]  # [BN, BK/8]
     sz_ptrs = offs_n * groups_per_row  # [BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
-        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
         g = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
         z = tl.load(z_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
-        q = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BK/8, 8]
-        q = tl.reshape(q, (BLOCK_N, BLOCK_K))
-        if DOT_FP32:
-            x = x.to(tl.float32)
-            w = (q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]
+        if UNPACK == UNPACK_SPLIT:
+            for i in tl.static_range(8):
+                # slice i holds k = k0 + 8c + i for c < BLOCK_K/8
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 8 * offs_kw + i)[None, :],
+                            mask=m_mask[:, None], other=0.0)
+                q = (words >> (4 * i)) & 0xF
+                acc = _dequant_dot(acc, x, q, s, z, SWAP_AB, ACC_FP16, DOT_FP32)
         else:
-            w = (q.to(x.dtype) - z[:, None]) * s[:, None]  # [BN, BK], exact (q - z), one rounding
-        if SWAP_AB:
-            if ACC_FP16:
-                acc += tl.dot(w, tl.trans(x), out_dtype=tl.float16).to(tl.float32)
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            if UNPACK == UNPACK_GATHER:
+                q = (words >> k_shift) & 0xF
             else:
-                acc = tl.dot(w, tl.trans(x), acc)
-        else:
-            if ACC_FP16:
-                acc += tl.dot(x, tl.trans(w), out_dtype=tl.float16).to(tl.float32)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+                q = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BK/8, 8]
+                q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+            acc = _dequant_dot(acc, x, q, s, z, SWAP_AB, ACC_FP16, DOT_FP32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 8
 
@@ -114,7 +144,7 @@ def _w4a16_gemm_kernel(
 def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
-    swap_ab: bool = False, acc_fp16: bool = False, num_warps: int = 4, num_stages: int = 3,
+    swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "reshape", num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
@@ -123,6 +153,10 @@ def launch_w4a16_gemm(
     block_k = min(block_k, group_size)
     if acc_fp16 and x.dtype != torch.float16:
         raise ValueError(f"fp16 accumulation needs fp16 activations, got {x.dtype}")
+    if unpack not in UNPACK_MODES:
+        raise ValueError(f"unpack={unpack!r} is not one of {sorted(UNPACK_MODES)}")
+    if unpack == "split" and block_k < 128:
+        raise ValueError("unpack='split' needs block_k >= 128 (each of the 8 dots spans block_k/8 >= 16)")
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _w4a16_gemm_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else y, y,
@@ -133,6 +167,7 @@ def launch_w4a16_gemm(
         SWAP_AB=swap_ab,
         ACC_FP16=acc_fp16,
         DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
+        UNPACK=UNPACK_MODES[unpack],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
