@@ -74,12 +74,9 @@ def tinygemm_fn(packed, x):
 
 def candidates(m):
     if m <= 4:
-        for bn, bk, nw, ns in itertools.product((4, 8, 16, 32), (256, 512, 1024), (4, 8), (2, 3)):
-            yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_nibbles=True)
-        yield dict(kernel="gemv", block_n=8, block_k=512, num_warps=4, num_stages=2, split_nibbles=False)
-        for bn, unpack in itertools.product((16, 32), ("gather", "split")):
-            yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=True, unpack=unpack,
-                       num_warps=4, num_stages=4)
+        for bn, bk, nw, ns, sf in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (1, 2), (True, False)):
+            if bn * bk <= 32768:  # keeps the [BN, BK/8] fp32 accumulators within registers
+                yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, shift_free=sf)
     elif m <= 64:
         for unpack, bn, swap, ns in itertools.product(("gather", "split"), (32, 64, 128), (False, True), (3, 5)):
             yield dict(kernel="gemm", block_m=16 if m <= 16 else 64, block_n=bn, block_k=128, swap_ab=swap,

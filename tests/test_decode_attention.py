@@ -1,0 +1,133 @@
+"""Split-KV decode kernel vs the float32 reference; decode == the last row of a prefill."""
+import pytest
+import torch
+
+from tests.tolerances import assert_close_rel
+from tinyq.backend import force_backend
+from tinyq.cache import StaticKVCache
+from tinyq.kernels.decode_attention import decode_attention, decode_attention_reference
+from tinyq.kernels.rope import RopeConfig
+from tinyq.ops import attention_with_cache
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_cache(B, HKV, S, D, kv_len, dtype, device=DEV):
+    """Random entries in [0, kv_len); NaN past it (stale entries must never be read)."""
+    kc = torch.full((B, HKV, S, D), float("nan"), dtype=dtype, device=device)
+    vc = torch.full_like(kc, float("nan"))
+    kc[:, :, :kv_len] = torch.randn(B, HKV, kv_len, D, device=device).to(dtype)
+    vc[:, :, :kv_len] = torch.randn(B, HKV, kv_len, D, device=device).to(dtype)
+    return kc, vc
+
+
+def run(q, kc, vc, kv_len, **kw):
+    L = q.shape[1]
+    seq_pos = torch.tensor([kv_len - L], dtype=torch.int32, device=q.device)
+    out = torch.full_like(q, float("nan"))
+    with force_backend("triton"):
+        decode_attention(q, kc, vc, seq_pos, out=out, **kw)
+    return out
+
+
+@pytest.mark.parametrize("kv_len", [1, 7, 129])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("L", [1, 3])
+def test_decode_matches_reference(kv_len, group, L):
+    kv_len = max(kv_len, L)  # L == kv_len: every key is one of the new tokens
+    B, HKV, S, D = 2, 2, 160, 64
+    kc, vc = make_cache(B, HKV, S, D, kv_len, torch.float16)
+    q = torch.randn(B, L, HKV * group, D, dtype=torch.float16, device=DEV)
+    ref = decode_attention_reference(q, kc, vc, kv_len)
+    assert_close_rel(run(q, kc, vc, kv_len), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [72, 128])
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_decode_splits_dims_dtypes(dtype, D, num_splits):
+    """One slice, a few ragged slices, and more slices than filled blocks (most exit early)."""
+    B, HQ, HKV, S, kv_len, L = 1, 4, 1, 96, 50, 4
+    kc, vc = make_cache(B, HKV, S, D, kv_len, dtype)
+    q = torch.randn(B, L, HQ, D, dtype=dtype, device=DEV)
+    ref = decode_attention_reference(q, kc, vc, kv_len)
+    assert_close_rel(run(q, kc, vc, kv_len, num_splits=num_splits), ref)
+
+
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_decode_equals_last_row_of_prefill(group):
+    """Prefill S tokens then decode one, through attention_with_cache (RoPE + cache write + split
+    kernel) == row S of one prefill of S + 1 tokens."""
+    B, HKV, D, S = 1, 1, 64, 12
+    HQ = HKV * group
+    rope = RopeConfig(head_dim=D, theta=10000.0)
+    q = torch.randn(B, S + 1, HQ, D, dtype=torch.float16, device=DEV)
+    k = torch.randn(B, S + 1, HKV, D, dtype=torch.float16, device=DEV)
+    v = torch.randn(B, S + 1, HKV, D, dtype=torch.float16, device=DEV)
+    with force_backend("triton"):
+        whole = StaticKVCache(1, HKV, D, 32, B, dtype=torch.float16, device=DEV)
+        full = attention_with_cache(q, k, v, whole, 0, rope)
+        inc = StaticKVCache(1, HKV, D, 32, B, dtype=torch.float16, device=DEV)
+        attention_with_cache(q[:, :S], k[:, :S], v[:, :S], inc, 0, rope)
+        inc.advance(S)
+        last = attention_with_cache(q[:, S:], k[:, S:], v[:, S:], inc, 0, rope)
+    assert_close_rel(last, full[:, S:])
+    assert torch.equal(inc.k[:, :, :, :S + 1], whole.k[:, :, :, :S + 1])
+
+
+def test_decode_bad_input():
+    kc, vc = make_cache(1, 1, 16, 64, 4, torch.float16)
+    seq_pos = torch.tensor([3], dtype=torch.int32, device=DEV)
+    with force_backend("triton"):
+        with pytest.raises(ValueError, match="rows"):
+            decode_attention(torch.randn(1, 4, 32, 64, dtype=torch.float16, device=DEV), kc, vc, seq_pos)
+        with pytest.raises(ValueError, match="not a multiple"):
+            decode_attention(torch.randn(1, 1, 3, 64, dtype=torch.float16, device=DEV),
+                             *make_cache(1, 2, 16, 64, 4, torch.float16), seq_pos)
+        with pytest.raises(ValueError, match="fp16 or bf16"):
+            decode_attention(torch.randn(1, 1, 2, 64, dtype=torch.bfloat16, device=DEV), kc, vc, seq_pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_len,S", [(4096, 4096), (32768, 32768), (1000, 32768), (1, 2048)])
+@pytest.mark.parametrize("L", [1, 4])
+def test_decode_gpu_realistic(dtype, kv_len, S, L):
+    kv_len = max(kv_len, L)
+    kc, vc = make_cache(1, 8, S, 128, kv_len, dtype, device="cuda")
+    q = torch.randn(1, L, 32, 128, dtype=dtype, device="cuda")
+    assert_close_rel(run(q, kc, vc, kv_len), decode_attention_reference(q, kc, vc, kv_len))
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph_replay_follows_seq_pos():
+    """Capture one decode step (RoPE + cache write + attention + advance) once; each replay reads
+    the current seq_pos on the device and matches the eager result at that position."""
+    HQ, HKV, D, S = 32, 8, 128, 4096
+    rope = RopeConfig(head_dim=D, theta=500000.0)
+    eager = StaticKVCache(1, HKV, D, S, dtype=torch.float16, device="cuda")
+    graphed = StaticKVCache(1, HKV, D, S, dtype=torch.float16, device="cuda")
+    steps = [[torch.randn(1, 1, h, D, dtype=torch.float16, device="cuda") for h in (HQ, HKV, HKV)] for _ in range(5)]
+    prompt = [torch.randn(1, 300, h, D, dtype=torch.float16, device="cuda") for h in (HQ, HKV, HKV)]
+    for c in (eager, graphed):
+        attention_with_cache(*prompt, c, 0, rope)
+        c.advance(300)
+    static_in = [t.clone() for t in steps[0]]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up compiles the kernels outside the capture
+        attention_with_cache(*static_in, graphed, 0, rope)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = attention_with_cache(*static_in, graphed, 0, rope)
+        graphed.seq_pos.add_(1)
+    for q, k, v in steps:
+        for dst, src in zip(static_in, (q, k, v)):
+            dst.copy_(src)
+        graph.replay()
+        graphed.length += 1
+        ref = attention_with_cache(q, k, v, eager, 0, rope)
+        eager.advance(1)
+        torch.testing.assert_close(static_out, ref, rtol=0, atol=0)
+    assert int(graphed.seq_pos[0]) == eager.length

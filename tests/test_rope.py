@@ -1,0 +1,121 @@
+"""RoPE: inv_freq and rotation vs transformers' LlamaRotaryEmbedding; the fused RoPE + cache-write
+Triton kernel vs the float32 reference."""
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from tests.tolerances import assert_close_rel
+from tinyq.kernels.rope import RopeConfig, apply_rope_reference, rope_cache_write
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+VARIANTS = {
+    "default": (10000.0, None),
+    "linear": (100000.0, {"rope_type": "linear", "factor": 4.0}),
+    "llama3": (500000.0, LLAMA3),
+}
+
+
+def hf_config(variant, head_dim=64):
+    theta, scaling = VARIANTS[variant]
+    kw = dict(hidden_size=head_dim * 4, num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+              max_position_embeddings=131072, rope_theta=theta)
+    if scaling is not None:
+        kw["rope_scaling"] = dict(scaling)
+    return LlamaConfig(**kw)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("head_dim", [64, 72, 128])
+def test_inv_freq_matches_transformers(variant, head_dim):
+    cfg = hf_config(variant, head_dim)
+    ours = RopeConfig.from_hf(cfg).inv_freq("cpu")
+    theirs = LlamaRotaryEmbedding(cfg).inv_freq
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_from_hf_reads_both_config_styles(variant):
+    """transformers 5.x ``rope_parameters`` and the older ``rope_theta`` + ``rope_scaling`` dict
+    (config.json of older checkpoints, "type" instead of "rope_type") give one RopeConfig."""
+    theta, scaling = VARIANTS[variant]
+    new_style = dict(hf_config(variant).to_dict())
+    old_style = {"hidden_size": 256, "num_attention_heads": 4, "rope_theta": theta}
+    if scaling is not None:
+        old = dict(scaling)
+        old["type"] = old.pop("rope_type")
+        old_style["rope_scaling"] = old
+    a, b = RopeConfig.from_hf(new_style), RopeConfig.from_hf(old_style)
+    assert a == b
+    assert a.rope_type == variant and a.theta == theta and a.head_dim == 64
+
+
+def test_from_hf_rejects_unsupported():
+    with pytest.raises(ValueError, match="not supported"):
+        RopeConfig.from_hf({"head_dim": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        RopeConfig.from_hf({"head_dim": 64, "partial_rotary_factor": 0.5})
+    with pytest.raises(ValueError, match="even head_dim"):
+        RopeConfig(head_dim=63)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_rotation_matches_transformers(variant):
+    cfg = hf_config(variant)
+    B, L, H, D = 2, 7, 3, 64
+    x = torch.randn(B, L, H, D)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [100, 2000, 9000, 9001, 30000, 65000, 131071]])
+    cos, sin = LlamaRotaryEmbedding(cfg)(x, pos)  # [B, L, D]
+    theirs, _ = apply_rotary_pos_emb(x.transpose(1, 2), x.transpose(1, 2), cos, sin)  # [B, H, L, D]
+    ours = apply_rope_reference(x, pos, RopeConfig.from_hf(cfg))
+    torch.testing.assert_close(ours, theirs.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def make_cache(B, HKV, S, D, dtype):
+    # stale entries are NaN: the kernel must write exactly the new positions and nothing else
+    return (torch.full((B, HKV, S, D), float("nan"), dtype=dtype, device=DEV),
+            torch.full((B, HKV, S, D), float("nan"), dtype=dtype, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D,HQ,HKV,L,pos", [(64, 4, 1, 7, 0), (72, 6, 2, 1, 29), (128, 8, 8, 3, 5), (80, 3, 3, 5, 11)])
+@pytest.mark.parametrize("variant", ["default", "llama3"])
+def test_rope_cache_write_kernel(dtype, D, HQ, HKV, L, pos, variant):
+    from tinyq.backend import force_backend
+
+    B, S = 2, 40
+    rope = RopeConfig.from_hf(hf_config(variant, D))
+    q = torch.randn(B, L, HQ, D, dtype=dtype, device=DEV)
+    k = torch.randn(B, L, HKV, D, dtype=dtype, device=DEV)
+    v = torch.randn(B, L, HKV, D, dtype=dtype, device=DEV)
+    kc, vc = make_cache(B, HKV, S, D, dtype)
+    q_out = torch.full_like(q, float("nan"))
+    seq_pos = torch.tensor([pos], dtype=torch.int32, device=DEV)
+    with force_backend("triton"):
+        rope_cache_write(q, k, v, kc, vc, seq_pos, rope.inv_freq(DEV), q_out=q_out)
+    positions = torch.arange(pos, pos + L)
+    assert_close_rel(q_out, apply_rope_reference(q, positions, rope), dtype)
+    assert_close_rel(kc[:, :, pos:pos + L], apply_rope_reference(k, positions, rope).transpose(1, 2), dtype)
+    assert torch.equal(vc[:, :, pos:pos + L], v.transpose(1, 2))
+    untouched = torch.ones(S, dtype=torch.bool)
+    untouched[pos:pos + L] = False
+    assert torch.isnan(kc[:, :, untouched]).all() and torch.isnan(vc[:, :, untouched]).all()
+
+
+def test_rope_kernel_far_positions():
+    """Angles of ~1e5 rad (position 120k, llama3): the in-kernel range reduction keeps cos/sin
+    as accurate as the float32 reference's."""
+    from tinyq.backend import force_backend
+
+    D, pos, L = 128, 120_000, 4
+    rope = RopeConfig.from_hf(hf_config("llama3", D))
+    q = torch.randn(1, L, 2, D, dtype=torch.float16, device=DEV)
+    k = torch.randn(1, L, 1, D, dtype=torch.float16, device=DEV)
+    kc = torch.zeros(1, 1, pos + L, D, dtype=torch.float16, device=DEV)
+    vc = torch.zeros_like(kc)
+    seq_pos = torch.tensor([pos], dtype=torch.int32, device=DEV)
+    with force_backend("triton"):
+        q_out = rope_cache_write(q, k, k, kc, vc, seq_pos, rope.inv_freq(DEV))
+    assert_close_rel(q_out, apply_rope_reference(q, torch.arange(pos, pos + L), rope), torch.float16)

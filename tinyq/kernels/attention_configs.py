@@ -1,0 +1,69 @@
+"""Shipped launch configs for the attention kernels, so nobody waits for autotuning.
+
+``FLASH[arch][head_dim_pad]`` -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill /
+chunked-prefill kernel; ``DECODE[arch][head_dim_pad]`` -> (BLOCK_N, num_warps, num_stages) of the
+split-KV decode kernel. ``benchmarks/bench_attention.py --sweep`` measures candidates on a GPU and
+prints winners in this format. Shared-memory budget of the sm90 entries: q tile + num_stages x
+(K + V tiles), e.g. d=128: 128x128x2 + 3 x 2 x 64x128x2 = 128 KiB of the H100's 227 KiB.
+``default`` (pre-Hopper, consumer parts with ~100 KiB) stays at two stages and 64-row tiles.
+The interpreter (CPU tests) uses small tiles so that short test sequences still span many blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from tinyq.backend import interpreting
+
+FLASH = {
+    "sm90": {
+        32: (128, 64, 4, 3),
+        64: (128, 64, 4, 3),
+        128: (128, 64, 8, 3),
+        256: (64, 32, 4, 2),
+    },
+    "default": {
+        32: (64, 64, 4, 2),
+        64: (64, 64, 4, 2),
+        128: (64, 64, 4, 2),
+        256: (32, 32, 4, 2),
+    },
+    "interpret": {32: (16, 16, 1, 1), 64: (16, 16, 1, 1), 128: (16, 16, 1, 1), 256: (16, 16, 1, 1)},
+}
+
+DECODE = {
+    "sm90": {32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
+    "default": {32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
+    "interpret": {32: (16, 1, 1), 64: (16, 1, 1), 128: (16, 1, 1), 256: (16, 1, 1)},
+}
+
+
+def attention_arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "interpret" if interpreting() else "default"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sm90" if major == 9 else "default"
+
+
+def _dim_key(head_dim_pad: int) -> int:
+    return max(32, min(256, head_dim_pad))
+
+
+def flash_config(head_dim_pad: int, device: torch.device):
+    return FLASH[attention_arch(device)][_dim_key(head_dim_pad)]
+
+
+def decode_config(head_dim_pad: int, device: torch.device):
+    return DECODE[attention_arch(device)][_dim_key(head_dim_pad)]
+
+
+_SM_COUNT = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device (4 for the interpreter: a few splits to test)."""
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]

@@ -1,0 +1,201 @@
+"""Decode attention over the KV cache: split-KV ("flash-decoding") + a combine kernel.
+
+Math: ``L`` (1..4) new query tokens, already in the cache, at positions ``kv_len - L + t``::
+
+    out[t, h] = softmax_j(scale * q[t, h] . k[j, h // G] ; j <= kv_len - L + t) @ v[:, h // G]
+
+with ``kv_len = seq_pos[0] + L`` read on the device and ``G = Hq / Hkv``.
+
+Pass 1 (``_decode_split_kernel``): grid ``(B * Hkv, NUM_SPLITS)``. A program owns one kv head and
+one slice of ``SPLIT`` cache positions; it loads each K/V block once and serves the ``L * G``
+query rows of its kv group with one MMA tile (GQA sharing: Llama-3-8B reads K/V once for 4
+heads). It writes its un-normalized partial output plus the running max ``m`` and sum ``l``
+(float32, log2 domain). Slices starting past ``kv_len`` skip the loop (early exit on the device
+value), so the grid can be sized from the capacity ``max_seq_len``, known when a CUDA graph is
+captured, and never from the current length: no host logic depends on how full the cache is.
+Pass 2 (``_decode_combine_kernel``): grid ``(B * L * Hq)``; rescales the partials by
+``2^(m_s - max m)`` and normalizes.
+
+Tensors: q ``[B, L, Hq, D]`` (rotated), k/v cache layer ``[B, Hkv, max_seq_len, D]`` (last dim
+contiguous), seq_pos int32 ``[1]``; partials float32 ``[B, Hq, L, NUM_SPLITS, D]`` and
+``[B, Hq, L, NUM_SPLITS]``; output ``[B, L, Hq, D]`` in q's dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tinyq.backend import check_kernel_device, interpreting
+from tinyq.kernels.attention_configs import decode_config, sm_count
+from tinyq.kernels.flash_attention import KERNEL_DTYPES, LOG2E, attention_reference, check_head_dim
+
+MAX_DECODE_ROWS = 64  # L * G rows in one MMA tile (L <= 4, G <= 16)
+PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
+MIN_SPLIT = 128  # below ~2 blocks per slice, the partial writes and the combine cost more than they hide
+
+
+def decode_attention_reference(q, k_cache, v_cache, kv_len: int, scale: Optional[float] = None):
+    """Float32 reference: the last ``L`` rows of causal attention over ``cache[:kv_len]``."""
+    return attention_reference(q, k_cache, v_cache, causal=True, scale=scale, kv_len=kv_len)
+
+
+def num_splits_for(batch_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Slices per (batch, kv head), from the capacity (a host int fixed at graph capture)."""
+    want = max(1, triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch_heads))
+    # The interpreter (CPU tests) cuts one-block slices so that short caches exercise the combine.
+    min_split = MIN_SPLIT if device.type == "cuda" else block_n
+    most = max(1, triton.cdiv(max_seq_len, max(min_split, block_n)))
+    return min(want, most)
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, O_PART, M_PART, L_PART, SEQ_POS,
+    qk_scale, LQ, HKV, GROUP, SPLIT, NUM_SPLITS,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    kv_len = tl.load(SEQ_POS) + LQ
+    q_off = kv_len - LQ
+    start = split * SPLIT
+    end = tl.minimum(start + SPLIT, kv_len)
+
+    rows = tl.arange(0, BLOCK_M)  # row r = (token t, group member g), r = t * GROUP + g
+    t = rows // GROUP
+    h = hk * GROUP + rows % GROUP
+    row_ok = rows < LQ * GROUP
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    mask_d = offs_d < HEAD_DIM
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q + b * stride_qb + t[:, None] * stride_ql + h[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & mask_d[None, :], other=0.0)
+    if DOT_FP32:  # interpreter + bf16 only (its bf16 tl.dot is broken)
+        q = q.to(tl.float32)
+    q_pos = q_off + t
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for start_n in range(start, end, BLOCK_N):  # zero trips for a slice past kv_len
+        n = start_n + offs_n
+        n_ok = n < end
+        k = tl.load(k_base + n[None, :] * stride_kn + offs_d[:, None], mask=mask_d[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(v_base + n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & mask_d[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, k) * qk_scale
+        qk = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row can have no visible key in this slice (token t < L-1 near the end): keep it at 0.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+
+    # partial index ((b * HQ + h) * LQ + t) * NUM_SPLITS + split, HQ = HKV * GROUP
+    part = ((b * HKV * GROUP + h) * LQ + t) * NUM_SPLITS + split
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+    tl.store(O_PART + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, M_PART, L_PART, OUT,
+    LQ, HQ, NUM_SPLITS,
+    stride_ob, stride_ol, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    pid = tl.program_id(0)  # (b * HQ + h) * LQ + t
+    t = pid % LQ
+    h = (pid // LQ) % HQ
+    b = pid // (LQ * HQ)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m = tl.load(M_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    l = tl.load(L_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=0.0)
+    o = tl.load(O_PART + (pid * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)  # finite: slice 0 always holds position 0, visible to every row
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
+    tl.store(OUT + b * stride_ob + t * stride_ol + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None,
+                     num_splits: Optional[int] = None, block_n: Optional[int] = None,
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None) -> torch.Tensor:
+    """Attention of ``L`` (<= 4) queries, already written to the cache, over ``[0, seq_pos + L)``.
+
+    q ``[B, L, Hq, D]`` fp16/bf16; k_cache/v_cache one layer ``[B, Hkv, max_seq_len, D]``;
+    seq_pos int32 ``[1]``. The keyword overrides (splits, tile, warps, stages) are for tests and the
+    benchmark sweep; by default they come from :mod:`tinyq.kernels.attention_configs`.
+    Returns ``out`` (allocated if None) ``[B, L, Hq, D]`` in q's dtype.
+    """
+    check_kernel_device("decode_attention", q, k_cache, v_cache, seq_pos)
+    B, LQ, HQ, D = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"decode_attention: cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
+                         f"does not match q {tuple(q.shape)}")
+    check_head_dim(D, "decode_attention")
+    if q.dtype not in KERNEL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"decode_attention: q and the cache must share fp16 or bf16, got {q.dtype}, {k_cache.dtype}")
+    HKV, MAX_SEQ = k_cache.shape[1], k_cache.shape[2]
+    if HQ % HKV:
+        raise ValueError(f"decode_attention: {HQ} query heads are not a multiple of {HKV} kv heads")
+    group = HQ // HKV
+    if LQ * group > MAX_DECODE_ROWS:
+        raise ValueError(f"decode_attention: {LQ} tokens x {group} heads per kv head > {MAX_DECODE_ROWS} rows")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode_attention: {name} needs a contiguous last dimension")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    d_pad = max(16, triton.next_power_of_2(D))
+    cfg_n, cfg_warps, cfg_stages = decode_config(d_pad, q.device)
+    block_n = block_n or cfg_n
+    num_splits = num_splits or num_splits_for(B * HKV, MAX_SEQ, block_n, q.device)
+    split = triton.cdiv(triton.cdiv(MAX_SEQ, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(MAX_SEQ, split)
+    block_m = max(16, triton.next_power_of_2(LQ * group))
+
+    o_part = torch.empty((B, HQ, LQ, num_splits, d_pad), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((B, HQ, LQ, num_splits), dtype=torch.float32, device=q.device)
+    l_part = torch.empty_like(m_part)
+    _decode_split_kernel[(B * HKV, num_splits)](
+        q, k_cache, v_cache, o_part, m_part, l_part, seq_pos,
+        scale * LOG2E, LQ, HKV, group, split, num_splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+    )
+    if out is None:
+        out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
+    _decode_combine_kernel[(B * HQ * LQ,)](
+        o_part, m_part, l_part, out, LQ, HQ, num_splits,
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4,
+    )
+    return out

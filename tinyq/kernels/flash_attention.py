@@ -1,0 +1,214 @@
+"""Flash attention for prefill and chunked prefill (Triton), with its float32 reference.
+
+Math: for query row ``i`` of ``Lq`` queries and keys ``j < kv_len`` of the matching kv head
+(q head ``h`` reads kv head ``h // (Hq / Hkv)``: MHA, GQA and MQA alike)::
+
+    out[i] = softmax_j(scale * q[i] . k[j] + mask[i, j]) @ v
+    mask[i, j] = -inf if CAUSAL and j > (kv_len - Lq) + i   (bottom-right aligned causality)
+
+With ``kv_len == Lq`` this is plain causal prefill; with a cache holding ``p`` earlier tokens,
+``kv_len = p + Lq`` and the chunk's query ``i`` sits at absolute position ``p + i``: chunked
+prefill ("context streaming") attends to the whole history plus its own causal prefix.
+
+Tensors: ``q [B, Lq, Hq, D]`` and the output ``[B, Lq, Hq, D]`` (fp16/bf16, last dim contiguous);
+``k, v [B, Hkv, S, D]`` heads-first (a cache layer ``[B, Hkv, max_seq_len, D]``, or a transposed
+view of ``[B, S, Hkv, D]``). ``kv_len`` is ``S``, or ``seq_pos[0] + Lq`` read on the device when
+``seq_pos`` (int32 ``[1]``) is given, so a CUDA graph replay sees the current cache fill.
+
+Kernel: one program per (BLOCK_M query rows, q head); online softmax in the exp2 domain
+(``log2(e)`` folded into the scale), fp32 accumulation. ``head_dim`` is padded to the next power
+of two with masks (72 -> 128, 80/96 -> 128). ``DOT_FP32`` (interpreter + bf16 only: the
+Triton 3.9 interpreter's bf16 ``tl.dot`` returns garbage) runs the products in float32.
+Key blocks that no row masks run a mask-free loop; only the causal diagonal and the ragged tail
+pay for masking.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tinyq.backend import check_kernel_device, interpreting
+from tinyq.kernels.attention_configs import flash_config
+
+LOG2E = 1.4426950408889634
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+
+def check_head_dim(head_dim: int, where: str) -> None:
+    if head_dim % 8 or not MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(
+            f"{where}: head_dim {head_dim} is not supported (need a multiple of 8 in "
+            f"[{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], e.g. 64, 72, 80, 96, 128)"
+        )
+
+
+def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None, kv_len: Optional[int] = None):
+    """Float32 reference. ``q [B, Lq, Hq, D]``, ``k, v [B, Hkv, S, D]`` (heads-first); attends to
+    keys ``[0, kv_len)`` (default ``S``) with bottom-right causality; returns ``[B, Lq, Hq, D]`` in
+    q's dtype. Grouped heads run as one batched matmul per kv head, without repeating K/V."""
+    B, Lq, Hq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    kv_len = k.shape[2] if kv_len is None else kv_len
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    kf = k[:, :, :kv_len].float()  # [B, Hkv, S, D]; no copy when the cache is fp32
+    vf = v[:, :, :kv_len].float()
+    qf = q.float().permute(0, 2, 1, 3).reshape(B, Hkv, G * Lq, D)  # rows (g, i)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hkv, G*Lq, S]
+    if causal and Lq > 1:
+        i = torch.arange(Lq, device=q.device).repeat(G)[:, None]
+        j = torch.arange(kv_len, device=q.device)[None, :]
+        s = s.masked_fill(j > (kv_len - Lq) + i, float("-inf"))
+    o = torch.matmul(torch.softmax(s, dim=-1), vf)  # [B, Hkv, G*Lq, D]
+    return o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B, Lq, Hq, D).to(q.dtype)
+
+
+@triton.jit
+def _attn_blocks(
+    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, q_pos, kv_len, qk_scale,
+    offs_n, offs_d,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi)."""
+    mask_d = offs_d < HEAD_DIM
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        n = start_n + offs_n
+        k_ptrs = k_base + n[None, :] * stride_kn + offs_d[:, None]  # [D_PAD, BLOCK_N]
+        v_ptrs = v_base + n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, D_PAD]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=mask_d[:, None] & (n[None, :] < kv_len), other=0.0)
+            v = tl.load(v_ptrs, mask=(n[:, None] < kv_len) & mask_d[None, :], other=0.0)
+        elif HEAD_DIM == HEAD_DIM_PAD:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        qk = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        if MASKED:
+            keep = n[None, :] < kv_len
+            if CAUSAL:
+                keep = keep & (n[None, :] <= q_pos[:, None])
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_attention_kernel(
+    Q, K, V, O, SEQ_POS,
+    qk_scale, LQ, KV_LEN, HQ, GROUP,
+    stride_qb, stride_ql, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_ol, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    KV_LEN_FROM_DEVICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    # Causal row blocks near the end have the most keys: launch them first (less tail idling).
+    if CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // HQ
+    h = pid_bh % HQ
+    hk = h // GROUP
+    if KV_LEN_FROM_DEVICE:
+        kv_len = tl.load(SEQ_POS) + LQ
+    else:
+        kv_len = KV_LEN
+    q_off = kv_len - LQ  # absolute position of query row 0
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    row_ok = offs_m < LQ
+    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_ql + h * stride_qh + offs_d[None, :],
+                mask=io_mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    q_pos = q_off + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    if CAUSAL:
+        hi = tl.minimum(kv_len, q_off + pid_m * BLOCK_M + BLOCK_M)
+        full = tl.minimum(kv_len, q_off + pid_m * BLOCK_M + 1)  # keys every row of the block sees
+    else:
+        hi = kv_len
+        full = kv_len
+    full = (full // BLOCK_N) * BLOCK_N
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, full, q_pos, kv_len,
+                                 qk_scale, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_FP32)
+    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full, hi, q_pos, kv_len,
+                                 qk_scale, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_FP32)
+    out = acc / l_i[:, None]
+    tl.store(O + b * stride_ob + offs_m[:, None] * stride_ol + h * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=io_mask)
+
+
+def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = None,
+                        seq_pos: Optional[torch.Tensor] = None, config=None, out=None) -> torch.Tensor:
+    """Launch the kernel. ``q [B, Lq, Hq, D]``; ``k, v [B, Hkv, S, D]`` heads-first; with
+    ``seq_pos`` the keys are a cache of capacity ``S`` filled to ``seq_pos[0] + Lq`` (the new
+    tokens already written). ``config`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the
+    shipped table (used by the benchmark sweep). Returns ``out`` (allocated if None)
+    ``[B, Lq, Hq, D]`` in q's dtype."""
+    tensors = (q, k, v) + ((seq_pos,) if seq_pos is not None else ())
+    check_kernel_device("flash_attention", *tensors)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attention: q, k, v must be 4-D")
+    B, LQ, HQ, D = q.shape
+    _, HKV, S, _ = k.shape
+    check_head_dim(D, "flash_attention")
+    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"flash_attention: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if HQ % HKV:
+        raise ValueError(f"flash_attention: {HQ} query heads are not a multiple of {HKV} kv heads")
+    if seq_pos is None and LQ > S:
+        raise ValueError(f"flash_attention: {LQ} queries but only {S} keys")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"flash_attention: {name} needs a contiguous last dimension")
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    d_pad = max(16, triton.next_power_of_2(D))
+    block_m, block_n, num_warps, num_stages = config or flash_config(d_pad, q.device)
+    if out is None:
+        out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(LQ, block_m), B * HQ)
+    _flash_attention_kernel[grid](
+        q, k, v, out, seq_pos if seq_pos is not None else q,
+        scale * LOG2E, LQ, S, HQ, HQ // HKV,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=bool(causal), KV_LEN_FROM_DEVICE=seq_pos is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
