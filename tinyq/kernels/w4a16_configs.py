@@ -15,14 +15,25 @@ GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, chea
 
 CONFIGS = {
     "default": [
-        (GEMV_MAX_M, dict(kernel="gemv", block_n=16, block_k=256, num_warps=4, num_stages=2)),
-        (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=64, swap_ab=True, num_warps=4, num_stages=3)),
+        (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=1024, num_warps=4, num_stages=2)),
+        (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, num_warps=4, num_stages=3)),
         (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
         (256, dict(kernel="gemm", block_m=128, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
-        (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, num_warps=8, num_stages=3)),
+        (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
+    ],
+    # H100 SXM, torch 2.11 + triton 3.6 (benchmarks/results/w4a16_h100.json). M=1: 111 us for the
+    # four Llama-3-8B linears (the reshape-unpack GEMV took 314); block_k 1024 beat 256/512 by 1.3x.
+    # M=16: 337 us, swap_ab (weights on the MMA's 64-row side) beat the plain order; gather/split
+    # unpack were 6-10x slower. M=4096: 128x128x64, 4 warps, 4 stages beat 13 other tilings.
+    "sm90": [
+        (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=1024, num_warps=4, num_stages=2, shift_free=True)),
+        (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, num_warps=4, num_stages=5)),
+        (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=4)),
+        (256, dict(kernel="gemm", block_m=128, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=4)),
+        (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=4,
+                    group_m=8)),
     ],
 }
-CONFIGS["sm90"] = CONFIGS["default"]
 
 
 def device_arch(device: torch.device) -> str:
