@@ -42,11 +42,21 @@ def test_quantizer_matches_awq_formula():
 
 
 def test_pack_bit_order():
-    q = torch.arange(16, dtype=torch.uint8).repeat(3, 1)  # row: 0..15
+    q = (torch.arange(64) % 16).to(torch.uint8).repeat(3, 1)  # k -> k % 16
     words = pack_int4(q)
-    # word 0 holds k = 0..7 in nibbles 0..7 (lowest first): 0x76543210
-    assert words[0, 0].item() == 0x76543210
+    assert words.shape == (3, 8)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for c in range(8):
+        b, wi = divmod(c, 4)
+        for i in range(8):
+            assert (w[0, c] >> (4 * i)) & 0xF == (32 * b + 4 * i + wi) % 16
+    # word 0 holds k = 0, 4, 8, ..., 28 in nibbles 0..7 (lowest first)
+    assert w[0, 0].item() == 0xC840C840
     assert torch.equal(unpack_int4(words), q)
+    rnd = torch.randint(0, 16, (5, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(rnd)), rnd)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_int4(torch.zeros(2, 48, dtype=torch.uint8))
 
 
 def test_awq_packing_order_and_roundtrip():

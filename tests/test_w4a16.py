@@ -31,30 +31,31 @@ def poisoned(m, n, dtype, device=DEV):
     return torch.full((m, n), float("nan"), dtype=dtype, device=device)
 
 
-@pytest.mark.parametrize("shift_free", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
-def test_gemv(m, n, k, group_size, dtype, shift_free):
+def test_gemv(m, n, k, group_size, dtype):
     if k % group_size:
         pytest.skip("group does not divide K")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     y = poisoned(m, n, dtype)
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2,
-                      shift_free=shift_free)
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
+GEMM_CASES = [  # (group_size, block_k, unpack); 'split' needs block_k >= 128
+    (g, bk, u) for g, bk in [(32, 32), (64, 64), (128, 64), (128, 128)] for u in ("reshape", "gather", "split")
+    if u != "split" or bk >= 128
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("unpack", ["reshape", "gather", "split"])
 @pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("group_size,block_k", [(32, 32), (64, 64), (128, 64), (128, 128)])
+@pytest.mark.parametrize("group_size,block_k,unpack", GEMM_CASES)
 @pytest.mark.parametrize("m,n,k", [(5, 40, 256), (17, 67, 384), (33, 16, 128)])
-def test_gemm(m, n, k, group_size, block_k, swap_ab, unpack, dtype):
+def test_gemm(m, n, k, group_size, block_k, unpack, swap_ab, dtype):
     if k % group_size:
         pytest.skip("group does not divide K")
-    if unpack == "split" and block_k < 128:
-        pytest.skip("split needs block_k >= 128")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype, bias=(m % 2 == 1))
     y = poisoned(m, n, dtype)
     launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab,

@@ -26,7 +26,7 @@ CONFIGS = {
     # M=16: 337 us, swap_ab (weights on the MMA's 64-row side) beat the plain order; gather/split
     # unpack were 6-10x slower. M=4096: 128x128x64, 4 warps, 4 stages beat 13 other tilings.
     "sm90": [
-        (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=1024, num_warps=4, num_stages=2, shift_free=True)),
+        (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=1024, num_warps=4, num_stages=2)),
         (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, num_warps=4, num_stages=5)),
         (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=4)),
         (256, dict(kernel="gemm", block_m=128, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=4)),

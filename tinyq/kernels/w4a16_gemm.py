@@ -51,9 +51,10 @@ def _dequant_dot(acc, x, q, s, z, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr,
 
 
 # How a K step's packed words become a [BLOCK_N, BLOCK_K] tile (named, compared as constexprs).
-UNPACK_RESHAPE: tl.constexpr = tl.constexpr(0)  # [BN, BK/8] words -> [BN, BK/8, 8] nibbles -> reshape
-UNPACK_GATHER: tl.constexpr = tl.constexpr(1)  # load word k // 8 for every k (8x L1 hits), shift by 4 * (k % 8)
-UNPACK_SPLIT: tl.constexpr = tl.constexpr(2)  # 8 dots, one per nibble slice, against x[:, 8c + i] (strided)
+# tinyq packing: word c = 4b + w holds k = 32b + 4i + w in nibble i (tinyq/quant/format.py).
+UNPACK_RESHAPE: tl.constexpr = tl.constexpr(0)  # [BN, BK/32, 4] words -> [BN, BK/32, 8, 4] nibbles -> [BN, BK]
+UNPACK_GATHER: tl.constexpr = tl.constexpr(1)  # load the word of every k (8x L1 hits), shift out its nibble
+UNPACK_SPLIT: tl.constexpr = tl.constexpr(2)  # 8 dots, one per nibble i, against x[:, 32b + 4i + w]
 UNPACK_MODES = {"reshape": 0, "gather": 1, "split": 2}
 
 
@@ -74,7 +75,7 @@ def _w4a16_gemm_kernel(
     GROUP_M: tl.constexpr,
 ):
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide the quantization group")
-    tl.static_assert(BLOCK_K % 8 == 0, "BLOCK_K must be a whole number of int32 words")
+    tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole 32-input packing blocks")
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -89,6 +90,8 @@ def _w4a16_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     offs_kw = tl.arange(0, BLOCK_K // 8)
+    offs_b = tl.arange(0, BLOCK_K // 32)
+    offs_w = tl.arange(0, 4)
     m_mask = offs_m < M
     n_mask = offs_n < N
     shifts = tl.arange(0, 8) * 4
@@ -97,24 +100,31 @@ def _w4a16_gemm_kernel(
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     if UNPACK == UNPACK_GATHER:
-        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + (offs_k // 8)[None, :]  # [BN, BK], 8 k per word
-        k_shift = ((offs_k % 8) * 4)[None, :]
+        word_of_k = 4 * (offs_k // 32) + offs_k % 4
+        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + word_of_k[None, :]  # [BN, BK]
+        k_shift = (4 * ((offs_k % 32) // 4))[None, :]
+    elif UNPACK == UNPACK_RESHAPE:
+        w_ptrs = qw_ptr + offs_n[:, None, None] * words_per_row + 4 * offs_b[None, :, None] + offs_w[None, None, :]
     else:
         w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + offs_kw[None, :]  # [BN, BK/8]
+        x_of_word = 32 * (offs_kw // 4) + offs_kw % 4  # input k of nibble 0 of word c
     sz_ptrs = offs_n * groups_per_row  # [BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
-        words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        if UNPACK == UNPACK_RESHAPE:
+            words = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
         g = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
         z = tl.load(z_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
         if UNPACK == UNPACK_SPLIT:
             for i in tl.static_range(8):
-                # slice i holds k = k0 + 8c + i for c < BLOCK_K/8
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + 8 * offs_kw + i)[None, :],
+                # nibble i of word c holds k = k0 + x_of_word[c] + 4i
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + x_of_word + 4 * i)[None, :],
                             mask=m_mask[:, None], other=0.0)
                 q = (words >> (4 * i)) & 0xF
                 acc = _dequant_dot(acc, x, q, s, z, SWAP_AB, ACC_FP16, DOT_FP32)
@@ -123,8 +133,8 @@ def _w4a16_gemm_kernel(
             if UNPACK == UNPACK_GATHER:
                 q = (words >> k_shift) & 0xF
             else:
-                q = (words[:, :, None] >> shifts[None, None, :]) & 0xF  # [BN, BK/8, 8]
-                q = tl.reshape(q, (BLOCK_N, BLOCK_K))
+                q = (words[:, :, None, :] >> shifts[None, None, :, None]) & 0xF  # [BN, BK/32, 8, 4]
+                q = tl.reshape(q, (BLOCK_N, BLOCK_K))  # position 32b + 4i + w is input k0 + 32b + 4i + w
             acc = _dequant_dot(acc, x, q, s, z, SWAP_AB, ACC_FP16, DOT_FP32)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 8

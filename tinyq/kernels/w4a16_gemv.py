@@ -4,19 +4,22 @@ Math, per output column n and group g of G inputs (``W = (q - z) * s``)::
 
     y[n] = sum_g s[n, g] * ( sum_{k in g} x[k] * q[n, k]  -  z[n, g] * sum_{k in g} x[k] )
 
-so the inner loop is one convert and one FMA per weight; scale and zero are applied once per
-word column. Accumulation is fp32.
+so the inner loop is one mask, one convert and one FMA per weight; scale and zero are applied
+once per 32-input block. Accumulation is fp32.
 
-Unpacking: a ``[BLOCK_N, BLOCK_K/8]`` tile of words is loaded contiguously along K, then for
-nibble ``i = 0..7`` the slice of nibble i holds ``k = 8c + i`` and meets ``x[k0 + 8c + i]`` (a
-strided load of x, served by L1). Products add into a 2-D fp32 accumulator, reduced across the
-tile once at the end: no reshape, no layout shuffle. (A ``[BN, BK/8, 8] -> [BN, BK]`` reshape
-unpack measured 2.7x slower on the H100: 314 vs 117 us for the four Llama-3-8B linears at M=1.)
-``SHIFT_FREE`` extracts nibble i as ``words & (0xF << 4i)`` and folds ``16^-i`` into x.
+Unpacking follows tinyq's packing (:mod:`tinyq.quant.format`): a K step is a
+``[BLOCK_N, BLOCK_K/32, 4]`` tile of words, 4 words (16 bytes, one load) per 32-input block.
+Nibble ``i`` of those 4 words holds inputs ``32b + 4i .. 32b + 4i + 3``, so it meets x in one
+contiguous 4-element load. ``words & (0xF << 4i)`` converts exactly to ``q * 16^i`` and x is
+pre-scaled by ``16^-i`` (exact), which saves the shift. Products add into a 3-D fp32 accumulator
+that is reduced once at the end: no reshape, no layout shuffle.
+
+Measured on the H100 (four Llama-3-8B linears, M=1): the plain nibble order ``8c + i`` needed 4
+scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us); an
+``[BN, BK/8, 8] -> [BN, BK]`` reshape unpack took 314 us.
 
 Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``, unit column stride); ``qweight`` int32
-[N, K/8] (word c of row n holds k = 8c + i in bits 4i..4i+3); ``scales``/``zeros`` [N, K/G];
-``bias`` [N] or none; ``y`` [M, N] in x's dtype.
+[N, K/8]; ``scales``/``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in x's dtype.
 
 Work split: program p handles row ``m = p % M`` and columns ``BLOCK_N * (p // M) ...``. Rows that
 share a column block are neighbours in launch order, so for M > 1 the second read of a weight
@@ -36,57 +39,54 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_ym,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SHIFT_FREE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    tl.static_assert(BLOCK_K % GROUP_SIZE == 0, "a K step must hold whole groups")
-    BLOCK_KW: tl.constexpr = BLOCK_K // 8
+    tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
+    tl.static_assert(GROUP_SIZE % 32 == 0, "groups hold whole 32-input blocks")
+    NB: tl.constexpr = BLOCK_K // 32
     pid = tl.program_id(0)
     m = pid % M
     pid_n = pid // M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    offs_c = tl.arange(0, BLOCK_KW)
+    offs_b = tl.arange(0, NB)
+    offs_w = tl.arange(0, 4)
     words_per_row = K // 8
     groups_per_row = K // GROUP_SIZE
     x_row = x_ptr + m * stride_xm
+    w_rows = qw_ptr + offs_n[:, None, None] * words_per_row
 
-    acc = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        c_ok = (k0 // 8 + offs_c) < words_per_row
-        mask = n_mask[:, None] & c_ok[None, :]
-        words = tl.load(qw_ptr + offs_n[:, None] * words_per_row + (k0 // 8 + offs_c)[None, :], mask=mask, other=0)
-        words = words.to(tl.uint32, bitcast=True)
-        # word c lies in group (k0 + 8c) // G; G/8 neighbouring words share a scale (L1 hit)
-        sz = offs_n[:, None] * groups_per_row + ((k0 + 8 * offs_c) // GROUP_SIZE)[None, :]
-        s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_N, BLOCK_KW), dtype=tl.float32)
-        xsum = tl.zeros((BLOCK_KW,), dtype=tl.float32)
+        b_ok = (k0 + 32 * offs_b) < K  # [NB]
+        mask = n_mask[:, None, None] & b_ok[None, :, None]
+        words = tl.load(w_rows + (k0 // 8 + 4 * offs_b)[None, :, None] + offs_w[None, None, :], mask=mask, other=0)
+        words = words.to(tl.uint32, bitcast=True)  # [BN, NB, 4]
+        sz = offs_n[:, None] * groups_per_row + ((k0 + 32 * offs_b) // GROUP_SIZE)[None, :]  # [BN, NB]
+        s_mask = n_mask[:, None] & b_ok[None, :]
+        s = tl.load(s_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
+        part = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
+        xsum = tl.zeros((NB, 4), dtype=tl.float32)
+        x_blk = x_row + k0 + 32 * offs_b[:, None] + offs_w[None, :]  # [NB, 4]
         for i in tl.static_range(8):
-            xi = tl.load(x_row + k0 + 8 * offs_c + i, mask=c_ok, other=0.0).to(tl.float32)
+            xi = tl.load(x_blk + 4 * i, mask=b_ok[:, None], other=0.0).to(tl.float32)  # [NB, 4]
             xsum += xi
-            if SHIFT_FREE:
-                # (words & 0xF << 4i) converts exactly to q * 16^i; x * 16^-i is exact too, so
-                # the product is q * x with one instruction fewer per weight than shift-and-mask.
-                part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))[None, :]
-            else:
-                part += ((words >> (4 * i)) & 0xF).to(tl.float32) * xi[None, :]
-        acc += s * (part - z * xsum[None, :])
-    out = tl.sum(acc, axis=1)
+            part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))[None, :, :]
+        acc += s[:, :, None] * (part - z[:, :, None] * xsum[None, :, :])
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
-                      num_stages: int, shift_free: bool = True):
+                      num_stages: int):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
     n = qweight.shape[0]
     group_size = k // scales.shape[1]
-    block_k = max(block_k, group_size)
     grid = (m * triton.cdiv(n, block_n),)
     _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else y, y,
@@ -94,7 +94,6 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         x.stride(0), y.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
-        SHIFT_FREE=shift_free,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

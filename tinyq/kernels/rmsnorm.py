@@ -1,0 +1,99 @@
+"""RMSNorm, optionally fused with the residual add that precedes it in a decoder layer.
+
+Math, per row of ``N`` features (all in float32)::
+
+    h   = x + residual                      (only when a residual is given; stored back in x.dtype)
+    out = h / sqrt(mean(h^2) + eps) * weight
+
+``h`` is rounded to ``x.dtype`` before it is normalized, exactly as an unfused model that keeps its
+residual stream in fp16/bf16 does, so fused and unfused runs see the same residual.
+
+Tensors: ``x`` and ``residual`` ``[M, N]`` (any leading dims are flattened by the launcher),
+fp16/bf16/fp32, last dim contiguous; ``weight`` ``[N]`` (any float dtype). Outputs ``out`` and
+``h`` are ``[M, N]`` in ``x.dtype``.
+
+One program normalizes one row in a single pass over a ``BLOCK_N = next_pow2(N)`` tile: rows of
+LLMs are at most 8192 wide (16 KB in fp16), which fits in registers, and a decode step has M = 1,
+so the kernel's cost is its launch; fusing the add saves one launch and one read+write of ``h``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tinyq.backend import check_kernel_device
+
+MAX_N = 65536  # one row per program must fit a register tile
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    X, RES, W, OUT, H_OUT,
+    N, eps,
+    stride_x, stride_r, stride_o, stride_h,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < N
+    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
+        h = (h.to(tl.float32) + r.to(tl.float32)).to(H_OUT.dtype.element_ty)
+        tl.store(H_OUT + row * stride_h + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _check(x, residual, weight):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"rmsnorm: x must be fp16/bf16/fp32, got {x.dtype}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"rmsnorm: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"rmsnorm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
+            f"got {tuple(residual.shape)}, {residual.dtype}"
+        )
+    if x.shape[-1] > MAX_N:
+        raise ValueError(f"rmsnorm: rows of {x.shape[-1]} features exceed the supported {MAX_N}")
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None):
+    """Triton launcher. Returns ``out`` when ``residual`` is None, else ``(out, h)``."""
+    _check(x, residual, weight)
+    check_kernel_device("rmsnorm", x, weight, *(() if residual is None else (residual,)))
+    shape = x.shape
+    n = shape[-1]
+    x2 = x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    out = torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
+    m = x2.shape[0]
+    if m > 0:
+        block = triton.next_power_of_2(n)
+        _rmsnorm_kernel[(m,)](
+            x2, r2 if r2 is not None else x2, weight, out, h,
+            n, float(eps),
+            x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), h.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block,
+            num_warps=min(max(block // 256, 1), 16),  # 8 elements per thread (16 B fp16 loads) up to N=4096
+        )
+    if residual is None:
+        return out.reshape(shape)
+    return out.reshape(shape), h.reshape(shape)
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None):
+    """Plain torch (float32 math, outputs in ``x.dtype``); same returns as :func:`rmsnorm`."""
+    _check(x, residual, weight)
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    out = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    out = out.to(x.dtype)
+    return out if residual is None else (out, h)
