@@ -1,0 +1,65 @@
+"""LLM families and their loader: ``load_model(path_or_"default", precision=...) -> (model, tokenizer)``."""
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+
+from tinyq.models.gguf import default_model_path, read_gguf
+from tinyq.models.llama import CausalLM, ModelConfig
+from tinyq.models.loader import (
+    PRECISIONS,
+    SUPPORTED,
+    TensorSource,
+    build_model,
+    load_hf_dir,
+    peak_host_memory_mb,
+)
+
+__all__ = ["CausalLM", "ModelConfig", "SUPPORTED", "default_model_path", "load_model", "read_gguf"]
+
+
+def load_model(
+    path: str = "default",
+    precision: str = "w4a16",
+    group_size: int = 64,
+    device=None,
+    max_seq_len: int = 2048,
+    dtype: Optional[torch.dtype] = None,
+    verbose: bool = False,
+):
+    """Load a Llama / Qwen2 model and its tokenizer.
+
+    ``path``: ``"default"`` (the embedded SmolLM2-135M-Instruct GGUF), an HF-format directory
+    (config.json + safetensors, single or sharded; fp16/bf16 or a tinyq / AutoAWQ W4A16 checkpoint)
+    or a ``.gguf`` file. ``precision``: ``"w4a16"`` (RTN-quantized at load with ``group_size``
+    unless the checkpoint is already quantized), ``"fp16"``, ``"bf16"`` or ``"fp32"``.
+    ``device``: default CUDA when available, else CPU. ``dtype``: activation dtype override.
+
+    The returned model has ``load_stats`` (seconds, peak host memory MB).
+    """
+    t0 = time.perf_counter()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if path == "default":
+        path = default_model_path()
+    if isinstance(path, str) and path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        hf_config, state, tokenizer = read_gguf(path)
+        source = TensorSource(tensors=state)
+    else:
+        hf_config, source, tokenizer = load_hf_dir(path)
+    model = build_model(hf_config, source, precision, group_size, device, dtype, max_seq_len)
+    if model.device.type == "cpu" and precision == "w4a16":
+        with torch.inference_mode():  # build the CPU path's dequantized weights now, not in the first answer
+            model(torch.zeros(1, 1, dtype=torch.long))
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path}
+    if verbose:
+        s = model.load_stats
+        print(f"loaded {path} ({precision}) in {s['seconds']:.1f} s, peak host memory {s['peak_host_mb']:.0f} MB")
+    return model, tokenizer

@@ -1,0 +1,110 @@
+"""ChatSession: context streaming, overflow handling, rollback on interruption."""
+import pytest
+from tests.tiny_models import make_model_dir
+from tinyq.chat import ChatSession, render_chat
+from tinyq.generate import ContextOverflowError, Generator
+from tinyq.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen2")
+    make_model_dir(path, "qwen2", seed=5)
+    return load_model(str(path), precision="fp32", device="cpu")
+
+
+def test_multi_turn_prefills_only_the_new_turn(tiny):
+    model, tok = tiny
+    chat = ChatSession(model, tok, max_seq_len=256, system_prompt="be brief", max_new_tokens=12,
+                       generator=Generator(model, tok, 256, prefill_chunk=5))
+    r1 = chat.ask("first question")
+    cached_before = list(chat.gen.cached_ids)
+    r2 = chat.ask("and a second one")
+    assert chat.turns == 2 and chat.messages[-1] == {"role": "assistant", "content": r2.text}
+    # the same second turn, re-prefilling the whole conversation in one go, gives the same tokens
+    convo = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "first question"},
+             {"role": "assistant", "content": r1.text}, {"role": "user", "content": "and a second one"}]
+    ids = render_chat(tok, convo)
+    fresh = Generator(model, tok, 256).stream(ids, max_new_tokens=12)
+    fresh.text()
+    assert fresh.result.token_ids == r2.token_ids
+    assert r2.stats.prompt_tokens == len(ids)
+    # only the suffix after the longest cached prefix was prefilled; the first turn's prompt was reused
+    lcp = next((i for i, (a, b) in enumerate(zip(cached_before, ids)) if a != b), min(len(cached_before), len(ids)))
+    first_prompt = render_chat(tok, convo[:2])
+    assert lcp >= len(first_prompt)
+    assert r2.stats.prefilled_tokens == len(ids) - lcp
+
+
+def test_overflow_keeps_history_then_drop_or_reset(tiny):
+    model, tok = tiny
+    chat = ChatSession(model, tok, max_seq_len=120, max_new_tokens=6)
+    chat.ask("hello there")
+    chat.ask("again")
+    before = [dict(m) for m in chat.messages]
+    # a message that overflows with the whole history but fits without the oldest turn
+    fits_alone = lambda msg: len(render_chat(tok, before[2:] + [{"role": "user", "content": msg}])) + 1 <= 120
+    msg = next(m for m in ("word " * k for k in range(1, 60)) if len(chat.prompt_ids(m)) + 1 > 120)
+    assert fits_alone(msg)
+    with pytest.raises(ContextOverflowError, match="max_seq_len is 120"):
+        chat.send(msg)
+    assert chat.messages == before
+    assert chat.gen.cache.length == len(chat.gen.cached_ids)
+    assert chat.drop_oldest_turns(1) == 1 and chat.turns == 1 and chat.messages == before[2:]
+    r = chat.ask(msg)
+    assert r.token_ids and chat.turns == 2
+    chat.reset()
+    assert chat.messages == [] and chat.gen.cache.length == 0
+    with pytest.raises(ContextOverflowError):
+        chat.send("x" * 200)  # too long even alone: still a clear error
+    with pytest.raises(ValueError, match="empty message"):
+        chat.send("   ")
+
+
+def test_interrupt_mid_answer_rolls_back(tiny, monkeypatch):
+    model, tok = tiny
+    chat = ChatSession(model, tok, max_seq_len=256, max_new_tokens=10)
+    chat.ask("first question")
+    messages, length = [dict(m) for m in chat.messages], chat.gen.cache.length
+
+    calls = {"n": 0}
+    real_decode = Generator.decode
+
+    def flaky_decode(self, token):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the answer
+        return real_decode(self, token)
+
+    monkeypatch.setattr(Generator, "decode", flaky_decode)
+    turn = chat.send("second question")
+    with pytest.raises(KeyboardInterrupt):
+        for _ in turn:
+            pass
+    monkeypatch.setattr(Generator, "decode", real_decode)
+    assert chat.messages == messages
+    assert chat.gen.cache.length == len(chat.gen.cached_ids) <= length
+    # the session goes on, answering exactly as one that was never interrupted
+    again = chat.ask("second question")
+    ref = ChatSession(model, tok, max_seq_len=256, max_new_tokens=10)
+    ref.ask("first question")
+    assert again.token_ids == ref.ask("second question").token_ids
+
+
+def test_exception_inside_forward_rolls_back(tiny, monkeypatch):
+    model, tok = tiny
+    chat = ChatSession(model, tok, max_seq_len=256, max_new_tokens=4)
+    chat.ask("hi")
+    length = chat.gen.cache.length
+    real = type(model).forward
+
+    def boom(self, input_ids, cache=None, last_only=False):
+        out = real(self, input_ids, cache, last_only)  # the cache has advanced ...
+        raise RuntimeError("simulated failure")  # ... but the caller never sees the logits
+
+    monkeypatch.setattr(type(model), "forward", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        chat.ask("next")
+    monkeypatch.setattr(type(model), "forward", real)
+    assert chat.turns == 1 and chat.gen.cache.length == len(chat.gen.cached_ids) <= length
+    assert chat.ask("next").token_ids

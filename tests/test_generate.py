@@ -1,0 +1,141 @@
+"""Sampling, stop conditions, streaming text and stats of tinyq.generate on a tiny random model."""
+import pytest
+import torch
+
+from tests.tiny_models import make_model_dir
+from tinyq.generate import (
+    ContextOverflowError,
+    Generator,
+    SamplingConfig,
+    _held_back,
+    generate,
+    sample_token,
+    stream,
+)
+from tinyq.models import load_model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_model_dir(path, "llama", seed=3)
+    return load_model(str(path), precision="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed="x"), "seed"), (dict(stop_strings=[""]), "stop_strings"),
+    (dict(temprature=0.5), "unknown sampling setting"),
+])
+def test_invalid_sampling_settings(tiny, bad, match):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=match):
+        generate(model, tok, "hi", **bad)
+    assert generate(model, tok, "hi", max_new_tokens=2).token_ids  # the model is still usable
+
+
+def test_sample_token_rules():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert sample_token(logits, SamplingConfig()) == 1
+    assert sample_token(logits, SamplingConfig(temperature=1.0, top_k=1), rng=torch.Generator().manual_seed(0)) == 1
+    assert sample_token(logits, SamplingConfig(temperature=5.0, top_p=0.01), rng=torch.Generator().manual_seed(0)) == 1
+    # repetition penalty: the seen token 1 (3.0 -> 3.0/4 = 0.75) falls behind token 2
+    assert sample_token(logits, SamplingConfig(repetition_penalty=4.0), context_ids=[1]) == 2
+    # top-p keeps the smallest set reaching p: {1, 2} here (p(1) = 0.66, p(1) + p(2) = 0.90)
+    rng = torch.Generator().manual_seed(0)
+    picks = {sample_token(logits, SamplingConfig(temperature=1.0, top_p=0.8), rng=rng) for _ in range(200)}
+    assert picks == {1, 2}
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    model, tok = tiny
+    kw = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95, seed=7)
+    a = generate(model, tok, "Hello", **kw).token_ids
+    assert a == generate(model, tok, "Hello", **kw).token_ids
+
+
+def test_streaming_equals_non_streaming(tiny):
+    model, tok = tiny
+    for prompt in ["é€ 😀 multi-byte", "the end"]:
+        s = stream(model, tok, prompt, max_new_tokens=40)
+        deltas = list(s)
+        assert "".join(deltas) == s.result.text
+        assert s.result.text == generate(model, tok, prompt, max_new_tokens=40).text
+        assert all(not d.endswith("\ufffd") or "\ufffd" in s.result.text for d in deltas)
+        st = s.result.stats
+        assert st.new_tokens == 40 and st.ttft_s > 0 and st.ms_per_token > 0 and st.prompt_tokens > 0
+
+
+def test_incomplete_utf8_is_held_back():
+    assert _held_back("abc\ufffd", ()) == 1
+    assert _held_back("abc STO", ["STOP"]) == 3
+    assert _held_back("abc", ["STOP"]) == 0
+
+
+def test_stop_strings_and_stop_ids(tiny):
+    model, tok = tiny
+    full = generate(model, tok, "Hello", max_new_tokens=30)
+    # a stop string taken from the middle of the greedy text cuts it there
+    text = full.text
+    mid = len(text) // 2
+    stop = text[mid: mid + 3]
+    cut = text.find(stop)
+    s = stream(model, tok, "Hello", max_new_tokens=30, stop_strings=[stop])
+    streamed = "".join(s)
+    assert s.result.text == text[:cut] == streamed
+    assert s.result.finish_reason == "stop"
+    # a stop token id ends generation before that token
+    ids = full.token_ids
+    k = next(i for i in range(3, len(ids)) if ids[i] not in ids[:i])
+    r = generate(model, tok, "Hello", max_new_tokens=30, stop_token_ids=[ids[k]])
+    assert r.token_ids == ids[:k] and r.finish_reason == "stop"
+
+
+def test_context_limits_and_bad_prompts(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, tok, "")
+    with pytest.raises(ContextOverflowError, match="max_seq_len=16"):
+        generate(model, tok, "x" * 40, max_seq_len=16)
+    r = generate(model, tok, "abc", max_seq_len=8, max_new_tokens=50)
+    # 3 prompt tokens + 5 fed-back tokens fill the 8 slots; the 6th sampled token is never fed
+    assert r.finish_reason == "context_full" and len(r.token_ids) == 8 - 3 + 1
+
+
+def test_generator_reuses_cached_prefix(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok, max_seq_len=128, prefill_chunk=4)
+    ids = tok.encode("one two three")
+    first = gen.stream(ids, max_new_tokens=5)
+    first.text()
+    longer = ids + first.result.token_ids + tok.encode(" four")
+    second = gen.stream(longer, max_new_tokens=8)
+    second.text()
+    assert second.result.stats.prefilled_tokens < len(longer)
+    fresh = Generator(model, tok, max_seq_len=128).stream(longer, max_new_tokens=8)
+    fresh.text()
+    assert second.result.token_ids == fresh.result.token_ids
+    assert gen.cached_ids == longer + second.result.token_ids[:-1]
+    assert gen.cache.length == len(gen.cached_ids)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "w4a16"])
+def test_cuda_graph_decode_matches_eager(tmp_path, precision):
+    """On the GPU: the captured decode step gives the same greedy tokens as eager steps, and the
+    Triton path stays close to the CPU torch path's logits."""
+    make_model_dir(tmp_path, "llama", seed=4)
+    model, tok = load_model(str(tmp_path), precision=precision, group_size=32, device="cuda")
+    ids = tok.encode("The quick brown fox")
+    graph = Generator(model, tok, 64, cuda_graph=True).stream(ids, max_new_tokens=24)
+    eager = Generator(model, tok, 64, cuda_graph=False).stream(ids, max_new_tokens=24)
+    graph.text()
+    eager.text()
+    assert graph.result.token_ids == eager.result.token_ids
+    cpu, _ = load_model(str(tmp_path), precision=precision, group_size=32, device="cpu", dtype=torch.float32)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        ref = cpu(x, cpu.new_cache(16)).float()
+        out = model(x.cuda(), model.new_cache(16)).float().cpu()
+    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()

@@ -1,0 +1,182 @@
+"""tinyq's Llama/Qwen2 runtime vs transformers on tiny random models, loaded through tinyq's loader."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.tiny_models import hf_greedy, make_model_dir
+from tinyq.backend import force_backend
+from tinyq.generate import generate
+from tinyq.models import load_model
+from tinyq.nn import W4A16Linear
+from tinyq.quant.format import dequantize_weight, quantize_weight, to_awq_gemm
+
+KINDS = ["llama", "qwen2", "llama31"]
+PROMPT = "Hello thé world, in the end"
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    out = {}
+    for kind in KINDS:
+        path = tmp_path_factory.mktemp(kind)
+        hf, tok = make_model_dir(path, kind)
+        out[kind] = (str(path), hf, tok)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fp32_matches_transformers(model_dirs, kind):
+    path, hf, tok = model_dirs[kind]
+    model, tokenizer = load_model(path, precision="fp32", device="cpu")
+    ids = tokenizer.encode(PROMPT)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = hf(x).logits
+        full = model(x)
+        cache = model.new_cache(64)
+        cached = torch.cat([model(x[:, :5], cache), model(x[:, 5:], cache)], dim=1)  # chunked prefill
+    assert cache.length == len(ids)
+    for out in (full, cached):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    res = generate(model, tokenizer, ids, max_new_tokens=32, max_seq_len=128)
+    assert res.token_ids == hf_greedy(hf, ids, 32)
+    assert res.finish_reason == "length"
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 3e-2), (torch.bfloat16, 8e-2)])
+def test_half_precision_close_to_fp32(model_dirs, dtype, tol):
+    path, hf, _ = model_dirs["llama"]
+    model, tok = load_model(path, precision={torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype], device="cpu")
+    assert model.dtype == dtype
+    x = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        ref = hf(x).logits
+        out = model(x, model.new_cache(64)).float()
+    assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+def _fake_quantized_hf(hf, group_size):
+    """HF model whose linears (not lm_head) hold their RTN-dequantized weights: W4A16's reference."""
+    import copy
+
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for name, mod in ref.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.copy_(dequantize_weight(*quantize_weight(mod.weight, group_size, torch.float16)))
+    return ref
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_w4a16_matches_fake_quantized_reference(model_dirs, kind):
+    path, hf, tok = model_dirs[kind]
+    model, _ = load_model(path, precision="w4a16", group_size=32, device="cpu", dtype=torch.float32)
+    assert isinstance(model.model.layers[0].self_attn.qkv_proj, W4A16Linear)
+    assert isinstance(model.model.layers[0].mlp.gate_up_proj, W4A16Linear)
+    assert not isinstance(model.lm_head, W4A16Linear)
+    ref = _fake_quantized_hf(hf, 32)
+    ids = tok.encode(PROMPT)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, model.new_cache(64)), ref(x).logits, rtol=1e-4, atol=1e-4)
+    assert generate(model, tok, ids, max_new_tokens=16).token_ids == hf_greedy(ref, ids, 16)
+
+
+def test_w4a16_triton_path_matches_torch_path(model_dirs):
+    """The GPU code path (Triton W4A16 GEMM/GEMV, RMSNorm, SiLU-mul, RoPE + attention kernels), interpreted."""
+    path, _, tok = model_dirs["llama"]
+    model, _ = load_model(path, precision="w4a16", group_size=64, device="cpu", dtype=torch.float16)
+    x = torch.tensor([tok.encode("Hi there")])
+    with torch.no_grad():
+        c1, c2 = model.new_cache(32), model.new_cache(32)
+        ref = torch.cat([model(x, c1), model(x[:, :1], c1)], dim=1).float()
+        with force_backend("triton"):
+            out = torch.cat([model(x, c2), model(x[:, :1], c2)], dim=1).float()  # prefill, then one decode step
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf, tok = make_model_dir(tmp_path, "llama", seed=1, max_shard_size="100KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    model, tokenizer = load_model(str(tmp_path), precision="fp32", device="cpu")
+    x = torch.tensor([tokenizer.encode(PROMPT)])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+    assert model.load_stats["peak_host_mb"] > 0
+
+
+def _write_quantized_checkpoint(src: str, dst, method: str, group_size: int = 32):
+    """Turn an fp checkpoint into a tinyq or AutoAWQ W4A16 one (RTN)."""
+    os.makedirs(dst, exist_ok=True)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    out = {}
+    for name, t in state.items():
+        prefix = name[: -len(".weight")]
+        if name.endswith(".weight") and t.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            q, s, z = quantize_weight(t, group_size, torch.float16)
+            if method == "awq":
+                out[prefix + ".qweight"], out[prefix + ".qzeros"], out[prefix + ".scales"] = to_awq_gemm(q, s, z)
+            else:
+                out[prefix + ".qweight"], out[prefix + ".scales"], out[prefix + ".zeros"] = q, s, z
+        else:
+            out[name] = t
+    save_file(out, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4, "group_size": group_size, "version": (
+        "gemm" if method == "awq" else 1), "zero_point": True}
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    for f in os.listdir(src):
+        if f.startswith(("tokenizer", "chat_template")):
+            with open(os.path.join(src, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+                b.write(a.read())
+
+
+@pytest.mark.parametrize("method", ["tinyq", "awq"])
+def test_quantized_checkpoints_load_like_rtn_at_load(model_dirs, tmp_path, method):
+    path, _, tok = model_dirs["qwen2"]
+    _write_quantized_checkpoint(path, tmp_path, method)
+    rtn, _ = load_model(path, precision="w4a16", group_size=32, device="cpu", dtype=torch.float32)
+    ckpt, _ = load_model(str(tmp_path), precision="w4a16", device="cpu", dtype=torch.float32)
+    x = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        torch.testing.assert_close(ckpt(x), rtn(x), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="W4A16-quantized"):
+        load_model(str(tmp_path), precision="fp16", device="cpu")
+
+
+def test_bad_model_paths(model_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(str(tmp_path))
+    path, _, _ = model_dirs["llama"]
+    # unsupported architecture
+    bad = tmp_path / "gpt2"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
+        load_model(str(bad))
+    # missing tokenizer
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (notok / f).write_bytes(open(os.path.join(path, f), "rb").read())
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_model(str(notok))
+    # a tensor of the wrong shape is named
+    state = load_file(os.path.join(path, "model.safetensors"))
+    state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"][:, :64].contiguous()
+    save_file(state, str(notok / "model.safetensors"))
+    (notok / "tokenizer.json").write_bytes(open(os.path.join(path, "tokenizer.json"), "rb").read())
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
+        load_model(str(notok), precision="fp32", device="cpu")
+    with pytest.raises(ValueError, match="precision must be"):
+        load_model(path, precision="int8")
+    with pytest.raises(ValueError, match="group_size"):
+        load_model(path, precision="w4a16", group_size=48, device="cpu")

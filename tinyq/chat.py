@@ -1,0 +1,124 @@
+"""Multi-turn chat over one KV cache, with context streaming.
+
+Each turn, the whole conversation is rendered with the tokenizer's chat template and compared
+with the token ids already in the cache; only the new suffix (the new user turn, plus whatever of
+the last answer re-tokenized differently) is prefilled, in chunks, over the cached history. So a
+question after a 4k-token history costs about what it costs after a short one.
+
+Invariants: ``messages`` holds only complete turns; the cache holds a prefix of some valid
+conversation and ``Generator.cached_ids`` says exactly which. An exception or Ctrl-C in the middle
+of a turn rolls the cache back to what it held before the turn and leaves ``messages`` unchanged.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from tinyq.generate import ContextOverflowError, GenerationResult, Generator, SamplingConfig, make_config
+
+
+def render_chat(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
+    """Token ids of ``messages`` in the tokenizer's chat template, ending with the assistant prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; use tinyq.generate.generate() for plain completion")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template writes BOS itself where the model wants one: no special tokens added here.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+class ChatSession:
+    """A conversation with ``model``: ``send(text)`` streams the answer, ``ask(text)`` returns it.
+
+    ``max_seq_len`` bounds the cache (default: the model's). When a turn would not fit,
+    :class:`ContextOverflowError` is raised and nothing changes; call :meth:`reset` or
+    :meth:`drop_oldest_turns` and send again.
+    """
+
+    def __init__(self, model, tokenizer, max_seq_len: Optional[int] = None, system_prompt: Optional[str] = None,
+                 sampling: Optional[SamplingConfig] = None, generator: Optional[Generator] = None, **settings):
+        if sampling is not None and settings:
+            raise ValueError("pass either sampling=SamplingConfig(...) or keyword settings, not both")
+        self.sampling = (sampling or make_config(**settings)).validate()
+        self.gen = generator or Generator(model, tokenizer, max_seq_len)
+        self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.messages: List[Dict[str, str]] = []
+        self.reset()
+        self.last_result: Optional[GenerationResult] = None
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.gen.max_seq_len
+
+    @property
+    def turns(self) -> int:
+        return sum(m["role"] == "user" for m in self.messages)
+
+    def reset(self) -> None:
+        """Forget the conversation (keeps the system prompt) and empty the cache."""
+        self.messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.gen.reset()
+
+    def drop_oldest_turns(self, n: int = 1) -> int:
+        """Remove the ``n`` oldest user/assistant exchanges; returns how many were removed. The cache
+        is re-prefilled from the first changed token at the next turn."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        head = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        dropped = 0
+        while dropped < n and any(m["role"] == "user" for m in self.messages[head:]):
+            del self.messages[head]  # the user message ...
+            while len(self.messages) > head and self.messages[head]["role"] != "user":
+                del self.messages[head]  # ... and its answer
+            dropped += 1
+        return dropped
+
+    def prompt_ids(self, text: str) -> List[int]:
+        """The full conversation's ids if ``text`` were sent now (validates ``text``)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty message: type something to send")
+        return render_chat(self.tokenizer, self.messages + [{"role": "user", "content": text}])
+
+    def send(self, text: str, sampling: Optional[SamplingConfig] = None):
+        """Stream the answer to ``text`` (an iterator of text deltas; ``.result`` when done)."""
+        ids = self.prompt_ids(text)
+        if len(ids) + 1 > self.max_seq_len:
+            raise ContextOverflowError(
+                f"this turn needs {len(ids)} tokens of context (history: {self.turns} turns) but max_seq_len is "
+                f"{self.max_seq_len}; the history is kept: reset() or drop_oldest_turns() and send again"
+            )
+        return _Turn(self, text, ids, (sampling or self.sampling).validate())
+
+    def ask(self, text: str, sampling: Optional[SamplingConfig] = None) -> GenerationResult:
+        turn = self.send(text, sampling)
+        for _ in turn:
+            pass
+        return turn.result
+
+
+class _Turn:
+    """One answer being streamed; commits the turn to the history when it completes."""
+
+    def __init__(self, session: ChatSession, text: str, ids: List[int], sampling: SamplingConfig):
+        self.session, self.text, self.result = session, text, None
+        self._it = self._run(ids, sampling)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def _run(self, ids, sampling):
+        s = self.session
+        before = len(s.gen.cached_ids)
+        stream = s.gen.stream(ids, sampling)
+        try:
+            yield from stream
+        except BaseException:  # includes KeyboardInterrupt and GeneratorExit (a stream dropped mid-way)
+            # Keep only what was valid before this turn (and is still a prefix of the conversation).
+            s.gen.truncate(min(before, len(s.gen.cached_ids), s.gen.cache.length))
+            raise
+        self.result = stream.result
+        s.last_result = stream.result
+        s.messages.append({"role": "user", "content": self.text})
+        s.messages.append({"role": "assistant", "content": stream.result.text})

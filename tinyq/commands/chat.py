@@ -1,0 +1,151 @@
+"""``python -m tinyq chat``: an interactive terminal chat with streaming output.
+
+With no arguments it loads the embedded SmolLM2-135M-Instruct (W4A16, group 64) and runs on the
+GPU if there is one, else the CPU. Lines are read from the terminal, or from stdin line by line
+when it is not a terminal (that is how the tests drive it). ``/reset`` clears the conversation,
+``/exit`` (or end of input) quits. TTFT and ms/token are printed after each answer.
+"""
+from __future__ import annotations
+
+import sys
+
+from tinyq.generate import ContextOverflowError, make_config
+
+HELP = "commands: /reset (new conversation), /exit (quit)"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser("chat", help="chat with a model in the terminal", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="default",
+                   help="HF model directory, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--precision", default="w4a16", choices=["w4a16", "fp16", "bf16", "fp32"])
+    p.add_argument("--group-size", type=int, default=64, help="W4A16 group size when quantizing at load (32/64/128)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context length of the KV cache")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--repetition-penalty", type=float, default=1.1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.set_defaults(run=run)
+    return p
+
+
+class _Input:
+    """Lines from the terminal (with a prompt) or from a pipe; None at end of input."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdin
+        self.tty = self.stream.isatty()
+
+    def read(self, prompt: str):
+        if self.tty:
+            try:
+                return input(prompt)
+            except EOFError:
+                return None
+        print(prompt, end="", flush=True)
+        line = self.stream.readline()
+        if not line:
+            return None
+        print(line.rstrip("\n"))  # echo, so a piped transcript reads like a session
+        return line.rstrip("\n")
+
+
+def run(args) -> int:
+    from tinyq.chat import ChatSession
+    from tinyq.models import load_model
+
+    try:
+        sampling = make_config(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty, seed=args.seed,
+        )
+        if args.max_seq_len < 2:
+            raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+        print(f"loading {args.model} ({args.precision}) ...", flush=True)
+        model, tokenizer = load_model(args.model, precision=args.precision, group_size=args.group_size,
+                                      device=args.device, max_seq_len=args.max_seq_len)
+        session = ChatSession(model, tokenizer, max_seq_len=args.max_seq_len, system_prompt=args.system,
+                              sampling=sampling)
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    s = model.load_stats
+    print(f"ready: {model.config.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M fp params, "
+          f"{args.precision} on {model.device}, loaded in {s['seconds']:.1f} s "
+          f"(peak host memory {s['peak_host_mb']:.0f} MB)\n{HELP}", flush=True)
+    return _loop(session, _Input())
+
+
+def _loop(session, inp: _Input) -> int:
+    while True:
+        try:
+            line = inp.read("\nyou> ")
+        except KeyboardInterrupt:
+            print()
+            return 0
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/reset":
+            session.reset()
+            print("(conversation reset)")
+            continue
+        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
+            print(HELP)
+            continue
+        if not _answer(session, text, inp):
+            return 0
+
+
+def _answer(session, text: str, inp: _Input) -> bool:
+    """One turn; returns False when the user chose to quit."""
+    try:
+        turn = session.send(text)
+    except ContextOverflowError as exc:
+        print(f"[context full] {exc}")
+        choice = inp.read("[r]eset the conversation, [d]rop the oldest turns, or [c]ancel? ")
+        if choice is None:
+            return False
+        choice = choice.strip().lower()[:1]
+        if choice == "r":
+            session.reset()
+        elif choice == "d":
+            while session.turns and len(session.prompt_ids(text)) + 1 > session.max_seq_len:
+                session.drop_oldest_turns(1)
+        else:
+            print("(cancelled; the history is kept)")
+            return True
+        return _answer_once(session, text)
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return True
+    return _stream(turn)
+
+
+def _answer_once(session, text: str) -> bool:
+    try:
+        turn = session.send(text)
+    except ValueError as exc:  # still too long even with no history
+        print(f"error: {exc}")
+        return True
+    return _stream(turn)
+
+
+def _stream(turn) -> bool:
+    print("assistant> ", end="", flush=True)
+    try:
+        for delta in turn:
+            print(delta, end="", flush=True)
+    except KeyboardInterrupt:
+        print("\n[interrupted: this turn was discarded]")
+        return True
+    r = turn.result
+    note = " | context full: /reset to continue" if r.finish_reason == "context_full" else ""
+    print(f"\n[{r.stats.summary()}{note}]", flush=True)
+    return True

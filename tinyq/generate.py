@@ -1,0 +1,395 @@
+"""Text generation over a static KV cache: sampling, stop conditions, streaming text, timing.
+
+``generate(model, tokenizer, prompt, ...)`` returns a :class:`GenerationResult`;
+``stream(model, tokenizer, prompt, ...)`` returns a :class:`TextStream` that yields text deltas
+(their concatenation equals the non-streamed text) and holds the result once exhausted.
+
+A :class:`Generator` owns one cache and remembers which token ids it holds (``cached_ids``), so a
+new prompt that extends the cached one (the next chat turn) prefills only its new suffix.
+Prefill runs in chunks over the cache; each decode step on CUDA replays a CUDA graph captured
+once per cache (the step reads its position from ``cache.seq_pos`` on the device), on CPU it runs
+eagerly.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory (the 4k MLP of an 8B model is 235 MB/1k)
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (plus one generated token) does not fit in the cache's ``max_seq_len``."""
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens and when to stop. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the context
+    seed: Optional[int] = None
+    stop_token_ids: Sequence[int] = ()  # in addition to the tokenizer's / model's EOS
+    stop_strings: Sequence[str] = ()
+
+    def validate(self) -> "SamplingConfig":
+        def bad(msg):
+            raise ValueError(f"invalid sampling setting: {msg}")
+
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad(f"seed must be an int, got {self.seed!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            bad(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}")
+        return self
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # tokens of the prompt
+    prefilled_tokens: int = 0  # of which actually prefilled (the rest were already in the cache)
+    new_tokens: int = 0
+    ttft_s: float = 0.0  # start -> first token sampled (prefill + one sample)
+    decode_s: float = 0.0  # the remaining tokens
+
+    @property
+    def ms_per_token(self) -> float:
+        """Mean decode latency per token after the first (0 when only one token was produced)."""
+        return 1e3 * self.decode_s / (self.new_tokens - 1) if self.new_tokens > 1 else 0.0
+
+    def summary(self) -> str:
+        return (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
+                f"{self.ms_per_token:.1f} ms/token ({self.new_tokens} tokens)")
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    finish_reason: str  # "stop" (stop token/string), "length" (max_new_tokens), "context_full"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def make_config(**settings) -> SamplingConfig:
+    """A validated :class:`SamplingConfig`; an unknown setting is a ValueError naming it."""
+    known = SamplingConfig.__dataclass_fields__
+    unknown = sorted(k for k in settings if k not in known)
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
+    return SamplingConfig(**settings).validate()
+
+
+def sample_token(logits: torch.Tensor, cfg: SamplingConfig, context_ids: Sequence[int] = (), rng=None) -> int:
+    """Pick one token from ``logits [V]`` (any float dtype; the math runs in float32)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and len(context_ids):
+        idx = torch.tensor(sorted(set(context_ids)), device=logits.device, dtype=torch.long)
+        seen = logits[idx]
+        logits = logits.clone()
+        logits[idx] = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0 and cfg.top_k < logits.numel():
+        kth = torch.topk(logits, cfg.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+_cpu_threads_tuned = False
+
+
+@torch.inference_mode()
+def tune_cpu_threads(model, reps: int = 2) -> int:
+    """On CPU, keep torch's thread count or drop to one thread, whichever runs a one-token forward
+    faster; done once per process. Why: when other processes keep the cores busy, every
+    multi-threaded op waits for a descheduled OpenMP thread; measured on 2 busy cores with the
+    default model: 2 threads 815-1200 ms/token, 1 thread 73-80 ms/token (idle: 2 threads ~50)."""
+    global _cpu_threads_tuned
+    n = torch.get_num_threads()
+    if _cpu_threads_tuned or n == 1 or model.device.type != "cpu":
+        return n
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    best = None
+    for threads in (n, 1):
+        torch.set_num_threads(threads)
+        model(ids)  # warm
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            model(ids)
+        dt = time.perf_counter() - t0
+        if best is None or dt < best[0]:
+            best = (dt, threads)
+    torch.set_num_threads(best[1])
+    _cpu_threads_tuned = True
+    return best[1]
+
+
+class DecodeGraph:
+    """The one-token forward of ``model`` over ``cache``, captured as a CUDA graph.
+
+    The graph reads the position from ``cache.seq_pos`` and bumps it on the device, so one capture
+    serves every position; the host ``cache.length`` is advanced by :meth:`step`.
+    """
+
+    def __init__(self, model, cache):
+        self.model, self.cache = model, cache
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=cache.device)
+        length = cache.length
+        cache.check_room(1)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up: compile the Triton kernels, settle the allocator
+            for _ in range(2):
+                model(self.ids, cache)
+                cache.truncate(length)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, cache)[0, -1]  # [V], a static output buffer
+        cache.truncate(length)  # capture ran no kernel but advanced the host counter: put both back
+
+    def step(self, token: int) -> torch.Tensor:
+        self.cache.check_room(1)
+        self.ids.fill_(token)
+        self.graph.replay()
+        self.cache.length += 1  # the replay advanced seq_pos on the device
+        return self.logits
+
+
+class Generator:
+    """Generation over one persistent :class:`tinyq.cache.StaticKVCache` for ``model``.
+
+    ``cached_ids`` are the token ids whose keys/values the cache holds, in order. Anything that
+    fails mid-way (an exception, Ctrl-C) can be undone with :meth:`truncate` to a length saved
+    before; :meth:`stream` does that itself when a prefill fails.
+    """
+
+    def __init__(self, model, tokenizer, max_seq_len: Optional[int] = None, cuda_graph: Optional[bool] = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.model, self.tokenizer = model, tokenizer
+        self.cache = model.new_cache(max_seq_len)
+        self.cached_ids: List[int] = []
+        self.prefill_chunk = prefill_chunk
+        self.cuda_graph = self.cache.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cache.device.type == "cpu":
+            tune_cpu_threads(model)
+        self._graph: Optional[DecodeGraph] = None
+        cfg = model.config
+        eos = set(cfg.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.cache.max_seq_len
+
+    def truncate(self, n: int) -> None:
+        self.cache.truncate(n)
+        del self.cached_ids[n:]
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def check_fits(self, prompt_ids: Sequence[int]) -> None:
+        """Raise :class:`ContextOverflowError` unless the prompt and one new token fit the cache."""
+        if len(prompt_ids) + 1 > self.max_seq_len:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt_ids)} tokens; with one new token that exceeds max_seq_len="
+                f"{self.max_seq_len}"
+            )
+
+    @torch.inference_mode()
+    def prefill(self, ids: Sequence[int]) -> torch.Tensor:
+        """Append ``ids`` (non-empty) to the cache in chunks; returns the last position's logits ``[V]``."""
+        self.cache.check_room(len(ids))
+        dev = self.cache.device
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = list(ids[start : start + self.prefill_chunk])
+            logits = self.model(torch.tensor([chunk], device=dev), self.cache, last_only=True)[0, -1]
+            self.cached_ids.extend(chunk)
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> torch.Tensor:
+        """Feed one token; returns the logits ``[V]`` for the next one."""
+        if self.cuda_graph:
+            if self._graph is None:
+                self._graph = DecodeGraph(self.model, self.cache)
+            logits = self._graph.step(token)
+        else:
+            logits = self.model(torch.tensor([[token]], device=self.cache.device), self.cache)[0, -1]
+        self.cached_ids.append(token)
+        return logits
+
+    def reuse_prefix(self, prompt_ids: Sequence[int]) -> int:
+        """Keep the longest cached prefix of ``prompt_ids`` (at least one token is left to prefill,
+        which produces the logits); returns how many tokens are kept."""
+        n = 0
+        limit = min(len(self.cached_ids), len(prompt_ids) - 1)
+        while n < limit and self.cached_ids[n] == prompt_ids[n]:
+            n += 1
+        self.truncate(n)
+        return n
+
+    def stream(self, prompt_ids: Sequence[int], config: Optional[SamplingConfig] = None, **kwargs) -> "TextStream":
+        if config is not None and kwargs:
+            raise ValueError("pass either a SamplingConfig or keyword settings, not both")
+        config = (config or make_config(**kwargs)).validate()
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: nothing to generate from")
+        self.check_fits(prompt_ids)
+        return TextStream(self, prompt_ids, config)
+
+
+class TextStream:
+    """Iterator of text deltas for one generation; ``.result`` is set when it is exhausted.
+
+    Text is produced by decoding the whole generated id list after each token and emitting the
+    new suffix, holding back (1) a trailing U+FFFD (an incomplete UTF-8 sequence the next byte
+    token completes) and (2) any tail that could be the start of a stop string. So the deltas
+    concatenate to exactly the final text, whatever the tokenizer's merges.
+    """
+
+    def __init__(self, gen: Generator, prompt_ids: List[int], cfg: SamplingConfig):
+        self.gen, self.prompt_ids, self.cfg = gen, prompt_ids, cfg
+        self.result: Optional[GenerationResult] = None
+        self._it = self._run()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._it)
+
+    def text(self) -> str:
+        """Consume the stream; return the whole text."""
+        for _ in self:
+            pass
+        return self.result.text
+
+    def _run(self):
+        gen, cfg = self.gen, self.cfg
+        tok = gen.tokenizer
+        stops = gen.eos_ids | set(cfg.stop_token_ids)
+        rng = None
+        if cfg.seed is not None:
+            rng = torch.Generator(device=gen.cache.device).manual_seed(cfg.seed)
+        stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
+        t0 = time.perf_counter()
+        kept = gen.reuse_prefix(self.prompt_ids)
+        stats.prefilled_tokens = len(self.prompt_ids) - kept
+        try:
+            logits = gen.prefill(self.prompt_ids[kept:])
+        except BaseException:
+            gen.truncate(kept)  # a half-prefilled prompt is not a valid cache state
+            raise
+        out_ids: List[int] = []
+        emitted, text, finish = "", "", "length"
+        context = list(self.prompt_ids) if cfg.repetition_penalty != 1.0 else ()
+        t_first = None
+        while True:
+            token = sample_token(logits, cfg, context, rng)
+            if t_first is None:
+                t_first = time.perf_counter()
+                stats.ttft_s = t_first - t0
+            if token in stops:
+                finish = "stop"
+                break
+            out_ids.append(token)
+            if cfg.repetition_penalty != 1.0:
+                context.append(token)
+            text = tok.decode(out_ids, skip_special_tokens=True)
+            cut = _find_stop(text, cfg.stop_strings)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+                break
+            stable = len(text) - _held_back(text, cfg.stop_strings)
+            if stable > len(emitted):
+                delta = text[len(emitted):stable]
+                emitted = text[:stable]
+                yield delta
+            if len(out_ids) >= cfg.max_new_tokens:
+                break
+            if gen.cache.length + 1 > gen.max_seq_len:
+                finish = "context_full"
+                break
+            logits = gen.decode(token)
+        stats.new_tokens = len(out_ids)
+        stats.decode_s = time.perf_counter() - t_first
+        if len(text) > len(emitted) and text.startswith(emitted):
+            yield text[len(emitted):]
+        self.result = GenerationResult(text=text, token_ids=out_ids, finish_reason=finish, stats=stats)
+
+
+def _find_stop(text: str, stop_strings) -> Optional[int]:
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else None
+
+
+def _held_back(text: str, stop_strings) -> int:
+    """Characters at the end of ``text`` not safe to emit yet."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):  # longest proper prefix of s ending the text
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+def _prompt_ids(tokenizer, prompt) -> List[int]:
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty: nothing to generate from")
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
+    if isinstance(prompt, torch.Tensor):
+        return [int(t) for t in prompt.reshape(-1).tolist()]
+    return [int(t) for t in prompt]
+
+
+def _generator_for(model, tokenizer, max_seq_len: Optional[int]) -> Generator:
+    """One Generator (cache + CUDA graph) kept on the model and reused across calls."""
+    want = int(max_seq_len or model.max_seq_len)
+    gen = getattr(model, "_tinyq_generator", None)
+    if gen is None or gen.max_seq_len != want or gen.tokenizer is not tokenizer:
+        gen = Generator(model, tokenizer, want)
+        model._tinyq_generator = gen
+    return gen
+
+
+def stream(model, tokenizer, prompt, max_seq_len: Optional[int] = None, **sampling) -> TextStream:
+    """Stream the continuation of ``prompt`` (a string, or token ids) as text deltas."""
+    gen = _generator_for(model, tokenizer, max_seq_len)
+    return gen.stream(_prompt_ids(tokenizer, prompt), make_config(**sampling))
+
+
+def generate(model, tokenizer, prompt, max_seq_len: Optional[int] = None, **sampling) -> GenerationResult:
+    """Generate the continuation of ``prompt``; settings as in :class:`SamplingConfig`."""
+    s = stream(model, tokenizer, prompt, max_seq_len, **sampling)
+    s.text()
+    return s.result

@@ -1,0 +1,233 @@
+"""The Llama family (Llama-2/3/3.1, Vicuna, SmolLM2, DeepSeek-R1-Distill-Llama) and Qwen2 (Qwen2/2.5,
+DeepSeek-R1-Distill-Qwen): one decoder, two small differences (Qwen2 has q/k/v biases and often tied
+embeddings).
+
+Layer shapes (H hidden, Hq/Hkv heads, D head dim, I intermediate)::
+
+    x [B, S, H] -> add+RMSNorm -> qkv_proj [H -> (Hq + 2 Hkv) D] -> RoPE + cached attention -> o_proj
+                -> add+RMSNorm -> gate_up_proj [H -> 2I] -> silu(gate) * up -> down_proj [I -> H]
+
+q/k/v and gate/up are fused into one linear each at load time (see :mod:`tinyq.models.loader`), so a
+decode step runs 4 GEMVs per layer instead of 7. Linears are ``nn.Linear`` (fp16/bf16/fp32) or
+:class:`tinyq.W4A16Linear`. The residual stream is carried beside the hidden state so that each
+residual add is fused into the following RMSNorm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyq.kernels.rope import RopeConfig, apply_rope_reference
+from tinyq.ops.norm import add_rms_norm, rms_norm, silu_mul
+
+# HF architectures -> family flavour; the loader lists these in its "unsupported" error.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
+
+
+@dataclass
+class ModelConfig:
+    """What the decoder needs from an HF ``config.json``."""
+
+    arch: str  # "llama" | "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope: RopeConfig
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list = field(default_factory=list)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        """From a ``config.json`` dict. Raises ValueError for an unsupported architecture."""
+        archs = hf.get("architectures") or []
+        arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+        arch = arch or MODEL_TYPES.get(hf.get("model_type"))
+        if arch is None:
+            raise ValueError(
+                f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(ARCHITECTURES)}"
+            )
+        if hf.get("sliding_window") and hf.get("use_sliding_window"):
+            raise ValueError("sliding-window attention is not supported")
+        heads = int(hf["num_attention_heads"])
+        head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+        eos = hf.get("eos_token_id")
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        return cls(
+            arch=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope=RopeConfig.from_hf(hf, head_dim=head_dim),
+            qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos,
+        )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, residual=None):
+        """Without ``residual``: the norm of ``x``. With it: ``(norm(x + residual), x + residual)``."""
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope = cfg.rope
+        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cache=None):
+        b, s, _ = x.shape
+        qkv = self.qkv_proj(x)  # [B, S, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = q.view(b, s, self.hq, self.d)
+        k = k.view(b, s, self.hkv, self.d)
+        v = v.view(b, s, self.hkv, self.d)
+        if cache is not None:
+            from tinyq.ops import attention_with_cache
+
+            out = attention_with_cache(q, k, v, cache, self.layer_idx, self.rope)  # [B, S, Hq, D]
+        else:
+            out = self._uncached(q, k, v)
+        return self.o_proj(out.reshape(b, s, self.hq * self.d))
+
+    def _uncached(self, q, k, v):
+        """Whole-sequence causal attention from position 0 (no cache): torch SDPA."""
+        pos = torch.arange(q.shape[1], device=q.device)
+        q = apply_rope_reference(q, pos, self.rope).to(q.dtype).transpose(1, 2)  # [B, Hq, S, D]
+        k = apply_rope_reference(k, pos, self.rope).to(k.dtype).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.hkv != self.hq:
+            k = k.repeat_interleave(self.hq // self.hkv, dim=1)
+            v = v.repeat_interleave(self.hq // self.hkv, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, residual, cache=None):
+        """``h`` the previous sublayer's output, ``residual`` the stream before it (None at layer 0)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(x, cache)
+        x, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(x), residual
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Parameter names follow HF's ``LlamaForCausalLM`` except the fused ``qkv_proj`` / ``gate_up_proj``.
+
+    Build it on the ``meta`` device and let the loader assign weights (``tinyq.models.load_model``).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_seq_len = cfg.max_position_embeddings
+
+    def tie_weights(self):
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (that of the embeddings)."""
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, max_seq_len: Optional[int] = None, batch_size: int = 1):
+        """A :class:`tinyq.cache.StaticKVCache` sized for this model, on its device, in its dtype."""
+        from tinyq.cache import StaticKVCache
+
+        c = self.config
+        return StaticKVCache(
+            c.num_layers, c.num_kv_heads, c.head_dim, int(max_seq_len or self.max_seq_len), batch_size,
+            dtype=self.dtype, device=self.device,
+        )
+
+    def generate(self, tokenizer, prompt, **settings):
+        """Generate from ``prompt`` (string or ids): see :func:`tinyq.generate.generate`."""
+        from tinyq.generate import generate
+
+        return generate(self, tokenizer, prompt, **settings)
+
+    def forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """``input_ids`` int ``[B, S]`` -> logits ``[B, S, vocab]`` (``[B, 1, vocab]`` if ``last_only``).
+
+        With a cache the tokens sit at positions ``cache.length ..`` and the cache advances by S;
+        without one they are a whole sequence from position 0.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        if cache is not None:
+            cache.check_room(input_ids.shape[1])
+        h, residual = self.model.embed_tokens(input_ids), None
+        for layer in self.model.layers:
+            h, residual = layer(h, residual, cache)
+        if last_only:
+            h, residual = h[:, -1:], residual[:, -1:]
+        x, _ = self.model.norm(h, residual)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        return self.lm_head(x)

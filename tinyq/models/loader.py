@@ -1,0 +1,223 @@
+"""Load an HF-format model directory (or the embedded GGUF default) into :class:`CausalLM`.
+
+The model is built on the ``meta`` device (no memory), then filled module by module in layer
+order: each checkpoint tensor is read from an mmap'd safetensors file, the q/k/v and gate/up
+tensors are concatenated into the fused linears (:data:`FUSED`), moved to the target device and,
+for ``precision="w4a16"``, quantized there (RTN) before the next one is read. Host memory
+therefore holds at most one fused weight at a time beyond the page cache, and a model larger than
+the host's free memory still loads.
+
+Quantized checkpoints are read as they are: tinyq's own format (``quant_method: "tinyq"``:
+``qweight/scales/zeros`` per linear) and AutoAWQ's ``gemm`` format (``quant_method: "awq"``,
+converted losslessly with :func:`tinyq.quant.format.from_awq_gemm`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
+from tinyq.nn.w4a16_linear import W4A16Linear
+from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight
+
+# tinyq module -> the checkpoint modules concatenated (along the output dim, in this order) into it.
+FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+PRECISIONS = {"w4a16": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+NOT_QUANTIZED = ("lm_head",)  # logits are the most sensitive output; the embedding is a lookup
+
+
+class TensorSource:
+    """Named tensors, read on demand: safetensors files (mmap'd) or an in-memory dict."""
+
+    def __init__(self, tensors: Optional[Dict[str, torch.Tensor]] = None, folder: Optional[str] = None):
+        self._dict, self._files, self._where = tensors, {}, {}
+        if folder is not None:
+            self._index_folder(folder)
+
+    def _index_folder(self, folder):
+        from safetensors import safe_open
+
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+            weight_map = None
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in {folder} (.bin checkpoints are not supported)")
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is listed in the index but missing")
+            handle = safe_open(path, framework="pt", device="cpu")
+            self._files[name] = handle
+            if weight_map is None:
+                for key in handle.keys():
+                    self._where[key] = name
+        if weight_map is not None:
+            self._where = dict(weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in (self._dict if self._dict is not None else self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self:
+            raise KeyError(f"checkpoint has no tensor {name!r}")
+        if self._dict is not None:
+            return self._dict[name]
+        return self._files[self._where[name]].get_tensor(name)
+
+
+def peak_host_memory_mb() -> float:
+    """Peak resident set size of this process so far, in MB (``ru_maxrss``)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _expect(name: str, t: torch.Tensor, shape) -> torch.Tensor:
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+    return t
+
+
+class _Loader:
+    def __init__(self, model: CausalLM, source: TensorSource, precision: str, group_size: int, dtype, device,
+                 quant: Optional[dict]):
+        self.model, self.src, self.precision = model, source, precision
+        self.group_size, self.dtype, self.device, self.quant = group_size, dtype, device, quant
+
+    def run(self):
+        m, cfg = self.model, self.model.config
+        self._param("model.embed_tokens.weight", m.model.embed_tokens, "weight", (cfg.vocab_size, cfg.hidden_size))
+        for i, layer in enumerate(m.model.layers):
+            p = f"model.layers.{i}."
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                self._param(p + norm + ".weight", getattr(layer, norm), "weight", (cfg.hidden_size,))
+            for sub in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"):
+                self._linear(layer, sub, p)
+        self._param("model.norm.weight", m.model.norm, "weight", (cfg.hidden_size,))
+        if cfg.tie_word_embeddings and "lm_head.weight" not in self.src and "lm_head.qweight" not in self.src:
+            m.tie_weights()
+        else:
+            self._linear(m, "lm_head", "")
+
+    def _param(self, name, module, attr, shape):
+        t = _expect(name, self.src.get(name), shape)
+        setattr(module, attr, nn.Parameter(t.to(device=self.device, dtype=self.dtype), requires_grad=False))
+
+    def _linear(self, parent: nn.Module, sub: str, prefix: str):
+        owner_name, _, attr = sub.rpartition(".")
+        owner = parent.get_submodule(owner_name) if owner_name else parent
+        meta: nn.Linear = getattr(owner, attr)
+        names = [prefix + s for s in FUSED.get(sub, (sub,))]
+        if all(n + ".qweight" in self.src for n in names):
+            new = self._prequantized(names, meta)
+        else:
+            w = torch.cat([self.src.get(n + ".weight").to(self.device) for n in names], dim=0)
+            _expect("+".join(n + ".weight" for n in names), w, (meta.out_features, meta.in_features))
+            bias = None
+            if meta.bias is not None:
+                bias = torch.cat([self.src.get(n + ".bias").to(self.device) for n in names]).to(self.dtype)
+            if self.precision == "w4a16" and not any(n.startswith(NOT_QUANTIZED) for n in names):
+                qweight, scales, zeros = quantize_weight(w, self.group_size, self._scale_dtype())
+                new = W4A16Linear.from_quantized(qweight, scales, zeros, bias)
+            else:
+                new = nn.Linear(meta.in_features, meta.out_features, bias=bias is not None, device="meta")
+                new.weight = nn.Parameter(w.to(self.dtype), requires_grad=False)
+                if bias is not None:
+                    new.bias = nn.Parameter(bias, requires_grad=False)
+        setattr(owner, attr, new)
+
+    def _scale_dtype(self):
+        return self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+    def _prequantized(self, names: List[str], meta: nn.Linear) -> W4A16Linear:
+        if self.precision != "w4a16":
+            raise ValueError(f"this checkpoint is W4A16-quantized; load it with precision='w4a16' (got {self.precision!r})")
+        parts = []
+        for n in names:
+            if self.quant and self.quant.get("quant_method") == "awq":
+                q, s, z = from_awq_gemm(self.src.get(n + ".qweight"), self.src.get(n + ".qzeros"), self.src.get(n + ".scales"))
+            else:
+                q, s, z = (self.src.get(n + suffix) for suffix in (".qweight", ".scales", ".zeros"))
+            parts.append((q, s.to(self._scale_dtype()), z.to(self._scale_dtype())))
+        qweight, scales, zeros = (torch.cat([p[i] for p in parts]).to(self.device) for i in range(3))
+        _expect(names[0] + ".qweight (fused)", qweight, (meta.out_features, meta.in_features // 8))
+        bias = None
+        if meta.bias is not None:
+            bias = torch.cat([self.src.get(n + ".bias") for n in names]).to(self.device, self.dtype)
+        return W4A16Linear.from_quantized(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bias)
+
+
+def default_activation_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """fp16/bf16/fp32 as asked; for w4a16: fp16 on GPU, fp32 on CPU (torch's CPU GEMV in fp32 was
+    faster than bf16 on the 2-core test machine, see the README)."""
+    if PRECISIONS[precision] is not None:
+        return PRECISIONS[precision]
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16", group_size: int = 64,
+                device=None, dtype=None, max_seq_len: Optional[int] = None) -> CausalLM:
+    """Build :class:`CausalLM` on ``meta`` from a config dict and fill it from ``source``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_activation_dtype(precision, device)
+    quant = hf_config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method")
+        if method not in ("tinyq", "awq") or int(quant.get("bits", 4)) != 4:
+            raise ValueError(f"unsupported quantization_config {quant}: tinyq reads 4-bit 'tinyq' and 'awq' (gemm)")
+        if method == "awq" and str(quant.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"AWQ version {quant.get('version')!r} is not supported; only 'gemm'")
+    elif precision == "w4a16" and group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
+    cfg = ModelConfig.from_hf(hf_config)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    _Loader(model, source, precision, group_size, dtype, device, quant).run()
+    if max_seq_len is not None:
+        model.max_seq_len = int(max_seq_len)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_hf_dir(path: str):
+    """``(hf_config dict, TensorSource, tokenizer)`` of an HF-format directory, with clear errors."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path does not exist: {path}")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is not a directory (pass an HF model folder with config.json, or a .gguf file)")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} has no config.json; is it an HF-format model directory?")
+    with open(cfg_path) as f:
+        hf_config = json.load(f)
+    ModelConfig.from_hf(hf_config)  # unsupported architecture: fail before touching the weights
+    return hf_config, TensorSource(folder=path), load_tokenizer(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise FileNotFoundError(f"no tokenizer in {path} (expected tokenizer.json, tokenizer.model or vocab.json)")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # transformers raises many types; name the folder
+        raise ValueError(f"could not load the tokenizer in {path}: {exc}") from exc
+
+
+SUPPORTED = sorted(ARCHITECTURES)
