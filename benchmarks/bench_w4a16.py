@@ -74,9 +74,9 @@ def tinygemm_fn(packed, x):
 
 def candidates(m):
     if m <= 4:
-        for bn, bk, nw, ns, sf in itertools.product((4, 8, 16), (1024, 2048, 4096), (4, 8), (1, 2), (True, False)):
-            if bn * bk <= 32768:  # keeps the [BN, BK/8] fp32 accumulators within registers
-                yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, shift_free=sf)
+        for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (2, 4, 8)):
+            if bn * bk <= 16384:  # keeps the [BN, BK/8] fp32 accumulators within registers
+                yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=2)
     elif m <= 64:
         for unpack, bn, swap, ns in itertools.product(("gather", "split"), (32, 64, 128), (False, True), (3, 5)):
             yield dict(kernel="gemm", block_m=16 if m <= 16 else 64, block_n=bn, block_k=128, swap_ab=swap,

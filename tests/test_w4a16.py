@@ -126,8 +126,8 @@ def test_bad_inputs_are_clear_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 17, 64, 100, 256, 1000, 2048])
-@pytest.mark.parametrize("n,k,group_size", [(4096, 4096, 128), (6144, 4096, 64), (1000, 576, 64), (4096, 14336, 32)])
+@pytest.mark.parametrize("m", [1, 3, 5, 16, 17, 100, 1000])
+@pytest.mark.parametrize("n,k,group_size", [(4096, 4096, 128), (1000, 576, 64), (4096, 14336, 32)])
 def test_gpu_shapes(m, n, k, group_size, dtype):
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
     y = w4a16_matmul(x, qw, s, z, b)
