@@ -136,6 +136,6 @@ def test_cuda_graph_decode_matches_eager(tmp_path, precision):
     cpu, _ = load_model(str(tmp_path), precision=precision, group_size=32, device="cpu", dtype=torch.float32)
     x = torch.tensor([ids])
     with torch.inference_mode():
-        ref = cpu(x, cpu.new_cache(16)).float()
-        out = model(x.cuda(), model.new_cache(16)).float().cpu()
+        ref = cpu(x, cpu.new_cache(64)).float()
+        out = model(x.cuda(), model.new_cache(64)).float().cpu()
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
