@@ -77,12 +77,15 @@ def candidates(m):
         for bn, bk, nw in itertools.product((4, 8, 16), (512, 1024, 2048), (2, 4, 8)):
             if bn * bk <= 16384:  # keeps the [BN, BK/8] fp32 accumulators within registers
                 yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=2)
-    elif m <= 64:
-        for unpack, bn, swap, ns in itertools.product(("gather", "split"), (32, 64, 128), (False, True), (3, 5)):
-            yield dict(kernel="gemm", block_m=16 if m <= 16 else 64, block_n=bn, block_k=128, swap_ab=swap,
+    elif m <= 16:
+        for unpack, bn, swap, ns in itertools.product(("reshape", "split"), (32, 64), (False, True), (3, 5)):
+            yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=swap,
                        unpack=unpack, num_warps=4, num_stages=ns)
-        yield dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, unpack="reshape",
-                   num_warps=4, num_stages=5)
+    elif m <= 256:
+        for bm, bn, unpack, swap in itertools.product((32, 64, 128), (64, 128), ("reshape", "split"), (False, True)):
+            if bm <= m:
+                yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=128 if unpack == "split" else 64,
+                           swap_ab=swap, unpack=unpack, num_warps=4, num_stages=4)
     else:
         big = [  # (block_m, block_n, block_k, swap_ab, unpack, num_warps, num_stages)
             (128, 128, 64, False, "reshape", 4, 4),
@@ -149,7 +152,7 @@ def main():
             if m >= 2048 and 4096 in tuned:
                 tuned[m] = tuned[4096]
                 continue
-            names = ["qkv", "o", "gate_up", "down"] if m <= 16 else ["o", "gate_up"]
+            names = ["qkv", "o", "gate_up", "down"] if m <= 256 else ["o", "gate_up"]
             tuned[m] = sweep(weights, m, names, rep_ms=40 if m <= 16 else 60)
 
     tinygemm_weights = {}

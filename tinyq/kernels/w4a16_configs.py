@@ -13,26 +13,26 @@ import torch
 
 GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, cheaper than MMA padding
 
+_SM90 = [
+    (GEMV_MAX_M, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=8, num_stages=2)),
+    (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=False, unpack="split", num_warps=4,
+              num_stages=3)),
+    (64, dict(kernel="gemm", block_m=32, block_n=64, block_k=128, swap_ab=True, unpack="split", num_warps=4,
+              num_stages=4)),
+    (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=64, swap_ab=False, unpack="reshape", num_warps=4,
+               num_stages=4)),
+    (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, unpack="reshape", num_warps=4,
+                num_stages=4, group_m=8)),
+]
+
 CONFIGS = {
-    "default": [
-        (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=1024, num_warps=4, num_stages=2)),
-        (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, num_warps=4, num_stages=3)),
-        (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
-        (256, dict(kernel="gemm", block_m=128, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
-        (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=3)),
-    ],
-    # H100 SXM, torch 2.11 + triton 3.6 (benchmarks/results/w4a16_h100.json). M=1: 111 us for the
-    # four Llama-3-8B linears (the reshape-unpack GEMV took 314); block_k 1024 beat 256/512 by 1.3x.
-    # M=16: 337 us, swap_ab (weights on the MMA's 64-row side) beat the plain order; gather/split
-    # unpack were 6-10x slower. M=4096: 128x128x64, 4 warps, 4 stages beat 13 other tilings.
-    "sm90": [
-        (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=1024, num_warps=4, num_stages=2)),
-        (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=True, num_warps=4, num_stages=5)),
-        (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=4)),
-        (256, dict(kernel="gemm", block_m=128, block_n=64, block_k=64, swap_ab=False, num_warps=4, num_stages=4)),
-        (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, num_warps=4, num_stages=4,
-                    group_m=8)),
-    ],
+    # H100 SXM, torch 2.11 + triton 3.6, from `bench_w4a16.py --sweep` (benchmarks/results/). Sums
+    # over the four Llama-3-8B linears: M=1 108 us (24 GEMV candidates, 108-146 us; the old
+    # reshape-unpack GEMV took 314); M=16 277 us ('split' unpack beat 'reshape' by 1.2x); M=64 457
+    # us; M=256 1004 us; M=4096 o + gate_up 4.9 ms (13 other tilings were 2-10x slower).
+    "sm90": _SM90,
+    # Untuned elsewhere: the same tilings with one pipeline stage less, to fit ~100 KB of shared memory.
+    "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3))) for m, cfg in _SM90],
 }
 
 
