@@ -45,7 +45,7 @@ def w4a16_matmul(
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()})")
-    m = x.shape[0]
+    m, k = x.shape
     n = qweight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -54,6 +54,9 @@ def w4a16_matmul(
     kind = cfg.pop("kernel")
     if kind == "gemv":
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
+    if cfg.get("unpack") == "split" and k // scales.shape[1] < 128:
+        # 'split' needs BLOCK_K >= 128 and BLOCK_K must divide the group: groups of 32/64 unpack by reshape
+        cfg["unpack"] = "reshape"
     if acc_fp16 is None:
         acc_fp16 = x.dtype == torch.float16 and fp16_accumulate_default(x.device)
     return launch_w4a16_gemm(x, qweight, scales, zeros, bias, y, acc_fp16=acc_fp16, **cfg)
