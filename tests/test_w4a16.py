@@ -77,10 +77,11 @@ def test_gemm_fp16_accumulate(swap_ab, unpack):
                           block_m=16, block_n=16, block_k=64, acc_fp16=True)
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 16, 17])
-def test_dispatch_shipped_configs(m):
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("m", [1, 4, 5, 16, 17, 64, 65, 257])
+def test_dispatch_shipped_configs(m, group_size):
     """Every M bucket of the shipped config table, through the public launcher."""
-    x, qw, s, z, b = make_case(m, 24, 192, 64, torch.float16)
+    x, qw, s, z, b = make_case(m, 24, 256, group_size, torch.float16)
     assert_close_rel(w4a16_matmul(x, qw, s, z, b), w4a16_linear_reference(x, qw, s, z, b))
 
 
