@@ -162,3 +162,18 @@ def test_gpu_cuda_graph_and_compile():
     assert torch.equal(static_y, model(x2))
     compiled = torch.compile(model, fullgraph=True)
     assert torch.allclose(compiled(x).float(), eager.float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ptx_dequant", [True, False])
+@pytest.mark.parametrize("m,n,k,group_size", [(1, 4096, 4096, 128), (3, 1000, 576, 64), (2, 333, 14336, 32)])
+def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant):
+    """Both GEMV dequant paths, including activations with 3000-sized outliers (Llama's massive
+    activations): the fp16 PTX path must neither overflow nor lose accuracy."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, torch.float16, device="cuda")
+    x[:, 7] = 3000.0
+    x[:, k // 2] = -2500.0
+    y = poisoned(m, n, torch.float16, device="cuda")
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8, num_stages=2, ptx_dequant=ptx_dequant)
+    torch.cuda.synchronize()
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))

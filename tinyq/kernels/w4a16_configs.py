@@ -14,7 +14,7 @@ import torch
 GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, cheaper than MMA padding
 
 _SM90 = [
-    (GEMV_MAX_M, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=8, num_stages=2)),
+    (GEMV_MAX_M, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=8, num_stages=2, ptx_dequant=True)),
     (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=False, unpack="split", num_warps=4,
               num_stages=3)),
     (64, dict(kernel="gemm", block_m=32, block_n=64, block_k=128, swap_ab=True, unpack="split", num_warps=4,

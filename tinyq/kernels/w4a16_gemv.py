@@ -28,8 +28,57 @@ H100), each streaming whole contiguous weight rows (2 KB per row at K = 4096).
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from tinyq.backend import interpreting
+
+
+# One int32 word of 8 nibbles -> sum_i (q_i - z) * x_i, fp16 arithmetic inside, fp32 out.
+# lop3 (w & 0x000F000F) | 0x64006400 makes the fp16 pair (1024 + q_i, 1024 + q_i+4) in one
+# instruction; subtracting 1024 + z is exact. x arrives pre-scaled by 1/16 (exact), so a product
+# is at most 15/16 |x| and a sum of two at most 1.9 |x|: no fp16 overflow for |x| < 34,000. The two
+# fp16 pair sums are widened and added in fp32. 22 instructions per 8 weights instead of ~40.
+_DEQUANT_DOT_PTX = tl.constexpr("""
+{
+.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, h0, h1;
+.reg .f16 a, b, c, d;
+.reg .f32 fa, fb, fc, fd;
+mov.b32 zz, {$2, $2};
+shr.u32 t1, $1, 4;
+shr.u32 t2, $1, 8;
+shr.u32 t3, $1, 12;
+lop3.b32 q0, $1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q2, t2, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q3, t3, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 q0, q0, zz;
+sub.f16x2 q1, q1, zz;
+sub.f16x2 q2, q2, zz;
+sub.f16x2 q3, q3, zz;
+mul.rn.f16x2 h0, q0, $3;
+fma.rn.f16x2 h0, q1, $4, h0;
+mul.rn.f16x2 h1, q2, $5;
+fma.rn.f16x2 h1, q3, $6, h1;
+mov.b32 {a, b}, h0;
+mov.b32 {c, d}, h1;
+cvt.f32.f16 fa, a;
+cvt.f32.f16 fb, b;
+cvt.f32.f16 fc, c;
+cvt.f32.f16 fd, d;
+add.f32 fa, fa, fb;
+add.f32 fc, fc, fd;
+add.f32 $0, fa, fc;
+}
+""")
+
+
+@triton.jit
+def _pack_half2(lo, hi):
+    """Two fp16 tensors -> one int32 tensor holding the pair (lo in the low half)."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [lo, hi], dtype=tl.int32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit
@@ -39,6 +88,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_ym,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -67,14 +117,32 @@ def _w4a16_gemv_kernel(
         s_mask = n_mask[:, None] & b_ok[None, :]
         s = tl.load(s_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
-        part = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
-        xsum = tl.zeros((NB, 4), dtype=tl.float32)
         x_blk = x_row + k0 + 32 * offs_b[:, None] + offs_w[None, :]  # [NB, 4]
-        for i in tl.static_range(8):
-            xi = tl.load(x_blk + 4 * i, mask=b_ok[:, None], other=0.0).to(tl.float32)  # [NB, 4]
-            xsum += xi
-            part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))[None, :, :]
-        acc += s[:, :, None] * (part - z[:, :, None] * xsum[None, :, :])
+        if PTX_DEQUANT:
+            # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]), pre-scaled by 1/16.
+            x0 = x_blk
+            xp0 = _pack_half2((tl.load(x0, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 16, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
+            xp1 = _pack_half2((tl.load(x0 + 4, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 20, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
+            xp2 = _pack_half2((tl.load(x0 + 8, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 24, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
+            xp3 = _pack_half2((tl.load(x0 + 12, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 28, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
+            z16 = (z + 1024.0).to(tl.float16)[:, :, None]  # exact: z is an integer 0..15
+            dots = tl.inline_asm_elementwise(
+                _DEQUANT_DOT_PTX, "=f,r,h,r,r,r,r", [words, z16, xp0[None, :, :], xp1[None, :, :], xp2[None, :, :], xp3[None, :, :]],
+                dtype=tl.float32, is_pure=True, pack=1,
+            )
+            acc += (16.0 * s)[:, :, None] * dots
+        else:
+            part = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
+            xsum = tl.zeros((NB, 4), dtype=tl.float32)
+            for i in tl.static_range(8):
+                xi = tl.load(x_blk + 4 * i, mask=b_ok[:, None], other=0.0).to(tl.float32)  # [NB, 4]
+                xsum += xi
+                part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))[None, :, :]
+            acc += s[:, :, None] * (part - z[:, :, None] * xsum[None, :, :])
     out = tl.sum(tl.sum(acc, axis=2), axis=1)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -82,7 +150,7 @@ def _w4a16_gemv_kernel(
 
 
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
-                      num_stages: int):
+                      num_stages: int, ptx_dequant: bool = False):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -94,6 +162,8 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         x.stride(0), y.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
+        # inline PTX needs a real GPU (the interpreter cannot run it) and fp16 activations
+        PTX_DEQUANT=ptx_dequant and x.dtype == torch.float16 and not interpreting(),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
