@@ -20,6 +20,8 @@ def add_parser(subparsers):
                    help="HF model directory, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
     p.add_argument("--precision", default="w4a16", choices=["w4a16", "fp16", "bf16", "fp32"])
     p.add_argument("--group-size", type=int, default=64, help="W4A16 group size when quantizing at load (32/64/128)")
+    p.add_argument("--quant", default="awq", choices=["awq", "rtn"],
+                   help="embedded default at w4a16: AWQ (quantized on first use, then cached) or RTN at load")
     p.add_argument("--max-seq-len", type=int, default=2048, help="context length of the KV cache")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
@@ -65,8 +67,13 @@ def run(args) -> int:
         )
         if args.max_seq_len < 2:
             raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+        path = args.model
+        if path == "default" and args.precision == "w4a16" and args.quant == "awq":
+            from tinyq.quant.default_awq import ensure_default_awq_checkpoint
+
+            path = str(ensure_default_awq_checkpoint(args.group_size, device=args.device))
         print(f"loading {args.model} ({args.precision}) ...", flush=True)
-        model, tokenizer = load_model(args.model, precision=args.precision, group_size=args.group_size,
+        model, tokenizer = load_model(path, precision=args.precision, group_size=args.group_size,
                                       device=args.device, max_seq_len=args.max_seq_len)
         session = ChatSession(model, tokenizer, max_seq_len=args.max_seq_len, system_prompt=args.system,
                               sampling=sampling)
