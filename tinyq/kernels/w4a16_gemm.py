@@ -62,7 +62,7 @@ UNPACK_MODES = {"reshape": 0, "gather": 1, "split": 2}
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_ym,
+    stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SWAP_AB: tl.constexpr,
@@ -95,8 +95,9 @@ def _w4a16_gemm_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     shifts = tl.arange(0, 8) * 4
-    words_per_row = K // 8
-    groups_per_row = K // GROUP_SIZE
+    # row strides as arguments (not K // 8 here) let Triton prove 16-byte alignment and vectorize
+    words_per_row = stride_wn
+    groups_per_row = stride_sn
 
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
     if UNPACK == UNPACK_GATHER:
@@ -171,7 +172,7 @@ def launch_w4a16_gemm(
     _w4a16_gemm_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else y, y,
         m, n, k,
-        x.stride(0), y.stride(0),
+        x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         SWAP_AB=swap_ab,

@@ -85,7 +85,7 @@ def _pack_half2(lo, hi):
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_ym,
+    stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PTX_DEQUANT: tl.constexpr,
@@ -102,10 +102,11 @@ def _w4a16_gemv_kernel(
     n_mask = offs_n < N
     offs_b = tl.arange(0, NB)
     offs_w = tl.arange(0, 4)
-    words_per_row = K // 8
-    groups_per_row = K // GROUP_SIZE
+    # Row strides come in as arguments (K // 8 and K // G computed on the host): Triton then knows
+    # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
+    # kernel they left the alignment unknown and every word was a separate 4-byte load.
     x_row = x_ptr + m * stride_xm
-    w_rows = qw_ptr + offs_n[:, None, None] * words_per_row
+    w_rows = qw_ptr + offs_n[:, None, None] * stride_wn
 
     acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -113,7 +114,7 @@ def _w4a16_gemv_kernel(
         mask = n_mask[:, None, None] & b_ok[None, :, None]
         words = tl.load(w_rows + (k0 // 8 + 4 * offs_b)[None, :, None] + offs_w[None, None, :], mask=mask, other=0)
         words = words.to(tl.uint32, bitcast=True)  # [BN, NB, 4]
-        sz = offs_n[:, None] * groups_per_row + ((k0 + 32 * offs_b) // GROUP_SIZE)[None, :]  # [BN, NB]
+        sz = offs_n[:, None] * stride_sn + ((k0 + 32 * offs_b) // GROUP_SIZE)[None, :]  # [BN, NB]
         s_mask = n_mask[:, None] & b_ok[None, :]
         s = tl.load(s_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
@@ -159,7 +160,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
     _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else y, y,
         m, n, k,
-        x.stride(0), y.stride(0),
+        x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         # inline PTX needs a real GPU (the interpreter cannot run it) and fp16 activations
