@@ -74,9 +74,9 @@ def tinygemm_fn(packed, x):
 
 def candidates(m):
     if m <= 4:
-        for ptx, bn, bk, nw in itertools.product((True, False), (4, 8, 16), (512, 1024, 2048), (4, 8)):
-            if bn * bk <= 16384:  # keeps the [BN, BK/8] fp32 accumulators within registers
-                yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=2, ptx_dequant=ptx)
+        for ptx, bn, bk, nw, ns in itertools.product((True, False), (2, 4, 8), (1024, 2048, 4096), (4, 8), (1, 2, 3)):
+            if bn * bk <= 16384 and (ptx or ns == 2):  # [BN, BK/8] fp32 accumulators within registers
+                yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, ptx_dequant=ptx)
     elif m <= 16:
         for unpack, bn, swap, ns in itertools.product(("reshape", "split"), (32, 64), (False, True), (3, 5)):
             yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=swap,
