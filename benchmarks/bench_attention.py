@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_ms, environment, write_json  # noqa: E402
+from benchmarks.common import graph_ms_rotating, bench_ms, environment, write_json  # noqa: E402
 from tinyq.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
 from tinyq.kernels.flash_attention import attention_reference, flash_attention_fwd  # noqa: E402
 
@@ -100,35 +100,6 @@ def bench_prefill(dtype, sweep, rows, tuned):
         rows.append(dict(kind="prefill", S=S, tinyq_us=t_ours * 1e3, sdpa_us=t_sdpa * 1e3,
                          tinyq_tflops=flops / t_ours / 1e9, sdpa_tflops=flops / t_sdpa / 1e9, ratio=ratio,
                          config=cfg, target=f">= {PREFILL_TARGET_RATIO}x SDPA", met=ratio >= PREFILL_TARGET_RATIO))
-
-
-def graph_ms_rotating(fns, reps: int = 20) -> float:
-    """Median ms per call over CUDA-graph replays of ``fns`` (one call per KV-cache copy).
-
-    Decode runs inside a CUDA graph in tinyq's runtime, so launch gaps are excluded the same way
-    for both sides; the copies together exceed the 50 MB L2, so every call reads from HBM."""
-    import statistics
-
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
-    return statistics.median(times)
 
 
 def bench_decode(dtype, sweep, rows, tuned):
