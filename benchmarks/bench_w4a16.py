@@ -97,14 +97,15 @@ def candidates(m):
             if bn * bk <= 16384 and (ptx or ns == 2):  # [BN, BK/8] fp32 accumulators within registers
                 yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, ptx_dequant=ptx)
     elif m <= 16:
-        for unpack, bn, swap, ns in itertools.product(("reshape", "split"), (32, 64), (False, True), (3, 5)):
+        for ptx, bn, swap, ns in itertools.product((True, False), (32, 64), (False, True), (3, 5)):
             yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=swap,
-                       unpack=unpack, num_warps=4, num_stages=ns)
+                       unpack="split", ptx_dequant=ptx, num_warps=4, num_stages=ns)
     elif m <= 256:
-        for bm, bn, unpack, swap in itertools.product((32, 64, 128), (64, 128), ("reshape", "split"), (False, True)):
+        for bm, bn, unpack, swap in itertools.product((32, 64, 128), (64, 128), ("reshape", "split", "ptx"), (False, True)):
             if bm <= m:
-                yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=128 if unpack == "split" else 64,
-                           swap_ab=swap, unpack=unpack, num_warps=4, num_stages=4)
+                yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=64 if unpack == "reshape" else 128,
+                           swap_ab=swap, unpack="split" if unpack == "ptx" else unpack, ptx_dequant=unpack == "ptx",
+                           num_warps=4, num_stages=4)
     else:
         big = [  # (block_m, block_n, block_k, swap_ab, unpack, num_warps, num_stages)
             (128, 128, 64, False, "reshape", 4, 4),
@@ -121,9 +122,17 @@ def candidates(m):
             (128, 128, 128, True, "split", 8, 3),
             (256, 64, 64, False, "gather", 4, 4),
             (256, 128, 64, False, "reshape", 8, 3),
+            (128, 128, 128, False, "ptx", 4, 3),
+            (128, 128, 128, False, "ptx", 8, 3),
+            (128, 256, 128, False, "ptx", 8, 3),
+            (256, 128, 128, False, "ptx", 8, 3),
+            (128, 128, 128, True, "ptx", 8, 3),
+            (256, 128, 128, True, "ptx", 8, 3),
+            (128, 256, 128, True, "ptx", 8, 3),
         ]
         for bm, bn, bk, swap, unpack, nw, ns in big:
-            yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack,
+            yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap,
+                       unpack="split" if unpack == "ptx" else unpack, ptx_dequant=unpack == "ptx",
                        num_warps=nw, num_stages=ns, group_m=8)
 
 

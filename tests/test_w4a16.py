@@ -177,3 +177,17 @@ def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant):
     launch_w4a16_gemv(x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8, num_stages=2, ptx_dequant=ptx_dequant)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("m,n,k", [(16, 4096, 4096), (300, 1000, 1024), (1024, 2048, 4096)])
+def test_gpu_gemm_ptx_dequant(m, n, k, swap_ab):
+    """The fp16 PTX dequant of the 'split' GEMM, with outlier activations."""
+    x, qw, s, z, b = make_case(m, n, k, 128, torch.float16, device="cuda")
+    x[:, 5] = 3000.0
+    y = poisoned(m, n, torch.float16, device="cuda")
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16 if m <= 16 else 128, block_n=64, block_k=128, swap_ab=swap_ab,
+                      unpack="split", ptx_dequant=True, num_warps=4, num_stages=3)
+    torch.cuda.synchronize()
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))

@@ -29,6 +29,55 @@ import triton.language as tl
 from tinyq.backend import interpreting
 
 
+# One int32 word -> its 8 weights (q_i - z) * s in fp16, nibble order 0..7 (fp16 activations only).
+# lop3 (w & 0x000F000F) | 0x64006400 yields the fp16 pair (1024 + q_i, 1024 + q_i+4); subtracting
+# 1024 + z is exact, the multiply by s rounds once, as in the plain path: ~2 instructions per weight
+# instead of shift, mask, convert, subtract, multiply.
+_DEQUANT8_PTX = tl.constexpr("""
+{
+.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, ss;
+mov.b32 zz, {$9, $9};
+mov.b32 ss, {$10, $10};
+shr.u32 t1, $8, 4;
+shr.u32 t2, $8, 8;
+shr.u32 t3, $8, 12;
+lop3.b32 q0, $8, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q2, t2, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 q3, t3, 0x000F000F, 0x64006400, 0xEA;
+sub.f16x2 q0, q0, zz;
+sub.f16x2 q1, q1, zz;
+sub.f16x2 q2, q2, zz;
+sub.f16x2 q3, q3, zz;
+mul.rn.f16x2 q0, q0, ss;
+mul.rn.f16x2 q1, q1, ss;
+mul.rn.f16x2 q2, q2, ss;
+mul.rn.f16x2 q3, q3, ss;
+mov.b32 {$0, $4}, q0;
+mov.b32 {$1, $5}, q1;
+mov.b32 {$2, $6}, q2;
+mov.b32 {$3, $7}, q3;
+}
+""")
+
+
+@triton.jit
+def _dot_slice(acc, x_ptr, row_off, m_mask, x_cols, w, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr):
+    """acc += x[:, x_cols] @ w.T (or transposed) for one nibble slice ``w`` [BN, BK/8] (fp16)."""
+    x = tl.load(x_ptr + row_off + x_cols[None, :], mask=m_mask[:, None], other=0.0)
+    if SWAP_AB:
+        if ACC_FP16:
+            acc += tl.dot(w, tl.trans(x), out_dtype=tl.float16).to(tl.float32)
+        else:
+            acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        if ACC_FP16:
+            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float16).to(tl.float32)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
 @triton.jit
 def _dequant_dot(acc, x, q, s, z, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc += x @ ((q - z) * s).T  (or its transpose when SWAP_AB); q [BN, k], x [BM, k]."""
@@ -69,6 +118,7 @@ def _w4a16_gemm_kernel(
     ACC_FP16: tl.constexpr,
     DOT_FP32: tl.constexpr,
     UNPACK: tl.constexpr,
+    PTX_DEQUANT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -122,7 +172,25 @@ def _w4a16_gemm_kernel(
         g = k0 // GROUP_SIZE
         s = tl.load(s_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
         z = tl.load(z_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
-        if UNPACK == UNPACK_SPLIT:
+        if UNPACK == UNPACK_SPLIT and PTX_DEQUANT:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _DEQUANT8_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                [words, (z.to(tl.float32) + 1024.0).to(tl.float16)[:, None], s[:, None]],
+                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
+                       tl.float16),
+                is_pure=True, pack=1,
+            )
+            row_off = offs_m * stride_xm
+            cols = k0 + x_of_word
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols, w0, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 4, w1, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 8, w2, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 12, w3, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 16, w4, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 20, w5, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 24, w6, SWAP_AB, ACC_FP16)
+            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 28, w7, SWAP_AB, ACC_FP16)
+        elif UNPACK == UNPACK_SPLIT:
             for i in tl.static_range(8):
                 # nibble i of word c holds k = k0 + x_of_word[c] + 4i
                 x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + x_of_word + 4 * i)[None, :],
@@ -155,7 +223,8 @@ def _w4a16_gemm_kernel(
 def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
-    swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "reshape", num_warps: int = 4, num_stages: int = 3,
+    swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "reshape", ptx_dequant: bool = False,
+    num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
@@ -179,6 +248,8 @@ def launch_w4a16_gemm(
         ACC_FP16=acc_fp16,
         DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
         UNPACK=UNPACK_MODES[unpack],
+        # inline PTX needs a real GPU and fp16; only the 'split' unpack uses it
+        PTX_DEQUANT=ptx_dequant and unpack == "split" and x.dtype == torch.float16 and not interpreting(),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
