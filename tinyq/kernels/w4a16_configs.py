@@ -15,12 +15,12 @@ GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, chea
 
 _SM90 = [
     (GEMV_MAX_M, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=4, num_stages=3, ptx_dequant=True)),
-    (16, dict(kernel="gemm", block_m=16, block_n=32, block_k=128, swap_ab=False, unpack="split", num_warps=4,
-              num_stages=3)),
+    (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=128, swap_ab=False, unpack="split", ptx_dequant=True,
+              num_warps=4, num_stages=3)),
     (64, dict(kernel="gemm", block_m=32, block_n=64, block_k=128, swap_ab=True, unpack="split", num_warps=4,
               num_stages=4)),
-    (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=128, swap_ab=True, unpack="split", num_warps=4,
-               num_stages=4)),
+    (256, dict(kernel="gemm", block_m=32, block_n=128, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
+               num_warps=4, num_stages=4)),
     (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, unpack="reshape", num_warps=4,
                 num_stages=4, group_m=8)),
 ]
@@ -28,9 +28,9 @@ _SM90 = [
 CONFIGS = {
     # H100 SXM, torch 2.11 + triton 3.6, from `bench_w4a16.py --sweep` (benchmarks/results/). Sums
     # over the four Llama-3-8B linears (M <= 16 timed from CUDA graphs): M=1 75 us (PTX dequant,
-    # 16-byte weight loads; the first reshape-unpack GEMV took 314 us in eager timing); M=16 216 us
-    # ('split' beat 'reshape' by 1.2x); M=64 457 us; M=256 841 us; M=4096 o + gate_up 4.0 ms
-    # (13 other tilings were 1.2-10x slower).
+    # 16-byte weight loads; the first reshape-unpack GEMV took 314 us in eager timing); M=16 168 us
+    # (PTX dequant; 216 without); M=64 457 us; M=256 753 us (PTX; 841 without); M=4096 o + gate_up
+    # 4.1 ms (20 other tilings, PTX dequant included, were no faster: dequant ALU is not its limit).
     "sm90": _SM90,
     # Untuned elsewhere: the same tilings with one pipeline stage less, to fit ~100 KB of shared memory.
     "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3))) for m, cfg in _SM90],
