@@ -1,28 +1,42 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call (the lent H100 has torch 2.11 + triton 3.6 preinstalled):
-# the `gpu`-marked tests, then the benchmarks. Full logs and JSON go to $OUT (default ./out).
-#   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [attention] [e2e] [awq]   (default: tests + all benchmarks)
+# the `gpu`-marked tests, then the benchmarks, each against its baseline in the same run.
+#   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [attention] [e2e] [awq]   (default: all but the sweep)
+# Results: $OUT (default ./out): <part>.json per benchmark, gpu_check.log with every log; each
+# part's summary table is printed again at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+LOG="$OUT/gpu_check.log"
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests w4a16 attention e2e awq)
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
 status=0
+summary=()
+run() {  # run NAME TAIL_LINES CMD...: log everything, keep the last lines for the summary
+  local name=$1 lines=$2; shift 2
+  echo "=== $name" | tee -a "$LOG"
+  "$@" > "$OUT/.part.log" 2>&1
+  local rc=$?
+  cat "$OUT/.part.log" >> "$LOG"
+  summary+=("=== $name (exit $rc)" "$(tail -n "$lines" "$OUT/.part.log")")
+  rm -f "$OUT/.part.log"
+  return $rc
+}
 for part in "${parts[@]}"; do
-  echo "=== $part"
   case "$part" in
-    tests) $PY -m pytest -q -m gpu -x -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || status=1 ;;
-    w4a16) $PY benchmarks/bench_w4a16.py --out "$OUT/w4a16.json" 2>&1 | tee "$OUT/bench_w4a16.log" | tail -30 ;;
-    w4a16-sweep) $PY benchmarks/bench_w4a16.py --sweep --out "$OUT/w4a16.json" 2>&1 | tee "$OUT/bench_w4a16.log" | tail -45 ;;
-    attention) $PY benchmarks/bench_attention.py --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench_attention.log" | tail -30 ;;
-    e2e) $PY benchmarks/bench_e2e.py --out "$OUT/e2e.json" 2>&1 | tee "$OUT/bench_e2e.log" | tail -30 ;;
-    awq) $PY benchmarks/bench_awq.py --gpu --out "$OUT/awq_gpu.json" 2>&1 | tee "$OUT/bench_awq.log" | tail -15 ;;
+    tests) run tests 4 $PY -m pytest -q -m gpu -p no:cacheprovider tests || status=1 ;;
+    w4a16) run w4a16 8 $PY benchmarks/bench_w4a16.py --out "$OUT/w4a16.json" || status=1 ;;
+    w4a16-sweep) run w4a16-sweep 16 $PY benchmarks/bench_w4a16.py --sweep --out "$OUT/w4a16.json" || status=1 ;;
+    attention) run attention 12 $PY benchmarks/bench_attention.py --out "$OUT/attention.json" || status=1 ;;
+    e2e) run e2e 30 $PY benchmarks/bench_e2e.py --out "$OUT/e2e.json" || status=1 ;;
+    awq) run awq 8 $PY benchmarks/bench_awq.py --gpu --out "$OUT/awq_gpu.json" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
 done
+printf '%s\n' "${summary[@]}"
 exit $status
