@@ -1,0 +1,36 @@
+"""Dense fp16/bf16 GEMV against the float32 reference."""
+import pytest
+import torch
+
+from tests.tolerances import assert_close_rel
+from tinyq.kernels.dense_gemv import dense_gemv, dense_gemv_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 200), (4, 9, 1000)])
+def test_dense_gemv(m, n, k, dtype):
+    x = torch.randn(m, k, dtype=dtype, device=DEV)
+    w = (torch.randn(n, k, device=DEV) * 0.05).to(dtype)
+    b = torch.randn(n, dtype=dtype, device=DEV)
+    y = dense_gemv(x, w, b, config=dict(block_n=16, block_k=128, num_warps=4, num_stages=2))
+    assert_close_rel(y, dense_gemv_reference(x, w, b))
+
+
+def test_dense_gemv_bad_input():
+    x = torch.randn(2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="M <= 4"):
+        dense_gemv(torch.randn(5, 64, dtype=torch.float16), torch.randn(8, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="one dtype"):
+        dense_gemv(x, torch.randn(8, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="expected x"):
+        dense_gemv(x, torch.randn(8, 32, dtype=torch.float16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 576)])
+def test_dense_gemv_gpu(n, k):
+    x = torch.randn(1, k, dtype=torch.float16, device="cuda")
+    w = (torch.randn(n, k, device="cuda") * 0.02).half()
+    assert_close_rel(dense_gemv(x, w), dense_gemv_reference(x, w))
