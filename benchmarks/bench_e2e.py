@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tinyq.generate import Generator  # noqa: E402
 from tinyq.models.llama import CausalLM, ModelConfig  # noqa: E402
+from tinyq.nn.dense_linear import DenseLinear  # noqa: E402
 from tinyq.nn.w4a16_linear import W4A16Linear  # noqa: E402
 
 SHAPES = {
@@ -75,7 +76,7 @@ def random_model(hf_cfg: dict, precision: str, device, group_size: int) -> Causa
                         if child.bias is not None else None
                     setattr(mod, name, W4A16Linear.from_quantized(q, scales, zeros, bias))
                 else:
-                    new = nn.Linear(k, n, bias=child.bias is not None, device=device, dtype=dtype)
+                    new = DenseLinear(k, n, bias=child.bias is not None, device=device, dtype=dtype)
                     with torch.no_grad():
                         new.weight.normal_(0, 0.02, generator=g)
                         if new.bias is not None:

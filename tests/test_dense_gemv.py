@@ -34,3 +34,26 @@ def test_dense_gemv_gpu(n, k):
     x = torch.randn(1, k, dtype=torch.float16, device="cuda")
     w = (torch.randn(n, k, device="cuda") * 0.02).half()
     assert_close_rel(dense_gemv(x, w), dense_gemv_reference(x, w))
+
+
+@pytest.mark.gpu
+def test_dense_linear_decode_path_in_graph():
+    """DenseLinear takes the GEMV at one row (where enabled), matches F.linear, and captures in a graph."""
+    from tinyq.nn import DenseLinear
+
+    lin = DenseLinear(4096, 1000, bias=True, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, 1, 4096, dtype=torch.float16, device="cuda")
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    assert_close_rel(lin(x), ref)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        lin(x)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        y = lin(x)
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close_rel(y, ref)
+    assert_close_rel(lin(x.repeat(1, 9, 1))[:, :1], ref)  # 9 rows: the cuBLAS path

@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.quant.format import GROUP_SIZES
 
@@ -48,7 +49,7 @@ def quantize_(model: nn.Module, config: W4A16Config = None) -> nn.Module:
     config = config or W4A16Config()
     chosen = []
     for name, mod in model.named_modules():
-        if type(mod) is not nn.Linear:
+        if type(mod) not in (nn.Linear, DenseLinear):
             continue
         if config.include is not None and not _matches(name, config.include):
             continue

@@ -23,8 +23,10 @@ from tinyq.backend import check_kernel_device
 MAX_M = 4
 # Architectures where the benchmark measured this kernel faster than cuBLAS at M <= MAX_M, with
 # the winning config. Elsewhere F.linear (cuBLAS) is used.
-USE_ON: dict = {}
-DEFAULT_CONFIG = dict(block_n=8, block_k=512, num_warps=4, num_stages=3)
+# H100 (torch 2.11 + triton 3.6), graph timing at M=1: 160 us vs cuBLAS 176 us over qkv+o+gate_up+down
+# of Llama-3-8B (o 1.26x, qkv 1.12x, gate_up 1.07x, down 1.08x), lm_head 346 vs 379 us (3.03 TB/s).
+USE_ON: dict = {"sm90": dict(block_n=4, block_k=2048, num_warps=4, num_stages=1)}
+DEFAULT_CONFIG = dict(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 
 
 @triton.jit

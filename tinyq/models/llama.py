@@ -8,7 +8,7 @@ Layer shapes (H hidden, Hq/Hkv heads, D head dim, I intermediate)::
                 -> add+RMSNorm -> gate_up_proj [H -> 2I] -> silu(gate) * up -> down_proj [I -> H]
 
 q/k/v and gate/up are fused into one linear each at load time (see :mod:`tinyq.models.loader`), so a
-decode step runs 4 GEMVs per layer instead of 7. Linears are ``nn.Linear`` (fp16/bf16/fp32) or
+decode step runs 4 GEMVs per layer instead of 7. Linears are :class:`tinyq.nn.DenseLinear` (fp16/bf16/fp32) or
 :class:`tinyq.W4A16Linear`. The residual stream is carried beside the hidden state so that each
 residual add is fused into the following RMSNorm.
 """
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference
+from tinyq.nn.dense_linear import DenseLinear
 from tinyq.ops.norm import add_rms_norm, rms_norm, silu_mul
 
 # HF architectures -> family flavour; the loader lists these in its "unsupported" error.
@@ -103,8 +104,8 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.hq, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.rope = cfg.rope
-        self.qkv_proj = nn.Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=False)
+        self.qkv_proj = DenseLinear(cfg.hidden_size, (self.hq + 2 * self.hkv) * self.d, bias=cfg.qkv_bias)
+        self.o_proj = DenseLinear(self.hq * self.d, cfg.hidden_size, bias=False)
 
     def forward(self, x, cache=None):
         b, s, _ = x.shape
@@ -136,8 +137,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = DenseLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = DenseLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         return self.down_proj(silu_mul(self.gate_up_proj(x)))
@@ -180,7 +181,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = DenseLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.max_seq_len = cfg.max_position_embeddings
 
     def tie_weights(self):

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
+from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight
 
@@ -133,7 +134,7 @@ class _Loader:
                 qweight, scales, zeros = quantize_weight(w, self.group_size, self._scale_dtype())
                 new = W4A16Linear.from_quantized(qweight, scales, zeros, bias)
             else:
-                new = nn.Linear(meta.in_features, meta.out_features, bias=bias is not None, device="meta")
+                new = DenseLinear(meta.in_features, meta.out_features, bias=bias is not None, device="meta")
                 new.weight = nn.Parameter(w.to(self.dtype), requires_grad=False)
                 if bias is not None:
                     new.bias = nn.Parameter(bias, requires_grad=False)

@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module`` layers and their safetensors I/O."""
+from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.io import load_safetensors, save_safetensors
 from tinyq.nn.w4a16_linear import W4A16Linear
 
-__all__ = ["W4A16Linear", "load_safetensors", "save_safetensors"]
+__all__ = ["DenseLinear", "W4A16Linear", "load_safetensors", "save_safetensors"]
