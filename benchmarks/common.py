@@ -17,30 +17,6 @@ def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
-def bench_graph_ms(fn, n_inner: int = 20, reps: int = 30) -> float:
-    """Median ms per call of ``fn`` replayed from a captured CUDA graph of ``n_inner`` calls
-    (removes launch gaps; used for chains of small kernels)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(n_inner):
-            fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / n_inner)
-    return statistics.median(times)
-
-
 def graph_ms_rotating(fns, reps: int = 20) -> float:
     """Median ms per call over CUDA-graph replays of ``fns``, one call each.
 

@@ -27,44 +27,26 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import interpreting
+from tinyq.kernels.int4_ptx import nibble_pairs_minus_zero
+from tinyq.kernels.tiling import grouped_pid
 
 
-# One int32 word -> its 8 weights (q_i - z) * s in fp16, nibble order 0..7 (fp16 activations only).
-# lop3 (w & 0x000F000F) | 0x64006400 yields the fp16 pair (1024 + q_i, 1024 + q_i+4); subtracting
-# 1024 + z is exact, the multiply by s rounds once, as in the plain path: ~2 instructions per weight
-# instead of shift, mask, convert, subtract, multiply.
-_DEQUANT8_PTX = tl.constexpr("""
-{
-.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, ss;
-mov.b32 zz, {$9, $9};
-mov.b32 ss, {$10, $10};
-shr.u32 t1, $8, 4;
-shr.u32 t2, $8, 8;
-shr.u32 t3, $8, 12;
-lop3.b32 q0, $8, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 q1, t1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 q2, t2, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 q3, t3, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 q0, q0, zz;
-sub.f16x2 q1, q1, zz;
-sub.f16x2 q2, q2, zz;
-sub.f16x2 q3, q3, zz;
-mul.rn.f16x2 q0, q0, ss;
-mul.rn.f16x2 q1, q1, ss;
-mul.rn.f16x2 q2, q2, ss;
-mul.rn.f16x2 q3, q3, ss;
-mov.b32 {$0, $4}, q0;
-mov.b32 {$1, $5}, q1;
-mov.b32 {$2, $6}, q2;
-mov.b32 {$3, $7}, q3;
-}
-""")
+# One int32 word -> its 8 weights (q_i - z) * s in fp16, nibble order 0..7 (fp16 activations only);
+# see tinyq/kernels/int4_ptx.py. The multiply by s rounds once, as in the plain path: ~2
+# instructions per weight instead of shift, mask, convert, subtract, multiply.
+_DEQUANT8_PTX = tl.constexpr(
+    "{\n.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, ss;\n"
+    "mov.b32 zz, {$9, $9};\nmov.b32 ss, {$10, $10};\n"
+    + nibble_pairs_minus_zero("$8", "zz")
+    + "\n" + "\n".join(f"mul.rn.f16x2 q{j}, q{j}, ss;" for j in range(4))
+    + "\nmov.b32 {$0, $4}, q0;\nmov.b32 {$1, $5}, q1;\nmov.b32 {$2, $6}, q2;\nmov.b32 {$3, $7}, q3;\n}"
+)
+
 
 
 @triton.jit
-def _dot_slice(acc, x_ptr, row_off, m_mask, x_cols, w, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr):
-    """acc += x[:, x_cols] @ w.T (or transposed) for one nibble slice ``w`` [BN, BK/8] (fp16)."""
-    x = tl.load(x_ptr + row_off + x_cols[None, :], mask=m_mask[:, None], other=0.0)
+def _mma(acc, x, w, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr):
+    """acc += x @ w.T ([BM, BN]), or w @ x.T ([BN, BM]) when SWAP_AB; fp16 partial per call if ACC_FP16."""
     if SWAP_AB:
         if ACC_FP16:
             acc += tl.dot(w, tl.trans(x), out_dtype=tl.float16).to(tl.float32)
@@ -76,6 +58,13 @@ def _dot_slice(acc, x_ptr, row_off, m_mask, x_cols, w, SWAP_AB: tl.constexpr, AC
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     return acc
+
+
+@triton.jit
+def _dot_slice(acc, x_ptr, row_off, m_mask, x_cols, w, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr):
+    """acc += x[:, x_cols] @ w.T (or transposed) for one nibble slice ``w`` [BN, BK/8] (fp16)."""
+    x = tl.load(x_ptr + row_off + x_cols[None, :], mask=m_mask[:, None], other=0.0)
+    return _mma(acc, x, w, SWAP_AB, ACC_FP16)
 
 
 @triton.jit
@@ -86,20 +75,9 @@ def _dequant_dot(acc, x, q, s, z, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr,
         w = (q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]
     else:
         w = (q.to(x.dtype) - z[:, None]) * s[:, None]  # exact (q - z), one rounding
-    if SWAP_AB:
-        if ACC_FP16:
-            acc += tl.dot(w, tl.trans(x), out_dtype=tl.float16).to(tl.float32)
-        else:
-            acc = tl.dot(w, tl.trans(x), acc)
-    else:
-        if ACC_FP16:
-            acc += tl.dot(x, tl.trans(w), out_dtype=tl.float16).to(tl.float32)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
-    return acc
+    return _mma(acc, x, w, SWAP_AB, ACC_FP16)
 
 
-# How a K step's packed words become a [BLOCK_N, BLOCK_K] tile (named, compared as constexprs).
 # tinyq packing: word c = 4b + w holds k = 32b + 4i + w in nibble i (tinyq/quant/format.py).
 UNPACK_RESHAPE: tl.constexpr = tl.constexpr(0)  # [BN, BK/32, 4] words -> [BN, BK/32, 8, 4] nibbles -> [BN, BK]
 UNPACK_GATHER: tl.constexpr = tl.constexpr(1)  # load the word of every k (8x L1 hits), shift out its nibble
@@ -126,15 +104,8 @@ def _w4a16_gemm_kernel(
 ):
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide the quantization group")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole 32-input packing blocks")
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
     # Grouped launch order: GROUP_M row blocks share each weight tile while it sits in L2.
-    pids_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % pids_per_group) % group_rows)
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -33,45 +33,24 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import interpreting
+from tinyq.kernels.int4_ptx import nibble_pairs_minus_zero
 
 
 # One int32 word of 8 nibbles -> sum_i (q_i - z) * x_i, fp16 arithmetic inside, fp32 out.
-# lop3 (w & 0x000F000F) | 0x64006400 makes the fp16 pair (1024 + q_i, 1024 + q_i+4) in one
-# instruction; subtracting 1024 + z is exact. x arrives pre-scaled by 1/16 (exact), so a product
+# The (q - z) fp16 pairs come from tinyq/kernels/int4_ptx.py. x arrives pre-scaled by 1/16 (exact), so a product
 # is at most 15/16 |x| and a sum of two at most 1.9 |x|: no fp16 overflow for |x| < 34,000. The two
 # fp16 pair sums are widened and added in fp32. 22 instructions per 8 weights instead of ~40.
-_DEQUANT_DOT_PTX = tl.constexpr("""
-{
-.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, h0, h1;
-.reg .f16 a, b, c, d;
-.reg .f32 fa, fb, fc, fd;
-mov.b32 zz, {$2, $2};
-shr.u32 t1, $1, 4;
-shr.u32 t2, $1, 8;
-shr.u32 t3, $1, 12;
-lop3.b32 q0, $1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 q1, t1, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 q2, t2, 0x000F000F, 0x64006400, 0xEA;
-lop3.b32 q3, t3, 0x000F000F, 0x64006400, 0xEA;
-sub.f16x2 q0, q0, zz;
-sub.f16x2 q1, q1, zz;
-sub.f16x2 q2, q2, zz;
-sub.f16x2 q3, q3, zz;
-mul.rn.f16x2 h0, q0, $3;
-fma.rn.f16x2 h0, q1, $4, h0;
-mul.rn.f16x2 h1, q2, $5;
-fma.rn.f16x2 h1, q3, $6, h1;
-mov.b32 {a, b}, h0;
-mov.b32 {c, d}, h1;
-cvt.f32.f16 fa, a;
-cvt.f32.f16 fb, b;
-cvt.f32.f16 fc, c;
-cvt.f32.f16 fd, d;
-add.f32 fa, fa, fb;
-add.f32 fc, fc, fd;
-add.f32 $0, fa, fc;
-}
-""")
+_DEQUANT_DOT_PTX = tl.constexpr(
+    "{\n.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, h0, h1;\n.reg .f16 a, b, c, d;\n.reg .f32 fa, fb, fc, fd;\n"
+    "mov.b32 zz, {$2, $2};\n"
+    + nibble_pairs_minus_zero("$1", "zz")
+    + "\nmul.rn.f16x2 h0, q0, $3;\nfma.rn.f16x2 h0, q1, $4, h0;\n"
+    "mul.rn.f16x2 h1, q2, $5;\nfma.rn.f16x2 h1, q3, $6, h1;\n"
+    "mov.b32 {a, b}, h0;\nmov.b32 {c, d}, h1;\n"
+    "cvt.f32.f16 fa, a;\ncvt.f32.f16 fb, b;\ncvt.f32.f16 fc, c;\ncvt.f32.f16 fd, d;\n"
+    "add.f32 fa, fa, fb;\nadd.f32 fc, fc, fd;\nadd.f32 $0, fa, fc;\n}"
+)
+
 
 
 @triton.jit
