@@ -1,0 +1,200 @@
+"""AWQ search on tiny random Llama/Qwen2 models with planted outlier channels (CPU)."""
+import copy
+
+import pytest
+import torch
+from awq_tiny_models import random_text, tiny_model, word_tokenizer
+
+from tinyq.quant import calib
+from tinyq.quant.arch import decoder_of, layer_kwargs, run_module
+from tinyq.quant.awq import (
+    AwqConfig,
+    AwqResults,
+    apply_awq,
+    awq_search,
+    clip_weight_,
+    fake_quantize_model_,
+    search_clip,
+)
+from tinyq.quant.format import fake_quantize
+
+
+def _blocks(n=6, length=48, vocab=256, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, length), generator=g)
+
+
+def _layer_out_error(model, ref_model, blocks, layer_idx=0):
+    """MSE of one decoder layer's output (same input for both models)."""
+    dec, ref_dec = decoder_of(model), decoder_of(ref_model)
+    x = ref_dec.embed_tokens(blocks)
+    kw = layer_kwargs(ref_dec, x[:1])
+    with torch.no_grad():
+        y_ref = run_module(ref_dec.layers[layer_idx], x, kw)
+        y = run_module(dec.layers[layer_idx], x, kw)
+    return (y - y_ref).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("w_bit,group_size", [(4, 32), (3, 64)])
+def test_auto_scale_beats_rtn_on_block_output(kind, w_bit, group_size):
+    model = tiny_model(kind)
+    blocks = _blocks()
+    rtn = fake_quantize_model_(copy.deepcopy(model), w_bit, group_size)
+    awq = copy.deepcopy(model)
+    awq_search(awq, blocks, AwqConfig(w_bit=w_bit, group_size=group_size, clip=False), progress=False)
+    fake_quantize_model_(awq, w_bit, group_size)
+    err_rtn = _layer_out_error(rtn, model, blocks)
+    err_awq = _layer_out_error(awq, model, blocks)
+    assert err_awq < 0.7 * err_rtn, (err_awq, err_rtn)
+
+
+@pytest.mark.parametrize("kind,kv", [("llama", 4), ("llama", 2), ("qwen2", 2)])
+def test_scale_folding_keeps_the_fp_function(kind, kv):
+    """Folding the scales (incl. v->o under grouped-query attention) changes no fp output."""
+    model = tiny_model(kind, kv=kv)
+    blocks = _blocks(n=3)
+    ref = model(blocks).logits
+    searched = copy.deepcopy(model)
+    res = awq_search(searched, blocks, AwqConfig(group_size=32, clip=False), progress=False)
+    assert set(res.scales) == {f"layers.{i}.{p}" for i in range(2) for p in
+                               ("input_layernorm", "self_attn.v_proj", "post_attention_layernorm", "mlp.up_proj")}
+    assert not torch.equal(searched.model.layers[0].input_layernorm.weight, model.model.layers[0].input_layernorm.weight)
+    torch.testing.assert_close(searched(blocks).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("asym", [False, True])
+def test_auto_clip_lowers_group_error(asym):
+    torch.manual_seed(0)
+    n, k, gs = 48, 128, 32
+    w = torch.randn(n, k)
+    w[torch.rand(n, k) < 0.02] *= 8  # heavy-tailed groups: clipping pays off
+    x = torch.randn(256, k)
+    cfg = AwqConfig(w_bit=3, group_size=gs, clip_asym=asym)
+    ratio = search_clip(w, x, cfg)
+    assert ratio.shape == (n, k // gs, 2) and ratio.min() >= 0.5 and ratio.max() <= 1.0
+    assert (ratio < 1).any() and asym == bool((ratio[..., 0] != ratio[..., 1]).any())
+
+    def group_err(weight):
+        wq = fake_quantize(weight, gs, 3)
+        xg = x.view(-1, k // gs, gs)
+        ref = torch.einsum("tgi,ngi->tng", xg, w.view(n, -1, gs))
+        out = torch.einsum("tgi,ngi->tng", xg, wq.view(n, -1, gs))
+        return (out - ref).pow(2).mean(0)  # [N, groups]
+
+    clipped = w.clone()
+    clip_weight_(clipped, ratio, gs)
+    before, after = group_err(w), group_err(clipped)
+    assert (after <= before * (1 + 1e-5)).all()
+    assert after.sum() < 0.9 * before.sum()
+    if asym:  # the coordinate search starts from the symmetric optimum, so it can only be as good or better
+        sym = w.clone()
+        clip_weight_(sym, search_clip(w, x, AwqConfig(w_bit=3, group_size=gs, clip_asym=False)), gs)
+        assert (after <= group_err(sym) * (1 + 1e-5)).all() and after.sum() < group_err(sym).sum()
+
+
+@pytest.mark.parametrize("n_bit,group_size", [(3, 32), (4, 64), (4, 128)])
+def test_search_fake_quant_matches_the_format(n_bit, group_size):
+    from tinyq.quant.awq import _fake_quant
+
+    w = torch.randn(40, 256) * torch.rand(1, 256) * 3
+    torch.testing.assert_close(_fake_quant(w, group_size, n_bit), fake_quantize(w, group_size, n_bit), rtol=0, atol=0)
+
+
+def test_search_results_round_trip(tmp_path):
+    model = tiny_model("qwen2")
+    blocks = _blocks()
+    searched = copy.deepcopy(model)
+    res = awq_search(searched, blocks, AwqConfig(group_size=64, search_blocks=3), progress=False)
+    path = tmp_path / "search.safetensors"
+    res.save(path)
+    loaded = AwqResults.load(path)
+    assert loaded.config == res.config and loaded.family == "qwen2" and loaded.num_layers == 2
+    assert loaded.scales.keys() == res.scales.keys() and loaded.clips.keys() == res.clips.keys()
+    for key in res.clips:
+        torch.testing.assert_close(loaded.clips[key], res.clips[key], rtol=0, atol=0)
+    reapplied = apply_awq(copy.deepcopy(model), loaded)
+    for (name, a), (_, b) in zip(searched.named_parameters(), reapplied.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_apply_rejects_mismatched_results(tmp_path):
+    res = awq_search(tiny_model("llama"), _blocks(n=2), AwqConfig(group_size=32, clip=False), progress=False)
+    with pytest.raises(ValueError, match="family"):
+        apply_awq(tiny_model("qwen2"), res)
+    with pytest.raises(ValueError, match="cover 2 layers, the model has 3"):
+        apply_awq(tiny_model("llama", layers=3), res)
+    with pytest.raises(ValueError, match=r"scale layers\.0\.input_layernorm"):
+        apply_awq(tiny_model("llama", hidden=64, heads=2, kv=1), res)
+    (tmp_path / "x.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Exception):
+        AwqResults.load(tmp_path / "x.safetensors")
+
+
+def test_unknown_architecture_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="LlamaForCausalLM, Qwen2ForCausalLM"):
+        awq_search(model, _blocks(n=1, vocab=64), progress=False)
+
+
+def test_group_size_must_divide():
+    with pytest.raises(ValueError, match="not divisible by group_size=128"):
+        awq_search(tiny_model("llama", hidden=96, heads=3, kv=1, inter=192), _blocks(n=1), AwqConfig(group_size=128),
+                   progress=False)
+    with pytest.raises(ValueError, match="group_size=48"):
+        AwqConfig(group_size=48)
+    with pytest.raises(ValueError, match="w_bit=2"):
+        AwqConfig(w_bit=2)
+
+
+def test_calibration_blocks_and_short_text(tmp_path):
+    tok = word_tokenizer()
+    text = random_text(1000)
+    blocks = calib.calibration_blocks(tok, text, n_blocks=4, block_len=100)
+    assert blocks.shape == (4, 100) and blocks.dtype == torch.long and blocks.min() >= 3
+    torch.testing.assert_close(blocks, calib.calibration_blocks(tok, text, 4, 100))
+    with pytest.raises(ValueError, match="too short: .* 20 blocks"):
+        calib.calibration_blocks(tok, text, n_blocks=20, block_len=100)
+
+
+def test_read_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("plain words here\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.html").write_text("<html><head><title>T</title></head><body><div class='para'>Some "
+                                             "&amp; prose</div><pre>ls -l</pre></body></html>")
+    text = calib.read_text_files([tmp_path])
+    assert "plain words here" in text and "Some & prose" in text and "ls -l" not in text and "<" not in text
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        calib.read_text_files([tmp_path / "missing.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no text files"):
+        calib.read_text_files([tmp_path / "empty"])
+
+
+def test_handbook_split_is_disjoint():
+    try:
+        pages = calib.handbook_pages()
+    except FileNotFoundError:
+        pytest.skip("debian-handbook is not installed (apt-get install debian-handbook)")
+    eval_pages = {p for ch, p in pages if ch in calib.EVAL_CHAPTERS}
+    calib_pages = {p for ch, p in pages if ch not in calib.EVAL_CHAPTERS}
+    assert eval_pages and calib_pages and not eval_pages & calib_pages
+    assert any(p.name == "sect.apt-get.html" for p in eval_pages)
+    assert any(p.name == "sect.firewall-packet-filtering.html" for p in calib_pages)
+
+
+@pytest.mark.gpu
+def test_search_on_gpu_fp16_beats_rtn():
+    """The model stays on the CPU in fp16; each layer is searched on the GPU and moved back."""
+    model = tiny_model("llama").half()
+    blocks = _blocks()
+    ref = tiny_model("llama")  # fp32 reference on the CPU
+    rtn = fake_quantize_model_(copy.deepcopy(model), 4, 32)
+    awq = copy.deepcopy(model)
+    res = awq_search(awq, blocks, AwqConfig(group_size=32), device="cuda", progress=False)
+    assert all(p.device.type == "cpu" for p in awq.parameters()) and len(res.clips) == 2 * 5
+    fake_quantize_model_(awq, 4, 32)
+    err = {name: _layer_out_error(m.float(), ref, blocks) for name, m in (("rtn", rtn), ("awq", awq))}
+    assert err["awq"] < 0.7 * err["rtn"], err

@@ -1,0 +1,196 @@
+"""tinyq / AutoAWQ checkpoints: write atomically, read and validate, reload to identical outputs (CPU)."""
+import copy
+import json
+
+import pytest
+import torch
+from awq_tiny_models import fp16_exact, tiny_model, word_tokenizer
+
+from tinyq.quant import checkpoint as ck
+from tinyq.quant.awq import fake_quantize_model_
+from tinyq.quant.format import AWQ_ORDER, dequantize_weight
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _ids(n=2, length=16):
+    return torch.randint(3, 256, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("kind,group_size", [("llama", 64), ("qwen2", 32), ("llama", 128)])
+def test_checkpoint_reloads_to_identical_outputs(tmp_path, kind, group_size):
+    model = fp16_exact(tiny_model(kind))  # values fp16 holds exactly: the checkpoint stores fp16
+    path = ck.save_quantized(model, tmp_path / "ckpt", group_size, word_tokenizer())
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float16" and (path.stat().st_mode & 0o777) != 0o700
+    assert cfg["quantization_config"] == {"quant_method": "tinyq", "bits": 4, "group_size": group_size, "version": 1,
+                                          "modules_not_quantized": ["lm_head"]}
+    assert (path / "tokenizer.json").is_file()
+    config, quantized, other = ck.read_quantized_state(path)
+    assert set(quantized) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
+    assert "lm_head.weight" in other and not any(k.endswith("q_proj.weight") for k in other)
+    qweight, scales, zeros, bias = quantized["model.layers.1.mlp.down_proj"]
+    assert qweight.dtype == torch.int32 and qweight.shape == (128, 256 // 8) and scales.shape == (128, 256 // group_size)
+    assert bias is None  # down_proj has no bias in either family
+    if kind == "qwen2":
+        assert quantized["model.layers.0.self_attn.q_proj"][3] is not None
+    # the fake-quantized fp model computes exactly what the checkpoint stores
+    expect = fake_quantize_model_(copy.deepcopy(model), 4, group_size)
+    torch.testing.assert_close(dequantize_weight(qweight, scales, zeros), expect.model.layers[1].mlp.down_proj.weight,
+                               rtol=0, atol=0)
+    loaded = ck.load_quantized_model(path, dtype=torch.float32)
+    again = ck.load_quantized_model(path, dtype=torch.float32)
+    ids = _ids()
+    with torch.no_grad():
+        out = loaded(ids).logits
+        torch.testing.assert_close(again(ids).logits, out, rtol=0, atol=0)
+        torch.testing.assert_close(out, expect(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def _awq_reference_unpack(words, n):
+    """Independent AutoAWQ 'gemm' unpacking: nibble i of word c holds column 8c + AWQ_ORDER[i]."""
+    rows = words.shape[0]
+    out = torch.empty(rows, n, dtype=torch.int64)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for c in range(words.shape[1]):
+        for i, col in enumerate(AWQ_ORDER):
+            out[:, 8 * c + col] = (w[:, c] >> (4 * i)) & 0xF
+    return out
+
+
+def test_awq_export_and_import(tmp_path):
+    model = fp16_exact(tiny_model("qwen2"))
+    tinyq_dir = ck.save_quantized(model, tmp_path / "tq", 64, word_tokenizer())
+    awq_dir = ck.save_quantized(model, tmp_path / "awq", 64, word_tokenizer(), fmt="awq")
+    qc = json.loads((awq_dir / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["zero_point"] and qc["bits"] == 4
+    from safetensors.torch import load_file
+
+    raw = load_file(str(awq_dir / "model.safetensors"))
+    qweight, qzeros, scales = (raw[f"model.layers.0.mlp.gate_proj.{k}"] for k in ("qweight", "qzeros", "scales"))
+    assert qweight.shape == (128, 256 // 8) and qzeros.shape == (2, 256 // 8) and scales.shape == (2, 256)
+    assert scales.dtype == torch.float16
+    q = _awq_reference_unpack(qweight, 256).float()  # [K, N]
+    z = _awq_reference_unpack(qzeros, 256).float()  # [K/G, N]
+    w_awq = (q - z.repeat_interleave(64, 0)) * scales.float().repeat_interleave(64, 0)  # y = x @ W
+    _, tq, _ = ck.read_quantized_state(tinyq_dir)
+    torch.testing.assert_close(w_awq.t(), dequantize_weight(*tq["model.layers.0.mlp.gate_proj"][:3]), rtol=0, atol=0)
+    _, imported, other = ck.read_quantized_state(awq_dir)
+    for prefix, tensors in tq.items():
+        for a, b in zip(imported[prefix], tensors):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=prefix)
+    loaded = ck.load_quantized_model(awq_dir, dtype=torch.float32)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, ck.load_quantized_model(tinyq_dir, dtype=torch.float32)(ids).logits)
+
+
+def test_sharded_synthesized_autoawq_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    tensors = ck.quantized_state_dict(model, 32, fmt="awq")
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                                     "version": "GEMM"}
+    path = ck.write_checkpoint(tmp_path / "sharded", tensors, config, max_shard_bytes=64 * 1024)
+    shards = sorted(p.name for p in path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (path / "model.safetensors.index.json").is_file()
+    _, quantized, other = ck.read_quantized_state(path)
+    assert len(quantized) == 14 and "model.embed_tokens.weight" in other
+    (path / shards[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=shards[1]):
+        ck.read_quantized_state(path)
+
+
+def _edit(path, config_fn=None, tensor_fn=None):
+    from safetensors.torch import load_file, save_file
+
+    if config_fn:
+        cfg = json.loads((path / "config.json").read_text())
+        config_fn(cfg)
+        (path / "config.json").write_text(json.dumps(cfg))
+    if tensor_fn:
+        t = load_file(str(path / "model.safetensors"))
+        tensor_fn(t)
+        save_file(t, str(path / "model.safetensors"))
+
+
+@pytest.mark.parametrize("fmt", ["tinyq", "awq"])
+@pytest.mark.parametrize("case,match", [
+    ("group_size", r"tensor 'model\.layers\.\d\.[a-z_.]+\.scales': shape .* \(group_size 32\)"),
+    ("bits", "bits=3"),
+    ("arch", "unsupported architecture .*LlamaForCausalLM, Qwen2ForCausalLM"),
+    ("shape", r"tensor 'model\.layers\.1\.mlp\.down_proj\.qweight': shape"),
+    ("missing", r"tensor 'model\.layers\.0\.mlp\.up_proj\.(zeros|qzeros)': missing"),
+    ("dtype", r"tensor 'model\.layers\.0\.self_attn\.o_proj\.qweight': dtype"),
+    ("unquantized", r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight': a decoder linear stored unquantized"),
+])
+def test_mismatched_checkpoint_names_the_tensor(tmp_path, fmt, case, match):
+    model = tiny_model("llama")
+    path = ck.save_quantized(model, tmp_path / "c", 64, fmt=fmt)
+    zeros = "qzeros" if fmt == "awq" else "zeros"
+    edits = {
+        "group_size": dict(config_fn=lambda c: c["quantization_config"].update(group_size=32)),
+        "bits": dict(config_fn=lambda c: c["quantization_config"].update(bits=3)),
+        "arch": dict(config_fn=lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])),
+        "shape": dict(tensor_fn=lambda t: t.update({"model.layers.1.mlp.down_proj.qweight":
+                                                    t["model.layers.1.mlp.down_proj.qweight"][:, :-1].contiguous()})),
+        "missing": dict(tensor_fn=lambda t: t.pop(f"model.layers.0.mlp.up_proj.{zeros}")),
+        "dtype": dict(tensor_fn=lambda t: t.update({"model.layers.0.self_attn.o_proj.qweight":
+                                                    t["model.layers.0.self_attn.o_proj.qweight"].to(torch.int64)})),
+        "unquantized": dict(tensor_fn=lambda t: t.update({"model.layers.0.mlp.gate_proj.weight": torch.zeros(256, 128)})),
+    }
+    _edit(path, **edits[case])
+    with pytest.raises(ValueError, match=match):
+        ck.read_quantized_state(path)
+
+
+def test_not_a_quantized_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    model.save_pretrained(str(tmp_path / "fp"))
+    with pytest.raises(ValueError, match="no quantization_config"):
+        ck.read_quantized_state(tmp_path / "fp")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        ck.read_quantized_state(tmp_path)
+
+
+class _ExplodingTokenizer:
+    def save_pretrained(self, folder):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway through the write
+
+
+def test_interrupted_write_leaves_no_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    with pytest.raises(KeyboardInterrupt):
+        ck.save_quantized(model, tmp_path / "out", 64, _ExplodingTokenizer())
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor a temporary directory
+
+
+def test_overwrite_rules(tmp_path):
+    model = tiny_model("llama")
+    first = ck.save_quantized(model, tmp_path / "out", 64)
+    (first / "stale.txt").write_text("from the first write")
+    second = ck.save_quantized(model, tmp_path / "out", 32)  # replacing a checkpoint is allowed, whole
+    assert not (second / "stale.txt").exists()
+    assert json.loads((second / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a checkpoint"):
+        ck.save_quantized(model, tmp_path / "docs", 64)
+    assert (tmp_path / "docs" / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("fmt", ["tinyq", "awq"])
+def test_checkpoint_runs_on_tinyq_models(tmp_path, fmt):
+    """Both checkpoint kinds load into tinyq's own runtime and compute the fake-quantized model."""
+    models = pytest.importorskip("tinyq.models")
+    model = fp16_exact(tiny_model("qwen2"))
+    path = ck.save_quantized(model, tmp_path / fmt, 32, word_tokenizer(), fmt=fmt)
+    runtime, _tok = models.load_model(str(path), precision="w4a16", device="cpu", dtype=torch.float32)
+    ids = _ids(n=1)
+    with torch.no_grad():
+        expect = fake_quantize_model_(copy.deepcopy(model), 4, 32)(ids).logits
+        torch.testing.assert_close(runtime(ids).float(), expect, rtol=1e-5, atol=1e-5)

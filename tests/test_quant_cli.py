@@ -1,0 +1,122 @@
+"""``tinyq quantize`` / ``tinyq eval`` end to end on a tiny random model directory (CPU)."""
+import json
+import math
+
+import pytest
+from awq_tiny_models import random_text, save_tiny_model_dir
+
+from tinyq.commands import eval as eval_cmd
+from tinyq.commands import quantize as quantize_cmd
+
+
+def _cli(module, argv):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers(dest="command"))
+    return module.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_model_dir(root / "fp", "llama")
+    (root / "calib.txt").write_text(random_text(3000, seed=1))
+    (root / "eval.txt").write_text(random_text(800, seed=2))
+    return root
+
+
+CALIB = ["--calib-blocks", "8", "--calib-len", "64", "--search-blocks", "2", "--quiet"]
+
+
+@pytest.mark.parametrize("method,fmt", [("awq", "tinyq"), ("rtn", "awq")])
+def test_quantize_then_eval(model_dir, tmp_path, capsys, method, fmt):
+    out = tmp_path / "ckpt"
+    calib_flags = [f for f in CALIB if f != "--quiet"]  # keep the progress output
+    argv = ["quantize", "--model", str(model_dir / "fp"), "--method", method, "--group-size", "32", "--format", fmt,
+            "--out", str(out), "--calib-file", str(model_dir / "calib.txt"), *calib_flags]
+    assert _cli(quantize_cmd, argv) == 0
+    captured = capsys.readouterr()
+    assert f"to {out}" in captured.out
+    if method == "awq":
+        assert "] AWQ layers 2/2" in captured.err and "calibration: 8 blocks x 64 tokens" in captured.err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == ("awq" if fmt == "awq" else "tinyq")
+    assert (out / "awq_search.safetensors").is_file() == (method == "awq")
+    ppl = {}
+    for backend in ("transformers", "tinyq"):  # transformers modules with W4A16Linear, and tinyq's own models
+        argv = ["eval", "--model", str(out), "--ppl-file", str(model_dir / "eval.txt"), "--window", "64",
+                "--backend", backend, "--json", "--quiet"]
+        assert _cli(eval_cmd, argv) == 0
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["windows"] == 800 // 64 and math.isfinite(result["perplexity"]) and result["perplexity"] > 1
+        ppl[backend] = result["perplexity"]
+    assert ppl["tinyq"] == pytest.approx(ppl["transformers"], rel=1e-3)
+
+
+def test_eval_fake_quant_w3_and_saved_search(model_dir, tmp_path, capsys):
+    search = tmp_path / "s.safetensors"
+    base = ["--model", str(model_dir / "fp"), "--calib-file", str(model_dir / "calib.txt"), *CALIB]
+    assert _cli(quantize_cmd, ["quantize", "--w-bit", "3", "--group-size", "64", "--save-search", str(search), *base]) == 0
+    capsys.readouterr()
+    ppl = {}
+    for mode in (["--fake-quant", "none"], ["--fake-quant", "rtn"], ["--fake-quant", "awq", "--load-search", str(search)]):
+        argv = ["eval", "--ppl-file", str(model_dir / "eval.txt"), "--window", "64", "--max-windows", "5",
+                "--w-bit", "3", "--group-size", "64", "--backend", "transformers", "--json", *mode, *base]
+        assert _cli(eval_cmd, argv) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["windows"] == 5
+        ppl[mode[1]] = out["perplexity"]
+    assert ppl["none"] != ppl["rtn"] and all(math.isfinite(v) for v in ppl.values())
+    # a saved search for other settings is refused
+    argv = ["eval", "--ppl-file", str(model_dir / "eval.txt"), "--fake-quant", "awq", "--load-search", str(search),
+            "--w-bit", "4", "--group-size", "64", "--backend", "transformers", *base]
+    assert _cli(eval_cmd, argv) == 2
+    assert "w_bit=3, not 4" in capsys.readouterr().err
+
+
+def test_bad_inputs(model_dir, tmp_path, capsys):
+    fp = str(model_dir / "fp")
+    short = tmp_path / "short.txt"
+    short.write_text(random_text(50))
+    assert _cli(quantize_cmd, ["quantize", "--model", fp, "--out", str(tmp_path / "o"), "--calib-file", str(short),
+                               *CALIB]) == 2
+    assert "calibration text" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    assert _cli(quantize_cmd, ["quantize", "--model", str(gpt2), "--out", str(tmp_path / "o"), *CALIB]) == 2
+    assert "LlamaForCausalLM, Qwen2ForCausalLM" in capsys.readouterr().err
+    assert _cli(quantize_cmd, ["quantize", "--model", fp, "--w-bit", "3", "--out", str(tmp_path / "o"), *CALIB]) == 2
+    assert "3-bit AWQ is for evaluation only" in capsys.readouterr().err
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "a.txt").write_text("x")
+    assert _cli(quantize_cmd, ["quantize", "--model", fp, "--out", str(tmp_path / "keep"), *CALIB]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+    assert _cli(eval_cmd, ["eval", "--model", fp, "--ppl-file", str(short), "--window", "512", "--quiet",
+                           "--backend", "transformers"]) == 2
+    assert "fewer than one window" in capsys.readouterr().err
+
+
+def test_default_checkpoint_is_cached(tmp_path, monkeypatch, capsys):
+    from tinyq.quant import default_awq
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = []
+
+    def fake_quantize(job, out_dir, fmt="tinyq"):
+        calls.append((job.model, job.method, job.awq.group_size, job.calib.n_blocks))
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"")
+        return {"path": str(out_dir)}
+
+    monkeypatch.setattr(default_awq, "quantize_to_checkpoint", fake_quantize)
+    path = default_awq.ensure_default_awq_checkpoint(group_size=64)
+    assert path == tmp_path / "cache" / "tinyq" / f"smollm2-135m-instruct-awq-w4g64-v{default_awq.CACHE_VERSION}"
+    assert calls == [("default", "awq", 64, default_awq.DEFAULT_CALIB["n_blocks"])]
+    assert str(path) in capsys.readouterr().err
+    assert default_awq.ensure_default_awq_checkpoint(group_size=64) == path
+    assert len(calls) == 1 and f"using the cached AWQ default model at {path}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="does not divide SmolLM2's hidden size 576"):
+        default_awq.ensure_default_awq_checkpoint(group_size=128)

@@ -1,0 +1,113 @@
+"""The quantization pipeline behind ``tinyq quantize``, the cached default and the benchmarks:
+load the fp model, cut calibration blocks, run the AWQ search (or none, for RTN), write a checkpoint."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from typing import Optional, Sequence
+
+import torch
+
+from tinyq.quant import calib
+from tinyq.quant.awq import AwqConfig, AwqResults, apply_awq, awq_search
+
+METHODS = ("awq", "rtn")
+# On a CPU the scale-search losses use 8 of the calibration blocks unless told otherwise (all 128 would
+# take ~16x longer: about an hour for SmolLM2-135M on 2 cores); statistics always use every block.
+CPU_SEARCH_BLOCKS = 8
+
+
+@dataclass
+class CalibConfig:
+    files: Optional[Sequence[str]] = None  # None: calib.default_calibration_text()
+    n_blocks: int = 128
+    block_len: int = 512
+
+    def blocks(self, tokenizer, log=None):
+        if self.files:
+            text, what = calib.read_text_files(self.files), f"--calib-file {' '.join(map(str, self.files))}"
+        else:
+            text, what = calib.default_calibration_text()
+        if log:
+            log(f"calibration: {self.n_blocks} blocks x {self.block_len} tokens from {what}")
+        return calib.calibration_blocks(tokenizer, text, self.n_blocks, self.block_len, what=f"calibration text ({what})")
+
+
+@dataclass
+class QuantizeJob:
+    model: str = "default"
+    method: str = "awq"
+    awq: AwqConfig = field(default_factory=AwqConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    device: Optional[str] = None  # where layers are searched; default CUDA if available
+    load_search: Optional[str] = None  # re-apply saved results instead of searching
+    save_search: Optional[str] = None
+    progress: bool = True
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare(job: QuantizeJob):
+    """Load the model and apply AWQ (search or saved results); RTN leaves it as it is.
+
+    Returns ``(model, tokenizer, results_or_None, seconds_of_search)``. The model stays on the CPU
+    (fp16 when a GPU does the search, fp32 otherwise); the search moves one layer at a time.
+    """
+    from tinyq.quant.model_io import load_fp_model
+
+    if job.method not in METHODS:
+        raise ValueError(f"method {job.method!r} is not one of {METHODS}")
+    device = job.device or default_device()
+    dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    log = _log if job.progress else None
+    model, tokenizer = load_fp_model(job.model, dtype=dtype)
+    if job.method == "rtn":
+        return model, tokenizer, None, 0.0
+    if job.load_search:
+        results = AwqResults.load(job.load_search)
+        for key in ("w_bit", "group_size"):
+            if results.config[key] != getattr(job.awq, key):
+                raise ValueError(f"{job.load_search}: search results are for {key}={results.config[key]}, "
+                                 f"not {getattr(job.awq, key)}")
+        return apply_awq(model, results), tokenizer, results, 0.0
+    blocks = job.calib.blocks(tokenizer, log)
+    awq_cfg = job.awq
+    if awq_cfg.search_blocks is None and not str(device).startswith("cuda"):
+        awq_cfg = replace(awq_cfg, search_blocks=CPU_SEARCH_BLOCKS)
+    if log:
+        log(f"AWQ search on {device}: losses on {awq_cfg.search_blocks or blocks.shape[0]} blocks")
+    t0 = time.time()
+    results = awq_search(model, blocks, awq_cfg, device=device, progress=job.progress)
+    seconds = time.time() - t0
+    if log:
+        log(f"AWQ search: {seconds:.1f} s on {device}")
+    if job.save_search:
+        results.save(job.save_search)
+    return model, tokenizer, results, seconds
+
+
+def quantize_to_checkpoint(job: QuantizeJob, out_dir, fmt: str = "tinyq") -> dict:
+    """Run ``job`` and write a 4-bit checkpoint to ``out_dir`` (atomically). Returns a summary dict."""
+    from tinyq.quant.checkpoint import check_output_dir, save_quantized
+
+    if job.awq.w_bit != 4:
+        raise ValueError(f"w_bit={job.awq.w_bit}: checkpoints are 4-bit (the kernels' format); 3-bit AWQ is for "
+                         "evaluation only (tinyq eval --fake-quant awq --w-bit 3)")
+    check_output_dir(out_dir)  # fail before the (long) search, not after
+    model, tokenizer, results, seconds = prepare(job)
+    extra = {"method": job.method}
+    files = {"awq_search.safetensors": results.to_bytes()} if results is not None else None
+    if results is not None:
+        extra.update({k: results.config[k] for k in ("duo_scaling", "clip", "n_grid")})
+        extra["calibration"] = {"blocks": job.calib.n_blocks, "block_len": job.calib.block_len,
+                                "files": list(map(str, job.calib.files or [])) or "default"}
+    path = save_quantized(model, out_dir, job.awq.group_size, tokenizer, fmt,
+                          quant_extra=extra if fmt == "tinyq" else None, extra_files=files)
+    return {"path": str(path), "search_seconds": seconds}
