@@ -143,14 +143,14 @@ def attention_with_cache(
         if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32 or inv_freq.device != q.device:
             raise ValueError(f"{where}: inv_freq must be float32 [{D // 2}] on {q.device}, got "
                              f"{inv_freq.dtype} {tuple(inv_freq.shape)} on {inv_freq.device}")
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _attention_with_cache_op(q, k, v, cache.k, cache.v, cache.seq_pos, inv_freq, layer_idx, scale)
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index head_dim with unit stride; copy only when a view breaks that."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 # ---------------------------------------------------------------- attention without a cache
@@ -179,11 +179,6 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     ``Hkv``; head_dim a multiple of 8 in [16, 256] (64, 72, 80, 96, 128...). Returns ``[B, S, Hq, D]``.
     """
     _check_qkv("flash_attention", q, k, v)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
+    q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _flash_attention_op(q, k, v, bool(causal), scale)
