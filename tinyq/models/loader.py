@@ -9,7 +9,9 @@ the host's free memory still loads.
 
 Quantized checkpoints are read as they are: tinyq's own format (``quant_method: "tinyq"``:
 ``qweight/scales/zeros`` per linear) and AutoAWQ's ``gemm`` format (``quant_method: "awq"``,
-converted losslessly with :func:`tinyq.quant.format.from_awq_gemm`).
+converted losslessly with :func:`tinyq.quant.format.from_awq_gemm`). They are read tensor by
+tensor as each layer is built, so a model streams to the device; :func:`tinyq.quant.checkpoint.
+read_quantized_state` reads a whole checkpoint at once for the quantization tools.
 """
 from __future__ import annotations
 
@@ -183,6 +185,8 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
             raise ValueError(f"unsupported quantization_config {quant}: tinyq reads 4-bit 'tinyq' and 'awq' (gemm)")
         if method == "awq" and str(quant.get("version", "gemm")).lower() != "gemm":
             raise ValueError(f"AWQ version {quant.get('version')!r} is not supported; only 'gemm'")
+        if method == "awq" and quant.get("zero_point") is False:
+            raise ValueError("AWQ checkpoints without zero points are not supported")
     elif precision == "w4a16" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
     cfg = ModelConfig.from_hf(hf_config)
