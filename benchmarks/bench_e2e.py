@@ -146,38 +146,40 @@ def hf_decode(model, device, steps):
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
+def mean_ms(fn, device, reps, before=None, warmup=2):
+    """Mean wall-clock ms of ``fn()`` over ``reps`` synchronized runs after ``warmup`` runs
+    (TinyChat's TTFT convention); ``before()`` runs untimed ahead of each run."""
+    times = []
+    for i in range(reps + warmup):
+        if before is not None:
+            before()
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * sum(times) / len(times)
+
+
 @torch.inference_mode()
 def tinyq_ttft(model, device, n, reps):
     cache = model.new_cache(n + 8)
     ids = rand_ids(n, model.config.vocab_size, device)
-    times = []
-    for i in range(reps + 2):
-        cache.reset()
-        sync(device)
-        t0 = time.perf_counter()
-        int(model(ids, cache, last_only=True)[0, -1].argmax())
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * sum(times) / len(times)
+    return mean_ms(lambda: int(model(ids, cache, last_only=True)[0, -1].argmax()), device, reps, before=cache.reset)
 
 
 @torch.inference_mode()
 def hf_ttft(model, device, n, reps):
     ids = rand_ids(n, model.config.vocab_size, device)
-    times = []
-    for i in range(reps + 2):
-        sync(device)
-        t0 = time.perf_counter()
+    def forward():
         try:
             logits = model(ids, use_cache=False, logits_to_keep=1).logits
         except TypeError:
             logits = model(ids, use_cache=False).logits
         int(logits[0, -1].argmax())
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * sum(times) / len(times)
+
+    return mean_ms(forward, device, reps)
 
 
 @torch.inference_mode()
@@ -190,16 +192,8 @@ def tinyq_streaming(model, device, histories, reps, question=32):
         for s in range(0, h, 512):  # the history, untimed, in chunks as a chat session would
             model(rand_ids(min(512, h - s), vocab, device), cache, last_only=True)
         q = rand_ids(question, vocab, device)
-        times = []
-        for i in range(reps + 2):
-            cache.truncate(h)
-            sync(device)
-            t0 = time.perf_counter()
-            int(model(q, cache, last_only=True)[0, -1].argmax())
-            sync(device)
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        out[h] = 1e3 * sum(times) / len(times)
+        out[h] = mean_ms(lambda: int(model(q, cache, last_only=True)[0, -1].argmax()), device, reps,
+                         before=lambda: cache.truncate(h))
     return out
 
 

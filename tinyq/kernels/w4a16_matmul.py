@@ -35,6 +35,12 @@ def w4a16_matmul(
     if x.dim() != 2:
         raise ValueError(f"w4a16_matmul expects a 2-D input [M, K], got shape {tuple(x.shape)}")
     check_w4a16_args(x, qweight, scales, zeros, bias)
+    return w4a16_matmul_checked(x, qweight, scales, zeros, bias, acc_fp16=acc_fp16, config=config)
+
+
+def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None, config=None):
+    """:func:`w4a16_matmul` for arguments that already passed ``check_w4a16_args`` (the custom op's
+    path): only the kernel's own requirements are checked here, so a call validates once."""
     check_kernel_device("w4a16_matmul", x, qweight, scales, zeros, *([bias] if bias is not None else []))
     if x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"the Triton W4A16 kernels take fp16 or bf16 activations, got {x.dtype}")

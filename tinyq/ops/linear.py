@@ -61,10 +61,11 @@ def _w4a16_linear_op(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     if use_triton(x):
-        from tinyq.kernels.w4a16_matmul import w4a16_matmul
+        from tinyq.kernels.w4a16_matmul import w4a16_matmul_checked
 
+        # w4a16_linear has run check_w4a16_args already
         x2 = x.reshape(-1, x.shape[-1])
-        y = w4a16_matmul(x2, qweight, scales, zeros, bias)
+        y = w4a16_matmul_checked(x2, qweight, scales, zeros, bias)
         return y.reshape(*x.shape[:-1], qweight.shape[0])
     return w4a16_linear_reference(x, qweight, scales, zeros, bias)
 

@@ -129,26 +129,28 @@ def run_module(module: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor
     return out[0] if isinstance(out, tuple) else out
 
 
+def _gqa_geometry(attn: nn.Module):
+    """(v channels, o inputs, head_dim, query heads per kv head) of an attention module."""
+    n_v = attn.v_proj.out_features
+    n_o = attn.o_proj.in_features
+    head_dim = getattr(attn, "head_dim", None) or n_o // attn.config.num_attention_heads
+    return n_v, n_o, head_dim, n_o // n_v
+
+
 def expand_v_to_o(scale_v: torch.Tensor, attn: nn.Module) -> torch.Tensor:
     """Repeat a per-v-channel scale ``[Hkv*D]`` to o_proj's inputs ``[Hq*D]`` (query head h reads
     kv head ``h // (Hq/Hkv)``)."""
-    n_v = attn.v_proj.out_features
-    n_o = attn.o_proj.in_features
-    if n_v == n_o:
+    n_v, n_o, head_dim, rep = _gqa_geometry(attn)
+    if rep == 1:
         return scale_v
-    head_dim = getattr(attn, "head_dim", None) or n_o // attn.config.num_attention_heads
-    rep = n_o // n_v
     return scale_v.view(n_v // head_dim, 1, head_dim).expand(-1, rep, -1).reshape(n_o)
 
 
 def reduce_o_to_v(stat_o: torch.Tensor, attn: nn.Module) -> torch.Tensor:
     """Average a per-o-input statistic ``[Hq*D]`` over the query heads sharing each v channel."""
-    n_v = attn.v_proj.out_features
-    n_o = attn.o_proj.in_features
-    if n_v == n_o:
+    n_v, n_o, head_dim, rep = _gqa_geometry(attn)
+    if rep == 1:
         return stat_o
-    head_dim = getattr(attn, "head_dim", None) or n_o // attn.config.num_attention_heads
-    rep = n_o // n_v
     return stat_o.view(n_v // head_dim, rep, head_dim).mean(dim=1).reshape(n_v)
 
 
