@@ -195,11 +195,11 @@ def main():
             packed = tinygemm_pack(n, k)
             rot_tg[name] = None if packed is None else copies_of(packed, packed[0].numel() * 4)
         for m in ms:
-            plan = launch_plan(m, dtype, torch.device("cuda"))
+            plan = launch_plan(m, dtype, torch.cuda.current_device())
             if args.sweep:
                 bucket = min((b for b in tuned if b >= m), default=None)
                 plan = tuned[bucket] if bucket is not None else plan
-            dq_plan = ("dequant", launch_plan(10**9, dtype, torch.device("cuda"))[1])
+            dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():
                 w16, qw, s, z = wts[name]
                 x = torch.randn(m, k, device="cuda", dtype=dtype)

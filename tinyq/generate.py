@@ -18,6 +18,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from tinyq.warmup import CompileTracker
+
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory (the 4k MLP of an 8B model is 235 MB/1k)
 
 
@@ -64,8 +66,10 @@ class GenerationStats:
     prompt_tokens: int = 0  # tokens of the prompt
     prefilled_tokens: int = 0  # of which actually prefilled (the rest were already in the cache)
     new_tokens: int = 0
-    ttft_s: float = 0.0  # start -> first token sampled (prefill + one sample)
-    decode_s: float = 0.0  # the remaining tokens
+    ttft_s: float = 0.0  # start -> first token sampled (prefill + one sample), compilation excluded
+    decode_s: float = 0.0  # the remaining tokens, compilation excluded
+    compiled_kernels: int = 0  # Triton kernels compiled during this generation (a shape seen for the first time)
+    compile_s: float = 0.0  # the time they took, excluded from ttft_s / decode_s
 
     @property
     def ms_per_token(self) -> float:
@@ -73,8 +77,12 @@ class GenerationStats:
         return 1e3 * self.decode_s / (self.new_tokens - 1) if self.new_tokens > 1 else 0.0
 
     def summary(self) -> str:
-        return (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
+        line = (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
                 f"{self.ms_per_token:.1f} ms/token ({self.new_tokens} tokens)")
+        if self.compiled_kernels:
+            line += (f" | first use of a new shape: {self.compiled_kernels} kernels compiled in "
+                     f"{self.compile_s:.1f} s, not counted above")
+        return line
 
 
 @dataclass
@@ -196,6 +204,7 @@ class Generator:
         if self.cache.device.type == "cpu":
             tune_cpu_threads(model)
         self._graph: Optional[DecodeGraph] = None
+        CompileTracker.install()
         cfg = model.config
         eos = set(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -300,6 +309,7 @@ class TextStream:
         if cfg.seed is not None:
             rng = torch.Generator(device=gen.cache.device).manual_seed(cfg.seed)
         stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
+        compiles = CompileTracker.snapshot()
         t0 = time.perf_counter()
         kept = gen.reuse_prefix(self.prompt_ids)
         stats.prefilled_tokens = len(self.prompt_ids) - kept
@@ -316,7 +326,8 @@ class TextStream:
             token = sample_token(logits, cfg, context, rng)
             if t_first is None:
                 t_first = time.perf_counter()
-                stats.ttft_s = t_first - t0
+                prefill_compile = CompileTracker.since(compiles)
+                stats.ttft_s = t_first - t0 - prefill_compile.seconds
             if token in stops:
                 finish = "stop"
                 break
@@ -340,7 +351,9 @@ class TextStream:
                 break
             logits = gen.decode(token)
         stats.new_tokens = len(out_ids)
-        stats.decode_s = time.perf_counter() - t_first
+        total_compile = CompileTracker.since(compiles)
+        stats.compiled_kernels, stats.compile_s = total_compile.kernels, total_compile.seconds
+        stats.decode_s = time.perf_counter() - t_first - (total_compile.seconds - prefill_compile.seconds)
         if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted):]
         self.result = GenerationResult(text=text, token_ids=out_ids, finish_reason=finish, stats=stats)

@@ -116,7 +116,7 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.device)
+    kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":

@@ -89,7 +89,7 @@ class W4A16Linear(nn.Module):
         return torch.nn.functional.linear(x, self._dense[1], b)
 
     def forward(self, x):
-        if x.device.type == "cpu" and not use_triton(x) and not torch.compiler.is_compiling():
+        if not x.is_cuda and not use_triton(x) and not torch.compiler.is_compiling():
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features} (x {tuple(x.shape)})")
             return self._cpu_forward(x)

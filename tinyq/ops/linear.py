@@ -50,12 +50,20 @@ def _(x, qweight, scales, zeros, bias):
 
 def w4a16_linear_prechecked(x, qweight, scales, zeros, bias=None):
     """:func:`w4a16_linear` for weights that passed ``check_w4a16_weight`` already."""
-    check_w4a16_input(x, qweight, scales)
-    if not x.is_contiguous():
-        x = x.contiguous()
     if torch.compiler.is_compiling():
-        return _w4a16_linear_op(x, qweight, scales, zeros, bias)
-    return _run(x, qweight, scales, zeros, bias)
+        check_w4a16_input(x, qweight, scales)
+        return _w4a16_linear_op(x.contiguous(), qweight, scales, zeros, bias)
+    if x.is_cuda and use_triton(x):  # the hot path: a few attribute reads, then the launcher
+        k = x.shape[-1]
+        if k != qweight.shape[1] * 8 or x.dtype != scales.dtype or x.get_device() != qweight.get_device():
+            check_w4a16_input(x, qweight, scales)
+            raise ValueError(f"activations ({x.dtype}) must have the scales' dtype ({scales.dtype}) on the Triton path")
+        x2 = x.reshape(-1, k)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        return w4a16_matmul_checked(x2, qweight, scales, zeros, bias).view(*x.shape[:-1], qweight.shape[0])
+    check_w4a16_input(x, qweight, scales)
+    return _run(x.contiguous(), qweight, scales, zeros, bias)
 
 
 def w4a16_linear(x, qweight, scales, zeros, bias=None):
