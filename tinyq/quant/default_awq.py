@@ -51,8 +51,10 @@ def ensure_default_awq_checkpoint(group_size: int = 64, device=None, progress: b
         progress=progress,
     )
     try:
-        quantize_to_checkpoint(job, dest)
+        quantize_to_checkpoint(job, dest, replace=False)
     except FileExistsError:
-        pass  # another process finished first; its checkpoint is complete (atomic rename)
+        if not (dest / "config.json").is_file():
+            raise
+        # another process finished first: its checkpoint is whole (atomic rename) and is kept
     print(f"tinyq: cached the AWQ default model at {dest}", file=sys.stderr)
     return dest
