@@ -132,7 +132,23 @@ def test_loaders_refuse_unindexed_extra_safetensors(tmp_path):
     path = tmp_path / "ckpt"
     shutil.copytree(FIXTURES / "tinyq_export", path)
     shutil.copy(path / "model.safetensors", path / "awq_search.safetensors")
-    with pytest.raises(ValueError, match=r"2 \*\.safetensors files \(awq_search\.safetensors, model\.safetensors\)"):
+    with pytest.raises(ValueError, match=r"2 \*\.safetensors files \(awq_search\.safetensors, model\.safetensors\).*"
+                                         r"move it to awq_search/results\.safetensors"):
         ck.read_quantized_state(path)
     with pytest.raises(ValueError, match=r"2 \*\.safetensors files"):
         load_model(str(path), precision="w4a16", device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["autoawq", "tinyq_export"])
+def test_fixtures_through_the_gpu_kernels(name):
+    """tinyq's Triton W4A16 kernels in fp16 on the same checkpoints against AutoAWQ's fp16 logits (on a GPU the
+    logits differ from fp32 by fp16 rounding of activations, ~1e-3 here)."""
+    from tinyq.models import load_model
+
+    ref_file = "autoawq_reference" if name == "autoawq" else "tinyq_export_reference"
+    ref = load_file(str(FIXTURES / f"{ref_file}.safetensors"))
+    model, _tok = load_model(str(FIXTURES / name), precision="w4a16", device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out = model(ref["input_ids"].cuda())[0].float().cpu()
+    torch.testing.assert_close(out, ref["logits_autoawq_fp16"], rtol=0, atol=5e-3)

@@ -247,8 +247,10 @@ def weight_files(folder) -> tuple:
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder} (.bin checkpoints are not supported)")
     if len(files) > 1:
+        hint = f" (older tinyq versions put AWQ search results there; move it to {SEARCH_RESULTS})" \
+            if "awq_search.safetensors" in files else ""
         raise ValueError(f"{folder}: {len(files)} *.safetensors files ({', '.join(files)}) and no "
-                         "model.safetensors.index.json saying which hold the weights; move the others away")
+                         f"model.safetensors.index.json saying which hold the weights; move the others away{hint}")
     return files, None
 
 
