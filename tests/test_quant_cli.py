@@ -39,6 +39,7 @@ def test_quantize_then_eval(model_dir, tmp_path, capsys, method, fmt):
     assert _cli(quantize_cmd, argv) == 0
     captured = capsys.readouterr()
     assert f"to {out}" in captured.out
+    assert (f"AWQ search results: {out}/{SEARCH_RESULTS}" in captured.out) == (method == "awq")
     if method == "awq":
         assert "] AWQ layers 2/2" in captured.err and "calibration: 8 blocks x 64 tokens" in captured.err
     cfg = json.loads((out / "config.json").read_text())
