@@ -9,6 +9,13 @@ Three steps, in two environments (see tests/fixtures/awq/README.md for the versi
     # 3. back in the AutoAWQ venv: what transformers 4.51 / AutoAWQ read from tinyq's export
     /tmp/venv-awq/bin/python scripts/make_awq_fixtures.py read-export
 
+Two more steps compare AutoAWQ and tinyq on a real export (SmolLM2-135M-Instruct, not committed)::
+
+    PYTHONPATH=$PWD .venv/bin/python -m tinyq quantize --model default --method rtn --format awq \
+        --group-size 64 --out /tmp/smol-awq
+    /tmp/venv-awq/bin/python scripts/make_awq_fixtures.py smollm2-autoawq
+    PYTHONPATH=$PWD .venv/bin/python scripts/make_awq_fixtures.py smollm2-compare
+
 Step 1 writes ``float/`` (a tiny tied-embedding Llama, fp16, rope_theta 100000 like SmolLM2),
 ``autoawq/`` (that model quantized by AutoAWQ's own quantizer) and ``autoawq_reference.safetensors``
 (AutoAWQ's ``dequantize_gemm`` of every linear, and logits). It refuses to write a quantized model that
@@ -229,8 +236,46 @@ def step_read_export():
     print(json.dumps(reads, indent=1, default=str))
 
 
+SMOL_DIR, SMOL_LOGITS = Path("/tmp/smol-awq"), Path("/tmp/smol-awq-autoawq-logits.pt")
+
+
+def _smol_ids(tok):
+    return tok((ROOT.parent.parent.parent / "README.md").read_text(), return_tensors="pt").input_ids[:, :512]
+
+
+def step_smollm2_autoawq():
+    """Not a fixture (114 MB): AutoAWQ's logits for `tinyq quantize --model default --method rtn --format awq
+    --group-size 64 --out /tmp/smol-awq`, on the first 512 tokens of README.md."""
+    import awq.models.base as awq_base
+    from awq import AutoAWQForCausalLM
+    from transformers import AutoTokenizer
+
+    ids = _smol_ids(AutoTokenizer.from_pretrained(str(SMOL_DIR)))
+    awq_base.get_best_device = lambda: "cpu-naive"  # as in step 1
+    model = AutoAWQForCausalLM.from_quantized(str(SMOL_DIR), torch_dtype=torch.float16, device_map={"": "cpu"},
+                                              fuse_layers=False)
+    with torch.no_grad():
+        torch.save({"ids": ids, "logits": model.model(ids).logits.float()[0]}, SMOL_LOGITS)
+
+
+def step_smollm2_compare():
+    from tinyq.models import load_model
+
+    ref = torch.load(SMOL_LOGITS)
+    ids = ref["ids"]
+    model, tok = load_model(str(SMOL_DIR), precision="w4a16", device="cpu", dtype=torch.float32)
+    assert _smol_ids(tok).tolist() == ids.tolist(), "the two tokenizers disagree"
+    with torch.no_grad():
+        out = model(ids)[0].float()
+    ppl = lambda logits: torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:]).exp().item()  # noqa: E731
+    print(json.dumps({"tinyq_ppl": ppl(out), "autoawq_ppl": ppl(ref["logits"]),
+                      "top1_agreement": (out.argmax(-1) == ref["logits"].argmax(-1)).float().mean().item(),
+                      "max_abs_logit_diff": (out - ref["logits"]).abs().max().item()}))
+
+
 if __name__ == "__main__":
-    steps = {"autoawq": step_autoawq, "export": step_export, "read-export": step_read_export}
+    steps = {"autoawq": step_autoawq, "export": step_export, "read-export": step_read_export,
+             "smollm2-autoawq": step_smollm2_autoawq, "smollm2-compare": step_smollm2_compare}
     if len(sys.argv) != 2 or sys.argv[1] not in steps:
         sys.exit(f"usage: {sys.argv[0]} {{{'|'.join(steps)}}}")
     steps[sys.argv[1]]()
