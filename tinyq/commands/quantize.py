@@ -64,12 +64,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", default="awq", choices=("awq", "rtn"), help="awq (default) or rtn (round-to-nearest)")
     p.add_argument("--out", metavar="DIR", help="output checkpoint directory")
     p.add_argument("--format", default="tinyq", choices=("tinyq", "awq"),
-                   help="tinyq (default) or awq: AutoAWQ 'gemm' layout that transformers and vLLM load")
+                   help="tinyq (default) or awq: AutoAWQ 'gemm' layout that transformers 4.x/5.x, AutoAWQ and vLLM "
+                        "load (see the README's AWQ section)")
     add_calibration_args(p)
     return p
 
 
 def run(args) -> int:
+    from tinyq.quant.checkpoint import SEARCH_RESULTS
     from tinyq.quant.pipeline import prepare, quantize_to_checkpoint
 
     try:
@@ -85,4 +87,6 @@ def run(args) -> int:
         print(f"tinyq quantize: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} W4A16 checkpoint ({args.method}, g{args.group_size}) to {summary['path']}")
+    if args.method == "awq":  # for --load-search; kept out of the weights' folder level
+        print(f"AWQ search results: {summary['path']}/{SEARCH_RESULTS}")
     return 0

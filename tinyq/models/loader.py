@@ -27,6 +27,7 @@ from torch import nn
 from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
+from tinyq.quant.checkpoint import check_quantization_config, weight_files
 from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight
 
 # tinyq module -> the checkpoint modules concatenated (along the output dim, in this order) into it.
@@ -49,21 +50,9 @@ class TensorSource:
     def _index_folder(self, folder):
         from safetensors import safe_open
 
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-            weight_map = None
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {folder} (.bin checkpoints are not supported)")
+        files, weight_map = weight_files(folder)
         for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{path} is listed in the index but missing")
-            handle = safe_open(path, framework="pt", device="cpu")
+            handle = safe_open(os.path.join(folder, name), framework="pt", device="cpu")
             self._files[name] = handle
             if weight_map is None:
                 for key in handle.keys():
@@ -180,13 +169,7 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     dtype = dtype or default_activation_dtype(precision, device)
     quant = hf_config.get("quantization_config")
     if quant is not None:
-        method = quant.get("quant_method")
-        if method not in ("tinyq", "awq") or int(quant.get("bits", 4)) != 4:
-            raise ValueError(f"unsupported quantization_config {quant}: tinyq reads 4-bit 'tinyq' and 'awq' (gemm)")
-        if method == "awq" and str(quant.get("version", "gemm")).lower() != "gemm":
-            raise ValueError(f"AWQ version {quant.get('version')!r} is not supported; only 'gemm'")
-        if method == "awq" and quant.get("zero_point") is False:
-            raise ValueError("AWQ checkpoints without zero points are not supported")
+        check_quantization_config(quant, "config.json")
     elif precision == "w4a16" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
     cfg = ModelConfig.from_hf(hf_config)
