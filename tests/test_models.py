@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.tiny_models import hf_greedy, make_model_dir
+from tests.tiny_models import MISTRAL_WINDOW, hf_greedy, make_model_dir
 from tinyq.backend import force_backend
 from tinyq.generate import generate
 from tinyq.models import load_model
@@ -148,6 +148,30 @@ def test_quantized_checkpoints_load_like_rtn_at_load(model_dirs, tmp_path, metho
         torch.testing.assert_close(ckpt(x), rtn(x), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="W4A16-quantized"):
         load_model(str(tmp_path), precision="fp16", device="cpu")
+
+
+def test_mistral_sliding_window_is_exact_or_refused(tmp_path):
+    """Up to ``sliding_window`` tokens full attention is the windowed model; past it tinyq refuses
+    (transformers' Mistral would attend to the last ``sliding_window`` tokens only)."""
+    hf, _ = make_model_dir(tmp_path, "mistral")
+    w = MISTRAL_WINDOW
+    with pytest.raises(ValueError, match=f"sliding_window={w}"):
+        load_model(str(tmp_path), precision="fp32", device="cpu", max_seq_len=w + 1)
+    model, _ = load_model(str(tmp_path), precision="fp32", device="cpu", max_seq_len=w)
+    x = torch.tensor([[5, 9, 200, 31, 7, 77, 120, 3, 44, 61]])
+    with torch.no_grad():
+        ref = hf(x[:, :w]).logits
+        torch.testing.assert_close(model(x[:, :w]), ref, rtol=1e-4, atol=1e-4)
+        cache = model.new_cache()
+        torch.testing.assert_close(model(x[:, :w], cache), ref, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match=f"{w + 1} tokens exceed the model's sliding_window={w}"):
+            model(x[:, : w + 1])
+        with pytest.raises(ValueError, match=f"sliding_window={w}"):
+            model.new_cache(w + 2)
+        # the refusal matters: past the window transformers' answer differs from full attention
+        full = hf.__class__(hf.config.__class__(**{**hf.config.to_dict(), "sliding_window": None}))
+        full.load_state_dict(hf.state_dict())
+        assert not torch.allclose(full.eval()(x).logits[:, -1], hf(x).logits[:, -1], atol=1e-3)
 
 
 def test_bad_model_paths(model_dirs, tmp_path):

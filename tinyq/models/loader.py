@@ -190,6 +190,8 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     elif precision == "w4a16" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
     cfg = ModelConfig.from_hf(hf_config)
+    if max_seq_len is not None:
+        cfg.check_window(int(max_seq_len))  # before any weight is read
     with torch.device("meta"):
         model = CausalLM(cfg)
     _Loader(model, source, precision, group_size, dtype, device, quant).run()
