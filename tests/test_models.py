@@ -186,13 +186,18 @@ def test_bad_model_paths(model_dirs, tmp_path):
     (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
         load_model(str(bad))
-    # missing tokenizer
+    # no tokenizer: the model loads without one, or with one from elsewhere
     notok = tmp_path / "notok"
     notok.mkdir()
     for f in ("config.json", "model.safetensors"):
         (notok / f).write_bytes(open(os.path.join(path, f), "rb").read())
-    with pytest.raises(FileNotFoundError, match="no tokenizer"):
-        load_model(str(notok))
+    model, tok = load_model(str(notok), precision="fp32", device="cpu")
+    assert tok is None and model.config.num_layers == 2
+    _, tok = load_model(str(notok), precision="fp32", device="cpu", tokenizer=path)
+    assert tok.encode("the") == model_dirs["llama"][2].encode("the")
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in {notok}"):
+        load_model(path, precision="fp32", device="cpu", tokenizer=str(notok))
+    assert load_model(path, precision="fp32", device="cpu", tokenizer=None)[1] is None
     # a tensor of the wrong shape is named
     state = load_file(os.path.join(path, "model.safetensors"))
     state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"][:, :64].contiguous()
@@ -200,6 +205,20 @@ def test_bad_model_paths(model_dirs, tmp_path):
     (notok / "tokenizer.json").write_bytes(open(os.path.join(path, "tokenizer.json"), "rb").read())
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
         load_model(str(notok), precision="fp32", device="cpu")
+    # a missing tensor is named, with the folder
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(notok / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{notok}: the checkpoint has no tensor 'model.layers.1.mlp.down_proj.weight'"):
+        load_model(str(notok), precision="fp32", device="cpu")
+    # truncated or corrupt shard files are named
+    data = open(os.path.join(path, "model.safetensors"), "rb").read()
+    for name, blob in (("truncated", data[: len(data) - 1000]), ("short_header", data[:6]), ("garbage", b"x" * 4096)):
+        (notok / "model.safetensors").write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{notok / 'model.safetensors'}: not a readable safetensors file"):
+            load_model(str(notok), precision="fp32", device="cpu")
+    # fp32 activations cannot feed the W4A16 GPU kernels: refused before anything is loaded
+    with pytest.raises(ValueError, match="w4a16 on cuda needs fp16 or bf16 activations"):
+        load_model(path, precision="w4a16", device="cuda", dtype=torch.float32)
     with pytest.raises(ValueError, match="precision must be"):
         load_model(path, precision="int8")
     with pytest.raises(ValueError, match="group_size"):

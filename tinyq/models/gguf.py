@@ -288,7 +288,8 @@ def _read_tensor(mm, info, dtype) -> torch.Tensor:
 
 
 def read_gguf(path: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[dict, Dict[str, torch.Tensor], object]:
-    """``(hf_config dict, state_dict with HF LlamaForCausalLM names, tokenizer or None)``.
+    """``(hf_config dict, state_dict with HF LlamaForCausalLM names, tokenizer or None)``
+    (None when not asked for, or when the file holds no vocabulary).
 
     Every tensor is dequantized to ``dtype``. Llama q/k rows are restored to HF's order. Tied embeddings
     (no ``output.weight``) are reported through ``tie_word_embeddings`` and not duplicated.
@@ -310,7 +311,7 @@ def read_gguf(path: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[d
         elif permuted and ".k_proj." in hf:
             w = unpermute_qk(w, config["num_key_value_heads"])
         state[hf] = w
-    tok = load_gguf_tokenizer(path) if tokenizer else None
+    tok = load_gguf_tokenizer(path) if tokenizer and "tokenizer.ggml.tokens" in meta else None
     return config, state, tok
 
 
