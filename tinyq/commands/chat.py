@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from tinyq.generate import ContextOverflowError, make_config
+from tinyq.generate import ContextOverflowError, make_config, tune_cpu_threads
 
 HELP = "commands: /reset (new conversation), /exit (quit)"
 
@@ -80,6 +80,8 @@ def run(args) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
                              "pass --tokenizer DIR (e.g. the base model's directory)")
+        if model.device.type == "cpu":
+            tune_cpu_threads(model)  # this process is ours: pick its thread count
         session = ChatSession(model, tokenizer, max_seq_len=args.max_seq_len, system_prompt=args.system,
                               sampling=sampling)
     except (OSError, ValueError) as exc:
