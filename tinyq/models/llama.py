@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyq.cache import StaticKVCache
+from tinyq.generate import generate
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference
 from tinyq.nn.dense_linear import DenseLinear
+from tinyq.ops.attention import attention_with_cache
 from tinyq.ops.norm import add_rms_norm, rms_norm, silu_mul
 
 # HF architectures -> family flavour; the loader lists these in its "unsupported" error.
@@ -130,8 +133,6 @@ class Attention(nn.Module):
         k = k.view(b, s, self.hkv, self.d)
         v = v.view(b, s, self.hkv, self.d)
         if cache is not None:
-            from tinyq.ops import attention_with_cache
-
             out = attention_with_cache(q, k, v, cache, self.layer_idx, self.rope)  # [B, S, Hq, D]
         else:
             out = self._uncached(q, k, v)
@@ -214,8 +215,6 @@ class CausalLM(nn.Module):
 
     def new_cache(self, max_seq_len: Optional[int] = None, batch_size: int = 1):
         """A :class:`tinyq.cache.StaticKVCache` sized for this model, on its device, in its dtype."""
-        from tinyq.cache import StaticKVCache
-
         c = self.config
         c.check_window(int(max_seq_len or self.max_seq_len))
         return StaticKVCache(
@@ -225,8 +224,6 @@ class CausalLM(nn.Module):
 
     def generate(self, tokenizer, prompt, **settings):
         """Generate from ``prompt`` (string or ids): see :func:`tinyq.generate.generate`."""
-        from tinyq.generate import generate
-
         return generate(self, tokenizer, prompt, **settings)
 
     def forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
