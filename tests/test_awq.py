@@ -198,3 +198,33 @@ def test_search_on_gpu_fp16_beats_rtn():
     fake_quantize_model_(awq, 4, 32)
     err = {name: _layer_out_error(m.float(), ref, blocks) for name, m in (("rtn", rtn), ("awq", awq))}
     assert err["awq"] < 0.7 * err["rtn"], err
+
+
+def test_layer_kwargs_calls_older_create_causal_mask(monkeypatch):
+    """transformers 4.56 (the floor in pyproject.toml) names the argument ``input_embeds`` and
+    requires ``cache_position``; 5.x has ``inputs_embeds``. Both signatures are served."""
+    import transformers.masking_utils as mu
+
+    seen = {}
+
+    def create_causal_mask_456(config, input_embeds, attention_mask, cache_position, past_key_values,
+                               position_ids=None):
+        seen.update(embeds=input_embeds, cache_position=cache_position)
+        return None
+
+    monkeypatch.setattr(mu, "create_causal_mask", create_causal_mask_456)
+    dec = decoder_of(tiny_model("llama"))
+    x = dec.embed_tokens(_blocks(n=1, length=5))
+    kw = layer_kwargs(dec, x)
+    assert seen["embeds"] is x and seen["cache_position"].tolist() == [0, 1, 2, 3, 4]
+    assert kw["attention_mask"] is None and kw["position_ids"].tolist() == [[0, 1, 2, 3, 4]]
+
+
+def test_dependency_floors_cover_what_the_code_uses():
+    """SDPA's enable_gqa needs torch 2.5; from_config(dtype=) and masking_utils need transformers 4.56."""
+    import os
+    import re
+
+    text = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    floors = {name: tuple(int(p) for p in ver.split(".")) for name, ver in re.findall(r'"(torch|transformers)>=([\d.]+)"', text)}
+    assert floors["torch"] >= (2, 5) and floors["transformers"] >= (4, 56), floors

@@ -23,18 +23,27 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
+def _answers(out):
+    return [line.split("assistant> ", 1)[1] for line in out.splitlines() if line.startswith("assistant> ")]
+
+
 def test_chat_two_turns_reset_exit(model_dir):
     p = _run(["chat", "--model", model_dir, "--precision", "fp32", "--temperature", "0", "--max-new-tokens", "6",
-              "--max-seq-len", "128"], "hello\nhow are you?\n/reset\nagain\n/exit\nnot read\n")
+              "--max-seq-len", "128"], "hello\nhello\n/reset\nhello\n/exit\nnot read\n")
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert out.count("assistant> ") == 3
     assert out.count("ms/token") == 3 and "TTFT" in out
     assert "(conversation reset)" in out
     assert "not read" not in out
-    # after /reset the first question is answered from an empty context again: same prefill size
+    # The same question three times. The second is asked with the first turn in the cache (prefill
+    # counts the new turn's tokens only, which then include the end of the previous answer); after
+    # /reset the question is prefilled from an empty context again, exactly like the first time.
     prefills = [line.split("(")[1].split(" prompt")[0] for line in out.splitlines() if line.startswith("[TTFT")]
-    assert prefills[0] != prefills[1]
+    assert prefills[1] != prefills[0]
+    assert prefills[2] == prefills[0]
+    answers = _answers(out)
+    assert answers[2] == answers[0]
 
 
 def test_chat_reports_load_and_warmup_separately(model_dir):
@@ -60,3 +69,41 @@ def test_chat_bad_arguments():
     assert p.returncode == 2 and "does not exist" in p.stderr
     p = _run(["chat", "--model", "/no/such/model", "--top-p", "2"], "")
     assert p.returncode == 2 and "top_p" in p.stderr
+
+
+def test_chat_without_tokenizer_says_what_is_missing(model_dir, tmp_path):
+    for name in os.listdir(model_dir):
+        if not name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "chat_template")):
+            os.symlink(os.path.join(model_dir, name), tmp_path / name)
+    args = ["chat", "--model", str(tmp_path), "--precision", "fp32", "--max-new-tokens", "2"]
+    p = _run(args, "/exit\n")
+    assert p.returncode == 2 and "has no tokenizer" in p.stderr and "--tokenizer" in p.stderr, p.stderr
+    p = _run(args + ["--tokenizer", model_dir], "/exit\n")
+    assert p.returncode == 0 and "ready:" in p.stdout, p.stderr
+
+
+def test_ctrl_c_at_the_context_full_prompt_cancels(capsys):
+    """Ctrl-C at "[r]eset, [d]rop or [c]ancel?" keeps the session (and the history) going."""
+    from tinyq.commands.chat import _answer
+    from tinyq.generate import ContextOverflowError
+
+    class FullSession:
+        turns, resets = 3, 0
+
+        def send(self, text):
+            raise ContextOverflowError("too long")
+
+        def reset(self):
+            self.resets += 1
+
+    class CtrlC:
+        def read(self, prompt):
+            raise KeyboardInterrupt
+
+    session = FullSession()
+    try:
+        assert _answer(session, "hi", CtrlC()) is True
+    except KeyboardInterrupt:  # would end the chat (and this test run)
+        pytest.fail("Ctrl-C at the prompt escaped the chat loop")
+    assert session.turns == 3 and session.resets == 0
+    assert "(cancelled; the history is kept)" in capsys.readouterr().out

@@ -37,14 +37,22 @@ def test_dense_gemv_gpu(n, k):
 
 
 @pytest.mark.gpu
-def test_dense_linear_decode_path_in_graph():
-    """DenseLinear takes the GEMV at one row (where enabled), matches F.linear, and captures in a graph."""
+def test_dense_linear_decode_path_in_graph(monkeypatch):
+    """DenseLinear takes the GEMV at one row (enabled here for this GPU whatever was measured),
+    matches F.linear, captures in a graph, and leaves 9 rows to cuBLAS."""
+    from tinyq.kernels import dense_gemv as dg
     from tinyq.nn import DenseLinear
 
+    major, minor = torch.cuda.get_device_capability()
+    monkeypatch.setitem(dg.USE_ON, f"sm{major}{minor}", dg.DEFAULT_CONFIG)
+    launches = []
+    kernel = dg.dense_gemv
+    monkeypatch.setattr(dg, "dense_gemv", lambda *a, **kw: launches.append(a[0].shape) or kernel(*a, **kw))
     lin = DenseLinear(4096, 1000, bias=True, device="cuda", dtype=torch.float16)
     x = torch.randn(1, 1, 4096, dtype=torch.float16, device="cuda")
     ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
     assert_close_rel(lin(x), ref)
+    assert launches == [(1, 4096)]
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -56,4 +64,6 @@ def test_dense_linear_decode_path_in_graph():
     g.replay()
     torch.cuda.synchronize()
     assert_close_rel(y, ref)
+    assert len(launches) == 3  # eager warm-up on the side stream and the capture ran the GEMV
     assert_close_rel(lin(x.repeat(1, 9, 1))[:, :1], ref)  # 9 rows: the cuBLAS path
+    assert len(launches) == 3

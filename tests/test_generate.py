@@ -139,3 +139,19 @@ def test_cuda_graph_decode_matches_eager(tmp_path, precision):
         ref = cpu(x, cpu.new_cache(64)).float()
         out = model(x.cuda(), model.new_cache(64)).float().cpu()
     assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+
+
+def test_cpu_generator_leaves_the_thread_count_alone(tiny, monkeypatch):
+    """torch.set_num_threads is process-wide: a library Generator must not change it (the chat CLI
+    tunes it explicitly, see tune_cpu_threads)."""
+    import tinyq.generate as gen_mod
+
+    model, tok = tiny
+    calls = []
+    monkeypatch.setattr(gen_mod, "_cpu_threads_tuned", False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    gen = Generator(model, tok, max_seq_len=64)
+    "".join(gen.stream(tok.encode("hi"), max_new_tokens=2))
+    assert calls == []
+    assert gen_mod.tune_cpu_threads(model) in (1, 2) and calls  # when asked, it does tune

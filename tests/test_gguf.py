@@ -3,14 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_models import hf_config
-from tinyq.models.gguf import default_model_path, read_gguf, read_gguf_header, unpermute_qk
+from transformers import AutoModelForCausalLM
 
-
-def llama_cpp_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """What llama.cpp's converter does to q/k rows (pairs interleaved per head), written from its description."""
-    d = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+from tests.gguf_files import llama3_rope_freqs, llama_cpp_permute, transformers_from_gguf, write_gguf
+from tests.tiny_models import hf_config, tiny_tokenizer
+from tinyq.kernels.rope import RopeConfig
+from tinyq.models import load_model
+from tinyq.models.gguf import (
+    default_model_path, gguf_config, llama3_rope_scaling, read_gguf, read_gguf_header, unpermute_qk,
+)
 
 
 @pytest.mark.parametrize("heads, head_dim, cols", [(4, 16, 64), (3, 64, 5), (1, 8, 1)])
@@ -20,47 +21,111 @@ def test_unpermute_inverts_llama_cpp_permutation(heads, head_dim, cols):
     assert not torch.equal(llama_cpp_permute(w, heads), w) or head_dim == 2
 
 
-def test_synthetic_gguf_round_trip(tmp_path):
-    import gguf
-    from transformers import LlamaForCausalLM
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory):
+    """kind -> (path of a GGUF written like llama.cpp's converter, the HF fp32 model it came from)."""
+    out = {}
+    for kind in ("llama", "qwen2", "llama31"):
+        folder = tmp_path_factory.mktemp(kind)
+        tok = tiny_tokenizer()
+        torch.manual_seed(0)
+        hf = AutoModelForCausalLM.from_config(hf_config(kind, len(tok))).float().eval()
+        with torch.no_grad():  # non-zero q/k/v biases (Qwen2) so that a wrong row order shows
+            for layer in hf.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    if proj.bias is not None:
+                        proj.bias.normal_(0, 0.5)
+        path = folder / f"{kind}.gguf"
+        write_gguf(path, hf, tok, kind)
+        out[kind] = (str(path), hf)
+    return out
 
-    cfg = hf_config("llama", 96)
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(cfg).float()
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gguf_logits_match_transformers(gguf_models, kind):
+    """tinyq and transformers read the same converter-written GGUF to the same logits, and both match
+    the HF model it was written from (Qwen2's q/k rows are not permuted by the converter)."""
+    path, hf = gguf_models[kind]
+    theirs = transformers_from_gguf(path)
+    model, _ = load_model(path, precision="fp32", device="cpu")
+    x = torch.tensor([[3, 70, 5, 200, 9, 11, 42, 7, 100, 250, 1, 2]])
+    with torch.no_grad():
+        ref, via_transformers, ours = hf(x).logits, theirs(x).logits, model(x)
+    torch.testing.assert_close(via_transformers, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    config, state, _ = read_gguf(path, tokenizer=False)
+    for name, t in hf.state_dict().items():
+        if name in state:
+            assert torch.equal(state[name], t), name
+
+
+def test_llama31_gguf_rope_freqs_give_llama3_scaling(gguf_models):
+    """llama.cpp keeps llama3 RoPE scaling only as ``rope_freqs``; tinyq rebuilds it and matches the
+    transformers model with ``rope_scaling: llama3`` it came from."""
+    path, hf = gguf_models["llama31"]
+    config, _, _ = read_gguf(path, tokenizer=False)
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_scaling"]["factor"] == 8.0
+    model, _ = load_model(path, precision="fp32", device="cpu")
+    x = torch.arange(3, 3 + 48).reshape(1, 48) % 260
+    with torch.no_grad():
+        ref = hf(x).logits
+        cache = model.new_cache(64)
+        cached = torch.cat([model(x[:, :40], cache), model(x[:, 40:], cache)], dim=1)
+        full = model(x)
+    for out in (full, cached):
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("head_dim, theta, scaling", [
+    (128, 500000.0, LLAMA31),  # Llama-3.1-8B: several blended frequencies
+    (64, 500000.0, dict(LLAMA31, factor=32.0)),  # Llama-3.2-1B
+    (16, 500000.0, LLAMA31),  # one blended frequency
+    (16, 500000.0, dict(LLAMA31, original_max_position_embeddings=32)),  # none blended
+    (16, 10000.0, dict(LLAMA31, low_freq_factor=2.0, high_freq_factor=16.0, original_max_position_embeddings=1000)),
+])
+def test_llama3_rope_scaling_from_rope_freqs(head_dim, theta, scaling):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, rope_theta=theta,
+                      rope_scaling=dict(scaling), max_position_embeddings=131072)
+    rebuilt = llama3_rope_scaling(llama3_rope_freqs(cfg).numpy(), theta, head_dim, "x.gguf")
+    ours = RopeConfig.from_hf({"head_dim": head_dim, "rope_theta": theta, "rope_scaling": rebuilt}).inv_freq()
+    torch.testing.assert_close(ours, LlamaRotaryEmbedding(cfg).inv_freq.float(), rtol=1e-5, atol=0)
+    assert llama3_rope_scaling(np.ones(head_dim // 2), theta, head_dim, "x.gguf") is None
+
+
+def test_rope_freqs_that_are_not_llama3_are_refused():
+    with pytest.raises(ValueError, match="x.gguf: rope_freqs .* not llama3"):
+        llama3_rope_scaling(np.array([1.0, 3.0, 1.0, 8.0]), 10000.0, 8, "x.gguf")
+    with pytest.raises(ValueError, match="x.gguf: rope_freqs has 3 values"):
+        llama3_rope_scaling(np.ones(3), 10000.0, 8, "x.gguf")
+
+
+def test_gguf_errors_name_the_file_and_key(gguf_models, tmp_path):
+    path, _ = gguf_models["llama"]
+    meta, infos, _ = read_gguf_header(path)
+    for key in ("llama.embedding_length", "llama.block_count", "llama.feed_forward_length"):
+        partial = {k: v for k, v in meta.items() if k != key}
+        with pytest.raises(ValueError, match=f"x.gguf: GGUF metadata has no {key}"):
+            gguf_config(partial, infos, "x.gguf")
+    with pytest.raises(ValueError, match="x.gguf: RoPE scaling 'yarn' is not supported"):
+        gguf_config(dict(meta, **{"llama.rope.scaling.type": "yarn"}), infos, "x.gguf")
+    data = open(path, "rb").read()
+    for cut in (len(data) - 100, len(data) // 2, 40):
+        short = tmp_path / f"short{cut}.gguf"
+        short.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=f"{short}: (tensor .* ends at byte|truncated GGUF header)"):
+            load_model(str(short), precision="fp32", device="cpu")
+
+
+def test_synthetic_gguf_round_trip(gguf_models):
+    path, hf = gguf_models["llama"]
     sd = hf.state_dict()
-    path = str(tmp_path / "tiny.gguf")
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)  # hf_config("llama") uses the default theta
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-    hf_to_gguf = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-                  "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                  "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    for name, t in sd.items():
-        if name.startswith("model.layers."):
-            _, _, i, rest = name.split(".", 3)
-            mod = rest.rsplit(".", 1)[0]
-            gname = f"blk.{i}.{hf_to_gguf[mod]}.weight"
-            if mod == "self_attn.q_proj":
-                t = llama_cpp_permute(t, cfg.num_attention_heads)
-            elif mod == "self_attn.k_proj":
-                t = llama_cpp_permute(t, cfg.num_key_value_heads)
-        else:
-            gname = names[name]
-        w.add_tensor(gname, t.numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
     meta, infos, _ = read_gguf_header(path)
     assert meta["llama.block_count"] == 2 and len(infos) == len(sd)
     config, state, tok = read_gguf(path, tokenizer=False)
@@ -88,7 +153,6 @@ def test_default_model_answers():
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     from tinyq.chat import ChatSession
-    from tinyq.models import load_model
 
     model, tok = load_model("default", precision="w4a16", group_size=64, device="cpu", max_seq_len=256)
     assert model.config.hidden_size == 576 and model.config.num_layers == 30 and model.config.tie_word_embeddings

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.tiny_models import hf_greedy, make_model_dir
+from tests.tiny_models import MISTRAL_WINDOW, hf_greedy, make_model_dir
 from tinyq.backend import force_backend
 from tinyq.generate import generate
 from tinyq.models import load_model
@@ -150,6 +150,30 @@ def test_quantized_checkpoints_load_like_rtn_at_load(model_dirs, tmp_path, metho
         load_model(str(tmp_path), precision="fp16", device="cpu")
 
 
+def test_mistral_sliding_window_is_exact_or_refused(tmp_path):
+    """Up to ``sliding_window`` tokens full attention is the windowed model; past it tinyq refuses
+    (transformers' Mistral would attend to the last ``sliding_window`` tokens only)."""
+    hf, _ = make_model_dir(tmp_path, "mistral")
+    w = MISTRAL_WINDOW
+    with pytest.raises(ValueError, match=f"sliding_window={w}"):
+        load_model(str(tmp_path), precision="fp32", device="cpu", max_seq_len=w + 1)
+    model, _ = load_model(str(tmp_path), precision="fp32", device="cpu", max_seq_len=w)
+    x = torch.tensor([[5, 9, 200, 31, 7, 77, 120, 3, 44, 61]])
+    with torch.no_grad():
+        ref = hf(x[:, :w]).logits
+        torch.testing.assert_close(model(x[:, :w]), ref, rtol=1e-4, atol=1e-4)
+        cache = model.new_cache()
+        torch.testing.assert_close(model(x[:, :w], cache), ref, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match=f"{w + 1} tokens exceed the model's sliding_window={w}"):
+            model(x[:, : w + 1])
+        with pytest.raises(ValueError, match=f"sliding_window={w}"):
+            model.new_cache(w + 2)
+        # the refusal matters: past the window transformers' answer differs from full attention
+        full = hf.__class__(hf.config.__class__(**{**hf.config.to_dict(), "sliding_window": None}))
+        full.load_state_dict(hf.state_dict())
+        assert not torch.allclose(full.eval()(x).logits[:, -1], hf(x).logits[:, -1], atol=1e-3)
+
+
 def test_bad_model_paths(model_dirs, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(str(tmp_path / "nope"))
@@ -162,13 +186,18 @@ def test_bad_model_paths(model_dirs, tmp_path):
     (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="unsupported architecture.*LlamaForCausalLM"):
         load_model(str(bad))
-    # missing tokenizer
+    # no tokenizer: the model loads without one, or with one from elsewhere
     notok = tmp_path / "notok"
     notok.mkdir()
     for f in ("config.json", "model.safetensors"):
         (notok / f).write_bytes(open(os.path.join(path, f), "rb").read())
-    with pytest.raises(FileNotFoundError, match="no tokenizer"):
-        load_model(str(notok))
+    model, tok = load_model(str(notok), precision="fp32", device="cpu")
+    assert tok is None and model.config.num_layers == 2
+    _, tok = load_model(str(notok), precision="fp32", device="cpu", tokenizer=path)
+    assert tok.encode("the") == model_dirs["llama"][2].encode("the")
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer in {notok}"):
+        load_model(path, precision="fp32", device="cpu", tokenizer=str(notok))
+    assert load_model(path, precision="fp32", device="cpu", tokenizer=None)[1] is None
     # a tensor of the wrong shape is named
     state = load_file(os.path.join(path, "model.safetensors"))
     state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"][:, :64].contiguous()
@@ -176,6 +205,20 @@ def test_bad_model_paths(model_dirs, tmp_path):
     (notok / "tokenizer.json").write_bytes(open(os.path.join(path, "tokenizer.json"), "rb").read())
     with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
         load_model(str(notok), precision="fp32", device="cpu")
+    # a missing tensor is named, with the folder
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(notok / "model.safetensors"))
+    with pytest.raises(ValueError, match=f"{notok}: the checkpoint has no tensor 'model.layers.1.mlp.down_proj.weight'"):
+        load_model(str(notok), precision="fp32", device="cpu")
+    # truncated or corrupt shard files are named
+    data = open(os.path.join(path, "model.safetensors"), "rb").read()
+    for name, blob in (("truncated", data[: len(data) - 1000]), ("short_header", data[:6]), ("garbage", b"x" * 4096)):
+        (notok / "model.safetensors").write_bytes(blob)
+        with pytest.raises(ValueError, match=f"{notok / 'model.safetensors'}: not a readable safetensors file"):
+            load_model(str(notok), precision="fp32", device="cpu")
+    # fp32 activations cannot feed the W4A16 GPU kernels: refused before anything is loaded
+    with pytest.raises(ValueError, match="w4a16 on cuda needs fp16 or bf16 activations"):
+        load_model(path, precision="w4a16", device="cuda", dtype=torch.float32)
     with pytest.raises(ValueError, match="precision must be"):
         load_model(path, precision="int8")
     with pytest.raises(ValueError, match="group_size"):

@@ -1,20 +1,57 @@
 """W4A16Linear and quantize_: module behaviour, save/load, compile, and a tiny HF Llama."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from tests.tolerances import assert_close_rel
 
 import tinyq
 from tinyq.backend import force_backend
 from tinyq.nn import W4A16Linear, load_safetensors, save_safetensors
 
 
-def test_from_linear_matches_dequantized_weight():
-    lin = nn.Linear(128, 48).half()
-    q = W4A16Linear.from_linear(lin, group_size=64)
-    x = torch.randn(5, 128, dtype=torch.float16)
-    ref = nn.functional.linear(x.float(), q.dequantized_weight(), lin.bias.float())
-    assert torch.allclose(q(x).float(), ref, atol=2e-2, rtol=1e-2)
-    assert "group_size=64" in repr(q) and "in_features=128" in repr(q) and "bias=True" in repr(q)
+def rtn_numpy(w: torch.Tensor, group_size: int, scale_dtype=np.float16) -> torch.Tensor:
+    """AWQ's round-to-nearest int4 quantizer written out independently of tinyq (numpy, one group at a
+    time): per group of ``group_size`` inputs ``s = max(max - min, 1e-5) / 15`` (stored in
+    ``scale_dtype``), ``z = clamp(round(-min / s), 0, 15)``, ``q = clamp(round(w / s) + z, 0, 15)``;
+    returns the reconstruction ``(q - z) * s`` as float32."""
+    w = w.detach().float().numpy()
+    out = np.empty_like(w)
+    for row in range(w.shape[0]):
+        for start in range(0, w.shape[1], group_size):
+            grp = w[row, start : start + group_size]
+            s = np.float32(scale_dtype(max(grp.max() - grp.min(), np.float32(1e-5)) / np.float32(15)))
+            z = np.clip(np.round(-grp.min() / s), 0, 15)
+            q = np.clip(np.round(grp / s) + z, 0, 15)
+            out[row, start : start + group_size] = (q - z) * s
+    return torch.from_numpy(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_from_linear_is_rtn_of_the_float_weights(dtype, group_size):
+    torch.manual_seed(group_size)
+    lin = nn.Linear(256, 48).to(dtype)
+    original = lin.weight.detach().float().clone()
+    q = W4A16Linear.from_linear(lin, group_size=group_size)
+    scale_np = {torch.bfloat16: None}.get(dtype, np.float16)
+    if scale_np is None:  # numpy has no bfloat16: round the scale through torch instead
+        def scale_np(v):
+            return np.float32(torch.tensor(float(v)).to(torch.bfloat16).item())
+    expected = rtn_numpy(original, group_size, scale_np)
+    torch.testing.assert_close(q.dequantized_weight(), expected, rtol=0, atol=0)
+    # RTN: every weight within half a step (the group's range / 15) of the original, plus what
+    # rounding the scale to 16 bits can add across the 15 steps (2^-11 relative for fp16, 2^-8 bf16)
+    grouped = original.reshape(48, -1, group_size)
+    step = (grouped.amax(-1) - grouped.amin(-1)) / 15
+    slack = 15 * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    err = (expected.reshape(48, -1, group_size) - grouped).abs()
+    assert (err <= step[..., None] * (0.5 + slack) + 1e-6).all()
+    x = torch.randn(5, 256, dtype=dtype)
+    ref = nn.functional.linear(x.float(), expected, lin.bias.float())
+    assert_close_rel(q(x), ref, dtype=dtype if dtype != torch.float32 else torch.float16)
+    assert "group_size=%d" % group_size in repr(q) and "in_features=256" in repr(q) and "bias=True" in repr(q)
 
 
 def test_triton_and_reference_paths_agree():
@@ -94,11 +131,12 @@ def test_quantize_hf_llama_within_tolerance():
         n_quant = sum(isinstance(m, W4A16Linear) for m in model.modules())
         assert n_quant == 2 * 7  # q,k,v,o,gate,up,down per layer; lm_head excluded by default
         assert type(model.lm_head) is nn.Linear
-        # Exactly the model whose linears carry the dequantized weights (the quantizer's output).
+        # The unquantized model with each selected linear's weight replaced by an independent RTN of it.
         fake = _tiny_llama()
         for name, mod in model.named_modules():
             if isinstance(mod, W4A16Linear):
-                fake.get_submodule(name).weight.copy_(mod.dequantized_weight())
+                w = fake.get_submodule(name).weight
+                w.copy_(rtn_numpy(w, 32))
         expected = fake(ids).logits
     assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)
     # Against the unquantized model: 4-bit g32 RTN on Gaussian weights leaves ~8% rms noise per

@@ -9,6 +9,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MISTRAL_WINDOW = 8
 
 
 def tiny_tokenizer():
@@ -33,7 +34,7 @@ def tiny_tokenizer():
 
 
 def hf_config(kind: str, vocab_size: int):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -44,6 +45,8 @@ def hf_config(kind: str, vocab_size: int):
         return LlamaConfig(**common, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 32})
+    if kind == "mistral":  # Mistral-7B-v0.1 style: sliding_window set, no use_sliding_window flag
+        return MistralConfig(**common, rope_theta=10000.0, sliding_window=MISTRAL_WINDOW)
     if kind == "qwen2":
         return Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
     raise ValueError(kind)

@@ -9,6 +9,7 @@ can also run on CPU tensors; tests select that with ``force_backend("triton")``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 
@@ -42,6 +43,26 @@ def use_triton(t: torch.Tensor) -> bool:
         return True
     # CPU tensor: only the interpreter can run a Triton kernel on it.
     return mode == "triton" and interpreting()
+
+
+def ptx_supported(device) -> bool:
+    """Whether Triton kernels on ``device`` may contain inline PTX (``tl.inline_asm_elementwise``).
+
+    Only NVIDIA GPUs under Triton's CUDA backend compile PTX. A ROCm build of torch also calls its
+    GPU ``cuda`` (``tensor.is_cuda`` is True there), so the device type alone is not enough: the
+    HIP build (``torch.version.hip``) and Triton's active target decide. The interpreter runs no PTX.
+    """
+    if torch.device(device).type != "cuda" or interpreting() or torch.version.hip is not None:
+        return False
+    return triton_target_backend() == "cuda"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_target_backend() -> str:
+    """Triton's active GPU backend: ``"cuda"`` (NVIDIA), ``"hip"`` (AMD), ..."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_target().backend
 
 
 @contextlib.contextmanager

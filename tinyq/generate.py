@@ -131,7 +131,8 @@ _cpu_threads_tuned = False
 @torch.inference_mode()
 def tune_cpu_threads(model, reps: int = 2) -> int:
     """On CPU, keep torch's thread count or drop to one thread, whichever runs a one-token forward
-    faster; done once per process. Why: when other processes keep the cores busy, every
+    faster; done once per process. It changes the process-wide ``torch.set_num_threads``, so only
+    a program that owns the process calls it (the chat CLI does); a :class:`Generator` does not. Why: when other processes keep the cores busy, every
     multi-threaded op waits for a descheduled OpenMP thread; measured on 2 busy cores with the
     default model: 2 threads 815-1200 ms/token, 1 thread 73-80 ms/token (idle: 2 threads ~50)."""
     global _cpu_threads_tuned
@@ -201,8 +202,6 @@ class Generator:
         self.cached_ids: List[int] = []
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = self.cache.device.type == "cuda" if cuda_graph is None else cuda_graph
-        if self.cache.device.type == "cpu":
-            tune_cpu_threads(model)
         self._graph: Optional[DecodeGraph] = None
         CompileTracker.install()
         cfg = model.config

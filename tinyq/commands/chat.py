@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from tinyq.generate import ContextOverflowError, make_config
+from tinyq.generate import ContextOverflowError, make_config, tune_cpu_threads
 from tinyq.warmup import warm_up
 
 HELP = "commands: /reset (new conversation), /exit (quit)"
@@ -34,6 +34,8 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
+    p.add_argument("--tokenizer", default="auto",
+                   help="directory holding the tokenizer, when the model's own has none (default: the model's)")
     p.set_defaults(run=run)
     return p
 
@@ -77,7 +79,12 @@ def run(args) -> int:
             path = str(ensure_default_awq_checkpoint(args.group_size, device=args.device))
         print(f"loading {args.model} ({args.precision}) ...", flush=True)
         model, tokenizer = load_model(path, precision=args.precision, group_size=args.group_size,
-                                      device=args.device, max_seq_len=args.max_seq_len)
+                                      device=args.device, max_seq_len=args.max_seq_len, tokenizer=args.tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
+                             "pass --tokenizer DIR (e.g. the base model's directory)")
+        if model.device.type == "cpu":
+            tune_cpu_threads(model)  # this process is ours: pick its thread count
         session = ChatSession(model, tokenizer, max_seq_len=args.max_seq_len, system_prompt=args.system,
                               sampling=sampling)
     except (OSError, ValueError) as exc:
@@ -124,7 +131,11 @@ def _answer(session, text: str, inp: _Input) -> bool:
         turn = session.send(text)
     except ContextOverflowError as exc:
         print(f"[context full] {exc}")
-        choice = inp.read("[r]eset the conversation, [d]rop the oldest turns, or [c]ancel? ")
+        try:
+            choice = inp.read("[r]eset the conversation, [d]rop the oldest turns, or [c]ancel? ")
+        except KeyboardInterrupt:  # Ctrl-C at this prompt means cancel, not quit
+            print()
+            choice = "c"
         if choice is None:
             return False
         choice = choice.strip().lower()[:1]

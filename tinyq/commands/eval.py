@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--w-bit", type=int, default=4, choices=(3, 4), help="bits for --fake-quant (default 4)")
     p.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES, help="group size for --fake-quant")
     p.add_argument("--backend", default="auto", choices=("auto", "tinyq", "transformers"),
-                   help="run checkpoints on tinyq's models (auto: when available) or transformers modules with "
+                   help="run checkpoints on tinyq's models (auto, tinyq) or transformers modules with "
                         "tinyq W4A16 linears")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_calibration_args(p)
@@ -49,14 +49,6 @@ def _is_checkpoint(path: str) -> bool:
     return cfg.is_file() and bool(json.loads(cfg.read_text()).get("quantization_config"))
 
 
-def _tinyq_models_available() -> bool:
-    try:
-        from tinyq.models import load_model  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def load_for_eval(args):
     """``(model, tokenizer, description)``; ``model(ids)`` returns logits or an HF output."""
     import torch
@@ -65,7 +57,7 @@ def load_for_eval(args):
     from tinyq.quant.pipeline import default_device, prepare
 
     device = args.device or default_device()
-    use_tinyq = args.backend == "tinyq" or (args.backend == "auto" and _tinyq_models_available())
+    use_tinyq = args.backend in ("tinyq", "auto")
     if _is_checkpoint(args.model):
         if args.fake_quant != "none":
             raise ValueError(f"{args.model} is already quantized; --fake-quant applies to fp models")
@@ -100,6 +92,8 @@ def run(args) -> int:
 
     try:
         model, tok, what = load_for_eval(args)
+        if tok is None:
+            raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
         text = calib.handbook_text("eval") if args.ppl_handbook else calib.read_text_files(args.ppl_file)
         wins = windows(calib.encode(tok, text), args.window, args.max_windows)
         ppl = perplexity(model, wins, batch=args.batch, device=args.device or default_device(), progress=not args.quiet)

@@ -15,6 +15,7 @@ from tinyq.models.loader import (
     TensorSource,
     build_model,
     load_hf_dir,
+    load_tokenizer,
     peak_host_memory_mb,
 )
 
@@ -29,14 +30,17 @@ def load_model(
     max_seq_len: int = 2048,
     dtype: Optional[torch.dtype] = None,
     verbose: bool = False,
+    tokenizer="auto",
 ):
-    """Load a Llama / Qwen2 model and its tokenizer.
+    """Load a Llama / Qwen2 model and its tokenizer: ``(model, tokenizer or None)``.
 
     ``path``: ``"default"`` (the embedded SmolLM2-135M-Instruct GGUF), an HF-format directory
     (config.json + safetensors, single or sharded; fp16/bf16 or a tinyq / AutoAWQ W4A16 checkpoint)
     or a ``.gguf`` file. ``precision``: ``"w4a16"`` (RTN-quantized at load with ``group_size``
     unless the checkpoint is already quantized), ``"fp16"``, ``"bf16"`` or ``"fp32"``.
     ``device``: default CUDA when available, else CPU. ``dtype``: activation dtype override.
+    ``tokenizer``: ``"auto"`` (the one in the directory or GGUF file; None if there is none),
+    ``None`` (do not load one), a directory to load it from, or a tokenizer object to pass through.
 
     The returned model has ``load_stats`` (seconds, peak host memory MB).
     """
@@ -48,15 +52,19 @@ def load_model(
     if isinstance(path, str) and path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
-        hf_config, state, tokenizer = read_gguf(path)
-        source = TensorSource(tensors=state)
+        hf_config, state, own = read_gguf(path, tokenizer=tokenizer == "auto")
+        source = TensorSource(tensors=state, where=path)
     else:
-        hf_config, source, tokenizer = load_hf_dir(path)
+        hf_config, source, own = load_hf_dir(path, tokenizer=tokenizer == "auto")
+    if isinstance(tokenizer, str) and tokenizer != "auto":
+        tokenizer = load_tokenizer(tokenizer)
+    elif tokenizer == "auto":
+        tokenizer = own
     model = build_model(hf_config, source, precision, group_size, device, dtype, max_seq_len)
     if model.device.type == "cpu" and precision == "w4a16":
         with torch.inference_mode():  # build the CPU path's dequantized weights now, not in the first answer
             model(torch.zeros(1, 1, dtype=torch.long))
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+    if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path}
     if verbose:

@@ -21,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyq.cache import StaticKVCache
+from tinyq.generate import generate
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference
 from tinyq.nn.dense_linear import DenseLinear
+from tinyq.ops.attention import attention_with_cache
 from tinyq.ops.norm import add_rms_norm, rms_norm, silu_mul
 
 # HF architectures -> family flavour; the loader lists these in its "unsupported" error.
@@ -49,6 +52,9 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     bos_token_id: Optional[int] = None
     eos_token_ids: list = field(default_factory=list)
+    # Mistral's sliding-window attention: tinyq runs full attention, which is the same computation
+    # for sequences of at most this many tokens, and refuses longer ones.
+    sliding_window: Optional[int] = None
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
@@ -60,8 +66,11 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(ARCHITECTURES)}"
             )
-        if hf.get("sliding_window") and hf.get("use_sliding_window"):
-            raise ValueError("sliding-window attention is not supported")
+        if hf.get("sliding_window") and hf.get("use_sliding_window"):  # Qwen2's per-layer windows
+            raise ValueError("sliding-window attention (use_sliding_window) is not supported")
+        # transformers' Mistral applies ``sliding_window`` whenever it is set (no use_sliding_window flag)
+        mistral = "MistralForCausalLM" in archs or hf.get("model_type") == "mistral"
+        window = int(hf["sliding_window"]) if mistral and hf.get("sliding_window") else None
         heads = int(hf["num_attention_heads"])
         head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
         eos = hf.get("eos_token_id")
@@ -82,7 +91,16 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,
+            sliding_window=window,
         )
+
+    def check_window(self, n_tokens: int) -> None:
+        """Raise ValueError if a sequence of ``n_tokens`` needs sliding-window attention."""
+        if self.sliding_window is not None and n_tokens > self.sliding_window:
+            raise ValueError(
+                f"{n_tokens} tokens exceed the model's sliding_window={self.sliding_window}: tinyq runs full "
+                f"attention, which matches the windowed model only up to {self.sliding_window} tokens"
+            )
 
 
 class RMSNorm(nn.Module):
@@ -115,8 +133,6 @@ class Attention(nn.Module):
         k = k.view(b, s, self.hkv, self.d)
         v = v.view(b, s, self.hkv, self.d)
         if cache is not None:
-            from tinyq.ops import attention_with_cache
-
             out = attention_with_cache(q, k, v, cache, self.layer_idx, self.rope)  # [B, S, Hq, D]
         else:
             out = self._uncached(q, k, v)
@@ -182,7 +198,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = DenseLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.max_seq_len = cfg.max_position_embeddings
+        self.max_seq_len = min(cfg.max_position_embeddings, cfg.sliding_window or cfg.max_position_embeddings)
 
     def tie_weights(self):
         if self.config.tie_word_embeddings:
@@ -199,9 +215,8 @@ class CausalLM(nn.Module):
 
     def new_cache(self, max_seq_len: Optional[int] = None, batch_size: int = 1):
         """A :class:`tinyq.cache.StaticKVCache` sized for this model, on its device, in its dtype."""
-        from tinyq.cache import StaticKVCache
-
         c = self.config
+        c.check_window(int(max_seq_len or self.max_seq_len))
         return StaticKVCache(
             c.num_layers, c.num_kv_heads, c.head_dim, int(max_seq_len or self.max_seq_len), batch_size,
             dtype=self.dtype, device=self.device,
@@ -209,8 +224,6 @@ class CausalLM(nn.Module):
 
     def generate(self, tokenizer, prompt, **settings):
         """Generate from ``prompt`` (string or ids): see :func:`tinyq.generate.generate`."""
-        from tinyq.generate import generate
-
         return generate(self, tokenizer, prompt, **settings)
 
     def forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
@@ -223,6 +236,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
         if cache is not None:
             cache.check_room(input_ids.shape[1])
+        self.config.check_window((cache.length if cache is not None else 0) + input_ids.shape[1])
         h, residual = self.model.embed_tokens(input_ids), None
         for layer in self.model.layers:
             h, residual = layer(h, residual, cache)

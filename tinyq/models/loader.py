@@ -42,17 +42,21 @@ NOT_QUANTIZED = ("lm_head",)  # logits are the most sensitive output; the embedd
 class TensorSource:
     """Named tensors, read on demand: safetensors files (mmap'd) or an in-memory dict."""
 
-    def __init__(self, tensors: Optional[Dict[str, torch.Tensor]] = None, folder: Optional[str] = None):
+    def __init__(self, tensors: Optional[Dict[str, torch.Tensor]] = None, folder: Optional[str] = None,
+                 where: Optional[str] = None):
         self._dict, self._files, self._where = tensors, {}, {}
+        self.where = where or folder or "checkpoint"  # names the source in errors
         if folder is not None:
             self._index_folder(folder)
 
     def _index_folder(self, folder):
-        from safetensors import safe_open
 
         files, weight_map = weight_files(folder)
         for name in files:
-            handle = safe_open(os.path.join(folder, name), framework="pt", device="cpu")
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is listed in the index but missing")
+            handle = _open_safetensors(path)
             self._files[name] = handle
             if weight_map is None:
                 for key in handle.keys():
@@ -65,10 +69,26 @@ class TensorSource:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self:
-            raise KeyError(f"checkpoint has no tensor {name!r}")
+            raise ValueError(f"{self.where}: the checkpoint has no tensor {name!r}")
         if self._dict is not None:
             return self._dict[name]
-        return self._files[self._where[name]].get_tensor(name)
+        file = self._where[name]
+        if file not in self._files:
+            raise ValueError(f"{self.where}: the index maps {name!r} to {file}, which is not one of its files")
+        try:
+            return self._files[file].get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types; name the file
+            raise ValueError(f"{os.path.join(self.where, file)}: cannot read tensor {name!r} ({exc})") from exc
+
+
+def _open_safetensors(path: str):
+    """``safe_open`` with a one-line error naming a truncated or corrupt file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt? ({exc})") from exc
 
 
 def peak_host_memory_mb() -> float:
@@ -167,12 +187,16 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_activation_dtype(precision, device)
+    if precision == "w4a16" and device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"w4a16 on {device} needs fp16 or bf16 activations (the kernels' dtypes), got dtype={dtype}")
     quant = hf_config.get("quantization_config")
     if quant is not None:
         check_quantization_config(quant, "config.json")
     elif precision == "w4a16" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
     cfg = ModelConfig.from_hf(hf_config)
+    if max_seq_len is not None:
+        cfg.check_window(int(max_seq_len))  # before any weight is read
     with torch.device("meta"):
         model = CausalLM(cfg)
     _Loader(model, source, precision, group_size, dtype, device, quant).run()
@@ -182,8 +206,9 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     return model
 
 
-def load_hf_dir(path: str):
-    """``(hf_config dict, TensorSource, tokenizer)`` of an HF-format directory, with clear errors."""
+def load_hf_dir(path: str, tokenizer: bool = True):
+    """``(hf_config dict, TensorSource, tokenizer or None)`` of an HF-format directory, with clear
+    errors. The tokenizer is None when not asked for or when the directory has none."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path does not exist: {path}")
     if not os.path.isdir(path):
@@ -194,14 +219,23 @@ def load_hf_dir(path: str):
     with open(cfg_path) as f:
         hf_config = json.load(f)
     ModelConfig.from_hf(hf_config)  # unsupported architecture: fail before touching the weights
-    return hf_config, TensorSource(folder=path), load_tokenizer(path)
+    source = TensorSource(folder=path)
+    return hf_config, source, load_tokenizer(path) if tokenizer and has_tokenizer(path) else None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer(path: str) -> bool:
+    return any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str):
+    """The transformers tokenizer of an HF directory (raises FileNotFoundError when it has none)."""
     from transformers import AutoTokenizer
 
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise FileNotFoundError(f"no tokenizer in {path} (expected tokenizer.json, tokenizer.model or vocab.json)")
+    if not os.path.isdir(path) or not has_tokenizer(path):
+        raise FileNotFoundError(f"no tokenizer in {path} (expected {', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # transformers raises many types; name the folder

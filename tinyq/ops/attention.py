@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from tinyq.backend import use_triton
 from tinyq.cache.static_cache import StaticKVCache
-from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_head_dim
-from tinyq.kernels.rope import RopeConfig, apply_rope_reference
+from tinyq.kernels.decode_attention import MAX_DECODE_ROWS, decode_attention
+from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_head_dim, flash_attention_fwd
+from tinyq.kernels.rope import RopeConfig, apply_rope_reference, rope_cache_write
 
 DECODE_MAX_QUERIES = 4  # 1 token, or a few for speculative decoding: rows (tokens x group) fit one MMA tile
 
@@ -77,10 +78,6 @@ def _attention_with_cache_impl(q, k, v, k_cache, v_cache, seq_pos, inv_freq, lay
     kc, vc = k_cache[layer_idx], v_cache[layer_idx]  # [B, Hkv, max_seq_len, D] views
     L = q.shape[1]
     if use_triton(q):
-        from tinyq.kernels.decode_attention import MAX_DECODE_ROWS, decode_attention
-        from tinyq.kernels.flash_attention import flash_attention_fwd
-        from tinyq.kernels.rope import rope_cache_write
-
         q_rot = rope_cache_write(q, k, v, kc, vc, seq_pos, inv_freq)
         if L <= DECODE_MAX_QUERIES and L * (q.shape[2] // k.shape[2]) <= MAX_DECODE_ROWS:
             return decode_attention(q_rot, kc, vc, seq_pos, scale)
@@ -165,8 +162,6 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D] views
     if use_triton(q):
-        from tinyq.kernels.flash_attention import flash_attention_fwd
-
         return flash_attention_fwd(q, kh, vh, causal=causal, scale=scale)
     return _torch_attention(q, kh, vh, causal, scale, kh.shape[2]).to(q.dtype)
 

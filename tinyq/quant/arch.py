@@ -20,6 +20,8 @@ channel, repeated over the query heads that share it (see :func:`expand_v_to_o`)
 """
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass
 
 import torch
@@ -107,10 +109,13 @@ def layer_kwargs(decoder: nn.Module, hidden: torch.Tensor) -> dict:
 
     seq = hidden.shape[1]
     position_ids = torch.arange(seq, device=hidden.device).unsqueeze(0)
-    mask = create_causal_mask(
-        config=decoder.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-        position_ids=position_ids,
-    )
+    # transformers < 5.x (before the rename) calls the embeddings ``input_embeds`` and needs ``cache_position``
+    params = inspect.signature(create_causal_mask).parameters
+    kw = {"inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
+    if "cache_position" in params:
+        kw["cache_position"] = position_ids[0]
+    mask = create_causal_mask(config=decoder.config, attention_mask=None, past_key_values=None,
+                              position_ids=position_ids, **kw)
     return {
         "attention_mask": mask,
         "position_ids": position_ids,
