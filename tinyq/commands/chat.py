@@ -21,7 +21,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("chat", help="chat with a model in the terminal", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default",
                    help="HF model directory, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--precision", default="w4a16", choices=["w4a16", "fp16", "bf16", "fp32"])
+    p.add_argument("--precision", default="w4a16", choices=["w4a16", "w8a8", "fp16", "bf16", "fp32"])
     p.add_argument("--group-size", type=int, default=64, help="W4A16 group size when quantizing at load (32/64/128)")
     p.add_argument("--quant", default="awq", choices=["awq", "rtn"],
                    help="embedded default at w4a16: AWQ (quantized on first use, then cached) or RTN at load")
