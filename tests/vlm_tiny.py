@@ -82,3 +82,75 @@ def _renamed(sd, renames):
                 break
         out[k] = v.clone()  # tied tensors must not share memory in a safetensors file
     return out
+
+
+class VilaFlatSquare(torch.nn.Module):
+    """Reference space-to-channel written as VILA's ``flat_square_2x2`` / ``flat_square_3x3`` are
+    (NVlabs/VILA llava/model/multimodal_projector/base_projector.py): pad rows, then columns, with
+    zeros to a multiple of k; fold columns into channels, transpose, fold rows, transpose back."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        k = self.k
+        g = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], g, g, -1)
+        n, w, h, c = x.shape
+        if w % k:
+            x = torch.cat([x, x.new_zeros(n, k - w % k, h, c)], dim=1)
+            n, w, h, c = x.shape
+        if h % k:
+            x = torch.cat([x, x.new_zeros(n, w, k - h % k, c)], dim=2)
+            n, w, h, c = x.shape
+        x = x.contiguous().view(n, w, h // k, c * k).permute(0, 2, 1, 3).contiguous()
+        x = x.view(n, h // k, w // k, c * k * k).permute(0, 2, 1, 3).contiguous()
+        return x.reshape(n, -1, x.shape[-1])
+
+
+def reference_projector(kind: str, mm_hidden: int, hidden: int):
+    """The VILA ``MultimodalProjector.layers`` of ``kind`` in plain torch, random weights."""
+    nn = torch.nn
+    if kind == "mlp_downsample_3x3_fix":
+        layers = nn.Sequential(VilaFlatSquare(3), nn.LayerNorm(9 * mm_hidden), nn.Linear(9 * mm_hidden, 3 * mm_hidden),
+                               nn.GELU(), nn.LayerNorm(3 * mm_hidden), nn.Linear(3 * mm_hidden, hidden), nn.GELU(),
+                               nn.Linear(hidden, hidden))
+    else:
+        layers = nn.Sequential(VilaFlatSquare(2), nn.LayerNorm(4 * mm_hidden), nn.Linear(4 * mm_hidden, hidden),
+                               nn.GELU(), nn.Linear(hidden, hidden))
+    return randomize_(layers).eval()
+
+
+def make_nvila_dir(path, projector: str = "mlp_downsample_2x2_fix", s2: bool = True, image_size: int = IMAGE_SIZE):
+    """A random tiny VILA/NVILA checkpoint (``llm/``, ``vision_tower/``, ``mm_projector/``) under
+    ``path``; returns ``(tower, projector, llm, tokenizer, root config)`` as transformers / torch parts."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_models import hf_config
+
+    tok = vlm_tokenizer()
+    torch.manual_seed(2)
+    tower = tiny_tower("siglip", image_size=image_size)
+    scales = [image_size, 2 * image_size, 3 * image_size]
+    llm = AutoModelForCausalLM.from_config(hf_config("qwen2", len(tok))).float().eval()
+    proj = reference_projector(projector, 32 * (3 if s2 else 1), llm.config.hidden_size)
+    root = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama", "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "cls_patch", "max_tiles": 12,
+            "image_aspect_ratio": "dynamic_s2" if s2 else "resize", "s2_scales": ",".join(map(str, scales))}
+    for sub in ("llm", "vision_tower", "mm_projector"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(root, f)
+    llm.save_pretrained(os.path.join(path, "llm"))
+    tok.save_pretrained(os.path.join(path, "llm"))
+    tower.save_pretrained(os.path.join(path, "vision_tower"))
+    with open(os.path.join(path, "mm_projector", "config.json"), "w") as f:
+        json.dump({"mm_projector_type": projector}, f)
+    save_file({"layers." + k: v.clone() for k, v in proj.state_dict().items()},
+              os.path.join(path, "mm_projector", "model.safetensors"))
+    return tower, proj, llm, tok, root
