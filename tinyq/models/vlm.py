@@ -68,3 +68,27 @@ def expand_images(text_pieces: Sequence[List[int]], placeholders: Sequence[List[
     for ph, piece in zip(placeholders, text_pieces[1:]):
         ids += list(ph) + list(piece)
     return ids
+
+
+def load_vlm(path: str, precision: str = "w4a16", **kwargs):
+    """Load a VLM directory -> ``(model, tokenizer)``: llava-hf (``config.json`` with
+    ``model_type: llava``) or VILA-1.5 / NVILA (``llm/``, ``vision_tower/``, ``mm_projector/``).
+    ``kwargs``: ``group_size``, ``device``, ``max_seq_len``, ``dtype``."""
+    import json
+    import os
+
+    if not os.path.isdir(path):
+        raise ValueError(f"VLM path is not a directory: {path}")
+    if all(os.path.isdir(os.path.join(path, d)) for d in ("llm", "vision_tower", "mm_projector")):
+        from tinyq.models.nvila import load_nvila
+
+        return load_nvila(path, precision, **kwargs)
+    cfg_path = os.path.join(path, "config.json")
+    if os.path.isfile(cfg_path):
+        with open(cfg_path) as f:
+            if json.load(f).get("model_type") == "llava":
+                from tinyq.models.llava import load_llava
+
+                return load_llava(path, precision, **kwargs)
+    raise ValueError(f"{path} is neither a llava-hf directory (config.json with model_type 'llava') nor a "
+                     "VILA/NVILA one (llm/, vision_tower/, mm_projector/)")

@@ -59,12 +59,17 @@ def image_processor(kind: str, image_size: int, folder: Optional[str] = None):
     if folder and os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
         return transformers.AutoImageProcessor.from_pretrained(folder, local_files_only=True)
     if kind == "clip":
-        cls = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
+        cls = _processor_class(transformers, "CLIPImageProcessor")
         return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                    image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    cls = getattr(transformers, "SiglipImageProcessorPil", transformers.SiglipImageProcessor)
+    cls = _processor_class(transformers, "SiglipImageProcessor")
     return cls(size={"height": image_size, "width": image_size}, image_mean=list(SIGLIP_MEAN),
                image_std=list(SIGLIP_STD))
+
+
+def _processor_class(transformers, name: str):
+    """transformers >= 5 names the Pillow-only processor ``<name>Pil`` (the default one wants torchvision)."""
+    return getattr(transformers, name + "Pil") if hasattr(transformers, name + "Pil") else getattr(transformers, name)
 
 
 def pixel_values(processor, images: Sequence):
