@@ -185,22 +185,40 @@ class NvilaModel(VisionLanguageModel):
 
     def _encode_s2(self, image) -> torch.Tensor:
         tiles, (rows, cols) = s2_tiles(image, self.s2_scales, self.max_tiles)
-        feats = self._features(media.pixel_values(self.processor, tiles))  # [tiles, g*g, C]
-        g = math.isqrt(feats.shape[1])
-        maps = feats.transpose(1, 2).reshape(len(tiles), -1, g, g)  # [tiles, C, g, g]
-        per_scale, start = [], 0
-        grids = [(s // self.s2_scales[0],) * 2 for s in self.s2_scales[:-1]] + [(rows, cols)]
-        for r, c in grids:
-            per_scale.append(merge_tiles(maps[start:start + r * c], r, c))
-            start += r * c
-        size = per_scale[-1].shape[-2:]
-        merged = torch.cat([F.interpolate(m[None].float(), size=size, mode="area")[0].to(m.dtype)
-                            for m in per_scale])  # [3C, rows*g, cols*g]
-        blocks = split_tiles(merged, rows, cols)  # [rows*cols, 3C, g, g]
-        out = self.mm_projector(blocks.flatten(2).transpose(1, 2))  # [rows*cols, g'^2, H]
-        gp = math.isqrt(out.shape[1])
-        grid = merge_tiles(out.transpose(1, 2).reshape(rows * cols, -1, gp, gp), rows, cols)  # [H, rows*g', cols*g']
-        return grid.flatten(1).t().to(self.dtype)  # [rows*g' * cols*g', H], row-major
+        return self.encode_s2_pixels(media.pixel_values(self.processor, tiles), rows, cols)
+
+    @torch.inference_mode()
+    def encode_s2_pixels(self, pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One image's dynamic-S2 rows ``[rows*g' * cols*g', H]`` from its tiles' pixels
+        ``[tiles, 3, S, S]`` (all scales, row-major per scale, as :func:`s2_tiles` orders them)."""
+        blocks = s2_blocks(self._features(pixels), rows, cols, self.s2_scales)  # [rows*cols, g*g, 3C]
+        return s2_unblock(self.mm_projector(blocks), rows, cols).to(self.dtype)
+
+
+def s2_blocks(feats: torch.Tensor, rows: int, cols: int, scales: Sequence[int]) -> torch.Tensor:
+    """Tile features of all scales ``[tiles, g*g, C]`` -> the projector's input blocks
+    ``[rows*cols, g*g, len(scales) x C]``: per-scale maps merged, area-resized to the last scale's
+    ``rows*g x cols*g``, concatenated on channels and cut into ``rows x cols`` blocks."""
+    g = math.isqrt(feats.shape[1])
+    maps = feats.transpose(1, 2).reshape(feats.shape[0], -1, g, g)  # [tiles, C, g, g]
+    per_scale, start = [], 0
+    for r, c in [(s // scales[0],) * 2 for s in scales[:-1]] + [(rows, cols)]:
+        per_scale.append(merge_tiles(maps[start:start + r * c], r, c))
+        start += r * c
+    if start != feats.shape[0]:
+        raise ValueError(f"{feats.shape[0]} tiles do not make scales {list(scales)} with a {rows} x {cols} last grid")
+    size = per_scale[-1].shape[-2:]
+    merged = torch.cat([F.interpolate(m[None].float(), size=size, mode="area")[0].to(m.dtype)
+                        for m in per_scale])  # [3C, rows*g, cols*g]
+    return split_tiles(merged, rows, cols).flatten(2).transpose(1, 2)
+
+
+def s2_unblock(out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Projector output per block ``[rows*cols, g'^2, H]`` -> the image's rows ``[rows*g' * cols*g', H]``,
+    row-major over the whole image."""
+    gp = math.isqrt(out.shape[1])
+    grid = merge_tiles(out.transpose(1, 2).reshape(rows * cols, -1, gp, gp), rows, cols)  # [H, rows*g', cols*g']
+    return grid.flatten(1).t()
 
 
 def s2_token_count(width: int, height: int, scales: Sequence[int], max_tiles: int, grid: int, k: int) -> int:
