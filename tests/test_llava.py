@@ -123,3 +123,29 @@ def test_w4a16_llm_loads_quantized(tmp_path):
     a = q.logits(ids, features=list(q.encode_pixels(px))).flatten()
     b = ref.logits(ids, features=list(ref.encode_pixels(px))).flatten()
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
+
+
+LLAVA_HF_TEMPLATE = (  # the shape of llava-hf's processor template: content lists, the template writes <image>
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template,starts", [(LLAVA_HF_TEMPLATE, "USER: \n\nhi ASSISTANT:"),
+                                             (None, "A chat between a curious human")])
+def test_processor_template_and_vicuna_fallback(llava, template, starts):
+    hf, model, tok = llava
+    saved = tok.chat_template
+    tok.chat_template = template
+    try:
+        s = VLMChatSession(model, tok, max_seq_len=256)
+        s.images = [torch.zeros(TOKENS_PER_IMAGE, 1)] * 2  # rows are only counted here
+        ids = s.prompt_ids("<image>\n<image>\nhi")
+    finally:
+        tok.chat_template = saved
+    assert ids.count(model.image_token_id) == 2 * TOKENS_PER_IMAGE
+    assert [p for p, _ in s._slots] == [i for i, t in enumerate(ids) if t == model.image_token_id][::TOKENS_PER_IMAGE]
+    text = tok.decode([t for t in ids if t != model.image_token_id])
+    assert text.startswith(starts) and text.rstrip().endswith("ASSISTANT:")

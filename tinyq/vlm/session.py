@@ -95,11 +95,16 @@ class VLMChatSession(ChatSession):
         return ids
 
     def _render(self, messages: List[Dict[str, str]]) -> str:
-        tok = self.tokenizer
-        template = None if getattr(tok, "chat_template", None) else self.vlm.chat_template
-        if template is None and not getattr(tok, "chat_template", None):
+        """The chat template (the tokenizer's, else the family's) over ``messages``. A processor-style
+        template (llava-hf's ``chat_template.json``: content lists with ``{"type": "image"}`` entries,
+        for which it writes the marker itself) gets the messages in that form."""
+        template = getattr(self.tokenizer, "chat_template", None) or self.vlm.chat_template
+        if not template:
             raise ValueError("neither the tokenizer nor the model family has a chat template")
-        return tok.apply_chat_template(messages, chat_template=template, add_generation_prompt=True, tokenize=False)
+        if "'image'" in template or '"image"' in template:
+            messages = [_as_parts(m) for m in messages]
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                  tokenize=False)
 
     def _tokenize_pieces(self, rendered: str) -> List[List[int]]:
         """Token ids of ``rendered`` split at each image marker. When the tokenizer knows the marker
@@ -130,3 +135,11 @@ class VLMChatSession(ChatSession):
             if lo < hi:
                 embeds[0, lo - start:hi - start] = rows[lo - pos:hi - pos].to(embeds.dtype)
         return embeds
+
+
+def _as_parts(message: Dict[str, str]) -> Dict:
+    """``{"content": "<image>\\n<image>\\ntext"}`` -> content ``[{"type": "image"}] * 2 + [{"type": "text", ...}]``."""
+    text = message["content"]
+    n = text.count(IMAGE_MARKER)
+    text = text.replace(IMAGE_MARKER + "\n", "").replace(IMAGE_MARKER, "")
+    return {"role": message["role"], "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}
