@@ -194,3 +194,21 @@ def test_video_frames_are_images(nvila, tmp_path):
     assert len(counts) == 3 and s.pending_images == 3
     with pytest.raises(ValueError, match="has 5 frame.*fewer than the 8"):
         s.add_video(str(frames), 8)
+
+
+def test_pad_aspect_ratio_pads_to_a_mean_colour_square(nvila):
+    from tinyq.vlm import media
+
+    name, parts, model, tok = nvila
+    if name != "vila1.5":
+        pytest.skip("image_aspect_ratio 'pad' is a single-tile (VILA-1.5) option")
+    image = _image(50, 20, 4)
+    square = media.expand_to_square(image, media.SIGLIP_MEAN)
+    plain = model.encode_images([square])[0]
+    model.pad_color = media.SIGLIP_MEAN
+    try:
+        padded = model.encode_images([image])[0]
+    finally:
+        model.pad_color = None
+    torch.testing.assert_close(padded, plain)
+    assert not torch.allclose(model.encode_images([image])[0], plain)

@@ -154,7 +154,7 @@ class NvilaModel(VisionLanguageModel):
 
     def __init__(self, tower: VisionTower, projector: nn.Sequential, llm, image_token_id: int,
                  newline_ids: List[int], s2_scales: Optional[List[int]] = None, max_tiles: int = 12,
-                 select_layer: int = -2, select_feature: str = "cls_patch", processor=None):
+                 select_layer: int = -2, select_feature: str = "cls_patch", processor=None, pad: bool = False):
         super().__init__()
         self.vision_tower, self.mm_projector, self.llm = tower, projector, llm
         self.image_token_id, self.newline_ids = int(image_token_id), list(newline_ids)
@@ -163,6 +163,8 @@ class NvilaModel(VisionLanguageModel):
         if s2_scales is not None and s2_scales[0] != tower.config.image_size:
             raise ValueError(f"s2_scales[0] {s2_scales[0]} must equal the tower's image_size {tower.config.image_size}")
         self.processor = processor or media.image_processor(tower.config.kind, tower.config.image_size)
+        # image_aspect_ratio "pad": square of the processor's mean colour first (VILA llava/mm_utils.py process_image)
+        self.pad_color = tuple(getattr(self.processor, "image_mean", None) or media.SIGLIP_MEAN) if pad else None
 
     def placeholder_ids(self, features, tokenizer) -> List[int]:
         return [self.image_token_id] * features.shape[0] + self.newline_ids
@@ -178,6 +180,8 @@ class NvilaModel(VisionLanguageModel):
             return []
         if self.s2_scales is not None and len(images) == 1:
             return [self._encode_s2(images[0])]
+        if self.pad_color is not None:
+            images = [media.expand_to_square(im, self.pad_color) for im in images]
         feats = self._features(media.pixel_values(self.processor, images))  # [N, g*g, C]
         if self.s2_scales is not None:
             feats = feats.repeat(1, 1, len(self.s2_scales))  # every scale sees the same one tile
@@ -265,6 +269,7 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
         select_layer=int(root.get("mm_vision_select_layer", -2)),
         select_feature=root.get("mm_vision_select_feature", "cls_patch"),
         processor=media.image_processor(vcfg.kind, vcfg.image_size, tower_dir),
+        pad=root.get("image_aspect_ratio") == "pad",
     ).eval()
     model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path}
     return model, tokenizer
