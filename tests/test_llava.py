@@ -149,3 +149,21 @@ def test_processor_template_and_vicuna_fallback(llava, template, starts):
     assert [p for p, _ in s._slots] == [i for i, t in enumerate(ids) if t == model.image_token_id][::TOKENS_PER_IMAGE]
     text = tok.decode([t for t in ids if t != model.image_token_id])
     assert text.startswith(starts) and text.rstrip().endswith("ASSISTANT:")
+
+
+def test_dropping_a_turn_drops_its_images(llava):
+    hf, model, tok = llava
+    s = VLMChatSession(model, tok, max_seq_len=256, temperature=0, max_new_tokens=2)
+    s.gen.eos_ids = set()
+    first, second, third = _images(3)
+    s.add_images([first])
+    s.ask("one")
+    s.add_images([second])
+    s.ask("two")
+    kept = s.images[1]
+    s.add_images([third])  # pending: stays for the next message
+    assert s.drop_oldest_turns(1) == 1
+    assert len(s.images) == 2 and s.images[0] is kept and s.pending_images == 1
+    r = s.ask("three")
+    prompt = s.gen.cached_ids[:r.stats.prompt_tokens]
+    assert r.token_ids == _hf_greedy(hf, prompt, _pixels(model, [second, third]), 2)

@@ -46,7 +46,10 @@ class VLMChatSession(ChatSession):
     @property
     def pending_images(self) -> int:
         """Images added but not yet sent with a message."""
-        return len(self.images) - sum(m["content"].count(IMAGE_MARKER) for m in self.messages)
+        return len(self.images) - self._sent_images()
+
+    def _sent_images(self) -> int:
+        return sum(m["content"].count(IMAGE_MARKER) for m in self.messages)
 
     def add_images(self, images: Sequence) -> List[int]:
         """Encode ``images`` (paths or PIL images) now; they go with the next message. Several at
@@ -71,6 +74,13 @@ class VLMChatSession(ChatSession):
     def reset(self) -> None:
         super().reset()
         self.images, self._slots = [], []
+
+    def drop_oldest_turns(self, n: int = 1) -> int:
+        """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
+        before = self._sent_images()
+        dropped = super().drop_oldest_turns(n)
+        del self.images[:before - self._sent_images()]
+        return dropped
 
     def send(self, text: str, sampling=None):
         """Stream the answer to ``text``, with the pending images placed before it."""
