@@ -43,9 +43,10 @@ from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.vlm import media
 
-# ChatML (Qwen2), for tokenizers without a chat template.
+# ChatML as VILA writes it for Qwen2 LLMs (NVlabs/VILA llava/model/language_model/chat_templates/qwen2.jinja),
+# for tokenizers without a chat template.
 CHATML_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
     "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
