@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.vlm_tiny import IMAGE_SIZE, make_nvila_dir
+from tests.vlm_tiny import make_nvila_dir
 from tinyq.models.nvila import load_nvila, s2_grid, s2_tiles, s2_token_count
 from tinyq.vlm.session import VLMChatSession
 
