@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -196,8 +196,11 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, max_seq_len: Optional[int] = None, cuda_graph: Optional[bool] = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, embed_fn: Optional[Callable] = None):
         self.model, self.tokenizer = model, tokenizer
+        # (ids [1, S] on the device, position of ids[0]) -> inputs_embeds [1, S, hidden]: how a VLM
+        # splices image features into the prefill (tinyq.vlm.session); None embeds the ids.
+        self.embed_fn = embed_fn
         self.cache = model.new_cache(max_seq_len)
         self.cached_ids: List[int] = []
         self.prefill_chunk = prefill_chunk
@@ -237,7 +240,12 @@ class Generator:
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = list(ids[start : start + self.prefill_chunk])
-            logits = self.model(torch.tensor([chunk], device=dev), self.cache, last_only=True)[0, -1]
+            x = torch.tensor([chunk], device=dev)
+            if self.embed_fn is None:
+                logits = self.model(x, self.cache, last_only=True)[0, -1]
+            else:
+                embeds = self.embed_fn(x, self.cache.length)
+                logits = self.model(None, self.cache, last_only=True, inputs_embeds=embeds)[0, -1]
             self.cached_ids.extend(chunk)
         return logits
 
