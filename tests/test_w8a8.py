@@ -138,3 +138,21 @@ def test_bad_input():
             mod(x)
         with force_backend("triton"), pytest.raises(ValueError, match="inf/NaN"):
             mod(x)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas and fake implementations are right, so torch.compile / CUDA graphs can trace the ops."""
+    from tinyq.ops import w8a8
+
+    x = torch.randn(3, 64)
+    mod = W8A8Linear.from_linear(linear(64, 16))
+    q, s = quantize_rows_reference(x)
+    w = torch.rand(64) + 0.5
+    cases = [
+        (w8a8._int8_linear_op, (q, s, mod.qweight, mod.weight_scale, mod.bias, torch.float32)),
+        (w8a8._quantize_op, (x, None)),
+        (w8a8._add_rms_norm_quant_op, (x, torch.randn(3, 64), w, 1e-5, torch.tensor([0.05]))),
+        (w8a8._silu_mul_quant_op, (torch.randn(2, 64), None)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -12,27 +12,29 @@ import itertools
 
 import torch
 
-GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, cheaper than MMA padding
+GEMV_MAX_M = 4  # the largest M the sweep tries the GEMV at
 
-# sm90: starting points (not yet measured on a GPU; replace with the --sweep winners): int8 tiles
-# twice as deep in K as fp16 ones for the same bytes per stage.
+# sm90: the winners of `bench_w8a8.py --sweep` on an H200 (torch 2.11, triton 3.6), summed over the four
+# Llama-3-8B linears, int8 GEMM alone: M=1 71 us (GEMV; cuBLAS fp16 127), M=4 81 us (16-row GEMM tiles
+# beat the GEMV's 4 L2 re-reads: 156 us), M=16 76 us, M=64 90 us, M=256 147 us (cuBLAS fp16 193),
+# M=4096 o + gate_up 977 us. See benchmarks/results/w8a8_h200.json.
 _SM90 = [
-    (GEMV_MAX_M, dict(kernel="gemv", block_n=8, block_k=512, num_warps=4, num_stages=3)),
-    (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=4)),
-    (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=256, swap_ab=False, num_warps=4, num_stages=4)),
-    (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=4)),
-    (None, dict(kernel="gemm", block_m=128, block_n=256, block_k=128, swap_ab=False, num_warps=8, num_stages=3,
+    (1, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=4, num_stages=1)),
+    (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
+    (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
+    (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=4,
+               group_m=8)),
+    (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=3,
                 group_m=8)),
 ]
 
 CONFIGS = {
     "sm90": _SM90,
-    # Elsewhere: one pipeline stage less and no 256-wide tile, to fit ~100 KB of shared memory.
-    "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3), block_n=min(cfg.get("block_n", 8), 128)))
-                for m, cfg in _SM90],
+    # Elsewhere (untuned): at most 3 pipeline stages, to fit ~100 KB of shared memory.
+    "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3))) for m, cfg in _SM90],
 }
 
-BUCKETS = tuple(m for m, _ in _SM90)
+BUCKETS = (1, GEMV_MAX_M, 16, 64, 256, None)  # the --sweep buckets (the shipped list may merge some)
 
 
 def device_arch(device: torch.device) -> str:
@@ -52,15 +54,20 @@ def select_config(m: int, device: torch.device) -> dict:
 
 def sweep_candidates(max_m):
     """Launch configs the benchmark's ``--sweep`` tries for the bucket ending at ``max_m``."""
-    if max_m is not None and max_m <= GEMV_MAX_M:
-        return [dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-                for bn, bk, w, s in itertools.product((4, 8, 16), (256, 512, 1024), (4, 8), (2, 3))]
-    small = max_m is not None and max_m <= 64
     out = []
-    for bm, bn, bk, swap, w, s in itertools.product(
-        (16, 32, 64) if small else (64, 128), (32, 64, 128) if small else (128, 256), (128, 256),
-        (False, True) if small else (False,), (4, 8), (3, 4, 5),
-    ):
+    if max_m is not None and max_m <= GEMV_MAX_M:  # the GEMV, and the GEMM's 16-row tiles against it
+        out = [dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+               for bn, bk, w, s in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (1, 2, 3))
+               if bn * bk <= 16384]  # [BN, BK] int32 accumulator within registers
+        max_m = 16
+    if max_m is not None and max_m <= 64:
+        space = itertools.product((16, 32, 64) if max_m <= 16 else (32, 64), (32, 64, 128), (128, 256), (False, True),
+                                  (4,), (3, 4, 5))
+    else:
+        space = itertools.product((64, 128), (128, 256), (128, 256), (False,), (4, 8), (3, 4))
+    for bm, bn, bk, swap, w, s in space:
+        if max_m is not None and bm > max_m:
+            continue
         if (bm + bn) * bk * s > 200 * 1024:  # shared memory per CTA on sm90 is 227 KB
             continue
         out.append(dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=w, num_stages=s,

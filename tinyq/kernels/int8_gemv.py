@@ -1,8 +1,8 @@
 """int8 GEMV for decode (a few rows): ``y[m, :] = (xq[m, :] @ wq.T) * s_x[m] * s_w (+ bias)``.
 
 Same math as :mod:`tinyq.kernels.int8_gemm` (int32 products, exact; float32 epilogue), without the
-tensor cores: at M <= 4 the op is bound by reading the weight (N*K bytes), and an MMA tile would be
-at least 16 rows of which 15 are padding. Each program multiplies one activation row with
+tensor cores: at M = 1 the op is bound by reading the weight (N*K bytes), and an MMA tile would be
+at least 16 rows of which 15 are padding (on the H200 the 16-row GEMM wins from M = 4 on). Each program multiplies one activation row with
 ``BLOCK_N`` weight rows, ``BLOCK_K`` int8 at a time (16-byte loads at ``BLOCK_K / 16`` threads per
 row); products add into a ``[BLOCK_N, BLOCK_K]`` int32 accumulator reduced once at the end.
 

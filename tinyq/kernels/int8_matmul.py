@@ -1,9 +1,9 @@
 """The W8A8 matmul launcher: validates, allocates and dispatches on M (callers never choose a kernel).
 
 ``y = (xq @ wq.T) * s_x[:, None] * s_w[None, :] (+ bias)`` with int8 ``xq`` [M, K] and ``wq`` [N, K]
-(:mod:`tinyq.quant.int8_format`). M <= 4 runs the GEMV (:mod:`tinyq.kernels.int8_gemv`), larger M
-the tensor-core GEMM (:mod:`tinyq.kernels.int8_gemm`), with launch configs from
-:mod:`tinyq.kernels.int8_configs`. ``out_dtype=torch.int32`` returns the exact integer product.
+(:mod:`tinyq.quant.int8_format`). The shipped configs (:mod:`tinyq.kernels.int8_configs`) pick the
+kernel by M: one row runs the GEMV (:mod:`tinyq.kernels.int8_gemv`), more rows the tensor-core GEMM
+(:mod:`tinyq.kernels.int8_gemm`). ``out_dtype=torch.int32`` returns the exact integer product.
 """
 from __future__ import annotations
 

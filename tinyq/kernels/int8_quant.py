@@ -13,8 +13,8 @@ Non-finite input: ``sum_k x[k] * 0`` is 0 for a finite row and NaN otherwise; it
 scale, so a row holding inf/NaN gets a NaN scale and every product using it is NaN (not a silent
 wrong number). One multiply-add per element and one reduction; no host synchronization.
 
-:func:`quantize_row` is the ``@triton.jit`` building block the fused norm/activation + quant kernels
-share. Tensors: ``x`` fp16/bf16/fp32 ``[M, K]`` (leading dims flattened), last dim contiguous;
+:func:`quantize_row` and :func:`quantize_with_absmax` are the ``@triton.jit`` building blocks the
+fused norm/activation + quant kernels share. Tensors: ``x`` fp16/bf16/fp32 ``[M, K]`` (leading dims flattened), last dim contiguous;
 ``static_scale`` float32 ``[1]`` or None. One program per row, the whole row in registers
 (``BLOCK = next_pow2(K)``, K <= 65536).
 """
@@ -32,23 +32,39 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def quantize_row(v, mask, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
-    """float32 row ``v`` (masked lanes ignored) -> (int8 row, float32 scale); see the module doc."""
-    v = tl.where(mask, v, 0.0)
+def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """float32 row ``v`` whose ``max|v|`` is ``amax`` (unused when STATIC) -> (int8 row, float32 scale).
+    A kernel that finds ``amax`` in a reduction it runs anyway (a norm's) saves one block reduction."""
     if STATIC:
         s = tl.load(static_scale_ptr).to(tl.float32)
         inv = tl.math.div_rn(1.0, s)
         scale = s
     else:
-        amax = tl.maximum(tl.max(tl.abs(v), axis=0), MIN_AMAX)
+        amax = tl.maximum(amax, MIN_AMAX)
         inv = tl.math.div_rn(127.0, amax)
         scale = tl.math.div_rn(amax, 127.0)
-    scale += tl.sum(v * 0.0, axis=0)  # NaN iff the row holds inf/NaN
     t = v * inv
     t = t + tl.where(t >= 0, 0.5, -0.5)
     t = tl.minimum(tl.maximum(t, -127.0), 127.0)
-    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN already)
+    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_row)
     return t.to(tl.int32).to(tl.int8), scale
+
+
+@triton.jit
+def quantize_row(v, mask, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """float32 row ``v`` (masked lanes ignored) -> (int8 row, float32 scale); see the module doc."""
+    v = tl.where(mask, v, 0.0)
+    amax = 0.0
+    if not STATIC:
+        amax = tl.max(tl.abs(v), axis=0)
+    q, scale = quantize_with_absmax(v, amax, static_scale_ptr, STATIC, MIN_AMAX)
+    return q, scale + tl.sum(v * 0.0, axis=0)  # NaN iff the row holds inf/NaN
+
+
+@triton.jit
+def sum_and_max(s1, m1, s2, m2):
+    """Combine function of a ``tl.reduce`` computing a sum and a max in one pass."""
+    return s1 + s2, tl.maximum(m1, m2)
 
 
 @triton.jit

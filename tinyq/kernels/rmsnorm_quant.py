@@ -4,7 +4,7 @@ Math, per row of ``K`` features (float32; :mod:`tinyq.kernels.rmsnorm` without t
 output)::
 
     h   = x + residual                    (when a residual is given; stored back in x.dtype)
-    v   = h / sqrt(mean(h^2) + eps) * weight
+    v   = (h * weight) / sqrt(mean(h^2) + eps)
     xq, scale = quantize_row(v)           (dynamic per token, or one static scale; int8_quant.py)
 
 The normalized row is quantized straight from float32 registers: it never goes to memory in fp16,
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import check_static_scale, quantize_row, row_num_warps
+from tinyq.kernels.int8_quant import check_static_scale, quantize_with_absmax, row_num_warps, sum_and_max
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -43,11 +43,13 @@ def _rmsnorm_quant_kernel(
         h = (h.to(tl.float32) + r.to(tl.float32)).to(H_OUT.dtype.element_ty)
         tl.store(H_OUT + row * stride_h + cols, h, mask=mask)
     hf = h.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    q, scale = quantize_row(hf * rstd * w, mask, STATIC_S, STATIC, MIN_AMAX)
+    hw = hf * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    # one block reduction for both: max|hw * rstd| = max|hw| * rstd exactly (rstd > 0, rounding is monotonic)
+    sum_sq, amax_hw = tl.reduce((hf * hf, tl.abs(hw)), 0, sum_and_max)
+    rstd = 1.0 / tl.sqrt(sum_sq / N + eps)
+    q, scale = quantize_with_absmax(hw * rstd, amax_hw * rstd, STATIC_S, STATIC, MIN_AMAX)
     tl.store(Q + row * stride_q + cols, q, mask=mask)
-    tl.store(SCALE + row, scale)
+    tl.store(SCALE + row, scale + sum_sq * 0.0)  # NaN iff h holds inf/NaN (fp16/bf16 squares cannot overflow)
 
 
 def _check(x, weight, residual, static_scale):
@@ -96,7 +98,7 @@ def rmsnorm_quant_reference(x, weight, eps: float, residual=None, static_scale=N
     _check(x, weight, residual, static_scale)
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     hf = h.float()
-    v = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    v = (hf * weight.float()) * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     n = x.shape[-1]
     q, scale = quantize_rows_reference(v.reshape(-1, n), static_scale)
     out = (q.reshape(x.shape), scale.reshape(x.shape[:-1]))

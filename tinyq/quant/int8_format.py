@@ -68,7 +68,9 @@ def quantize_rows_reference(v: torch.Tensor, static_scale: torch.Tensor | None =
     if static_scale is None:
         absmax = torch.where(finite, v.abs(), torch.zeros_like(v)).amax(dim=-1).clamp(min=MIN_ABSMAX)
         inv = QMAX / absmax
-        scale = absmax / QMAX
+        # a tensor divisor: CUDA torch turns division by a Python scalar into a multiply by its
+        # reciprocal, which is not the correctly rounded quotient the kernels compute
+        scale = absmax / torch.full_like(absmax, QMAX)
     else:
         s = static_scale.float().reshape(())
         inv = (1.0 / s).expand(v.shape[0])
