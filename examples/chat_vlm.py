@@ -47,14 +47,21 @@ def add_media(chat, images=None, video=None, frames=8):
     try:
         if images:
             counts = chat.add_images([p.strip() for p in images.split(",") if p.strip()])
-            print(f"[{len(counts)} image(s), {sum(counts)} tokens, vision {1e3 * chat.last_vision_s:.0f} ms]")
+            print(f"[{len(counts)} image(s), {sum(counts)} tokens, vision {vision_ms(chat)}]")
         if video:
             counts = chat.add_video(video, frames)
-            print(f"[video: {len(counts)} frames, {sum(counts)} tokens, vision {1e3 * chat.last_vision_s:.0f} ms]")
+            print(f"[video: {len(counts)} frames, {sum(counts)} tokens, vision {vision_ms(chat)}]")
     except (ValueError, ImportError) as exc:
         print(f"error: {exc}")
         return False
     return True
+
+
+def vision_ms(chat) -> str:
+    out = f"{1e3 * chat.last_vision_s:.0f} ms"
+    if chat.last_vision_compile_s:
+        out += f" (+{chat.last_vision_compile_s:.1f} s compiling kernels for a new shape, not counted)"
+    return out
 
 
 def answer(chat, text):
@@ -70,6 +77,8 @@ def answer(chat, text):
     s = turn.result.stats
     print(f"\n[TTFT {1e3 * s.ttft_s:.0f} ms ({s.prefilled_tokens} tokens prefilled) | vision encoder "
           f"{1e3 * vision_s:.0f} ms | {s.ms_per_token:.1f} ms/token ({s.new_tokens} tokens)]")
+    if s.compiled_kernels:
+        print(f"[first use of a new shape: {s.compiled_kernels} kernels compiled in {s.compile_s:.1f} s, not counted]")
 
 
 def main(argv=None):
@@ -87,6 +96,8 @@ def main(argv=None):
         print(f"loaded {args.model} ({precision}) in {model.load_stats['seconds']:.1f} s")
     chat = VLMChatSession(model, tokenizer, max_seq_len=min(args.max_seq_len, model.llm.max_seq_len),
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    if device == "cuda":  # compile kernels and capture the decode graph now, not in the first answer
+        print(f"[{chat.warm_up().summary()}]")
     if not add_media(chat, args.image, args.video, args.frames):
         return 1
     if args.prompt:

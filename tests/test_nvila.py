@@ -212,3 +212,22 @@ def test_pad_aspect_ratio_pads_to_a_mean_colour_square(nvila):
         model.pad_color = None
     torch.testing.assert_close(padded, plain)
     assert not torch.allclose(model.encode_images([image])[0], plain)
+
+
+def test_awq_llm_folder_loads_like_rtn_at_load(tmp_path):
+    """An NVILA whose llm/ is an AutoAWQ-format checkpoint reads as W4A16 and equals RTN at load."""
+    import shutil
+
+    from tinyq.nn.w4a16_linear import W4A16Linear
+    from tinyq.quant.checkpoint import save_quantized
+
+    fp, awq = tmp_path / "fp", tmp_path / "awq"
+    parts = make_nvila_dir(fp)
+    shutil.copytree(fp, awq)
+    save_quantized(parts[2], awq / "llm", 32, tokenizer=parts[3], fmt="awq", replace=True)
+    rtn, tok = load_nvila(str(fp), precision="w4a16", group_size=32, device="cpu")
+    ckpt, _ = load_nvila(str(awq), precision="w4a16", device="cpu")
+    assert isinstance(ckpt.llm.model.layers[0].mlp.gate_up_proj, W4A16Linear)
+    feats = ckpt.encode_images([_image(84, 56)])
+    ids = torch.tensor([[5] + ckpt.placeholder_ids(feats[0], tok) + [6]])
+    torch.testing.assert_close(ckpt.logits(ids, features=feats), rtn.logits(ids, features=feats), rtol=2e-3, atol=2e-3)

@@ -95,3 +95,17 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
     assert "RANDOM WEIGHTS" in out and "2 image(s)" in out and "TTFT" in out and "vision encoder" in out
     assert mod.main(["--random-tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "hi"]) == 1
     assert "image not found" in capsys.readouterr().out
+
+
+def test_session_warm_up_leaves_it_empty():
+    from tinyq.vlm.session import VLMChatSession
+    from tinyq.vlm.tiny import random_tiny_nvila
+
+    model, tok = random_tiny_nvila()
+    s = VLMChatSession(model, tok, max_seq_len=256, max_new_tokens=2)
+    report = s.warm_up()
+    assert report.seconds > 0 and s.images == [] and s.gen.cache.length == 0 and s.gen.cached_ids == []
+    s.add_images(_frames(1, (60, 40)))
+    assert s.last_vision_s > 0 and s.last_vision_compile_s == 0  # CPU: nothing compiles
+    with pytest.raises(ValueError, match="empty session"):
+        s.warm_up()

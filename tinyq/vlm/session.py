@@ -26,6 +26,7 @@ from tinyq.chat import ChatSession
 from tinyq.generate import Generator
 from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images
 from tinyq.vlm import media
+from tinyq.warmup import CompileTracker, WarmupReport, warm_up
 
 
 class VLMChatSession(ChatSession):
@@ -36,7 +37,8 @@ class VLMChatSession(ChatSession):
         self.vlm = model
         self.images: List[torch.Tensor] = []  # [tokens_i, hidden] per image, in conversation order
         self._slots: List[Tuple[int, int]] = []  # (first position, image index) in the rendered prompt
-        self.last_vision_s = 0.0
+        self.last_vision_s = 0.0  # the last add_images' encoder time, Triton compilation excluded
+        self.last_vision_compile_s = 0.0  # ... and the compilation it excluded (first use of a shape)
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -57,13 +59,37 @@ class VLMChatSession(ChatSession):
         if not len(images):
             raise ValueError("add_images: no images given")
         loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
-        t0 = time.perf_counter()
+        CompileTracker.install()
+        start, t0 = CompileTracker.snapshot(), time.perf_counter()
         feats = self.vlm.encode_images(loaded)
         if self.vlm.device.type == "cuda":
             torch.cuda.synchronize()
-        self.last_vision_s = time.perf_counter() - t0
+        self.last_vision_compile_s = CompileTracker.since(start).seconds
+        self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s
         self.images.extend(feats)
         return [f.shape[0] for f in feats]
+
+    def warm_up(self) -> WarmupReport:
+        """Compile the LLM's prefill/decode kernels and capture the decode graph
+        (:func:`tinyq.warmup.warm_up`), and run the vision path on blank images (one alone, two
+        together: NVILA's two paths), so the first answer's numbers are not compile times.
+        Call it before adding media; the conversation is left empty."""
+        if self.messages or self.images:
+            raise ValueError("warm_up() runs on an empty session; call reset() first")
+        report = warm_up(self.gen)
+        from PIL import Image
+
+        size = self.vlm.vision_tower.config.image_size
+        start, t0 = CompileTracker.snapshot(), time.perf_counter()
+        for n in (1, 2):
+            self.vlm.encode_images([Image.new("RGB", (size, size))] * n)
+        if self.vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        compiled = CompileTracker.since(start)
+        report.seconds += time.perf_counter() - t0
+        report.compile_s += compiled.seconds
+        report.kernels += compiled.kernels
+        return report
 
     def add_video(self, path: str, num_frames: int = 8) -> List[int]:
         """``num_frames`` frames sampled uniformly from ``path``, each an image in the prompt (as VILA does)."""
