@@ -27,7 +27,7 @@ from torch import nn
 from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
-from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight
+from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight, scale_dtype_for
 
 # tinyq module -> the checkpoint modules concatenated (along the output dim, in this order) into it.
 FUSED = {
@@ -160,7 +160,7 @@ class _Loader:
         setattr(owner, attr, new)
 
     def _scale_dtype(self):
-        return self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return scale_dtype_for(self.dtype)
 
     def _prequantized(self, names: List[str], meta: nn.Linear) -> W4A16Linear:
         if self.precision != "w4a16":
