@@ -31,7 +31,7 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device, interpreting
 from tinyq.kernels.attention_configs import decode_config, sm_count
-from tinyq.kernels.flash_attention import KERNEL_DTYPES, LOG2E, attention_reference, check_head_dim
+from tinyq.kernels.flash_attention import KERNEL_DTYPES, LOG2E, attention_reference, check_head_dim, online_softmax_update
 
 MAX_DECODE_ROWS = 64  # L * G rows in one MMA tile (L <= 4, G <= 16)
 PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
@@ -99,15 +99,8 @@ def _decode_split_kernel(
             v = v.to(tl.float32)
         qk = tl.dot(q, k) * qk_scale
         qk = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row can have no visible key in this slice (token t < L-1 near the end): keep it at 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        # A row can have no visible key in this slice (token t < L-1 near the end): the update keeps it at 0.
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
 
     # partial index ((b * HQ + h) * LQ + t) * NUM_SPLITS + split, HQ = HKV * GROUP
     part = ((b * HKV * GROUP + h) * LQ + t) * NUM_SPLITS + split

@@ -100,14 +100,28 @@ def _attn_blocks(
             if CAUSAL:
                 keep = keep & (n[None, :] <= q_pos[:, None])
             qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
     return acc, l_i, m_i
+
+
+@triton.jit
+def online_softmax_update(acc, l_i, m_i, qk, v):
+    """Add one key block to the running softmax-weighted sum (exp2 domain; shared with the decode
+    kernel). ``qk [M, N]`` scores in log2 units (masked: -inf), ``v [N, D]``; running row max
+    ``m_i [M]``, row sum ``l_i [M]``, ``acc [M, D]`` (fp32)::
+
+        m' = max(m, max_j qk);  p = exp2(qk - m');  a = exp2(m - m')
+        l' = l * a + sum_j p;   acc' = acc * a + p @ v
+
+    A row with no visible key so far (m' = -inf) uses 0 in place of m', so it stays at
+    l = acc = 0 instead of turning into NaN."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
 
 
 @triton.jit
