@@ -93,12 +93,33 @@ def test_auto_clip_lowers_group_error(asym):
         assert (after <= group_err(sym) * (1 + 1e-5)).all() and after.sum() < group_err(sym).sum()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n_bit,group_size", [(3, 32), (4, 64), (4, 128)])
-def test_search_fake_quant_matches_the_format(n_bit, group_size):
-    from tinyq.quant.awq import _fake_quant
+def test_fake_quant_matches_the_format(n_bit, group_size, dtype):
+    """The search's shortcut (no integer round trip) is exactly quantize + dequantize, scales in the
+    dtype they are stored in (bf16 for bf16 weights, else fp16)."""
+    from tinyq.quant.format import dequantize_groupwise, quantize_groupwise, scale_dtype_for
 
-    w = torch.randn(40, 256) * torch.rand(1, 256) * 3
-    torch.testing.assert_close(_fake_quant(w, group_size, n_bit), fake_quantize(w, group_size, n_bit), rtol=0, atol=0)
+    w = (torch.randn(40, 256) * torch.rand(1, 256) * 3).to(dtype)
+    q, scales, zeros = quantize_groupwise(w, group_size, n_bit, scale_dtype_for(dtype))
+    assert scales.dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float16)
+    expected = dequantize_groupwise(q, scales, zeros)  # float32
+    torch.testing.assert_close(fake_quantize(w, group_size, n_bit), expected.to(dtype), rtol=0, atol=0)
+    # a float32 candidate of a bf16 weight (AWQ's W*s) quantizes with the bf16 scales it will be stored with
+    torch.testing.assert_close(fake_quantize(w.float(), group_size, n_bit, scale_dtype_for(dtype)), expected,
+                               rtol=0, atol=0)
+
+
+def test_scale_search_of_bf16_model_uses_bf16_scales(monkeypatch):
+    import tinyq.quant.awq as awq_mod
+
+    used = []
+    real = awq_mod.fake_quantize
+    monkeypatch.setattr(awq_mod, "fake_quantize",
+                        lambda w, gs, bits, scale_dtype=None: used.append(scale_dtype) or real(w, gs, bits, scale_dtype))
+    model = tiny_model("llama").to(torch.bfloat16)
+    awq_search(model, _blocks(n=2, length=16), AwqConfig(group_size=32, clip=False, n_grid=2), progress=False)
+    assert used and set(used) == {torch.bfloat16}
 
 
 def test_search_results_round_trip(tmp_path):

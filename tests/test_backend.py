@@ -42,3 +42,23 @@ def test_force_backend_selects_triton_on_cpu_only_when_interpreting(monkeypatch)
 def test_ptx_supported_on_this_gpu():
     """On the lent NVIDIA GPU PTX is allowed; on a ROCm GPU it is not."""
     assert backend.ptx_supported("cuda") is (torch.version.hip is None)
+
+
+@pytest.mark.parametrize("hip, capability, arch, flash_table", [
+    (None, (9, 0), "sm90", "sm90"),  # H100 / H200: the tuned attention tiles
+    (None, (8, 0), "sm80", "default"),
+    (None, (12, 0), "sm120", "default"),
+    ("6.2.4", (9, 4), "hip", "default"),  # MI300 reports 9.4: not an H100
+])
+def test_gpu_arch_keys_the_config_tables(monkeypatch, hip, capability, arch, flash_table):
+    from tinyq.kernels import attention_configs as ac
+
+    monkeypatch.setattr(torch.version, "hip", hip)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = torch.device("cuda")
+    assert backend.gpu_arch(cuda) == arch and backend.gpu_arch("cpu") == "cpu"
+    assert ac.flash_config(128, cuda) == ac.FLASH[flash_table][128]
+    assert ac.decode_config(128, cuda) == ac.DECODE["default"][128]
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert ac.flash_config(128, torch.device("cpu")) == ac.FLASH["interpret"][128]

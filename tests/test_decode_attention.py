@@ -131,3 +131,32 @@ def test_decode_cuda_graph_replay_follows_seq_pos():
         eager.advance(1)
         torch.testing.assert_close(static_out, ref, rtol=0, atol=0)
     assert int(graphed.seq_pos[0]) == eager.length
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(hq=3), "{where}: 3 query heads are not a multiple of 2 kv heads"),
+    (dict(k_dtype=torch.bfloat16), "{where}: q, k, v must share one dtype of fp16 or bf16"),
+    (dict(d=36), "{where}: head_dim 36 is not supported"),
+])
+def test_attention_entry_points_check_alike(bad, message):
+    """One shared check: the decode and flash launchers and both ops say the same thing."""
+    from tinyq.kernels.flash_attention import flash_attention_fwd
+    from tinyq.ops import flash_attention
+
+    hq, d = bad.get("hq", 4), bad.get("d", 64)
+    q = torch.randn(1, 1, hq, d, dtype=torch.float16, device=DEV)
+    k = torch.randn(1, 1, 2, d, dtype=bad.get("k_dtype", torch.float16), device=DEV)
+    v = torch.randn(1, 1, 2, d, dtype=torch.float16, device=DEV)
+    kc, vc = make_cache(1, 2, 16, d, 4, torch.float16)
+    kc = kc.to(k.dtype)
+    seq_pos = torch.tensor([3], dtype=torch.int32, device=DEV)
+    calls = {
+        "decode_attention": lambda: decode_attention(q, kc, vc, seq_pos),
+        "flash_attention": lambda: flash_attention_fwd(q, k.transpose(1, 2), v.transpose(1, 2)),
+    }
+    with force_backend("triton"):
+        for where, call in calls.items():
+            with pytest.raises(ValueError, match=message.format(where=where).replace("(", r"\(")):
+                call()
+    with pytest.raises(ValueError, match=message.format(where="flash_attention")):
+        flash_attention(q, k, v)

@@ -3,10 +3,12 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
-from tinyq.kernels.flash_attention import attention_reference, flash_attention_fwd
+from tinyq.kernels.flash_attention import attention_reference, flash_attention_fwd, online_softmax_update
 from tinyq.ops import flash_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,3 +102,35 @@ def test_flash_bad_input():
 def test_flash_gpu_realistic(dtype, S, HQ, HKV, D, causal):
     q, k, v = make(1, S, HQ, HKV, D, dtype, device="cuda")
     assert_close_rel(run_kernel(q, k, v, causal), ref(q, k, v, causal))
+
+
+
+@triton.jit
+def _softmax_blocks_kernel(S, V, O, M: tl.constexpr, N: tl.constexpr, D: tl.constexpr, NBLK: tl.constexpr):
+    rows = tl.arange(0, M)
+    cols = tl.arange(0, N)
+    dims = tl.arange(0, D)
+    m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([M], dtype=tl.float32)
+    acc = tl.zeros([M, D], dtype=tl.float32)
+    for blk in range(NBLK):
+        qk = tl.load(S + rows[:, None] * (N * NBLK) + blk * N + cols[None, :])
+        v = tl.load(V + (blk * N + cols[:, None]) * D + dims[None, :])
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
+    tl.store(O + rows[:, None] * D + dims[None, :], acc / l_i[:, None])
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="runs the helper in the interpreter")
+def test_online_softmax_update_over_blocks():
+    """The update both attention kernels share, over three key blocks, equals softmax(s) @ v; a row
+    whose first blocks are fully masked stays finite and ends right (the decode kernel's case)."""
+    M, N, D, NBLK = 16, 16, 16, 3
+    torch.manual_seed(0)
+    s = torch.randn(M, N * NBLK) * 3  # log2 units
+    s[3, : 2 * N] = float("-inf")  # row 3 sees keys only in the last block
+    s[5, N:] = float("-inf")  # row 5 only in the first
+    v = torch.randn(N * NBLK, D)
+    out = torch.full((M, D), float("nan"))
+    _softmax_blocks_kernel[(1,)](s, v, out, M=M, N=N, D=D, NBLK=NBLK)
+    expected = torch.softmax(s * math.log(2), dim=-1) @ v
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)

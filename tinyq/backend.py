@@ -57,6 +57,19 @@ def ptx_supported(device) -> bool:
     return triton_target_backend() == "cuda"
 
 
+def gpu_arch(device) -> str:
+    """Key of the shipped config tables for ``device``: ``"sm<major><minor>"`` for an NVIDIA GPU
+    (``"sm90"`` on H100/H200), ``"hip"`` for a ROCm GPU (whose capability numbers overlap NVIDIA's:
+    an MI300 reports 9.4), ``"cpu"`` for anything else."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    if torch.version.hip is not None:
+        return "hip"
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm{major}{minor}"
+
+
 @functools.lru_cache(maxsize=None)
 def triton_target_backend() -> str:
     """Triton's active GPU backend: ``"cuda"`` (NVIDIA), ``"hip"`` (AMD), ..."""

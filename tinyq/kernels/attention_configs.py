@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from tinyq.backend import interpreting
+from tinyq.backend import gpu_arch, interpreting
 
 FLASH = {
     "sm90": {
@@ -30,18 +30,17 @@ FLASH = {
     "interpret": {32: (16, 16, 1, 1), 64: (16, 16, 1, 1), 128: (16, 16, 1, 1), 256: (16, 16, 1, 1)},
 }
 
-DECODE = {
-    "sm90": {32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
+DECODE = {  # the sm90 sweep's winners are these defaults
     "default": {32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
     "interpret": {32: (16, 1, 1), 64: (16, 1, 1), 128: (16, 1, 1), 256: (16, 1, 1)},
 }
 
 
 def attention_arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "interpret" if interpreting() else "default"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "sm90" if major == 9 else "default"
+    """``"interpret"`` under the interpreter, else :func:`tinyq.backend.gpu_arch` (``"sm90"``...)."""
+    if device.type != "cuda" and interpreting():
+        return "interpret"
+    return gpu_arch(device)
 
 
 def _dim_key(head_dim_pad: int) -> int:
@@ -49,11 +48,11 @@ def _dim_key(head_dim_pad: int) -> int:
 
 
 def flash_config(head_dim_pad: int, device: torch.device):
-    return FLASH[attention_arch(device)][_dim_key(head_dim_pad)]
+    return FLASH.get(attention_arch(device), FLASH["default"])[_dim_key(head_dim_pad)]
 
 
 def decode_config(head_dim_pad: int, device: torch.device):
-    return DECODE[attention_arch(device)][_dim_key(head_dim_pad)]
+    return DECODE.get(attention_arch(device), DECODE["default"])[_dim_key(head_dim_pad)]
 
 
 _SM_COUNT = {}

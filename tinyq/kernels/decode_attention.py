@@ -31,7 +31,9 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device, interpreting
 from tinyq.kernels.attention_configs import decode_config, sm_count
-from tinyq.kernels.flash_attention import KERNEL_DTYPES, LOG2E, attention_reference, check_head_dim
+from tinyq.kernels.flash_attention import (
+    LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
+)
 
 MAX_DECODE_ROWS = 64  # L * G rows in one MMA tile (L <= 4, G <= 16)
 PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
@@ -99,15 +101,8 @@ def _decode_split_kernel(
             v = v.to(tl.float32)
         qk = tl.dot(q, k) * qk_scale
         qk = tl.where(n_ok[None, :] & (n[None, :] <= q_pos[:, None]), qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row can have no visible key in this slice (token t < L-1 near the end): keep it at 0.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        # A row can have no visible key in this slice (token t < L-1 near the end): the update keeps it at 0.
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
 
     # partial index ((b * HQ + h) * LQ + t) * NUM_SPLITS + split, HQ = HKV * GROUP
     part = ((b * HKV * GROUP + h) * LQ + t) * NUM_SPLITS + split
@@ -152,22 +147,13 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     Returns ``out`` (allocated if None) ``[B, L, Hq, D]`` in q's dtype.
     """
     check_kernel_device("decode_attention", q, k_cache, v_cache, seq_pos)
+    check_attention_args("decode_attention", q, k_cache, v_cache)
     B, LQ, HQ, D = q.shape
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != B or k_cache.shape[3] != D:
-        raise ValueError(f"decode_attention: cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} "
-                         f"does not match q {tuple(q.shape)}")
-    check_head_dim(D, "decode_attention")
-    if q.dtype not in KERNEL_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"decode_attention: q and the cache must share fp16 or bf16, got {q.dtype}, {k_cache.dtype}")
     HKV, MAX_SEQ = k_cache.shape[1], k_cache.shape[2]
-    if HQ % HKV:
-        raise ValueError(f"decode_attention: {HQ} query heads are not a multiple of {HKV} kv heads")
     group = HQ // HKV
     if LQ * group > MAX_DECODE_ROWS:
         raise ValueError(f"decode_attention: {LQ} tokens x {group} heads per kv head > {MAX_DECODE_ROWS} rows")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"decode_attention: {name} needs a contiguous last dimension")
+    check_unit_stride("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(D))
     cfg_n, cfg_warps, cfg_stages = decode_config(d_pad, q.device)

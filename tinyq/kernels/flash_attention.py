@@ -47,6 +47,35 @@ def check_head_dim(head_dim: int, where: str) -> None:
         )
 
 
+def check_attention_args(where: str, q, k, v, dtypes=KERNEL_DTYPES) -> None:
+    """The checks every attention entry point shares (the ops and the launchers): q
+    ``[B, Lq, Hq, D]`` with ``Lq > 0``; k and v ``[B, Hkv, S, D]`` heads-first, alike; one dtype of
+    ``dtypes``; ``Hq`` a multiple of ``Hkv``; a supported head_dim. Devices and strides are the
+    callers' (the ops take CPU tensors, the launchers need unit-stride rows)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{where}: q, k, v must be 4-D, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if q.dtype not in dtypes or k.dtype != q.dtype or v.dtype != q.dtype:
+        names = " or ".join(str(d).replace("torch.float", "fp").replace("torch.bfloat", "bf") for d in dtypes)
+        raise ValueError(f"{where}: q, k, v must share one dtype of {names}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    B, LQ, HQ, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{where}: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch or head_dim")
+    if LQ == 0:
+        raise ValueError(f"{where}: zero tokens")
+    if k.shape[1] == 0 or HQ % k.shape[1]:
+        raise ValueError(f"{where}: {HQ} query heads are not a multiple of {k.shape[1]} kv heads")
+    check_head_dim(D, where)
+
+
+def check_unit_stride(where: str, **tensors) -> None:
+    """The kernels index head_dim with unit stride."""
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{where}: {name} needs a contiguous last dimension")
+
+
 def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None, kv_len: Optional[int] = None):
     """Float32 reference. ``q [B, Lq, Hq, D]``, ``k, v [B, Hkv, S, D]`` (heads-first); attends to
     keys ``[0, kv_len)`` (default ``S``) with bottom-right causality; returns ``[B, Lq, Hq, D]`` in
@@ -100,14 +129,28 @@ def _attn_blocks(
             if CAUSAL:
                 keep = keep & (n[None, :] <= q_pos[:, None])
             qk = tl.where(keep, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
     return acc, l_i, m_i
+
+
+@triton.jit
+def online_softmax_update(acc, l_i, m_i, qk, v):
+    """Add one key block to the running softmax-weighted sum (exp2 domain; shared with the decode
+    kernel). ``qk [M, N]`` scores in log2 units (masked: -inf), ``v [N, D]``; running row max
+    ``m_i [M]``, row sum ``l_i [M]``, ``acc [M, D]`` (fp32)::
+
+        m' = max(m, max_j qk);  p = exp2(qk - m');  a = exp2(m - m')
+        l' = l * a + sum_j p;   acc' = acc * a + p @ v
+
+    A row with no visible key so far (m' = -inf) uses 0 in place of m', so it stays at
+    l = acc = 0 instead of turning into NaN."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -178,22 +221,12 @@ def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = N
     ``[B, Lq, Hq, D]`` in q's dtype."""
     tensors = (q, k, v) + ((seq_pos,) if seq_pos is not None else ())
     check_kernel_device("flash_attention", *tensors)
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("flash_attention: q, k, v must be 4-D")
+    check_attention_args("flash_attention", q, k, v)
     B, LQ, HQ, D = q.shape
     _, HKV, S, _ = k.shape
-    check_head_dim(D, "flash_attention")
-    if q.dtype not in KERNEL_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"flash_attention: q, k, v must all be fp16 or bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"flash_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if HQ % HKV:
-        raise ValueError(f"flash_attention: {HQ} query heads are not a multiple of {HKV} kv heads")
     if seq_pos is None and LQ > S:
         raise ValueError(f"flash_attention: {LQ} queries but only {S} keys")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"flash_attention: {name} needs a contiguous last dimension")
+    check_unit_stride("flash_attention", q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(D))
     block_m, block_n, num_warps, num_stages = config or flash_config(d_pad, q.device)

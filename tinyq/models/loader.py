@@ -30,7 +30,7 @@ from tinyq.models.w8a8 import fused_w8a8_linear, use_w8a8_layers
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.nn.w8a8_linear import W8A8Linear
 from tinyq.quant.checkpoint import check_quantization_config, weight_files
-from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight
+from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight, scale_dtype_for
 from tinyq.quant.int8_format import quantize_weight_int8
 from tinyq.quant.w8a8_checkpoint import QUANT_METHOD as W8A8_METHOD
 
@@ -173,7 +173,7 @@ class _Loader:
         return new
 
     def _scale_dtype(self):
-        return self.dtype if self.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        return scale_dtype_for(self.dtype)
 
     def _prequantized(self, names: List[str], meta: nn.Linear) -> W4A16Linear:
         if self.precision != "w4a16":

@@ -22,35 +22,23 @@ import torch.nn.functional as F
 from tinyq.backend import use_triton
 from tinyq.cache.static_cache import StaticKVCache
 from tinyq.kernels.decode_attention import MAX_DECODE_ROWS, decode_attention
-from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_head_dim, flash_attention_fwd
+from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_attention_args, flash_attention_fwd
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference, rope_cache_write
 
 DECODE_MAX_QUERIES = 4  # 1 token, or a few for speculative decoding: rows (tokens x group) fit one MMA tile
 
 
-def _allowed_dtypes(t: torch.Tensor):
-    return KERNEL_DTYPES if t.is_cuda else KERNEL_DTYPES + (torch.float32,)
-
-
 def _check_qkv(where, q, k, v):
+    """q ``[B, L, Hq, D]``, k/v ``[B, L, Hkv, D]`` on one device; the rest is the kernels' shared check."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"{where}: q, k, v must be 4-D [B, L, heads, D], got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     devs = {t.device for t in (q, k, v)}
     if len(devs) != 1:
         raise ValueError(f"{where}: q, k, v are on different devices: {sorted(map(str, devs))}")
-    if q.dtype not in _allowed_dtypes(q) or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{where}: q, k, v must share one dtype of {_allowed_dtypes(q)}, got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    B, L, HQ, D = q.shape
-    if k.shape[0] != B or k.shape[1] != L or k.shape[3] != D:
-        raise ValueError(f"{where}: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in batch, length or head_dim")
-    if L == 0:
-        raise ValueError(f"{where}: zero tokens")
-    if k.shape[2] == 0 or HQ % k.shape[2]:
-        raise ValueError(f"{where}: {HQ} query heads are not a multiple of {k.shape[2]} kv heads")
-    check_head_dim(D, where)
+    if k.shape[1] != q.shape[1]:
+        raise ValueError(f"{where}: k/v {tuple(k.shape)} do not match q {tuple(q.shape)} in length")
+    dtypes = KERNEL_DTYPES if q.is_cuda else KERNEL_DTYPES + (torch.float32,)
+    check_attention_args(where, q, k.transpose(1, 2), v.transpose(1, 2), dtypes)
 
 
 def _torch_attention(q, k, v, causal: bool, scale: float, kv_len: int) -> torch.Tensor:

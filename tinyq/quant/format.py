@@ -46,12 +46,31 @@ def check_group_size(group_size: int, k: int, what: str = "weight") -> None:
         )
 
 
+def scale_dtype_for(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype scales are stored in: bf16 for bf16 weights, fp16 otherwise (fp32 weights too)."""
+    return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float16
+
+
+def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, n_bit: int, scale_dtype):
+    """The quantizer's grid for groups spanning ``[lo, hi]`` (float32, any matching shapes):
+    ``s = max(hi - lo, 1e-5) / (2^b - 1)`` rounded to ``scale_dtype`` (returned as float32, so
+    ``(q - z) * s`` is the best reconstruction the stored scale allows) and the integer zero point
+    ``z = clamp(-round(lo / s), 0, 2^b - 1)``. AWQ's quantizer; the only place it is written."""
+    qmax = 2**n_bit - 1
+    scale = ((hi - lo).clamp(min=1e-5) / qmax).to(scale_dtype).float()
+    return scale, (-torch.round(lo / scale)).clamp(0, qmax)
+
+
+def quantize_to_grid(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n_bit: int) -> torch.Tensor:
+    """``q = clamp(round(g / s) + z, 0, 2^b - 1)`` as float32 (values outside the grid land on its ends)."""
+    return (torch.round(g / scale) + zero).clamp(0, 2**n_bit - 1)
+
+
 def quantize_groupwise(w: torch.Tensor, group_size: int, n_bit: int = 4, scale_dtype=torch.float16):
     """Round-to-nearest group-wise asymmetric quantization of ``w [N, K]`` (AWQ's quantizer).
 
-    Returns ``q`` (uint8 ``[N, K]``, 0..2^b-1), ``scales`` and ``zeros`` (``scale_dtype``, ``[N, K/G]``).
-    The scale is rounded to ``scale_dtype`` before ``q`` is computed, so ``(q - z) * s`` is the
-    best reconstruction the stored scale allows.
+    Returns ``q`` (uint8 ``[N, K]``, 0..2^b-1), ``scales`` and ``zeros`` (``scale_dtype``, ``[N, K/G]``),
+    on the grid of :func:`group_scale_zero` over each group's min and max.
     """
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight [N, K], got shape {tuple(w.shape)}")
@@ -62,15 +81,10 @@ def quantize_groupwise(w: torch.Tensor, group_size: int, n_bit: int = 4, scale_d
     n, k = w.shape
     if k % group_size != 0:
         raise ValueError(f"weight of shape {tuple(w.shape)}: K={k} is not divisible by group_size={group_size}")
-    qmax = 2**n_bit - 1
     g = w.detach().float().reshape(n, k // group_size, group_size)
-    wmax = g.amax(dim=-1)
-    wmin = g.amin(dim=-1)
-    scales = ((wmax - wmin).clamp(min=1e-5) / qmax).to(scale_dtype)
-    s = scales.float()
-    zeros = (-torch.round(wmin / s)).clamp(0, qmax)
-    q = (torch.round(g / s[..., None]) + zeros[..., None]).clamp(0, qmax)
-    return q.reshape(n, k).to(torch.uint8), scales, zeros.to(scale_dtype)
+    scale, zero = group_scale_zero(g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True), n_bit, scale_dtype)
+    q = quantize_to_grid(g, scale, zero, n_bit)
+    return q.reshape(n, k).to(torch.uint8), scale.squeeze(-1).to(scale_dtype), zero.squeeze(-1).to(scale_dtype)
 
 
 def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -82,10 +96,16 @@ def dequantize_groupwise(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return ((qf - zeros.float()[..., None]) * scales.float()[..., None]).reshape(n, k)
 
 
-def fake_quantize(w: torch.Tensor, group_size: int, n_bit: int = 4) -> torch.Tensor:
-    """Quantize then dequantize, in ``w``'s dtype (used by AWQ's search and by evaluation)."""
-    q, s, z = quantize_groupwise(w, group_size, n_bit, scale_dtype=torch.float16 if w.dtype != torch.bfloat16 else w.dtype)
-    return dequantize_groupwise(q, s, z).to(w.dtype)
+def fake_quantize(w: torch.Tensor, group_size: int, n_bit: int = 4, scale_dtype=None) -> torch.Tensor:
+    """``(q - z) * s`` of :func:`quantize_groupwise` without the integer round trip, in ``w``'s dtype
+    (AWQ's search runs it 20x per linear per layer; evaluation uses it too). ``scale_dtype``
+    defaults to :func:`scale_dtype_for` ``w.dtype``; AWQ passes the stored weight's when ``w`` is a
+    float32 candidate."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    scale, zero = group_scale_zero(g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True), n_bit,
+                                   scale_dtype or scale_dtype_for(w.dtype))
+    return ((quantize_to_grid(g, scale, zero, n_bit) - zero) * scale).reshape(n, k).to(w.dtype)
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
