@@ -101,7 +101,7 @@ def test_dequant_is_exact(n, k, group_size, dtype):
 
 
 def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
-    """Every bucket resolves; buckets grow; the last is open-ended; no PTX where torch is a ROCm build."""
+    """Every bucket resolves; buckets grow; the last is open-ended; no PTX where the backend has none."""
     for plans in PLANS.values():
         bounds = [m for m, _, _ in plans]
         assert bounds[-1] is None and bounds[:-1] == sorted(bounds[:-1])
@@ -110,10 +110,13 @@ def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
     assert all(not cfg.get("ptx_dequant") for m in (1, 16, 64, 128) for cfg in [launch_plan(m, torch.float16, -1)[1]])
     from tinyq.kernels import w4a16_configs
 
-    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
-    assert not w4a16_configs.ptx_supported(torch.device("cuda", 0))
-    monkeypatch.setattr(torch.version, "hip", None, raising=False)
-    assert w4a16_configs.ptx_supported(torch.device("cuda", 0))
+    monkeypatch.setattr(w4a16_configs, "gpu_arch", lambda device: "sm90")  # resolve an H100/H200 plan here
+    monkeypatch.setattr(w4a16_configs, "fp16_accumulate_default", lambda device: False)
+    gpu = torch.device("cuda", 0)
+    for nvidia in (True, False):  # False: e.g. a ROCm GPU, whose tensors also report is_cuda
+        monkeypatch.setattr(w4a16_configs, "ptx_supported", lambda device: nvidia)
+        ptx = [w4a16_configs._resolve(m, torch.float16, gpu)[1].get("ptx_dequant") for m in (1, 4, 16, 64)]
+        assert all(ptx) if nvidia else not any(ptx)
 
 
 @pytest.mark.parametrize("unpack", ["gather", "split"])

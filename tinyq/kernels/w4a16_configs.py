@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from tinyq.backend import gpu_arch, ptx_supported
+
 _SM90 = [
     (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
     (4, "gemm", dict(block_m=16, block_n=64, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
@@ -35,16 +37,8 @@ PLANS = {
 
 
 def device_arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "default"
-    major, minor = torch.cuda.get_device_capability(device)
-    key = f"sm{major}{minor}"
+    key = gpu_arch(device)
     return key if key in PLANS else "default"
-
-
-def ptx_supported(device: torch.device) -> bool:
-    """Inline PTX runs only on NVIDIA GPUs: a ROCm build also reports ``is_cuda`` tensors."""
-    return device.type == "cuda" and torch.version.hip is None
 
 
 def fp16_accumulate_default(device: torch.device) -> bool:
