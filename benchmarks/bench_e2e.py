@@ -30,7 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinyq.generate import Generator  # noqa: E402
 from tinyq.models.llama import CausalLM, ModelConfig  # noqa: E402
 from tinyq.nn.dense_linear import DenseLinear  # noqa: E402
+from tinyq.models.w8a8 import use_w8a8_layers  # noqa: E402
 from tinyq.nn.w4a16_linear import W4A16Linear  # noqa: E402
+from tinyq.nn.w8a8_linear import W8A8Linear  # noqa: E402
 
 SHAPES = {
     "llama3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
@@ -75,6 +77,11 @@ def random_model(hf_cfg: dict, precision: str, device, group_size: int) -> Causa
                     bias = (torch.randn(n, device=device, generator=g) * 0.02).to(torch.float16) \
                         if child.bias is not None else None
                     setattr(mod, name, W4A16Linear.from_quantized(q, scales, zeros, bias))
+                elif precision == "w8a8" and name != "lm_head":  # int8 codes, std 73 -> weight std 0.02
+                    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device, generator=g)
+                    bias = (torch.randn(n, device=device, generator=g) * 0.02).to(dtype) \
+                        if child.bias is not None else None
+                    setattr(mod, name, W8A8Linear.from_quantized(q, torch.full((n,), 0.02 / 73.3, device=device), bias))
                 else:
                     new = DenseLinear(k, n, bias=child.bias is not None, device=device, dtype=dtype)
                     with torch.no_grad():
@@ -94,6 +101,8 @@ def random_model(hf_cfg: dict, precision: str, device, group_size: int) -> Causa
 
     fill(model)
     model.tie_weights()
+    if precision == "w8a8":
+        use_w8a8_layers(model)
     return model.eval().requires_grad_(False)
 
 
@@ -309,6 +318,15 @@ def summarize(results):
                 lo, hi = min(s), max(s)
                 ratio = s[hi] / s[lo]
                 row(f"{name} {prec} streaming TTFT({hi})/TTFT({lo})", ratio, "<= 1.2", ratio <= TARGETS["stream_ratio"])
+        w8, fp = r.get("w8a8", {}), r.get("fp16", {})
+        if "decode_ms" in w8 and "decode_ms" in fp:
+            ratio = w8["decode_ms"] / fp["decode_ms"]
+            row(f"{name} W8A8 / tinyq fp16 decode time", ratio, "<= 0.6", ratio <= 0.6)
+        for n, ms in w8.get("ttft_ms", {}).items():
+            if n in fp.get("ttft_ms", {}):
+                speed = fp["ttft_ms"][n] / ms
+                row(f"{name} tinyq fp16 / W8A8 TTFT@{n}", speed, ">= 1.4" if n == 4096 else "-",
+                    speed >= 1.4 if n == 4096 else None)
         if "decode_ms" in hf:
             row(f"{name} HF fp16 decode ms/token", hf["decode_ms"], "baseline", None)
         if "peak_gb_w4a16_4k" in r:

@@ -1,13 +1,20 @@
-"""W4A16 linear benchmark: tinyq vs cuBLAS fp16 (F.linear) vs torch's tinygemm, one run.
+"""W4A16 linear benchmark: tinyq against every baseline a user would run, side by side in one run.
 
-Llama-3-8B linear shapes at M = 1, 16, 2048, 4096; group size 128. tinygemm
-(``torch._weight_int4pack_mm``) takes bf16 only, so it runs in bf16; cuBLAS and tinyq in fp16.
-Prints medians (us), GB/s (weight + activation bytes), TFLOP/s and ratios; ``--sweep`` first
-measures launch-config candidates per M bucket and uses the winners (printed in the format of
-``tinyq/kernels/w4a16_configs.py``). Also measures fp16 accumulation (tinyq W4A16 GEMM and the
-plain fp16acc GEMM) against fp32 accumulation and cuBLAS at large M.
+Contenders on the Llama-3-8B linears of one layer (qkv 4096->6144, o 4096->4096, gate_up
+4096->28672, down 14336->4096; group 128), for M in {1, 2, 4, ..., 4096}, fp16 and bf16:
 
-    python benchmarks/bench_w4a16.py [--sweep] [--out benchmarks/results/w4a16_h100.json]
+- tinyq: ``W4A16Linear`` through its shipped launch plan (or the sweep's winners with ``--sweep``);
+- cuBLAS: ``F.linear`` on the dense fp16/bf16 weight;
+- tinygemm: ``torch._weight_int4pack_mm`` (int4 g128; bf16 activations, so its fp16 row is nan);
+- dequant+cuBLAS: tinyq's dequantize kernel into a scratch buffer, then cuBLAS (vLLM's AWQ recipe
+  for large M).
+
+Timing: M <= 128 from CUDA-graph replays over weight copies that exceed L2 (no launch cost, every
+call reads HBM); larger M with ``triton.testing.do_bench`` (median, L2 flushed). Then host cost:
+eager wall time per call of ``W4A16Linear`` and the norm / SiLU / attention wrappers against their
+graph-replay time.
+
+    python benchmarks/bench_w4a16.py [--sweep] [--out benchmarks/results/w4a16_h200.json]
 """
 from __future__ import annotations
 
@@ -15,248 +22,267 @@ import argparse
 import itertools
 import os
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import bench_ms, environment, graph_ms_rotating, write_json  # noqa: E402
-from tinyq.kernels.fp16acc_gemm import fp16acc_gemm  # noqa: E402
-from tinyq.kernels.w4a16_configs import select_config  # noqa: E402
-from tinyq.kernels.w4a16_matmul import w4a16_matmul  # noqa: E402
-from tinyq.ops.linear import w4a16_linear_reference  # noqa: E402
+from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
+from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
+from tinyq.nn import W4A16Linear  # noqa: E402
 from tinyq.quant.format import quantize_weight  # noqa: E402
 
-SHAPES = {  # name: (K, N)
-    "qkv": (4096, 6144),
-    "o": (4096, 4096),
-    "gate_up": (4096, 28672),
-    "down": (14336, 4096),
-    "lm_head": (4096, 128256),
-}
-MS = (1, 16, 2048, 4096)
+SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
+MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 G = 128
-GRAPH_MAX_M = 16  # at or below this M a call takes microseconds: time CUDA-graph replays (see timed())
-ROTATE_BYTES = 160e6  # weight copies in rotation per shape: > 3x the H100's 50 MB L2
+GRAPH_MAX_M = 128
+ROTATE_BYTES = 200e6  # weight copies in rotation per shape: > 3x the H200's 60 MB L2
 
 
 def copies_of(tensors, nbytes):
-    """``tensors`` plus clones, enough that the set holds ROTATE_BYTES."""
     n = max(1, int(-(-ROTATE_BYTES // nbytes)))
     return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
 def timed(m, make_call, variants):
-    """Median ms of ``make_call(*variant)`` over weight ``variants``.
-
-    Small M: CUDA-graph replays over all variants (no Python launch cost, which decode never pays,
-    and every call reads its weights from HBM). Large M: do_bench on the first variant (L2 flushed
-    between runs; launch cost is noise next to milliseconds of work)."""
+    """Median ms of ``make_call(*variant)`` (see the module docstring for the method)."""
     if m <= GRAPH_MAX_M:
         return graph_ms_rotating([make_call(*v) for v in variants])
     return bench_ms(make_call(*variants[0]))
 
 
-def make_weights(k, n, device="cuda"):
-    w = torch.randn(n, k, device=device) * 0.02
-    qweight, scales, zeros = quantize_weight(w, G, torch.float16)
-    return w.half(), qweight, scales, zeros
-
-
-def tinygemm_pack(w16):
-    """Random int4 weights in torch's tinygemm layout (same shape as ``w16``), or None."""
+def tinygemm_pack(n, k, device="cuda"):
+    """Random int4 weights in tinygemm's layout, or None where this torch lacks it."""
     try:
-        n, k = w16.shape
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=w16.device)
-        packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-        wp = torch._convert_weight_to_int4pack(packed_u8, 8)
-        sz = torch.rand(k // G, n, 2, device=w16.device, dtype=torch.bfloat16)
-        return wp, sz
-    except Exception as e:  # reported, and the row shows nan
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, device=device)
+        wp = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+        return wp, torch.rand(k // G, n, 2, device=device, dtype=torch.bfloat16)
+    except Exception as e:  # reported; the column shows nan
         print(f"tinygemm unavailable: {type(e).__name__}: {e}")
         return None
 
 
-def tinygemm_fn(packed, x):
-    """torch's int4 tinygemm (bf16 activations) as a zero-arg callable, or None."""
-    if packed is None:
-        return None
-    wp, sz = packed
-    xb = x.bfloat16()
-    try:
-        torch._weight_int4pack_mm(xb, wp, G, sz)
-    except Exception as e:
-        print(f"tinygemm failed: {type(e).__name__}: {e}")
-        return None
-    return lambda: torch._weight_int4pack_mm(xb, wp, G, sz)
-
+# ------------------------------------------------------------------------------------------ sweep
 
 def candidates(m):
+    """Launch plans worth measuring for bucket ``m`` (tinyq.kernels.w4a16_configs format)."""
     if m <= 4:
-        for ptx, bn, bk, nw, ns in itertools.product((True, False), (2, 4, 8), (1024, 2048, 4096), (4, 8), (1, 2, 3)):
-            if bn * bk <= 16384 and (ptx or ns == 2):  # [BN, BK/8] fp32 accumulators within registers
-                yield dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, ptx_dequant=ptx)
-    elif m <= 16:
-        for ptx, bn, swap, ns in itertools.product((True, False), (32, 64), (False, True), (3, 5)):
-            yield dict(kernel="gemm", block_m=16, block_n=bn, block_k=128, swap_ab=swap,
-                       unpack="split", ptx_dequant=ptx, num_warps=4, num_stages=ns)
-    elif m <= 256:
-        for bm, bn, unpack, swap in itertools.product((32, 64, 128), (64, 128), ("reshape", "split", "ptx"), (False, True)):
-            if bm <= m:
-                yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=64 if unpack == "reshape" else 128,
-                           swap_ab=swap, unpack="split" if unpack == "ptx" else unpack, ptx_dequant=unpack == "ptx",
-                           num_warps=4, num_stages=4)
-    else:
-        big = [  # (block_m, block_n, block_k, swap_ab, unpack, num_warps, num_stages)
-            (128, 128, 64, False, "reshape", 4, 4),
-            (128, 128, 64, False, "gather", 4, 4),
-            (128, 128, 64, False, "gather", 8, 4),
-            (128, 256, 64, False, "gather", 8, 3),
-            (256, 128, 64, False, "gather", 8, 3),
-            (128, 128, 128, False, "split", 8, 3),
-            (256, 128, 128, False, "split", 8, 3),
-            (128, 256, 128, False, "split", 8, 3),
-            (256, 128, 64, True, "gather", 8, 3),
-            (128, 128, 64, True, "gather", 4, 4),
-            (256, 128, 128, True, "split", 8, 3),
-            (128, 128, 128, True, "split", 8, 3),
-            (256, 64, 64, False, "gather", 4, 4),
-            (256, 128, 64, False, "reshape", 8, 3),
-            (128, 128, 128, False, "ptx", 4, 3),
-            (128, 128, 128, False, "ptx", 8, 3),
-            (128, 256, 128, False, "ptx", 8, 3),
-            (256, 128, 128, False, "ptx", 8, 3),
-            (128, 128, 128, True, "ptx", 8, 3),
-            (256, 128, 128, True, "ptx", 8, 3),
-            (128, 256, 128, True, "ptx", 8, 3),
-        ]
-        for bm, bn, bk, swap, unpack, nw, ns in big:
-            yield dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap,
-                       unpack="split" if unpack == "ptx" else unpack, ptx_dequant=unpack == "ptx",
-                       num_warps=nw, num_stages=ns, group_m=8)
+        for bn, bk, nw in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8)):
+            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True)
+    if 2 <= m <= 128:
+        bm = 16 if m <= 16 else min(64, m)
+        for bn, sk, swap in itertools.product((32, 64, 128), (1, 2, 4, 8), (False, True)):
+            if not (sk > 2 and m >= 128):
+                yield "gemm", dict(block_m=bm, block_n=bn, block_k=128, swap_ab=swap, unpack="split", ptx_dequant=True,
+                                   split_k=sk, num_warps=4, num_stages=3 if bm <= 32 else 4)
+    if m >= 64:
+        for bn, bk in itertools.product((16, 32, 64), (256, 512)):
+            yield "dequant", dict(block_n=bn, block_k=bk, num_warps=4)
+    if 128 <= m <= 256:
+        for bm, bn, swap in itertools.product((128,), (64, 128), (False, True)):
+            yield "gemm", dict(block_m=bm, block_n=bn, block_k=128, swap_ab=swap, unpack="split", ptx_dequant=True,
+                               split_k=1, num_warps=4, num_stages=4)
 
 
-def sweep(weights, rotations, m, shape_names, rep_ms):
-    """Best config for bucket ``m``: lowest summed time over ``shape_names`` (wrong results skipped)."""
+def sweep(weights, rotations, m):
+    """Best plan for bucket ``m``: the lowest time summed over the four shapes (wrong results skipped)."""
     best = None
-    for cfg in candidates(m):
+    for plan in candidates(m):
         total = 0.0
         try:
-            for name in shape_names:
-                k, n = SHAPES[name]
+            for name, (k, n) in SHAPES.items():
                 _, qw, s, z = weights[name]
                 x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                y = w4a16_matmul(x, qw, s, z, config=cfg)
-                ref = w4a16_linear_reference(x[:, :], qw, s, z).float() if m <= 64 or name == "o" else None
-                if ref is not None and (y.float() - ref).abs().max() > 1e-2 * ref.abs().max():
-                    raise RuntimeError("wrong result")
-                total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=cfg)), rotations[name])
+                if name == "o":
+                    y = w4a16_matmul(x, qw, s, z, config=plan).float()
+                    ref = w4a16_linear_reference(x, qw, s, z).float()
+                    if (y - ref).abs().max() > 1e-2 * ref.abs().max():
+                        raise RuntimeError("wrong result")
+                total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name])
         except Exception as e:  # out of shared memory / registers, or wrong: skip the candidate
-            print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            print(f"  skip {plan}: {type(e).__name__}: {str(e)[:80]}")
             continue
-        print(f"  M={m} {total * 1e3:9.1f} us  {cfg}")
+        print(f"  M={m} {total * 1e3:9.1f} us  {plan}", flush=True)
         if best is None or total < best[0]:
-            best = (total, cfg)
-    print(f"  M={m}: best {best[1]} ({best[0] * 1e3:.1f} us over {shape_names})", flush=True)
+            best = (total, plan)
+    print(f"  M={m}: best {best[1]} ({best[0] * 1e3:.1f} us)", flush=True)
     return best[1]
 
 
+# ------------------------------------------------------------------------------------ host cost
+
+def eager_vs_graph(fn, calls=200):
+    """(eager us/call, graph us/call) of ``fn``: wall time of a loop of calls synchronized once at
+    the end (what an eager model pays: launch-bound calls are as slow as the host), against the
+    replay of the same calls captured in one CUDA graph."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    eager = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        eager.append((time.perf_counter() - t0) / calls * 1e6)
+    graph_us = graph_ms_rotating([fn] * calls) * 1e3
+    return sorted(eager)[len(eager) // 2], graph_us
+
+
+def host_cost_rows(dtype):
+    from tinyq.cache import StaticKVCache
+    from tinyq.ops import add_rms_norm, attention_with_cache, rms_norm, silu_mul
+
+    rows = []
+    for name, (k, n) in SHAPES.items():
+        lin = W4A16Linear.from_linear(torch.nn.Linear(k, n, bias=False).to("cuda", dtype), group_size=G)
+        x = torch.randn(1, k, device="cuda", dtype=dtype)
+        rows.append((f"W4A16Linear {name} M=1", *eager_vs_graph(lambda: lin(x))))
+    h = torch.randn(1, 1, 4096, device="cuda", dtype=dtype)
+    w = torch.ones(4096, device="cuda", dtype=dtype)
+    rows.append(("rms_norm", *eager_vs_graph(lambda: rms_norm(h, w, 1e-5))))
+    rows.append(("add_rms_norm", *eager_vs_graph(lambda: add_rms_norm(h, h, w, 1e-5))))
+    gu = torch.randn(1, 1, 28672, device="cuda", dtype=dtype)
+    rows.append(("silu_mul", *eager_vs_graph(lambda: silu_mul(gu))))
+    cache = StaticKVCache(1, 8, 128, 4096, dtype=dtype, device="cuda")
+    cache.advance(1024)
+    q = torch.randn(1, 1, 32, 128, device="cuda", dtype=dtype)
+    kv = torch.randn(1, 1, 8, 128, device="cuda", dtype=dtype)
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, 128, 2, device="cuda", dtype=torch.float32) / 128))
+    rows.append(("attention_with_cache decode @1024", *eager_vs_graph(lambda: attention_with_cache(q, kv, kv, cache, 0, inv_freq))))
+    return [dict(op=op, dtype=str(dtype), eager_us=e, graph_us=g, ratio=e / g) for op, e, g in rows]
+
+
+# ------------------------------------------------------------------------------------------ main
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="measure launch-plan candidates per M bucket first")
+    ap.add_argument("--sweep-ms", default="1,4,16,32,64,128,256")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
-    ms = sorted(ms, key=lambda v: (v < 2048, -v))  # sweep the largest M first; smaller prefill M reuse it
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     torch.manual_seed(0)
-    weights = {name: make_weights(*SHAPES[name]) for name in SHAPES}
-    rotations = {name: copies_of(weights[name][1:], weights[name][1].numel() * 4) for name in SHAPES}
-    rotations16 = {name: copies_of(weights[name][:1], weights[name][0].numel() * 2) for name in SHAPES}
     env = environment()
     print(env, flush=True)
 
+    weights, rotations = {}, {}
+    for name, (k, n) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda") * 0.02
+        weights[name] = (w.half(), *quantize_weight(w, G, torch.float16))
+        rotations[name] = copies_of(weights[name][1:], weights[name][1].numel() * 4)
+
     tuned = {}
     if args.sweep:
-        for m in ms:
-            if m >= 2048 and 4096 in tuned:
-                tuned[m] = tuned[4096]
-                continue
-            names = ["qkv", "o", "gate_up", "down"] if m <= 256 else ["o", "gate_up"]
-            tuned[m] = sweep(weights, rotations, m, names, rep_ms=60)
+        for m in [int(v) for v in args.sweep_ms.split(",")]:
+            tuned[m] = sweep(weights, rotations, m)
+        print("\ntuned plans (w4a16_configs.py format):")
+        for m, (kind, cfg) in tuned.items():
+            print(f"    ({m}, {kind!r}, dict({', '.join(f'{a}={b!r}' for a, b in cfg.items())})),")
 
-    tinygemm_weights = {}
     rows = []
-    for m in ms:
+    for dtype in dtypes:
+        wts = {name: (w16.to(dtype), qw, s.to(dtype), z.to(dtype)) for name, (w16, qw, s, z) in weights.items()}
+        rot_q = {name: copies_of(wts[name][1:], wts[name][1].numel() * 4) for name in SHAPES}
+        rot_d = {name: copies_of(wts[name][:1], wts[name][0].numel() * 2) for name in SHAPES}
+        rot_tg = {}
         for name, (k, n) in SHAPES.items():
-            w16, qw, s, z = weights[name]
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            cfg = tuned.get(m) or select_config(m, x.device)
-            # correctness on this exact shape before timing it
-            y = w4a16_matmul(x, qw, s, z, config=cfg)
-            ref = w4a16_linear_reference(x, qw, s, z).float()
-            rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-            t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=cfg)), rotations[name])
-            t_fp16 = timed(m, lambda w: (lambda: F.linear(x, w)), rotations16[name])
-            if name not in tinygemm_weights:
-                packed = tinygemm_pack(w16)
-                tinygemm_weights[name] = None if packed is None else copies_of(packed, packed[0].numel() * 4)
-            tg_variants = tinygemm_weights[name]
-            if tg_variants is not None and tinygemm_fn(tg_variants[0], x) is not None:
-                t_tg = timed(m, lambda wp, sz: tinygemm_fn((wp, sz), x), tg_variants)
-            else:
+            packed = tinygemm_pack(n, k)
+            rot_tg[name] = None if packed is None else copies_of(packed, packed[0].numel() * 4)
+        for m in ms:
+            plan = launch_plan(m, dtype, torch.cuda.current_device())
+            if args.sweep:
+                bucket = min((b for b in tuned if b >= m), default=None)
+                plan = tuned[bucket] if bucket is not None else plan
+            dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
+            for name, (k, n) in SHAPES.items():
+                w16, qw, s, z = wts[name]
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                y = w4a16_matmul(x, qw, s, z, config=plan)
+                ref = w4a16_linear_reference(x, qw, s, z).float()
+                rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rot_q[name])
+                t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name])
+                t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name])
                 t_tg = float("nan")
-            wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
-            io = (m * k + m * n) * 2
-            rows.append(dict(m=m, shape=name, k=k, n=n, config=cfg, max_rel_err=rel, tinyq_us=t_q * 1e3,
-                             cublas_fp16_us=t_fp16 * 1e3, tinygemm_us=t_tg * 1e3,
-                             tinyq_gbps=(wbytes + io) / t_q / 1e6, tinyq_tflops=2 * m * n * k / t_q / 1e9,
-                             cublas_tflops=2 * m * n * k / t_fp16 / 1e9))
-            print(f"M={m:5d} {name:8s} tinyq {t_q*1e3:9.1f} us  fp16 {t_fp16*1e3:9.1f}  tinygemm {t_tg*1e3:9.1f}"
-                  f"  {rows[-1]['tinyq_gbps']:7.0f} GB/s {rows[-1]['tinyq_tflops']:6.1f} TF  err {rel:.1e}", flush=True)
+                if dtype == torch.bfloat16 and rot_tg[name] is not None:
+                    t_tg = timed(m, lambda wp, sz: (lambda: torch._weight_int4pack_mm(x, wp, G, sz)), rot_tg[name])
+                wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
+                rows.append(dict(dtype=str(dtype), m=m, shape=name, k=k, n=n, plan=list(plan), max_rel_err=rel,
+                                 tinyq_us=t_q * 1e3, cublas_us=t_cb * 1e3, tinygemm_us=t_tg * 1e3,
+                                 dequant_cublas_us=t_dq * 1e3,
+                                 tinyq_gbps=(wbytes + (m * k + m * n) * 2) / t_q / 1e6,
+                                 tinyq_tflops=2 * m * n * k / t_q / 1e9))
+                print(f"{str(dtype)[6:]:8s} M={m:5d} {name:8s} tinyq {t_q*1e3:8.1f} us ({plan[0]}) cuBLAS {t_cb*1e3:8.1f}"
+                      f" tinygemm {t_tg*1e3:8.1f} dq+cuBLAS {t_dq*1e3:8.1f} {rows[-1]['tinyq_gbps']:6.0f} GB/s"
+                      f" err {rel:.1e}", flush=True)
 
-    # fp16 accumulation vs fp32 accumulation at prefill sizes
-    acc_rows = []
-    for m in [v for v in ms if v >= 2048]:
-        for name in ("o", "gate_up"):
-            k, n = SHAPES[name]
-            w16, qw, s, z = weights[name]
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-            cfg = tuned.get(m) or select_config(m, x.device)
-            t32 = bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg, acc_fp16=False))
-            t16 = bench_ms(lambda: w4a16_matmul(x, qw, s, z, config=cfg, acc_fp16=True))
-            g32 = bench_ms(lambda: fp16acc_gemm(x, w16, acc_fp16=False))
-            g16 = bench_ms(lambda: fp16acc_gemm(x, w16, acc_fp16=True))
-            cub = bench_ms(lambda: F.linear(x, w16))
-            acc_rows.append(dict(m=m, shape=name, w4a16_acc32_us=t32 * 1e3, w4a16_acc16_us=t16 * 1e3,
-                                 gemm_acc32_us=g32 * 1e3, gemm_acc16_us=g16 * 1e3, cublas_us=cub * 1e3))
+    host = []
+    for dtype in dtypes:
+        host += host_cost_rows(dtype)
 
-    summary = {}
-    for m in ms:
-        sel = [r for r in rows if r["m"] == m and r["shape"] != "lm_head"]
-        summary[m] = {k: sum(r[k] for r in sel) for k in ("tinyq_us", "cublas_fp16_us", "tinygemm_us")}
-    write_json(args.out, dict(env=env, group_size=G, timing=f"M <= {GRAPH_MAX_M}: CUDA-graph replays over weight "
-                              f"copies > {ROTATE_BYTES / 1e6:.0f} MB; larger M: do_bench median, L2 flushed", rows=rows, fp16_accumulate=acc_rows, tuned=tuned,
-                              summary_without_lm_head=summary))
-    if tuned:
-        print("\ntuned configs (w4a16_configs.py format):")
-        for m, cfg in tuned.items():
-            print(f"    ({m}, dict({', '.join(f'{k}={v!r}' for k, v in cfg.items())})),")
-    print("\nfp16 vs fp32 accumulation (us):")
-    for r in acc_rows:
-        print(f"  M={r['m']} {r['shape']:8s} w4a16 acc32 {r['w4a16_acc32_us']:8.1f} acc16 {r['w4a16_acc16_us']:8.1f} | "
-              f"fp16 gemm acc32 {r['gemm_acc32_us']:8.1f} acc16 {r['gemm_acc16_us']:8.1f} cuBLAS {r['cublas_us']:8.1f}")
-    print(f"\n{env.get('gpu')} torch {env['torch']} triton {env['triton']}; sum of qkv+o+gate_up+down (us):")
-    print(f"{'M':>6} {'tinyq':>9} {'cuBLAS':>9} {'tinygemm':>9} {'vs cuBLAS':>9} {'vs tg':>7}  target")
-    for m, sm in summary.items():
-        target = {1: "<= 55 us", 4096: "<= cuBLAS/0.95"}.get(m, "")
-        met = ""
-        if m == 1:
-            met = "MET" if sm["tinyq_us"] <= 55 else "missed"
-        elif m == 4096:
-            met = "MET" if sm["tinyq_us"] <= sm["cublas_fp16_us"] / 0.95 else "missed"
-        print(f"{m:6d} {sm['tinyq_us']:9.1f} {sm['cublas_fp16_us']:9.1f} {sm['tinygemm_us']:9.1f} "
-              f"{sm['cublas_fp16_us'] / sm['tinyq_us']:8.2f}x {sm['tinygemm_us'] / sm['tinyq_us']:6.2f}x  {target} {met}")
+    sums = {}
+    for r in rows:
+        s = sums.setdefault((r["dtype"], r["m"]), dict(tinyq_us=0.0, cublas_us=0.0, tinygemm_us=0.0, dequant_cublas_us=0.0))
+        for key in s:
+            s[key] += r[key]
+    summary = build_summary(sums, host, dtypes)
+    write_json(args.out, dict(env=env, group_size=G, shapes=SHAPES,
+                              timing=f"M <= {GRAPH_MAX_M}: CUDA-graph replays over weight copies > "
+                                     f"{ROTATE_BYTES / 1e6:.0f} MB; larger M: do_bench median, L2 flushed",
+                              rows=rows, sums={f"{d} M={m}": v for (d, m), v in sums.items()}, host_cost=host,
+                              tuned={str(m): p for m, p in tuned.items()}, summary=summary))
+    print("\nhost cost (eager wall us/call vs graph replay us/call):")
+    for h in host:
+        print(f"  {h['dtype'][6:]:8s} {h['op']:36s} eager {h['eager_us']:7.1f}  graph {h['graph_us']:7.1f}  {h['ratio']:5.2f}x")
+    print(f"\n{env.get('gpu')} torch {env['torch']} triton {env['triton']}; sum over qkv+o+gate_up+down (us):")
+    print(f"{'dtype':8s} {'M':>5} {'tinyq':>9} {'cuBLAS':>9} {'tinygemm':>9} {'dq+cuBLAS':>9} {'vs cuBLAS':>9}")
+    for (d, m), s in sums.items():
+        print(f"{d[6:]:8s} {m:5d} {s['tinyq_us']:9.1f} {s['cublas_us']:9.1f} {s['tinygemm_us']:9.1f} "
+              f"{s['dequant_cublas_us']:9.1f} {s['cublas_us'] / s['tinyq_us']:8.2f}x")
+    print("\nsummary:")
+    for r in summary:
+        print(f"  {'MET ' if r['met'] else 'miss'} {r['what']}: {r['value']:.3g} (target {r['target']})")
+
+
+def build_summary(sums, host, dtypes):
+    """The issue's targets as {what, value, target, met} rows."""
+    out = []
+
+    def row(what, value, target, met):
+        out.append(dict(what=what, value=float(value), target=target, met=bool(met)))
+
+    f16 = "torch.float16"
+    bf16 = "torch.bfloat16"
+    if (bf16, 1) in sums:
+        t1 = sums[(bf16, 1)]["tinyq_us"]
+        tg = sums[(bf16, 1)]["tinygemm_us"]
+        row("M=1 bf16 four-layer sum / tinygemm", t1 / tg, "<= 0.75", t1 / tg <= 0.75)
+    for d in (f16, bf16):
+        if (d, 1) not in sums:
+            continue
+        t1 = sums[(d, 1)]["tinyq_us"]
+        row(f"M=1 {d[6:]} four-layer sum (us)", t1, "report", True)
+        for m in (2, 4, 8, 16):
+            if (d, m) in sums:
+                r = sums[(d, m)]["tinyq_us"] / t1
+                row(f"M={m} {d[6:]} time / M=1 time", r, "<= 1.25", r <= 1.25)
+        for m, target in ((32, 1.5), (64, 1.5), (128, 1.5), (256, 1.0), (1024, 0.95), (4096, 0.95)):
+            if (d, m) in sums:
+                r = sums[(d, m)]["cublas_us"] / sums[(d, m)]["tinyq_us"]
+                row(f"M={m} {d[6:]} speed vs cuBLAS", r, f">= {target}", r >= target)
+    if f16 in map(str, dtypes) and bf16 in map(str, dtypes):
+        worst = max(sums[(bf16, m)]["tinyq_us"] / sums[(f16, m)]["tinyq_us"] for (d, m) in sums if d == f16)
+        row("worst bf16/fp16 time over M", worst, "<= 1.10", worst <= 1.10)
+    for h in host:
+        if h["op"].startswith("W4A16Linear"):
+            row(f"eager/graph {h['op']} {h['dtype'][6:]}", h["ratio"], "<= 1.3", h["ratio"] <= 1.3)
+    return out
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ import pytest
 import torch
 from awq_tiny_models import fp16_exact, tiny_model, word_tokenizer
 
+from tinyq.atomic_io import normal_file_mode
 from tinyq.quant import checkpoint as ck
 from tinyq.quant.awq import fake_quantize_model_
-from tinyq.quant.format import AWQ_ORDER, dequantize_weight
+from tinyq.quant.format import dequantize_weight
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -23,9 +24,11 @@ def test_checkpoint_reloads_to_identical_outputs(tmp_path, kind, group_size):
     model = fp16_exact(tiny_model(kind))  # values fp16 holds exactly: the checkpoint stores fp16
     path = ck.save_quantized(model, tmp_path / "ckpt", group_size, word_tokenizer())
     cfg = json.loads((path / "config.json").read_text())
-    assert cfg["torch_dtype"] == "float16" and (path.stat().st_mode & 0o777) != 0o700
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float16"
     assert cfg["quantization_config"] == {"quant_method": "tinyq", "bits": 4, "group_size": group_size, "version": 1,
-                                          "modules_not_quantized": ["lm_head"]}
+                                          "zero_point": True, "modules_to_not_convert": ["lm_head"]}
+    for p in (path, path / "model.safetensors", path / "config.json"):  # not tempfile's/safetensors' private modes
+        assert p.stat().st_mode & 0o777 == normal_file_mode(directory=p.is_dir()), p
     assert (path / "tokenizer.json").is_file()
     config, quantized, other = ck.read_quantized_state(path)
     assert set(quantized) == {f"model.layers.{i}.{n}" for i in range(2) for n in LINEARS}
@@ -48,34 +51,16 @@ def test_checkpoint_reloads_to_identical_outputs(tmp_path, kind, group_size):
         torch.testing.assert_close(out, expect(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def _awq_reference_unpack(words, n):
-    """Independent AutoAWQ 'gemm' unpacking: nibble i of word c holds column 8c + AWQ_ORDER[i]."""
-    rows = words.shape[0]
-    out = torch.empty(rows, n, dtype=torch.int64)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    for c in range(words.shape[1]):
-        for i, col in enumerate(AWQ_ORDER):
-            out[:, 8 * c + col] = (w[:, c] >> (4 * i)) & 0xF
-    return out
-
-
-def test_awq_export_and_import(tmp_path):
+def test_awq_export_and_import_agree(tmp_path):
+    """tinyq -> AutoAWQ layout -> tinyq is lossless (AutoAWQ's own reading is checked against fixtures in
+    test_autoawq_fixtures.py)."""
     model = fp16_exact(tiny_model("qwen2"))
     tinyq_dir = ck.save_quantized(model, tmp_path / "tq", 64, word_tokenizer())
     awq_dir = ck.save_quantized(model, tmp_path / "awq", 64, word_tokenizer(), fmt="awq")
     qc = json.loads((awq_dir / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["zero_point"] and qc["bits"] == 4
-    from safetensors.torch import load_file
-
-    raw = load_file(str(awq_dir / "model.safetensors"))
-    qweight, qzeros, scales = (raw[f"model.layers.0.mlp.gate_proj.{k}"] for k in ("qweight", "qzeros", "scales"))
-    assert qweight.shape == (128, 256 // 8) and qzeros.shape == (2, 256 // 8) and scales.shape == (2, 256)
-    assert scales.dtype == torch.float16
-    q = _awq_reference_unpack(qweight, 256).float()  # [K, N]
-    z = _awq_reference_unpack(qzeros, 256).float()  # [K/G, N]
-    w_awq = (q - z.repeat_interleave(64, 0)) * scales.float().repeat_interleave(64, 0)  # y = x @ W
+    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm",
+                  "modules_to_not_convert": ["lm_head"]}
     _, tq, _ = ck.read_quantized_state(tinyq_dir)
-    torch.testing.assert_close(w_awq.t(), dequantize_weight(*tq["model.layers.0.mlp.gate_proj"][:3]), rtol=0, atol=0)
     _, imported, other = ck.read_quantized_state(awq_dir)
     for prefix, tensors in tq.items():
         for a, b in zip(imported[prefix], tensors):
@@ -194,3 +179,123 @@ def test_checkpoint_runs_on_tinyq_models(tmp_path, fmt):
     with torch.no_grad():
         expect = fake_quantize_model_(copy.deepcopy(model), 4, 32)(ids).logits
         torch.testing.assert_close(runtime(ids).float(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_replacing_a_checkpoint_never_leaves_the_destination_empty(tmp_path, monkeypatch):
+    """After every rename the destination holds a whole checkpoint (the old one, then the new one): a crash
+    at any point leaves one of them."""
+    import os
+
+    model = tiny_model("llama")
+    dest = ck.save_quantized(model, tmp_path / "out", 64)
+    states = []
+    for name in ("rename", "replace"):
+        real = getattr(os, name)
+
+        def watched(src, dst, _real=real):
+            _real(src, dst)
+            states.append((dest / "config.json").is_file())
+        monkeypatch.setattr(os, name, watched)
+    real_exchange = ck.exchange
+    monkeypatch.setattr(ck, "exchange", lambda a, b: (real_exchange(a, b), states.append((dest / "config.json").is_file())))
+    ck.save_quantized(model, dest, 32)
+    assert states and all(states)
+    assert json.loads((dest / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the swapped-out old one is gone
+
+
+def test_no_atomic_swap_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    model = tiny_model("llama")
+    dest = ck.save_quantized(model, tmp_path / "out", 64)
+
+    def unsupported(a, b):
+        raise OSError(errno.EINVAL, "Invalid argument")
+    monkeypatch.setattr(ck, "exchange", unsupported)
+    with pytest.raises(FileExistsError, match="cannot replace .* atomically"):
+        ck.save_quantized(model, dest, 32)
+    assert json.loads((dest / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_exchange_swaps_directories(tmp_path):
+    from tinyq.atomic_io import exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b").mkdir()
+    exchange(tmp_path / "a", tmp_path / "b")
+    assert (tmp_path / "b" / "x").read_text() == "a" and not any((tmp_path / "a").iterdir())
+
+
+class _RacingTokenizer:
+    """Saves itself after another process has put a whole checkpoint at ``dest``."""
+
+    def __init__(self, model, dest):
+        self.model, self.dest = model, dest
+
+    def save_pretrained(self, folder):
+        ck.save_quantized(self.model, self.dest, 32)
+
+
+def test_keep_existing_checkpoint_when_another_writer_wins(tmp_path):
+    model = tiny_model("llama")
+    dest = tmp_path / "cache"
+    with pytest.raises(FileExistsError, match="written by another process meanwhile"):
+        ck.save_quantized(model, dest, 64, _RacingTokenizer(model, dest), replace=False)
+    assert json.loads((dest / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    with pytest.raises(FileExistsError, match="already exists"):
+        ck.save_quantized(model, dest, 64, replace=False)
+
+
+@pytest.mark.parametrize("qc,match", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 64}, "quant_method 'gptq'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemv"}, "version 'gemv'"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": False}, "without zero points"),
+    ({"quant_method": "awq", "w_bit": 8, "q_group_size": 64, "zero_point": True}, "bits=8"),
+    ({"quant_method": "tinyq", "group_size": 64}, "bits=None"),
+    ({"quant_method": "tinyq", "bits": 4, "group_size": 0}, "invalid group_size 0"),
+])
+def test_runtime_loader_and_reader_share_the_config_check(tmp_path, qc, match):
+    models = pytest.importorskip("tinyq.models")
+    path = ck.save_quantized(tiny_model("llama"), tmp_path / "c", 64, word_tokenizer())
+    _edit(path, config_fn=lambda c: c.update(quantization_config=qc))
+    with pytest.raises(ValueError, match=match):
+        ck.read_quantized_state(path)
+    with pytest.raises(ValueError, match=match):
+        models.load_model(str(path), precision="w4a16", device="cpu", dtype=torch.float32)
+
+
+def test_save_safetensors_tied_embeddings(tmp_path, monkeypatch):
+    """The README's quantize_ then save_safetensors on a tied-embedding model (SmolLM2's layout): the tied
+    tensor is stored once, restored tied, the file has normal permissions and is fsynced before the rename."""
+    import os
+
+    import tinyq
+    from tinyq.nn import io as nn_io
+
+    def tied_model():
+        m = tiny_model("llama", outliers=False)
+        m.lm_head.weight = m.model.embed_tokens.weight
+        return m
+    model = tied_model()
+    tinyq.quantize_(model, tinyq.W4A16Config(group_size=64))
+    events = []
+    real_fsync, real_replace = nn_io.fsync_path, os.replace
+    monkeypatch.setattr(nn_io, "fsync_path", lambda p: (events.append(("fsync", os.path.basename(p))), real_fsync(p)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))), real_replace(a, b)))
+    path = tmp_path / "m.safetensors"
+    nn_io.save_safetensors(model, str(path))
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"] and events[1][1] == "m.safetensors"
+    assert path.stat().st_mode & 0o777 == normal_file_mode()
+    fresh = tied_model()
+    tinyq.quantize_(fresh, tinyq.W4A16Config(group_size=64))
+    with torch.no_grad():
+        fresh.model.embed_tokens.weight.zero_()
+    nn_io.load_safetensors(fresh, str(path))
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    ids = _ids(n=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -46,6 +46,17 @@ def test_chat_two_turns_reset_exit(model_dir):
     assert answers[2] == answers[0]
 
 
+def test_chat_reports_load_and_warmup_separately(model_dir):
+    p = _run(["chat", "--model", model_dir, "--precision", "fp32", "--temperature", "0", "--max-new-tokens", "4",
+              "--max-seq-len", "128"], "hi\n/exit\n")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    load = [i for i, line in enumerate(lines) if line.startswith("loaded: ") and " in " in line]
+    warm = [i for i, line in enumerate(lines) if line.startswith("ready: warm-up ")]
+    answer = [i for i, line in enumerate(lines) if line.startswith("assistant> ")]
+    assert load and warm and answer and load[0] < warm[0] < answer[0], p.stdout
+
+
 def test_chat_overflow_then_eof(model_dir):
     p = _run(["chat", "--model", model_dir, "--precision", "fp32", "--temperature", "0", "--max-new-tokens", "4",
               "--max-seq-len", "96"], "hi\n" + "word " * 12 + "\nd\n")  # 103 tokens with history, 77 alone

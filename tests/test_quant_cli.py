@@ -7,6 +7,7 @@ from awq_tiny_models import random_text, save_tiny_model_dir
 
 from tinyq.commands import eval as eval_cmd
 from tinyq.commands import quantize as quantize_cmd
+from tinyq.quant.checkpoint import SEARCH_RESULTS
 
 
 def _cli(module, argv):
@@ -38,11 +39,13 @@ def test_quantize_then_eval(model_dir, tmp_path, capsys, method, fmt):
     assert _cli(quantize_cmd, argv) == 0
     captured = capsys.readouterr()
     assert f"to {out}" in captured.out
+    assert (f"AWQ search results: {out}/{SEARCH_RESULTS}" in captured.out) == (method == "awq")
     if method == "awq":
         assert "] AWQ layers 2/2" in captured.err and "calibration: 8 blocks x 64 tokens" in captured.err
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == ("awq" if fmt == "awq" else "tinyq")
-    assert (out / "awq_search.safetensors").is_file() == (method == "awq")
+    assert (out / SEARCH_RESULTS).is_file() == (method == "awq")
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]  # what vLLM's loader globs
     ppl = {}
     for backend in ("transformers", "tinyq"):  # transformers modules with W4A16Linear, and tinyq's own models
         argv = ["eval", "--model", str(out), "--ppl-file", str(model_dir / "eval.txt"), "--window", "64",
@@ -104,8 +107,8 @@ def test_default_checkpoint_is_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     calls = []
 
-    def fake_quantize(job, out_dir, fmt="tinyq"):
-        calls.append((job.model, job.method, job.awq.group_size, job.calib.n_blocks))
+    def fake_quantize(job, out_dir, fmt="tinyq", replace=True):
+        calls.append((job.model, job.method, job.awq.group_size, job.calib.n_blocks, replace))
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
         (out_dir / "model.safetensors").write_bytes(b"")
@@ -114,9 +117,30 @@ def test_default_checkpoint_is_cached(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(default_awq, "quantize_to_checkpoint", fake_quantize)
     path = default_awq.ensure_default_awq_checkpoint(group_size=64)
     assert path == tmp_path / "cache" / "tinyq" / f"smollm2-135m-instruct-awq-w4g64-v{default_awq.CACHE_VERSION}"
-    assert calls == [("default", "awq", 64, default_awq.DEFAULT_CALIB["n_blocks"])]
+    assert calls == [("default", "awq", 64, default_awq.DEFAULT_CALIB["n_blocks"], False)]
     assert str(path) in capsys.readouterr().err
     assert default_awq.ensure_default_awq_checkpoint(group_size=64) == path
     assert len(calls) == 1 and f"using the cached AWQ default model at {path}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="does not divide SmolLM2's hidden size 576"):
         default_awq.ensure_default_awq_checkpoint(group_size=128)
+
+
+def test_default_checkpoint_race(tmp_path, monkeypatch, capsys):
+    """Two first uses at once: the one that finishes second keeps the first one's checkpoint."""
+    from awq_tiny_models import tiny_model
+
+    from tinyq.quant import checkpoint as ck
+    from tinyq.quant import default_awq
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+
+    def slower_process(job, out_dir, fmt="tinyq", replace=True):
+        ck.save_quantized(model, out_dir, 64)  # the other process finishes while this one quantizes
+        ck.save_quantized(model, out_dir, 32, replace=replace)
+        return {"path": str(out_dir)}
+
+    monkeypatch.setattr(default_awq, "quantize_to_checkpoint", slower_process)
+    path = default_awq.ensure_default_awq_checkpoint(group_size=64)
+    assert json.loads((path / "config.json").read_text())["quantization_config"]["group_size"] == 64
+    assert f"cached the AWQ default model at {path}" in capsys.readouterr().err

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from tests.tolerances import assert_close_rel
-from tinyq.backend import force_backend
+from tinyq.backend import force_backend, interpreting
+from tinyq.kernels.w4a16_configs import PLANS, launch_plan
+from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
@@ -63,6 +65,60 @@ def test_gemm(m, n, k, group_size, block_k, unpack, swap_ab, dtype):
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split_k", [2, 3, 4])
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("m,n,k,group_size,block_k,unpack", [
+    (3, 67, 576, 64, 64, "reshape"),  # 9 K steps over 3 or 4 splits: the last split is short
+    (17, 40, 512, 128, 128, "split"),
+    (2, 33, 384, 32, 32, "gather"),
+])
+def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dtype):
+    """Split-K writes fp32 partials and a second kernel sums them, adds the bias and casts."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, bias=(split_k != 3))
+    y = poisoned(m, n, dtype)
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab,
+                      unpack=unpack, split_k=split_k, num_warps=4)
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("n,k", [(67, 576), (16, 128), (33, 384)])
+def test_dequant_is_exact(n, k, group_size, dtype):
+    """(q - z) is exact in fp16/bf16 and the one multiply rounds once: equal to the fp32 reference
+    rounded to the dtype, bit for bit (odd N, K not a multiple of the tile)."""
+    if k % group_size:
+        pytest.skip("group does not divide K")
+    _, qw, s, z, _ = make_case(1, n, k, group_size, dtype, bias=False)
+    out = torch.full((n, k), float("nan"), dtype=dtype, device=DEV)
+    launch_w4a16_dequant(qw, s, z, out, block_n=16, block_k=256)
+    ref = w4a16_dequant_reference(qw, s, z)
+    if dtype == torch.bfloat16 and interpreting():
+        # Triton's interpreter converts fp32 -> bf16 by truncation (the GPU rounds to nearest even)
+        ref = (ref.view(torch.int32) & -65536).view(torch.float32)
+    assert torch.equal(out, ref.to(dtype))
+
+
+def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
+    """Every bucket resolves; buckets grow; the last is open-ended; no PTX where the backend has none."""
+    for plans in PLANS.values():
+        bounds = [m for m, _, _ in plans]
+        assert bounds[-1] is None and bounds[:-1] == sorted(bounds[:-1])
+    assert launch_plan(1, torch.float16, -1)[0] == "gemv"
+    assert launch_plan(10**6, torch.float16, -1)[0] == "dequant"
+    assert all(not cfg.get("ptx_dequant") for m in (1, 16, 64, 128) for cfg in [launch_plan(m, torch.float16, -1)[1]])
+    from tinyq.kernels import w4a16_configs
+
+    monkeypatch.setattr(w4a16_configs, "gpu_arch", lambda device: "sm90")  # resolve an H100/H200 plan here
+    monkeypatch.setattr(w4a16_configs, "fp16_accumulate_default", lambda device: False)
+    gpu = torch.device("cuda", 0)
+    for nvidia in (True, False):  # False: e.g. a ROCm GPU, whose tensors also report is_cuda
+        monkeypatch.setattr(w4a16_configs, "ptx_supported", lambda device: nvidia)
+        ptx = [w4a16_configs._resolve(m, torch.float16, gpu)[1].get("ptx_dequant") for m in (1, 4, 16, 64)]
+        assert all(ptx) if nvidia else not any(ptx)
+
+
 @pytest.mark.parametrize("unpack", ["gather", "split"])
 @pytest.mark.parametrize("swap_ab", [False, True])
 def test_gemm_fp16_accumulate(swap_ab, unpack):
@@ -78,7 +134,7 @@ def test_gemm_fp16_accumulate(swap_ab, unpack):
 
 
 @pytest.mark.parametrize("group_size", [64, 128])
-@pytest.mark.parametrize("m", [1, 4, 5, 16, 17, 64, 65, 257])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 17, 64, 65, 128, 129, 257])
 def test_dispatch_shipped_configs(m, group_size):
     """Every M bucket of the shipped config table, through the public launcher."""
     x, qw, s, z, b = make_case(m, 24, 256, group_size, torch.float16)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from tinyq.warmup import CompileTracker
 
 PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory (the 4k MLP of an 8B model is 235 MB/1k)
 
@@ -64,8 +66,10 @@ class GenerationStats:
     prompt_tokens: int = 0  # tokens of the prompt
     prefilled_tokens: int = 0  # of which actually prefilled (the rest were already in the cache)
     new_tokens: int = 0
-    ttft_s: float = 0.0  # start -> first token sampled (prefill + one sample)
-    decode_s: float = 0.0  # the remaining tokens
+    ttft_s: float = 0.0  # start -> first token sampled (prefill + one sample), compilation excluded
+    decode_s: float = 0.0  # the remaining tokens, compilation excluded
+    compiled_kernels: int = 0  # Triton kernels compiled during this generation (a shape seen for the first time)
+    compile_s: float = 0.0  # the time they took, excluded from ttft_s / decode_s
 
     @property
     def ms_per_token(self) -> float:
@@ -73,8 +77,12 @@ class GenerationStats:
         return 1e3 * self.decode_s / (self.new_tokens - 1) if self.new_tokens > 1 else 0.0
 
     def summary(self) -> str:
-        return (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
+        line = (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
                 f"{self.ms_per_token:.1f} ms/token ({self.new_tokens} tokens)")
+        if self.compiled_kernels:
+            line += (f" | first use of a new shape: {self.compiled_kernels} kernels compiled in "
+                     f"{self.compile_s:.1f} s, not counted above")
+        return line
 
 
 @dataclass
@@ -188,13 +196,17 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, max_seq_len: Optional[int] = None, cuda_graph: Optional[bool] = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, embed_fn: Optional[Callable] = None):
         self.model, self.tokenizer = model, tokenizer
+        # (ids [1, S] on the device, position of ids[0]) -> inputs_embeds [1, S, hidden]: how a VLM
+        # splices image features into the prefill (tinyq.vlm.session); None embeds the ids.
+        self.embed_fn = embed_fn
         self.cache = model.new_cache(max_seq_len)
         self.cached_ids: List[int] = []
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = self.cache.device.type == "cuda" if cuda_graph is None else cuda_graph
         self._graph: Optional[DecodeGraph] = None
+        CompileTracker.install()
         cfg = model.config
         eos = set(cfg.eos_token_ids)
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -228,7 +240,12 @@ class Generator:
         logits = None
         for start in range(0, len(ids), self.prefill_chunk):
             chunk = list(ids[start : start + self.prefill_chunk])
-            logits = self.model(torch.tensor([chunk], device=dev), self.cache, last_only=True)[0, -1]
+            x = torch.tensor([chunk], device=dev)
+            if self.embed_fn is None:
+                logits = self.model(x, self.cache, last_only=True)[0, -1]
+            else:
+                embeds = self.embed_fn(x, self.cache.length)
+                logits = self.model(None, self.cache, last_only=True, inputs_embeds=embeds)[0, -1]
             self.cached_ids.extend(chunk)
         return logits
 
@@ -307,6 +324,7 @@ class TextStream(DeltaStream):
         if cfg.seed is not None:
             rng = torch.Generator(device=gen.cache.device).manual_seed(cfg.seed)
         stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
+        compiles = CompileTracker.snapshot()
         t0 = time.perf_counter()
         kept = gen.reuse_prefix(self.prompt_ids)
         stats.prefilled_tokens = len(self.prompt_ids) - kept
@@ -323,7 +341,8 @@ class TextStream(DeltaStream):
             token = sample_token(logits, cfg, context, rng)
             if t_first is None:
                 t_first = time.perf_counter()
-                stats.ttft_s = t_first - t0
+                prefill_compile = CompileTracker.since(compiles)
+                stats.ttft_s = t_first - t0 - prefill_compile.seconds
             if token in stops:
                 finish = "stop"
                 break
@@ -347,7 +366,9 @@ class TextStream(DeltaStream):
                 break
             logits = gen.decode(token)
         stats.new_tokens = len(out_ids)
-        stats.decode_s = time.perf_counter() - t_first
+        total_compile = CompileTracker.since(compiles)
+        stats.compiled_kernels, stats.compile_s = total_compile.kernels, total_compile.seconds
+        stats.decode_s = time.perf_counter() - t_first - (total_compile.seconds - prefill_compile.seconds)
         if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted):]
         self.result = GenerationResult(text=text, token_ids=out_ids, finish_reason=finish, stats=stats)

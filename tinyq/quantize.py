@@ -1,4 +1,4 @@
-"""``quantize_(model, config)``: swap a model's ``nn.Linear`` layers for quantized ones, in place."""
+"""``quantize_(model, config)``: swap a model's ``nn.Linear`` layers for quantized ones (W4A16 or W8A8), in place."""
 from __future__ import annotations
 
 import fnmatch
@@ -10,7 +10,9 @@ from torch import nn
 
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
+from tinyq.nn.w8a8_linear import ACT_QUANT, W8A8Linear
 from tinyq.quant.format import GROUP_SIZES
+from tinyq.quant.int8_format import MAX_K, QMAX
 
 
 @dataclass
@@ -34,20 +36,37 @@ class W4A16Config:
             raise ValueError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES}")
 
 
+@dataclass
+class W8A8Config:
+    """SmoothQuant-style W8A8 settings: int8 weights per output channel, int8 activations.
+
+    ``act_quant``: ``"token"`` (dynamic per-token scales, the default) or ``"tensor"`` (one static
+    scale per linear, ``max|x| / 127``, which needs ``act_scales``: the per-input-channel ``max|x|``
+    of each selected linear by full module name, as :func:`tinyq.quant.smoothquant.calibrate` returns
+    and :func:`tinyq.smooth_` updates). ``include`` / ``exclude`` as in :class:`W4A16Config`.
+    """
+
+    act_quant: str = "token"
+    act_scales: Optional[dict] = None
+    include: Optional[Sequence[str]] = None
+    exclude: Sequence[str] = field(default_factory=lambda: ["lm_head"])
+
+    def __post_init__(self):
+        if self.act_quant not in ACT_QUANT:
+            raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {self.act_quant!r}")
+        if self.act_quant == "tensor" and self.act_scales is None:
+            raise ValueError("act_quant='tensor' needs act_scales (per-channel max|x| from calibration)")
+
+
 def _matches(name: str, patterns) -> bool:
     parts = name.split(".")
     suffixes = [".".join(parts[i:]) for i in range(len(parts))]
     return any(fnmatch.fnmatchcase(s, p) for p in patterns for s in suffixes)
 
 
-def quantize_(model: nn.Module, config: W4A16Config = None) -> nn.Module:
-    """Replace every selected ``nn.Linear`` of ``model`` by a :class:`W4A16Linear` (RTN), in place.
-
-    Returns the model. Raises ``ValueError`` naming the first layer whose ``in_features`` the group
-    size does not divide, before anything is changed (unless ``skip_incompatible``).
-    """
-    config = config or W4A16Config()
-    chosen = []
+def _selected(model: nn.Module, config) -> list:
+    """``(name, linear)`` of every plain linear the config's include/exclude patterns select."""
+    out = []
     for name, mod in model.named_modules():
         if type(mod) not in (nn.Linear, DenseLinear):
             continue
@@ -55,6 +74,27 @@ def quantize_(model: nn.Module, config: W4A16Config = None) -> nn.Module:
             continue
         if _matches(name, config.exclude):
             continue
+        out.append((name, mod))
+    return out
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize_(model: nn.Module, config=None) -> nn.Module:
+    """Replace every selected ``nn.Linear`` of ``model`` in place: by a :class:`W4A16Linear` (RTN) for
+    a :class:`W4A16Config` (the default), by a :class:`W8A8Linear` for a :class:`W8A8Config`.
+
+    Returns the model. Raises ``ValueError`` naming the first layer that cannot be quantized, before
+    anything is changed.
+    """
+    config = config or W4A16Config()
+    if isinstance(config, W8A8Config):
+        return _quantize_w8a8(model, config)
+    chosen = []
+    for name, mod in _selected(model, config):
         if mod.in_features % config.group_size != 0:
             if config.skip_incompatible:
                 continue
@@ -62,10 +102,24 @@ def quantize_(model: nn.Module, config: W4A16Config = None) -> nn.Module:
                 f"layer {name!r}: in_features={mod.in_features} is not divisible by group_size={config.group_size}; "
                 "pick another group size, exclude the layer, or pass skip_incompatible=True"
             )
-        chosen.append(name)
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        setattr(parent, child, W4A16Linear.from_linear(linear, config.group_size, config.dtype))
+        chosen.append((name, mod))
+    for name, linear in chosen:
+        _replace(model, name, W4A16Linear.from_linear(linear, config.group_size, config.dtype))
+    return model
+
+
+def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
+    chosen = _selected(model, config)
+    static = {}
+    for name, mod in chosen:
+        if mod.in_features > MAX_K:
+            raise ValueError(f"layer {name!r}: in_features={mod.in_features} exceeds {MAX_K} (int32 accumulator)")
+        if config.act_quant == "tensor":
+            stat = config.act_scales.get(name)
+            if stat is None:
+                raise ValueError(f"layer {name!r}: no calibrated activation statistics in act_scales "
+                                 f"({len(config.act_scales)} entries, e.g. {sorted(config.act_scales)[:2]})")
+            static[name] = float(torch.as_tensor(stat).float().max().clamp(min=1e-8)) / QMAX
+    for name, linear in chosen:
+        _replace(model, name, W8A8Linear.from_linear(linear, static.get(name)))
     return model

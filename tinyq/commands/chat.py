@@ -3,13 +3,16 @@
 With no arguments it loads the embedded SmolLM2-135M-Instruct (W4A16, group 64) and runs on the
 GPU if there is one, else the CPU. Lines are read from the terminal, or from stdin line by line
 when it is not a terminal (that is how the tests drive it). ``/reset`` clears the conversation,
-``/exit`` (or end of input) quits. TTFT and ms/token are printed after each answer.
+``/exit`` (or end of input) quits. Before the first prompt the kernels are compiled and the decode
+graph captured (a reported warm-up step), so TTFT and ms/token, printed after each answer, are
+never inflated by first-use costs; a shape first seen mid-conversation is reported as such.
 """
 from __future__ import annotations
 
 import sys
 
 from tinyq.generate import ContextOverflowError, make_config, tune_cpu_threads
+from tinyq.warmup import warm_up
 
 HELP = "commands: /reset (new conversation), /exit (quit)"
 
@@ -18,7 +21,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser("chat", help="chat with a model in the terminal", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default",
                    help="HF model directory, .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--precision", default="w4a16", choices=["w4a16", "fp16", "bf16", "fp32"])
+    p.add_argument("--precision", default="w4a16", choices=["w4a16", "w8a8", "fp16", "bf16", "fp32"])
     p.add_argument("--group-size", type=int, default=64, help="W4A16 group size when quantizing at load (32/64/128)")
     p.add_argument("--quant", default="awq", choices=["awq", "rtn"],
                    help="embedded default at w4a16: AWQ (quantized on first use, then cached) or RTN at load")
@@ -88,9 +91,14 @@ def run(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     s = model.load_stats
-    print(f"ready: {model.config.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M fp params, "
-          f"{args.precision} on {model.device}, loaded in {s['seconds']:.1f} s "
-          f"(peak host memory {s['peak_host_mb']:.0f} MB)\n{HELP}", flush=True)
+    print(f"loaded: {model.config.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M fp params, "
+          f"{args.precision} on {model.device} in {s['seconds']:.1f} s (peak host memory {s['peak_host_mb']:.0f} MB)",
+          flush=True)
+    if model.device.type == "cuda":
+        print("compiling kernels and capturing the decode graph (first run only; later starts reuse "
+              "Triton's disk cache) ...", flush=True)
+    report = warm_up(session.gen)
+    print(f"ready: {report.summary()}\n{HELP}", flush=True)
     return _loop(session, _Input())
 
 

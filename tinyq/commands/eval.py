@@ -3,6 +3,7 @@
 Examples::
 
     python -m tinyq eval --model smollm2-awq --ppl-file book.txt                 # a quantized checkpoint
+    python -m tinyq eval --model smollm2-w8a8 --ppl-handbook                      # a W8A8 (SmoothQuant) one
     python -m tinyq eval --model default --ppl-handbook                           # fp, Debian handbook eval chapters
     python -m tinyq eval --model default --ppl-handbook --fake-quant awq --w-bit 3 --group-size 64
 """
@@ -49,6 +50,13 @@ def _is_checkpoint(path: str) -> bool:
     return cfg.is_file() and bool(json.loads(cfg.read_text()).get("quantization_config"))
 
 
+def _is_w8a8_checkpoint(path: str) -> bool:
+    from tinyq.quant.w8a8_checkpoint import QUANT_METHOD
+
+    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    return qc.get("quant_method") == QUANT_METHOD
+
+
 def load_for_eval(args):
     """``(model, tokenizer, description)``; ``model(ids)`` returns logits or an HF output."""
     import torch
@@ -61,6 +69,11 @@ def load_for_eval(args):
     if _is_checkpoint(args.model):
         if args.fake_quant != "none":
             raise ValueError(f"{args.model} is already quantized; --fake-quant applies to fp models")
+        if _is_w8a8_checkpoint(args.model):  # SmoothQuant W8A8: tinyq's models only
+            from tinyq.models import load_model
+
+            model, tok = load_model(args.model, precision="w8a8", device=device)
+            return model, tok, "W8A8 checkpoint on tinyq models"
         if use_tinyq:
             from tinyq.models import load_model
 

@@ -5,6 +5,7 @@ Examples::
     python -m tinyq quantize --model default --out smollm2-awq           # AWQ, w4, g64
     python -m tinyq quantize --model ./Llama-3-8B --group-size 128 --calib-file corpus/ --out llama3-awq
     python -m tinyq quantize --model ./Llama-3-8B --method rtn --format awq --out llama3-rtn-autoawq
+    python -m tinyq quantize --model default --method smoothquant --alpha 0.85 --out smollm2-w8a8   # W8A8
 """
 from __future__ import annotations
 
@@ -61,15 +62,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--w-bit", type=int, default=4, choices=(3, 4),
                    help="weight bits (default 4; 3 only with --save-search and no --out: 3-bit has no kernel)")
     p.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES, help="quantization group size (default 64)")
-    p.add_argument("--method", default="awq", choices=("awq", "rtn"), help="awq (default) or rtn (round-to-nearest)")
+    p.add_argument("--method", default="awq", choices=("awq", "rtn", "smoothquant"),
+                   help="awq (default) or rtn (round-to-nearest) for W4A16; smoothquant for W8A8 (int8 weights and "
+                        "activations)")
+    p.add_argument("--alpha", type=float, default=0.85,
+                   help="SmoothQuant migration strength in [0, 1] (default 0.85); --no-smooth for plain W8A8")
+    p.add_argument("--no-smooth", action="store_true", help="smoothquant method without smoothing (W8A8 RTN)")
+    p.add_argument("--act-quant", default="token", choices=("token", "tensor"),
+                   help="W8A8 activation scales: dynamic per token (default) or static per tensor from calibration")
     p.add_argument("--out", metavar="DIR", help="output checkpoint directory")
     p.add_argument("--format", default="tinyq", choices=("tinyq", "awq"),
-                   help="tinyq (default) or awq: AutoAWQ 'gemm' layout that transformers and vLLM load")
+                   help="tinyq (default) or awq: AutoAWQ 'gemm' layout that transformers 4.x/5.x, AutoAWQ and vLLM "
+                        "load (see the README's AWQ section)")
     add_calibration_args(p)
     return p
 
 
 def run(args) -> int:
+    from tinyq.quant.checkpoint import SEARCH_RESULTS
     from tinyq.quant.pipeline import prepare, quantize_to_checkpoint
 
     try:
@@ -80,9 +90,25 @@ def run(args) -> int:
             prepare(job)
             print(f"search results saved to {args.save_search}")
             return 0
+        if args.method == "smoothquant":
+            return _smoothquant(args, job)
         summary = quantize_to_checkpoint(job, args.out, args.format)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"tinyq quantize: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} W4A16 checkpoint ({args.method}, g{args.group_size}) to {summary['path']}")
+    if args.method == "awq":  # for --load-search; kept out of the weights' folder level
+        print(f"AWQ search results: {summary['path']}/{SEARCH_RESULTS}")
+    return 0
+
+
+def _smoothquant(args, job) -> int:
+    from tinyq.quant.w8a8_checkpoint import smoothquant_to_checkpoint
+
+    if args.format != "tinyq":
+        raise ValueError("W8A8 checkpoints are written in the tinyq format only (--format tinyq)")
+    alpha = None if args.no_smooth else args.alpha
+    summary = smoothquant_to_checkpoint(job, args.out, alpha, args.act_quant)
+    what = "no smoothing" if alpha is None else f"alpha {alpha:g}"
+    print(f"wrote W8A8 checkpoint (smoothquant, {what}, {args.act_quant} activation scales) to {summary['path']}")
     return 0

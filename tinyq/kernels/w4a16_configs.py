@@ -1,48 +1,44 @@
-"""Shipped launch configs for the W4A16 kernels, bucketed by M, so nobody waits for autotuning.
+"""Shipped launch plans for the W4A16 op, bucketed by M, so nobody waits for autotuning.
 
-``CONFIGS[arch]`` is a list of ``(max_m, config)`` in increasing ``max_m``; the first bucket with
-``m <= max_m`` wins. ``kernel`` is ``"gemv"`` (:mod:`tinyq.kernels.w4a16_gemv`) or ``"gemm"``
-(:mod:`tinyq.kernels.w4a16_gemm`). ``benchmarks/bench_w4a16.py --sweep`` measures candidates and
-prints the winners in this format; ``sm90`` below comes from that sweep on the H100 (see
-``benchmarks/results/``). Other architectures use ``default`` (untuned, chosen to be safe on
-~100 KB of shared memory).
+``PLANS[arch]`` is a list of ``(max_m, kind, kwargs)`` in increasing ``max_m``; the first bucket
+with ``m <= max_m`` wins (``None``: open-ended). ``kind`` names the path of
+:func:`tinyq.kernels.w4a16_matmul.w4a16_matmul_checked` (``gemv``, ``gemm`` or ``dequant``) and
+``kwargs`` go to its launcher. ``benchmarks/bench_w4a16.py --sweep`` measures candidates and prints
+the winners in this format; where each entry came from is in ``docs/perf_notes.md``. Other
+architectures use ``default``: the same plans with fewer pipeline stages, to fit ~100 KB of shared
+memory.
+
+:func:`launch_plan` resolves (M, dtype, device) once and caches it: the per-call cost is one dict
+lookup, not a device query.
 """
 from __future__ import annotations
 
 import torch
 
-GEMV_MAX_M = 4  # up to 4 rows the GEMV re-reads each weight block from L2, cheaper than MMA padding
+from tinyq.backend import gpu_arch, ptx_supported
 
 _SM90 = [
-    (GEMV_MAX_M, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=4, num_stages=3, ptx_dequant=True)),
-    (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=128, swap_ab=False, unpack="split", ptx_dequant=True,
-              num_warps=4, num_stages=3)),
-    (64, dict(kernel="gemm", block_m=32, block_n=64, block_k=128, swap_ab=True, unpack="split", num_warps=4,
-              num_stages=4)),
-    (256, dict(kernel="gemm", block_m=32, block_n=128, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
-               num_warps=4, num_stages=4)),
-    (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=64, swap_ab=False, unpack="reshape", num_warps=4,
-                num_stages=4, group_m=8)),
+    (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
+    (4, "gemm", dict(block_m=16, block_n=64, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
+                     split_k=8, num_warps=4, num_stages=3)),
+    (16, "gemm", dict(block_m=16, block_n=128, block_k=128, swap_ab=False, unpack="split", ptx_dequant=True,
+                      split_k=8, num_warps=4, num_stages=3)),
+    (64, "gemm", dict(block_m=64, block_n=128, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
+                      split_k=8, num_warps=4, num_stages=4)),
+    # from M = 65 the dequantize + cuBLAS path is faster than the fused GEMM (H200: M=128 325 vs 495 us)
+    (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
 ]
 
-CONFIGS = {
-    # H100 SXM, torch 2.11 + triton 3.6, from `bench_w4a16.py --sweep` (benchmarks/results/). Sums
-    # over the four Llama-3-8B linears (M <= 16 timed from CUDA graphs): M=1 75 us (PTX dequant,
-    # 16-byte weight loads; the first reshape-unpack GEMV took 314 us in eager timing); M=16 168 us
-    # (PTX dequant; 216 without); M=64 457 us; M=256 753 us (PTX; 841 without); M=4096 o + gate_up
-    # 4.1 ms (20 other tilings, PTX dequant included, were no faster: dequant ALU is not its limit).
+PLANS = {
     "sm90": _SM90,
-    # Untuned elsewhere: the same tilings with one pipeline stage less, to fit ~100 KB of shared memory.
-    "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3))) for m, cfg in _SM90],
+    "default": [(m, kind, dict(cfg, num_stages=min(cfg["num_stages"], 3)) if "num_stages" in cfg else cfg)
+                for m, kind, cfg in _SM90],
 }
 
 
 def device_arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "default"
-    major, minor = torch.cuda.get_device_capability(device)
-    key = f"sm{major}{minor}"
-    return key if key in CONFIGS else "default"
+    key = gpu_arch(device)
+    return key if key in PLANS else "default"
 
 
 def fp16_accumulate_default(device: torch.device) -> bool:
@@ -54,8 +50,28 @@ def fp16_accumulate_default(device: torch.device) -> bool:
     return "GeForce" in torch.cuda.get_device_name(device)
 
 
-def select_config(m: int, device: torch.device) -> dict:
-    for max_m, cfg in CONFIGS[device_arch(device)]:
+def _resolve(m: int, dtype: torch.dtype, device: torch.device):
+    for max_m, kind, cfg in PLANS[device_arch(device)]:
         if max_m is None or m <= max_m:
-            return dict(cfg)
+            cfg = dict(cfg)
+            if "ptx_dequant" in cfg:
+                cfg["ptx_dequant"] = cfg["ptx_dequant"] and ptx_supported(device)
+            if kind == "gemm":
+                cfg["acc_fp16"] = dtype == torch.float16 and fp16_accumulate_default(device)
+            return kind, cfg
     raise AssertionError("the last bucket must be open-ended")
+
+
+_CACHE: dict = {}
+_LAST_FINITE = max(m for m, _, _ in _SM90 if m is not None)
+
+
+def launch_plan(m: int, dtype: torch.dtype, device_index: int):
+    """``(kind, kwargs)`` for ``m`` rows of ``dtype`` on CUDA device ``device_index`` (-1: CPU, the
+    interpreter). Cached per (M bucket, dtype, device); the result must not be mutated."""
+    key = (m if m <= _LAST_FINITE else -1, dtype, device_index)
+    plan = _CACHE.get(key)
+    if plan is None:
+        device = torch.device("cpu") if device_index < 0 else torch.device("cuda", device_index)
+        plan = _CACHE[key] = _resolve(m, dtype, device)
+    return plan

@@ -11,6 +11,10 @@ Flags:
 - ``SWAP_AB``: compute ``y.T = W @ x.T`` so the dequantized weight tile is the MMA's first operand.
   On Hopper that operand may come from registers, which spares the dequantized tile a trip
   through shared memory, and for skinny M (≤ 16) it puts N, not M, on the MMA's 64-row side.
+- ``SPLIT_K`` (> 1): program ``(tile, s)`` reduces inputs ``[s * K_SPLIT, (s + 1) * K_SPLIT)`` and
+  writes its fp32 partial to ``partials[s]`` ([SPLIT_K, M, N]); :func:`_splitk_reduce_kernel` then
+  sums the partials, adds the bias and casts. For skinny M the tile count alone (N / BLOCK_N) is too
+  small to fill the GPU at N = 4096, and every program streams a long K loop one tile at a time.
 - ``ACC_FP16``: the MMA accumulates each K step in fp16 (twice the tensor rate of fp32
   accumulation on GeForce/RTX parts, equal on H100/A100); the step's partial is then added into
   an fp32 accumulator. Overflow can only come from one step's partial sum of ``BLOCK_K`` products
@@ -88,10 +92,11 @@ UNPACK_MODES = {"reshape": 0, "gather": 1, "split": 2}
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K,
+    M, N, K, K_SPLIT,
     stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    SPLIT_K: tl.constexpr,
     SWAP_AB: tl.constexpr,
     ACC_FP16: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -106,6 +111,9 @@ def _w4a16_gemm_kernel(
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole 32-input packing blocks")
     # Grouped launch order: GROUP_M row blocks share each weight tile while it sits in L2.
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
+    k_lo = pid_k * K_SPLIT  # a multiple of BLOCK_K (and of the group when BLOCK_K == GROUP_SIZE)
+    k_hi = tl.minimum(k_lo + K_SPLIT, K)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,22 +128,23 @@ def _w4a16_gemm_kernel(
     words_per_row = stride_wn
     groups_per_row = stride_sn
 
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
     if UNPACK == UNPACK_GATHER:
         word_of_k = 4 * (offs_k // 32) + offs_k % 4
-        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + word_of_k[None, :]  # [BN, BK]
+        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + (k_lo // 8 + word_of_k)[None, :]  # [BN, BK]
         k_shift = (4 * ((offs_k % 32) // 4))[None, :]
     elif UNPACK == UNPACK_RESHAPE:
-        w_ptrs = qw_ptr + offs_n[:, None, None] * words_per_row + 4 * offs_b[None, :, None] + offs_w[None, None, :]
+        w_ptrs = (qw_ptr + offs_n[:, None, None] * words_per_row + k_lo // 8 + 4 * offs_b[None, :, None]
+                  + offs_w[None, None, :])
     else:
-        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + offs_kw[None, :]  # [BN, BK/8]
+        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + (k_lo // 8 + offs_kw)[None, :]  # [BN, BK/8]
         x_of_word = 32 * (offs_kw // 4) + offs_kw % 4  # input k of nibble 0 of word c
     sz_ptrs = offs_n * groups_per_row  # [BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
         if UNPACK == UNPACK_RESHAPE:
             words = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
         else:
@@ -179,23 +188,40 @@ def _w4a16_gemm_kernel(
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 8
 
+    # acc is [BM, BN], or [BN, BM] when SWAP_AB: index the output accordingly instead of transposing
     if SWAP_AB:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=n_mask[:, None] & m_mask[None, :])
+        rows, cols = offs_m[None, :], offs_n[:, None]
+        mask = n_mask[:, None] & m_mask[None, :]
+    else:
+        rows, cols = offs_m[:, None], offs_n[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:  # y_ptr holds the fp32 partials [SPLIT_K, M, N]
+        tl.store(y_ptr + pid_k * M * N + rows * N + cols, acc, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
+                          SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """``y[m, n] = sum_s partials[s, m, n] (+ b[n])`` for a [M, N] output, partials fp32 [SPLIT_K, M, N]."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    n = offs % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
     swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "reshape", ptx_dequant: bool = False,
-    num_warps: int = 4, num_stages: int = 3,
+    split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
@@ -208,13 +234,19 @@ def launch_w4a16_gemm(
         raise ValueError(f"unpack={unpack!r} is not one of {sorted(UNPACK_MODES)}")
     if unpack == "split" and block_k < 128:
         raise ValueError("unpack='split' needs block_k >= 128 (each of the 8 dots spans block_k/8 >= 16)")
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    steps = k // block_k
+    split_k = max(1, min(split_k, steps))
+    k_split = triton.cdiv(steps, split_k) * block_k
+    split_k = triton.cdiv(k, k_split)  # no empty split
+    out = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=y.device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, y,
-        m, n, k,
+        x, qweight, scales, zeros, bias if bias is not None else y, out,
+        m, n, k, k_split,
         x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
         SWAP_AB=swap_ab,
         ACC_FP16=acc_fp16,
         DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
@@ -228,4 +260,10 @@ def launch_w4a16_gemm(
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if split_k > 1:
+        reduce_block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](
+            out, bias if bias is not None else y, y, m, n, y.stride(0),
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=reduce_block, num_warps=4,
+        )
     return y

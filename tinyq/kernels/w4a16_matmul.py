@@ -1,20 +1,83 @@
-"""The W4A16 launcher: validates, allocates and dispatches on M (callers never choose a kernel).
+"""The W4A16 op: ``y = x @ W.T (+ b)`` with ``x`` [M, K] and ``W`` in tinyq int4
+(:mod:`tinyq.quant.format`), its argument checks, its launcher and its float32 reference.
 
-``y = x @ W.T (+ b)`` with ``x`` [M, K] and ``W`` in tinyq int4 (:mod:`tinyq.quant.format`).
-M ≤ 4 runs the GEMV (:mod:`tinyq.kernels.w4a16_gemv`); larger M the fused-dequant GEMM
-(:mod:`tinyq.kernels.w4a16_gemm`) with block sizes from :mod:`tinyq.kernels.w4a16_configs`.
+The launcher dispatches on M (callers never choose a kernel), with the configs and crossovers of
+:mod:`tinyq.kernels.w4a16_configs`:
+
+- ``gemv``: a few rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`);
+- ``gemm``: the fused-dequant tensor-core GEMM, split along K for skinny M
+  (:mod:`tinyq.kernels.w4a16_gemm`);
+- ``dequant``: large M is compute-bound, so the weight is dequantized into a reusable scratch
+  buffer (:mod:`tinyq.kernels.w4a16_dequant`) and multiplied by cuBLAS.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.w4a16_configs import fp16_accumulate_default, select_config
+from tinyq.kernels.w4a16_configs import launch_plan
+from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, scratch
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
-from tinyq.ops.linear import check_w4a16_args, w4a16_linear_reference
+from tinyq.quant.format import GROUP_SIZES, PACK, SCALE_DTYPES, dequantize_weight
+
+ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_w4a16_weight(qweight, scales, zeros, bias) -> None:
+    """Validate the weight tensors once (a module does this when its weights are set)."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 2:
+        raise ValueError(f"qweight must be a 2-D int32 tensor [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
+    n, k = qweight.shape[0], qweight.shape[1] * PACK
+    if scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] == 0:
+        raise ValueError(f"scales must be [N={n}, K/G], got {tuple(scales.shape)}")
+    if k % scales.shape[1] != 0 or (k // scales.shape[1]) not in GROUP_SIZES:
+        raise ValueError(
+            f"K={k} and scales {tuple(scales.shape)} imply group size {k / scales.shape[1]:g}; "
+            f"supported group sizes are {GROUP_SIZES}"
+        )
+    if scales.dtype not in SCALE_DTYPES:
+        raise ValueError(f"scales must be fp16 or bf16, got {scales.dtype}")
+    if zeros.shape != scales.shape or zeros.dtype != scales.dtype:
+        raise ValueError(f"zeros must match scales ({tuple(scales.shape)}, {scales.dtype}), got {tuple(zeros.shape)}, {zeros.dtype}")
+    if bias is not None and (bias.shape != (n,)):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    devs = {t.device for t in (qweight, scales, zeros) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"w4a16: weight tensors on different devices: {sorted(map(str, devs))}")
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (got strides {t.stride()})")
+
+
+def check_w4a16_input(x, qweight, scales) -> None:
+    """Validate the activations against already-validated weights (cheap: a few attribute reads)."""
+    k = qweight.shape[1] * PACK
+    if x.shape[-1] != k:
+        raise ValueError(f"input has {x.shape[-1]} features but the weight expects K={k} (x shape {tuple(x.shape)})")
+    if x.device != qweight.device:
+        raise ValueError(f"w4a16: input on {x.device} but the weight on {qweight.device}")
+    if x.dtype not in ACT_DTYPES and not (x.dtype == torch.float32 and x.device.type == "cpu"):
+        allowed = ACT_DTYPES + ((torch.float32,) if x.device.type == "cpu" else ())
+        raise ValueError(f"activations must be one of {allowed} on {x.device.type}, got {x.dtype}")
+
+
+def check_w4a16_args(x, qweight, scales, zeros, bias) -> None:
+    """Validate every argument, naming the offending one (never a CUDA fault later)."""
+    check_w4a16_weight(qweight, scales, zeros, bias)
+    check_w4a16_input(x, qweight, scales)
+
+
+def w4a16_linear_reference(x, qweight, scales, zeros, bias=None):
+    """Float32 reference: dequantize, matmul, add bias; returns ``x.dtype``."""
+    w = dequantize_weight(qweight, scales, zeros)  # [N, K] fp32
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
 
 
 def w4a16_matmul(
@@ -25,47 +88,45 @@ def w4a16_matmul(
     bias: Optional[torch.Tensor] = None,
     *,
     acc_fp16: Optional[bool] = None,
-    config: Optional[dict] = None,
+    config: Optional[tuple] = None,
 ) -> torch.Tensor:
-    """Triton W4A16 matmul of a 2-D ``x`` [M, K] (fp16/bf16) -> ``[M, N]``.
+    """Triton W4A16 matmul of a 2-D ``x`` [M, K] (fp16/bf16) -> ``[M, N]``, every argument checked.
 
-    ``acc_fp16=None`` picks the device default (see ``fp16_accumulate_default``); ``config``
-    overrides the shipped launch config (used by the benchmark sweep).
+    ``acc_fp16=None`` picks the device default; ``config`` = ``(kind, kwargs)`` overrides the
+    shipped plan (the benchmark sweep uses it).
     """
     if x.dim() != 2:
         raise ValueError(f"w4a16_matmul expects a 2-D input [M, K], got shape {tuple(x.shape)}")
     check_w4a16_args(x, qweight, scales, zeros, bias)
-    return w4a16_matmul_checked(x, qweight, scales, zeros, bias, acc_fp16=acc_fp16, config=config)
-
-
-def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None, config=None):
-    """:func:`w4a16_matmul` for arguments that already passed ``check_w4a16_args`` (the custom op's
-    path): only the kernel's own requirements are checked here, so a call validates once."""
     check_kernel_device("w4a16_matmul", x, qweight, scales, zeros, *([bias] if bias is not None else []))
-    if x.dtype not in (torch.float16, torch.bfloat16):
+    if x.dtype not in ACT_DTYPES:
         raise ValueError(f"the Triton W4A16 kernels take fp16 or bf16 activations, got {x.dtype}")
     if scales.dtype != x.dtype:
         raise ValueError(f"scales dtype {scales.dtype} must match the activation dtype {x.dtype}")
     if x.stride(1) != 1:
         raise ValueError(f"input must be contiguous along K (got strides {x.stride()})")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (got strides {t.stride()})")
-    m, k = x.shape
+    return w4a16_matmul_checked(x, qweight, scales, zeros, bias, acc_fp16=acc_fp16, config=config)
+
+
+def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None, config=None):
+    """:func:`w4a16_matmul` for arguments already checked (x 2-D, unit stride along K, dtype of the
+    scales, on the weights' device): allocate, look up the plan, launch. The per-call path."""
+    m = x.shape[0]
     n = qweight.shape[0]
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    cfg = dict(config) if config is not None else select_config(m, x.device)
-    kind = cfg.pop("kernel")
+    kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
-    if cfg.get("unpack") == "split" and k // scales.shape[1] < 128:
+    if kind == "dequant":
+        k = x.shape[1]
+        w = scratch(n * k, x.dtype, x.device).view(n, k)
+        launch_w4a16_dequant(qweight, scales, zeros, w, **cfg)
+        return torch.addmm(bias, x, w.t(), out=y) if bias is not None else torch.mm(x, w.t(), out=y)
+    if acc_fp16 is not None:
+        cfg = dict(cfg, acc_fp16=acc_fp16)
+    if cfg.get("unpack") == "split" and qweight.shape[1] * PACK // scales.shape[1] < 128:
         # 'split' needs BLOCK_K >= 128 and BLOCK_K must divide the group: groups of 32/64 unpack by reshape
-        cfg["unpack"] = "reshape"
-    if acc_fp16 is None:
-        acc_fp16 = x.dtype == torch.float16 and fp16_accumulate_default(x.device)
-    return launch_w4a16_gemm(x, qweight, scales, zeros, bias, y, acc_fp16=acc_fp16, **cfg)
-
-
-w4a16_matmul_reference = w4a16_linear_reference
+        cfg = dict(cfg, unpack="reshape")
+    return launch_w4a16_gemm(x, qweight, scales, zeros, bias, y, **cfg)

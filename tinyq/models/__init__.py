@@ -9,6 +9,7 @@ import torch
 
 from tinyq.models.gguf import default_model_path, read_gguf
 from tinyq.models.llama import CausalLM, ModelConfig
+from tinyq.models.vlm import load_vlm
 from tinyq.models.loader import (
     PRECISIONS,
     SUPPORTED,
@@ -19,7 +20,7 @@ from tinyq.models.loader import (
     peak_host_memory_mb,
 )
 
-__all__ = ["CausalLM", "ModelConfig", "SUPPORTED", "default_model_path", "load_model", "read_gguf"]
+__all__ = ["CausalLM", "ModelConfig", "SUPPORTED", "default_model_path", "load_model", "load_vlm", "read_gguf"]
 
 
 def load_model(

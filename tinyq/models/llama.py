@@ -226,23 +226,33 @@ class CausalLM(nn.Module):
         """Generate from ``prompt`` (string or ids): see :func:`tinyq.generate.generate`."""
         return generate(self, tokenizer, prompt, **settings)
 
-    def forward(self, input_ids: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: Optional[torch.Tensor], cache=None, last_only: bool = False,
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input_ids`` int ``[B, S]`` -> logits ``[B, S, vocab]`` (``[B, 1, vocab]`` if ``last_only``).
 
         With a cache the tokens sit at positions ``cache.length ..`` and the cache advances by S;
-        without one they are a whole sequence from position 0.
+        without one they are a whole sequence from position 0. ``inputs_embeds`` ``[B, S, hidden]``
+        replaces ``input_ids`` (pass ``None`` for it): the embeddings with image features spliced in.
         """
-        if input_ids.dim() != 2:
+        if inputs_embeds is not None:
+            if input_ids is not None or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"inputs_embeds must be [B, S, {self.config.hidden_size}] and input_ids None, got "
+                                 f"{tuple(inputs_embeds.shape)} and {type(input_ids).__name__}")
+            h = inputs_embeds.to(self.dtype)
+        elif input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        else:
+            h = self.model.embed_tokens(input_ids)
+        n = h.shape[1]
         if cache is not None:
-            cache.check_room(input_ids.shape[1])
-        self.config.check_window((cache.length if cache is not None else 0) + input_ids.shape[1])
-        h, residual = self.model.embed_tokens(input_ids), None
+            cache.check_room(n)
+        self.config.check_window((cache.length if cache is not None else 0) + n)
+        residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, cache)
         if last_only:
             h, residual = h[:, -1:], residual[:, -1:]
         x, _ = self.model.norm(h, residual)
         if cache is not None:
-            cache.advance(input_ids.shape[1])
+            cache.advance(n)
         return self.lm_head(x)

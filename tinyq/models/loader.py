@@ -26,15 +26,20 @@ from torch import nn
 
 from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
 from tinyq.nn.dense_linear import DenseLinear
+from tinyq.models.w8a8 import fused_w8a8_linear, use_w8a8_layers
 from tinyq.nn.w4a16_linear import W4A16Linear
+from tinyq.nn.w8a8_linear import W8A8Linear
+from tinyq.quant.checkpoint import check_quantization_config, weight_files
 from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight, scale_dtype_for
+from tinyq.quant.int8_format import quantize_weight_int8
+from tinyq.quant.w8a8_checkpoint import QUANT_METHOD as W8A8_METHOD
 
 # tinyq module -> the checkpoint modules concatenated (along the output dim, in this order) into it.
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
-PRECISIONS = {"w4a16": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+PRECISIONS = {"w4a16": None, "w8a8": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NOT_QUANTIZED = ("lm_head",)  # logits are the most sensitive output; the embedding is a lookup
 
 
@@ -50,16 +55,7 @@ class TensorSource:
 
     def _index_folder(self, folder):
 
-        index = os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
-            weight_map = None
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors weights in {folder} (.bin checkpoints are not supported)")
+        files, weight_map = weight_files(folder)
         for name in files:
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
@@ -141,7 +137,9 @@ class _Loader:
         owner = parent.get_submodule(owner_name) if owner_name else parent
         meta: nn.Linear = getattr(owner, attr)
         names = [prefix + s for s in FUSED.get(sub, (sub,))]
-        if all(n + ".qweight" in self.src for n in names):
+        if all(n + ".qweight" in self.src for n in names) and self._w8a8_checkpoint():
+            new = self._prequantized_w8a8(names, meta)
+        elif all(n + ".qweight" in self.src for n in names):
             new = self._prequantized(names, meta)
         else:
             w = torch.cat([self.src.get(n + ".weight").to(self.device) for n in names], dim=0)
@@ -152,12 +150,27 @@ class _Loader:
             if self.precision == "w4a16" and not any(n.startswith(NOT_QUANTIZED) for n in names):
                 qweight, scales, zeros = quantize_weight(w, self.group_size, self._scale_dtype())
                 new = W4A16Linear.from_quantized(qweight, scales, zeros, bias)
+            elif self.precision == "w8a8" and not any(n.startswith(NOT_QUANTIZED) for n in names):
+                new = W8A8Linear.from_quantized(*quantize_weight_int8(w), bias)  # per-token, no smoothing
             else:
                 new = DenseLinear(meta.in_features, meta.out_features, bias=bias is not None, device="meta")
                 new.weight = nn.Parameter(w.to(self.dtype), requires_grad=False)
                 if bias is not None:
                     new.bias = nn.Parameter(bias, requires_grad=False)
         setattr(owner, attr, new)
+
+    def _w8a8_checkpoint(self) -> bool:
+        return bool(self.quant) and self.quant.get("quant_method") == W8A8_METHOD
+
+    def _prequantized_w8a8(self, names: List[str], meta: nn.Linear) -> W8A8Linear:
+        if self.precision != "w8a8":
+            raise ValueError(f"this checkpoint is W8A8-quantized; load it with precision='w8a8' (got {self.precision!r})")
+        bias = None
+        if meta.bias is not None:
+            bias = torch.cat([self.src.get(n + ".bias") for n in names]).to(self.device, self.dtype)
+        new = fused_w8a8_linear(self.src, names, bias, self.device)
+        _expect(names[0] + ".qweight (fused)", new.qweight, (meta.out_features, meta.in_features))
+        return new
 
     def _scale_dtype(self):
         return scale_dtype_for(self.dtype)
@@ -198,14 +211,11 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     if precision == "w4a16" and device.type == "cuda" and dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"w4a16 on {device} needs fp16 or bf16 activations (the kernels' dtypes), got dtype={dtype}")
     quant = hf_config.get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method")
-        if method not in ("tinyq", "awq") or int(quant.get("bits", 4)) != 4:
-            raise ValueError(f"unsupported quantization_config {quant}: tinyq reads 4-bit 'tinyq' and 'awq' (gemm)")
-        if method == "awq" and str(quant.get("version", "gemm")).lower() != "gemm":
-            raise ValueError(f"AWQ version {quant.get('version')!r} is not supported; only 'gemm'")
-        if method == "awq" and quant.get("zero_point") is False:
-            raise ValueError("AWQ checkpoints without zero points are not supported")
+    if quant is not None and quant.get("quant_method") == W8A8_METHOD:
+        if precision != "w8a8":
+            raise ValueError(f"this checkpoint is W8A8-quantized; load it with precision='w8a8' (got {precision!r})")
+    elif quant is not None:
+        check_quantization_config(quant, "config.json")
     elif precision == "w4a16" and group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
     cfg = ModelConfig.from_hf(hf_config)
@@ -214,6 +224,8 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     with torch.device("meta"):
         model = CausalLM(cfg)
     _Loader(model, source, precision, group_size, dtype, device, quant).run()
+    if precision == "w8a8":
+        use_w8a8_layers(model)
     if max_seq_len is not None:
         model.max_seq_len = int(max_seq_len)
     model.eval().requires_grad_(False)

@@ -1,27 +1,59 @@
 """Save and load a (partly) quantized module's weights as one safetensors file.
 
-Writes are atomic (temporary file in the same folder, then ``os.replace``), so a crash leaves
-either the old file or the new one, never half of one. Loads check every tensor's name, shape
-and dtype against the module and name the first mismatch.
+Writes are atomic (temporary file in the same folder, fsynced, then ``os.replace``), so a crash leaves
+either the old file or the new one, never half of one; the file gets normal permissions (0666 minus the
+umask). Tied parameters (``lm_head.weight`` = ``embed_tokens.weight``) are stored once and listed in
+the file's metadata under ``tinyq.tied`` (alias -> stored name). Loads check every tensor's name,
+shape and dtype against the module and name the first mismatch.
 """
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tinyq.atomic_io import fsync_path, normal_file_mode
+
+TIED_KEY = "tinyq.tied"
+
+
+def _dedup_state(module: nn.Module):
+    """``(tensors, tied)``: each storage once (safetensors refuses shared memory); ``tied`` maps an
+    alias to the name it is stored under. A tensor that only overlaps another's storage is copied."""
+    tensors, tied, first, storages = {}, {}, {}, set()
+    for name, t in module.state_dict().items():
+        t = t.detach()
+        ident = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and ident in first:
+            tied[name] = first[ident]
+            continue
+        first[ident] = name
+        storage = (t.device, t.untyped_storage().data_ptr()) if t.numel() else None
+        t = t.cpu().contiguous()
+        tensors[name] = t.clone() if storage in storages else t
+        storages.add(storage)
+    return tensors, tied
+
 
 def save_safetensors(module: nn.Module, path: str, metadata: dict | None = None) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors, tied = _dedup_state(module)
+    meta = {"format": "pt", **(metadata or {})}
+    if tied:
+        meta[TIED_KEY] = json.dumps(tied)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
     try:
-        save_file(state, tmp, metadata={"format": "pt", **(metadata or {})})
+        save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, normal_file_mode())
+        fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_path(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -32,6 +64,12 @@ def load_safetensors(module: nn.Module, path: str, device: str | torch.device | 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safetensors file at {path!r}")
     loaded = load_file(path, device=str(device) if device is not None else "cpu")
+    with safe_open(path, framework="pt") as f:
+        tied = json.loads((f.metadata() or {}).get(TIED_KEY, "{}"))
+    for alias, name in tied.items():
+        if name not in loaded:
+            raise ValueError(f"{path}: tied tensor {alias!r} points at {name!r}, which the file does not hold")
+        loaded[alias] = loaded[name]
     expected = module.state_dict()
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))

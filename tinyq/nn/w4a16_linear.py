@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from tinyq.backend import use_triton
-from tinyq.ops.linear import w4a16_linear
+from tinyq.ops.linear import check_w4a16_weight, w4a16_linear_prechecked
 from tinyq.quant.format import PACK, check_group_size, dequantize_weight, quantize_weight
 
 
@@ -17,6 +17,9 @@ class W4A16Linear(nn.Module):
 
     On CPU the module keeps a dequantized copy of its weight after the first call (the reference
     path would otherwise unpack every weight on every token); it is rebuilt when the weights change.
+
+    The weight tensors are validated once per tensor object (a new ``.to()`` copy or an assigned
+    buffer is checked again at its first call); a call then checks only its input.
     """
 
     def __init__(self, in_features, out_features, bias=True, group_size=128, dtype=torch.float16, device=None):
@@ -34,6 +37,7 @@ class W4A16Linear(nn.Module):
         else:
             self.bias = None
         self._dense = None  # (key, tensor) cache for the CPU path
+        self._checked = None  # ids of the weight tensors last validated
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, dtype=None) -> "W4A16Linear":
@@ -70,6 +74,7 @@ class W4A16Linear(nn.Module):
         else:
             mod.bias = None
         mod._dense = None
+        mod._checked = None
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -84,11 +89,15 @@ class W4A16Linear(nn.Module):
         return torch.nn.functional.linear(x, self._dense[1], b)
 
     def forward(self, x):
-        if x.device.type == "cpu" and not use_triton(x) and not torch.compiler.is_compiling():
+        if not x.is_cuda and not use_triton(x) and not torch.compiler.is_compiling():
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features} (x {tuple(x.shape)})")
             return self._cpu_forward(x)
-        return w4a16_linear(x, self.qweight, self.scales, self.zeros, self.bias)
+        key = (id(self.qweight), id(self.scales), id(self.zeros), id(self.bias))
+        if self._checked != key:
+            check_w4a16_weight(self.qweight, self.scales, self.zeros, self.bias)
+            self._checked = key
+        return w4a16_linear_prechecked(x, self.qweight, self.scales, self.zeros, self.bias)
 
     def _apply(self, fn, *args, **kwargs):
         self._dense = None

@@ -62,11 +62,7 @@ def _torch_attention(q, k, v, causal: bool, scale: float, kv_len: int) -> torch.
 # ---------------------------------------------------------------- attention over the KV cache
 
 
-@torch.library.custom_op("tinyq::attention_with_cache", mutates_args=("k_cache", "v_cache"))
-def _attention_with_cache_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-    seq_pos: torch.Tensor, inv_freq: torch.Tensor, layer_idx: int, scale: float,
-) -> torch.Tensor:
+def _attention_with_cache_impl(q, k, v, k_cache, v_cache, seq_pos, inv_freq, layer_idx: int, scale: float):
     kc, vc = k_cache[layer_idx], v_cache[layer_idx]  # [B, Hkv, max_seq_len, D] views
     L = q.shape[1]
     if use_triton(q):
@@ -81,6 +77,14 @@ def _attention_with_cache_op(
     kc[:, :, pos:pos + L].copy_(apply_rope_reference(k, positions, inv_freq).transpose(1, 2))
     vc[:, :, pos:pos + L].copy_(v.transpose(1, 2))
     return _torch_attention(q_rot, kc, vc, True, scale, pos + L).to(q.dtype)
+
+
+@torch.library.custom_op("tinyq::attention_with_cache", mutates_args=("k_cache", "v_cache"))
+def _attention_with_cache_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    seq_pos: torch.Tensor, inv_freq: torch.Tensor, layer_idx: int, scale: float,
+) -> torch.Tensor:
+    return _attention_with_cache_impl(q, k, v, k_cache, v_cache, seq_pos, inv_freq, layer_idx, scale)
 
 
 @_attention_with_cache_op.register_fake
@@ -130,7 +134,8 @@ def attention_with_cache(
                              f"{inv_freq.dtype} {tuple(inv_freq.shape)} on {inv_freq.device}")
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    return _attention_with_cache_op(q, k, v, cache.k, cache.v, cache.seq_pos, inv_freq, layer_idx, scale)
+    op = _attention_with_cache_op if torch.compiler.is_compiling() else _attention_with_cache_impl
+    return op(q, k, v, cache.k, cache.v, cache.seq_pos, inv_freq, layer_idx, scale)
 
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,12 @@
 
 Registered as the torch custom op ``tinyq::w4a16_linear`` (with a fake implementation), so a
 model using it works under ``torch.compile`` and CUDA-graph capture. CUDA tensors run the Triton
-kernels (:mod:`tinyq.kernels.w4a16_gemv` for one row, :mod:`tinyq.kernels.w4a16_gemm` otherwise);
-CPU tensors run the float32 reference.
+kernels (:mod:`tinyq.kernels.w4a16_matmul` dispatches on M); CPU tensors run the float32 reference.
+
+Two entry points: :func:`w4a16_linear` checks every argument; :func:`w4a16_linear_prechecked` is
+for callers whose weights were checked once (``W4A16Linear``) and checks only the input. Outside
+``torch.compile`` the latter calls the launcher directly: the custom-op dispatcher costs several
+microseconds of host time per call, as much as the GPU time of a decode-sized linear.
 """
 from __future__ import annotations
 
@@ -12,67 +16,54 @@ from typing import Optional
 import torch
 
 from tinyq.backend import use_triton
-from tinyq.quant.format import GROUP_SIZES, PACK, SCALE_DTYPES
+from tinyq.kernels.w4a16_matmul import (
+    check_w4a16_args,
+    check_w4a16_input,
+    check_w4a16_weight,
+    w4a16_linear_reference,
+    w4a16_matmul_checked,
+)
 
-ACT_DTYPES = (torch.float16, torch.bfloat16)
-
-
-def check_w4a16_args(x, qweight, scales, zeros, bias) -> None:
-    """Validate every argument, naming the offending one (never a CUDA fault later)."""
-    if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise ValueError(f"qweight must be a 2-D int32 tensor [N, K/8], got {qweight.dtype} {tuple(qweight.shape)}")
-    n, k = qweight.shape[0], qweight.shape[1] * PACK
-    if scales.dim() != 2 or scales.shape[0] != n or scales.shape[1] == 0:
-        raise ValueError(f"scales must be [N={n}, K/G], got {tuple(scales.shape)}")
-    if k % scales.shape[1] != 0 or (k // scales.shape[1]) not in GROUP_SIZES:
-        raise ValueError(
-            f"K={k} and scales {tuple(scales.shape)} imply group size {k / scales.shape[1]:g}; "
-            f"supported group sizes are {GROUP_SIZES}"
-        )
-    if scales.dtype not in SCALE_DTYPES:
-        raise ValueError(f"scales must be fp16 or bf16, got {scales.dtype}")
-    if zeros.shape != scales.shape or zeros.dtype != scales.dtype:
-        raise ValueError(f"zeros must match scales ({tuple(scales.shape)}, {scales.dtype}), got {tuple(zeros.shape)}, {zeros.dtype}")
-    if x.shape[-1] != k:
-        raise ValueError(f"input has {x.shape[-1]} features but the weight expects K={k} (x shape {tuple(x.shape)})")
-    allowed = ACT_DTYPES if x.is_cuda else ACT_DTYPES + (torch.float32,)
-    if x.dtype not in allowed:
-        raise ValueError(f"activations must be one of {allowed} on {x.device.type}, got {x.dtype}")
-    if bias is not None and (bias.shape != (n,)):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    devs = {t.device for t in (x, qweight, scales, zeros) + ((bias,) if bias is not None else ())}
-    if len(devs) != 1:
-        raise ValueError(f"w4a16_linear: tensors on different devices: {sorted(map(str, devs))}")
+__all__ = ["check_w4a16_weight", "w4a16_linear", "w4a16_linear_prechecked", "w4a16_linear_reference"]
 
 
-def w4a16_linear_reference(x, qweight, scales, zeros, bias=None):
-    """Float32 reference: dequantize, matmul, add bias; returns ``x.dtype``."""
-    from tinyq.quant.format import dequantize_weight
-
-    w = dequantize_weight(qweight, scales, zeros)  # [N, K] fp32
-    y = x.float() @ w.t()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+def _run(x, qweight, scales, zeros, bias):
+    if use_triton(x):
+        if x.dtype != scales.dtype:
+            raise ValueError(f"activations ({x.dtype}) must have the scales' dtype ({scales.dtype}) on the Triton path")
+        y = w4a16_matmul_checked(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, bias)
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    return w4a16_linear_reference(x, qweight, scales, zeros, bias)
 
 
 @torch.library.custom_op("tinyq::w4a16_linear", mutates_args=())
 def _w4a16_linear_op(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    if use_triton(x):
-        from tinyq.kernels.w4a16_matmul import w4a16_matmul_checked
-
-        # w4a16_linear has run check_w4a16_args already
-        x2 = x.reshape(-1, x.shape[-1])
-        y = w4a16_matmul_checked(x2, qweight, scales, zeros, bias)
-        return y.reshape(*x.shape[:-1], qweight.shape[0])
-    return w4a16_linear_reference(x, qweight, scales, zeros, bias)
+    return _run(x, qweight, scales, zeros, bias)
 
 
 @_w4a16_linear_op.register_fake
 def _(x, qweight, scales, zeros, bias):
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+def w4a16_linear_prechecked(x, qweight, scales, zeros, bias=None):
+    """:func:`w4a16_linear` for weights that passed ``check_w4a16_weight`` already."""
+    if torch.compiler.is_compiling():
+        check_w4a16_input(x, qweight, scales)
+        return _w4a16_linear_op(x.contiguous(), qweight, scales, zeros, bias)
+    if x.is_cuda and use_triton(x):  # the hot path: a few attribute reads, then the launcher
+        k = x.shape[-1]
+        if k != qweight.shape[1] * 8 or x.dtype != scales.dtype or x.get_device() != qweight.get_device():
+            check_w4a16_input(x, qweight, scales)
+            raise ValueError(f"activations ({x.dtype}) must have the scales' dtype ({scales.dtype}) on the Triton path")
+        x2 = x.reshape(-1, k)
+        if x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        return w4a16_matmul_checked(x2, qweight, scales, zeros, bias).view(*x.shape[:-1], qweight.shape[0])
+    check_w4a16_input(x, qweight, scales)
+    return _run(x.contiguous(), qweight, scales, zeros, bias)
 
 
 def w4a16_linear(x, qweight, scales, zeros, bias=None):

@@ -9,11 +9,16 @@ tokenizer files. Each quantized linear ``<prefix>.weight`` becomes
 * AutoAWQ (``quant_method: "awq"``, ``version: "gemm"``): ``<prefix>.qweight`` int32 ``[K, N/8]``,
   ``<prefix>.qzeros`` int32 ``[K/G, N/8]``, ``<prefix>.scales`` fp16 ``[K/G, N]``.
 
-:func:`read_quantized_state` is the one place both kinds are read and validated. Writes are atomic:
-everything goes into a temporary directory next to the destination, renamed into place at the end.
+:func:`read_quantized_state` reads both kinds; :func:`check_quantization_config` and
+:func:`weight_files` are the rules it shares with tinyq's runtime loader. Writes are whole or nothing:
+everything goes into a temporary directory next to the destination, fsynced, renamed into place at the
+end (see :mod:`tinyq.atomic_io`). ``config.json`` and the tokenizer files are written so that
+transformers 4.x and 5.x, AutoAWQ and vLLM read them as they are; AWQ search results go to
+:data:`SEARCH_RESULTS`, a subfolder no weight loader reads.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tinyq.atomic_io import exchange, fsync_path, seal_tree
 from tinyq.quant.arch import decoder_of, expected_linear_shapes, family_for
 from tinyq.quant.format import PACK, from_awq_gemm, quantize_weight, to_awq_gemm
 
@@ -74,23 +80,47 @@ def quantized_state_dict(model: nn.Module, group_size: int, fmt: str = "tinyq", 
     return out
 
 
+NOT_CONVERTED = ["lm_head"]  # what stays in float besides the embedding (not a linear)
+SEARCH_RESULTS = "awq_search/results.safetensors"  # a subfolder: no weight loader globs it as weights
+
+
 def quantization_config(group_size: int, fmt: str = "tinyq", extra: dict = None) -> dict:
-    if fmt == "awq":
-        qc = {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
-              "modules_to_not_convert": None}
-    else:
-        qc = {"quant_method": "tinyq", "bits": 4, "group_size": group_size, "version": TINYQ_VERSION,
-              "modules_not_quantized": ["lm_head"]}
+    """AutoAWQ's keys (as transformers 4.x/5.x and vLLM read them) for both formats."""
+    qc = {"quant_method": fmt, "bits": 4, "group_size": group_size, "zero_point": True,
+          "version": "gemm" if fmt == "awq" else TINYQ_VERSION, "modules_to_not_convert": list(NOT_CONVERTED)}
     qc.update(extra or {})
     return qc
 
 
-def check_output_dir(path) -> Path:
-    """Refuse early to overwrite a non-empty directory that is not a checkpoint."""
+def portable_config(config: dict, dtype: torch.dtype) -> dict:
+    """``config`` with the keys both transformers generations read: 5.x ``rope_parameters`` and
+    ``dtype``, 4.x ``rope_theta`` + ``rope_scaling`` (with ``rope_type`` and the older ``type``) and
+    ``torch_dtype``. A 4.x reader that misses ``rope_theta`` silently uses 10000."""
+    out = dict(config)
+    rope = dict(out.get("rope_parameters") or {})
+    scaling = dict(out.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope = {**scaling, **rope, "rope_type": rope_type}
+    rope.pop("type", None)
+    theta = rope.get("rope_theta", out.get("rope_theta"))
+    if theta is not None:
+        rope["rope_theta"] = out["rope_theta"] = theta
+    out["rope_parameters"] = rope
+    extra = {k: v for k, v in rope.items() if k not in ("rope_type", "rope_theta")}
+    out["rope_scaling"] = {"rope_type": rope_type, "type": rope_type, **extra} if rope_type != "default" else None
+    out["torch_dtype"] = out["dtype"] = str(dtype).replace("torch.", "")
+    return out
+
+
+def check_output_dir(path, replace: bool = True) -> Path:
+    """Refuse early to overwrite a non-empty directory that is not a checkpoint (or, with
+    ``replace=False``, any non-empty directory)."""
     dest = Path(path)
     if dest.exists():
         if not dest.is_dir():
             raise FileExistsError(f"output {dest} exists and is not a directory")
+        if any(dest.iterdir()) and not replace:
+            raise FileExistsError(f"output {dest} already exists")
         if any(dest.iterdir()) and not (dest / "config.json").is_file():
             raise FileExistsError(f"output {dest} is a non-empty directory that is not a checkpoint; refusing to replace it")
     return dest
@@ -123,67 +153,132 @@ def _write_tensors(tensors: dict, folder: Path, max_shard_bytes: int) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _write_tokenizer(tokenizer, folder: Path) -> None:
+    """Tokenizer files that transformers 4.40+ and 5.x both load: 5.x writes ``tokenizer_class:
+    "TokenizersBackend"`` (unknown to 4.x) and keeps the chat template only in ``chat_template.jinja``
+    (which 4.x before 4.49 does not read)."""
+    if not hasattr(tokenizer, "save_pretrained"):  # a bare tokenizers.Tokenizer
+        tokenizer.save(str(folder / "tokenizer.json"))
+        return
+    tokenizer.save_pretrained(str(folder))
+    cfg_path = folder / "tokenizer_config.json"
+    if not cfg_path.is_file():
+        return
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str):
+        cfg["chat_template"] = template
+        (folder / "chat_template.jinja").write_text(template)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
+def _move_into_place(tmp: Path, dest: Path, replace: bool) -> None:
+    """Rename ``tmp`` to ``dest``; an existing checkpoint there is swapped out in one atomic step
+    (``replace``) or left alone (``FileExistsError``)."""
+    try:
+        os.rename(tmp, dest)  # dest absent or an empty directory
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if not replace:
+        raise FileExistsError(f"output {dest} was written by another process meanwhile; it was kept")
+    check_output_dir(dest)
+    try:
+        exchange(tmp, dest)
+    except OSError as exc:
+        raise FileExistsError(f"cannot replace {dest} atomically here ({exc.strerror}); remove it first") from exc
+
+
 def write_checkpoint(out_dir, tensors: dict, config: dict, tokenizer=None, extra_files: dict = None,
-                     max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Write a checkpoint directory atomically: whole, or (on any error or interrupt) not at all."""
-    dest = check_output_dir(out_dir).resolve()
+                     max_shard_bytes: int = MAX_SHARD_BYTES, replace: bool = True) -> Path:
+    """Write a checkpoint directory whole or (on any error, interrupt or crash) not at all: files go to
+    a temporary sibling, are fsynced, and the directory is renamed into place (an existing checkpoint
+    is swapped out atomically, unless ``replace=False``, then ``FileExistsError``). ``extra_files``
+    maps relative paths (subfolders allowed) to bytes or text."""
+    dest = check_output_dir(out_dir, replace).resolve()
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the checkpoint gets normal permissions
     try:
         _write_tensors(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
         if tokenizer is not None:
-            if hasattr(tokenizer, "save_pretrained"):
-                tokenizer.save_pretrained(str(tmp))
-            else:  # a bare tokenizers.Tokenizer
-                tokenizer.save(str(tmp / "tokenizer.json"))
+            _write_tokenizer(tokenizer, tmp)
         for name, data in (extra_files or {}).items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_bytes(data) if isinstance(data, bytes) else (tmp / name).write_text(data)
-        if dest.exists() and any(dest.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "ckpt")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if dest.exists():
-                dest.rmdir()
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        seal_tree(tmp)
+        _move_into_place(tmp, dest, replace)
+        fsync_path(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the temporary files, or the swapped-out old checkpoint
     return dest
 
 
 def save_quantized(model: nn.Module, out_dir, group_size: int, tokenizer=None, fmt: str = "tinyq",
-                   quant_extra: dict = None, extra_files: dict = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                   quant_extra: dict = None, extra_files: dict = None, max_shard_bytes: int = MAX_SHARD_BYTES,
+                   replace: bool = True) -> Path:
     """Quantize ``model``'s decoder linears (4-bit, ``group_size``) and write a checkpoint to ``out_dir``."""
     dtype = storage_dtype(model)
     tensors = quantized_state_dict(model, group_size, fmt, dtype)
-    config = model.config.to_dict()
-    config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")
+    config = portable_config(model.config.to_dict(), dtype)
     config["quantization_config"] = quantization_config(group_size, fmt, quant_extra)
-    return write_checkpoint(out_dir, tensors, config, tokenizer, extra_files, max_shard_bytes)
+    return write_checkpoint(out_dir, tensors, config, tokenizer, extra_files, max_shard_bytes, replace)
 
 
 # --- reading ---------------------------------------------------------------------------------------
 
+def weight_files(folder) -> tuple:
+    """``(file names, weight_map or None)`` of a directory's safetensors weights: the index's shards,
+    else its one ``*.safetensors`` file. Several files and no index is an error, not a merge: one of
+    them may hold something else (AWQ search results, an adapter) whose tensors would shadow weights."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name} is listed in {index.name} but missing")
+        return files, weight_map
+    files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {folder} (.bin checkpoints are not supported)")
+    if len(files) > 1:
+        hint = f" (older tinyq versions put AWQ search results there; move it to {SEARCH_RESULTS})" \
+            if "awq_search.safetensors" in files else ""
+        raise ValueError(f"{folder}: {len(files)} *.safetensors files ({', '.join(files)}) and no "
+                         f"model.safetensors.index.json saying which hold the weights; move the others away{hint}")
+    return files, None
+
+
+def check_quantization_config(qc: dict, where) -> int:
+    """The group size of a ``quantization_config`` tinyq reads (4-bit ``tinyq``, or AutoAWQ ``awq``
+    gemm with zero points); ``ValueError`` naming ``where`` otherwise. AutoAWQ's own spellings
+    (``w_bit``, ``q_group_size``) are accepted."""
+    method = str(qc.get("quant_method", "")).lower()
+    bits = qc.get("bits", qc.get("w_bit"))
+    gs = qc.get("group_size", qc.get("q_group_size"))
+    if method not in FORMATS:
+        raise ValueError(f"{where}: quant_method {method!r} is not one of {FORMATS}")
+    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise ValueError(f"{where}: AWQ version {qc.get('version')!r} is not supported (only 'gemm')")
+    if method == "awq" and qc.get("zero_point") is False:
+        raise ValueError(f"{where}: AWQ checkpoints without zero points are not supported")
+    if bits != 4:
+        raise ValueError(f"{where}: bits={bits}; tinyq's kernels read 4-bit weights only")
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs <= 0:
+        raise ValueError(f"{where}: invalid group_size {gs!r} in quantization_config")
+    return gs
+
+
 def _load_tensors(folder: Path) -> dict:
     from safetensors.torch import load_file
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
     tensors = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder}: shard {name} listed in the index is missing")
+    for name in weight_files(folder)[0]:
         tensors.update(load_file(str(folder / name)))
     return tensors
 
@@ -210,19 +305,8 @@ def read_quantized_state(path):
     qc = config.get("quantization_config")
     if not qc:
         raise ValueError(f"{folder}: config.json has no quantization_config (not a quantized checkpoint)")
-    method = str(qc.get("quant_method", "")).lower()
-    bits = qc.get("bits", qc.get("w_bit"))
-    gs = qc.get("group_size", qc.get("q_group_size"))
-    if method not in FORMATS:
-        raise ValueError(f"{folder}: quant_method {method!r} is not one of {FORMATS}")
-    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
-        raise ValueError(f"{folder}: AWQ version {qc.get('version')!r} is not supported (only 'gemm')")
-    if method == "awq" and qc.get("zero_point") is False:
-        raise ValueError(f"{folder}: AWQ checkpoints without zero points are not supported")
-    if bits != 4:
-        raise ValueError(f"{folder}: bits={bits}; tinyq's kernels read 4-bit weights only")
-    if not isinstance(gs, int) or gs <= 0:
-        raise ValueError(f"{folder}: invalid group_size {gs!r} in quantization_config")
+    gs = check_quantization_config(qc, cfg_path)
+    method = str(qc["quant_method"]).lower()
     shapes = expected_linear_shapes(config)
     tensors = _load_tensors(folder)
     quantized = {}

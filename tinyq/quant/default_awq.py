@@ -18,7 +18,8 @@ from tinyq.quant.pipeline import CalibConfig, QuantizeJob, quantize_to_checkpoin
 # first chat starts within ~1-2 minutes on a 2-core CPU: statistics from 16 x 256 tokens, losses on 2
 # blocks, 10 scale grid points, clip errors on 256 tokens.
 DEFAULT_CALIB = {"n_blocks": 16, "block_len": 256, "search_blocks": 2, "n_grid": 10, "clip_tokens": 256}
-CACHE_VERSION = 1  # bump when the default recipe changes, so stale caches are not reused
+CACHE_VERSION = 2  # bump when the default recipe or the checkpoint layout changes, so stale caches are not reused
+# (2: search results moved into a subfolder; loaders refuse v1's second top-level *.safetensors)
 
 
 def cache_dir() -> Path:
@@ -51,8 +52,10 @@ def ensure_default_awq_checkpoint(group_size: int = 64, device=None, progress: b
         progress=progress,
     )
     try:
-        quantize_to_checkpoint(job, dest)
+        quantize_to_checkpoint(job, dest, replace=False)
     except FileExistsError:
-        pass  # another process finished first; its checkpoint is complete (atomic rename)
+        if not (dest / "config.json").is_file():
+            raise
+        # another process finished first: its checkpoint is whole (atomic rename) and is kept
     print(f"tinyq: cached the AWQ default model at {dest}", file=sys.stderr)
     return dest

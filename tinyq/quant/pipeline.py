@@ -93,21 +93,22 @@ def prepare(job: QuantizeJob):
     return model, tokenizer, results, seconds
 
 
-def quantize_to_checkpoint(job: QuantizeJob, out_dir, fmt: str = "tinyq") -> dict:
-    """Run ``job`` and write a 4-bit checkpoint to ``out_dir`` (atomically). Returns a summary dict."""
-    from tinyq.quant.checkpoint import check_output_dir, save_quantized
+def quantize_to_checkpoint(job: QuantizeJob, out_dir, fmt: str = "tinyq", replace: bool = True) -> dict:
+    """Run ``job`` and write a 4-bit checkpoint to ``out_dir`` (atomically; an existing checkpoint is
+    replaced, or with ``replace=False`` kept and ``FileExistsError`` raised). Returns a summary dict."""
+    from tinyq.quant.checkpoint import SEARCH_RESULTS, check_output_dir, save_quantized
 
     if job.awq.w_bit != 4:
         raise ValueError(f"w_bit={job.awq.w_bit}: checkpoints are 4-bit (the kernels' format); 3-bit AWQ is for "
                          "evaluation only (tinyq eval --fake-quant awq --w-bit 3)")
-    check_output_dir(out_dir)  # fail before the (long) search, not after
+    check_output_dir(out_dir, replace)  # fail before the (long) search, not after
     model, tokenizer, results, seconds = prepare(job)
     extra = {"method": job.method}
-    files = {"awq_search.safetensors": results.to_bytes()} if results is not None else None
+    files = {SEARCH_RESULTS: results.to_bytes()} if results is not None else None
     if results is not None:
         extra.update({k: results.config[k] for k in ("duo_scaling", "clip", "n_grid")})
         extra["calibration"] = {"blocks": job.calib.n_blocks, "block_len": job.calib.block_len,
                                 "files": list(map(str, job.calib.files or [])) or "default"}
     path = save_quantized(model, out_dir, job.awq.group_size, tokenizer, fmt,
-                          quant_extra=extra if fmt == "tinyq" else None, extra_files=files)
+                          quant_extra=extra if fmt == "tinyq" else None, extra_files=files, replace=replace)
     return {"path": str(path), "search_seconds": seconds}

@@ -1,0 +1,131 @@
+"""Terminal chat with a vision-language model: images, several images, video, streamed answers.
+
+    python examples/chat_vlm.py --model /path/to/NVILA-8B --image photo.jpg
+    python examples/chat_vlm.py --model /path/to/llava-1.5-7b-hf --image a.jpg,b.jpg --precision fp16
+    python examples/chat_vlm.py --model DIR --video clip.mp4 --frames 8       # mp4 needs PyAV; GIF / frame dirs do not
+    python examples/chat_vlm.py --random-tiny --image photo.jpg               # RANDOM weights: a CPU demo of the pipeline
+
+In the chat: ``/image PATH[,PATH]`` adds images to the next message, ``/video PATH`` a video,
+``/reset`` forgets everything, ``/exit`` quits. After each answer: time to first token, vision
+encoder time and decode ms/token. ``--prompt TEXT`` answers one message and exits.
+"""
+import argparse
+import sys
+
+import torch
+
+from tinyq.models.vlm import load_vlm
+from tinyq.vlm.session import VLMChatSession
+
+RANDOM_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!!  --random-tiny: this model has RANDOM WEIGHTS. Its answers are NOISE.     !!
+!!  It only shows the pipeline running (tiling, tower, projector, LLM, chat). !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="llava-hf or VILA/NVILA directory")
+    src.add_argument("--random-tiny", action="store_true", help="a small NVILA-shaped model with RANDOM weights")
+    p.add_argument("--image", help="image path(s), comma-separated, for the first message")
+    p.add_argument("--video", help="video file (mp4 needs PyAV), animated GIF or directory of frames")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from --video")
+    p.add_argument("--precision", choices=["w4a16", "fp16", "bf16", "fp32"], default=None,
+                   help="LLM precision (default: w4a16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-seq-len", type=int, default=8192)
+    p.add_argument("--prompt", help="answer this one message and exit")
+    return p.parse_args(argv)
+
+
+def add_media(chat, images=None, video=None, frames=8):
+    """Encode media now; prints what was added. Returns False (and says why) on bad input."""
+    try:
+        if images:
+            counts = chat.add_images([p.strip() for p in images.split(",") if p.strip()])
+            print(f"[{len(counts)} image(s), {sum(counts)} tokens, vision {vision_ms(chat)}]")
+        if video:
+            counts = chat.add_video(video, frames)
+            print(f"[video: {len(counts)} frames, {sum(counts)} tokens, vision {vision_ms(chat)}]")
+    except (ValueError, ImportError) as exc:
+        print(f"error: {exc}")
+        return False
+    return True
+
+
+def vision_ms(chat) -> str:
+    out = f"{1e3 * chat.last_vision_s:.0f} ms"
+    if chat.last_vision_compile_s:
+        out += f" (+{chat.last_vision_compile_s:.1f} s compiling kernels for a new shape, not counted)"
+    return out
+
+
+def answer(chat, text):
+    vision_s = chat.last_vision_s if chat.pending_images else 0.0
+    try:
+        turn = chat.send(text)
+        print("assistant> ", end="", flush=True)
+        for delta in turn:
+            print(delta, end="", flush=True)
+    except ValueError as exc:  # placeholder/image mismatch, context overflow
+        print(f"error: {exc}")
+        return
+    s = turn.result.stats
+    print(f"\n[TTFT {1e3 * s.ttft_s:.0f} ms ({s.prefilled_tokens} tokens prefilled) | vision encoder "
+          f"{1e3 * vision_s:.0f} ms | {s.ms_per_token:.1f} ms/token ({s.new_tokens} tokens)]")
+    if s.compiled_kernels:
+        print(f"[first use of a new shape: {s.compiled_kernels} kernels compiled in {s.compile_s:.1f} s, not counted]")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = args.precision or ("w4a16" if device == "cuda" else "fp32")
+    if args.random_tiny:
+        from tinyq.vlm.tiny import random_tiny_nvila
+
+        print(RANDOM_WARNING)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        model, tokenizer = random_tiny_nvila(dtype=dtype if device == "cuda" else torch.float32, device=device)
+    else:
+        model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)
+        print(f"loaded {args.model} ({precision}) in {model.load_stats['seconds']:.1f} s")
+    chat = VLMChatSession(model, tokenizer, max_seq_len=min(args.max_seq_len, model.llm.max_seq_len),
+                          temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    if device == "cuda":  # compile kernels and capture the decode graph now, not in the first answer
+        print(f"[{chat.warm_up().summary()}]")
+    if not add_media(chat, args.image, args.video, args.frames):
+        return 1
+    if args.prompt:
+        answer(chat, args.prompt)
+        return 0
+    print("/image PATH[,PATH]  /video PATH  /reset  /exit")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line:
+            continue
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            chat.reset()
+            print("[conversation and media forgotten]")
+        elif line.startswith("/image "):
+            add_media(chat, images=line[len("/image "):])
+        elif line.startswith("/video "):
+            add_media(chat, video=line[len("/video "):].strip(), frames=args.frames)
+        else:
+            answer(chat, line)
+            if args.random_tiny:
+                print("(random weights: the answer above is noise)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

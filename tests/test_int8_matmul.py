@@ -1,0 +1,115 @@
+"""W8A8 int8 GEMM / GEMV and the M dispatcher: the int32 product exactly, the scaled output against
+the float32 epilogue of the reference. Interpreted on the CPU; the `gpu` tests run the shipped configs."""
+import pytest
+import torch
+
+from tests.tolerances import assert_close_rel
+from tinyq.kernels.int8_configs import CONFIGS, select_config
+from tinyq.kernels.int8_gemm import launch_int8_gemm
+from tinyq.kernels.int8_gemv import launch_int8_gemv
+from tinyq.kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from tinyq.quant.int8_format import MAX_K
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_case(m, n, k, bias=True, device=DEV, bias_dtype=torch.float16):
+    xq = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s_x = torch.rand(m) * 0.02 + 1e-3
+    s_w = torch.rand(n) * 0.01 + 1e-4
+    b = torch.randn(n).to(bias_dtype) if bias else None
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return to(xq), to(wq), to(s_x), to(s_w), to(b)
+
+
+def exact(xq, wq):
+    return (xq.cpu().long() @ wq.cpu().long().t()).to(torch.int32)
+
+
+def poisoned(m, n, dtype, device=DEV):
+    if dtype == torch.int32:
+        return torch.full((m, n), -(2**31), dtype=dtype, device=device)
+    return torch.full((m, n), float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 100), (4, 9, 77), (2, 33, 512)])
+def test_gemv_exact_and_scaled(m, n, k):
+    xq, wq, s_x, s_w, b = make_case(m, n, k)
+    acc = poisoned(m, n, torch.int32)
+    launch_int8_gemv(xq, wq, s_x, s_w, None, acc, block_n=16, block_k=64)
+    assert torch.equal(acc.cpu(), exact(xq, wq))
+    for dtype in (torch.float16, torch.bfloat16):
+        y = poisoned(m, n, dtype)
+        launch_int8_gemv(xq, wq, s_x, s_w, b, y, block_n=8, block_k=128)
+        assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), dtype)
+
+
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("m,n,k", [(5, 40, 256), (17, 67, 100), (33, 16, 64), (3, 24, 200)])
+def test_gemm_exact_and_scaled(m, n, k, swap_ab):
+    xq, wq, s_x, s_w, b = make_case(m, n, k)
+    acc = poisoned(m, n, torch.int32)
+    launch_int8_gemm(xq, wq, s_x, s_w, None, acc, block_m=16, block_n=32, block_k=64, swap_ab=swap_ab)
+    assert torch.equal(acc.cpu(), exact(xq, wq))
+    y = poisoned(m, n, torch.bfloat16)
+    launch_int8_gemm(xq, wq, s_x, s_w, b, y, block_m=16, block_n=16, block_k=32, swap_ab=swap_ab)
+    assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.bfloat16)
+
+
+@pytest.mark.parametrize("m", [1, 3, 17, 257])
+def test_dispatcher_over_m(m):
+    n, k = 48, 96  # K not a multiple of any shipped block_k: the masked tail path
+    xq, wq, s_x, s_w, b = make_case(m, n, k, bias_dtype=torch.float32)
+    assert select_config(m, xq.device)["kernel"] == ("gemv" if m == 1 else "gemm")
+    assert torch.equal(int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32).cpu(), exact(xq, wq))
+    y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16)
+    ref = int8_matmul_reference(xq.cpu(), wq.cpu(), s_x.cpu(), s_w.cpu(), b.cpu(), torch.float16)
+    # one fp32 epilogue, two summation-free roundings: at most one fp16 ulp apart
+    assert_close_rel(y.cpu(), ref.float(), torch.float16)
+
+
+def test_reference_is_exact_at_large_k():
+    # fp32 accumulation would round here (|acc| up to 127^2 * 4096 > 2^24); int32 must not
+    k = 4096
+    xq = torch.full((2, k), 127, dtype=torch.int8)
+    wq = torch.full((3, k), -127, dtype=torch.int8)
+    wq[1, ::2] = 127
+    xq[1, 0] = 1
+    acc = int8_matmul_reference(xq, wq, torch.ones(2), torch.ones(3), out_dtype=torch.int32)
+    assert torch.equal(acc, exact(xq, wq))
+    assert acc[0, 0].item() == -127 * 127 * k
+
+
+def test_bad_input():
+    xq, wq, s_x, s_w, _ = make_case(3, 8, 64, bias=False, device="cpu")
+    with pytest.raises(ValueError, match="weight must be a 2-D int8"):
+        int8_matmul(xq, wq.float(), s_x, s_w)
+    with pytest.raises(ValueError, match="activations must be int8"):
+        int8_matmul(xq.half(), wq, s_x, s_w)
+    with pytest.raises(ValueError, match="expects K=64"):
+        int8_matmul(xq[:, :32], wq, s_x, s_w)
+    with pytest.raises(ValueError, match=r"weight scale must be float32 \[8\]"):
+        int8_matmul(xq, wq, s_x, s_w.half())
+    with pytest.raises(ValueError, match="weight scale must be float32"):
+        int8_matmul(xq, wq, s_x, s_w[:4])
+    with pytest.raises(ValueError, match="activation scale must be float32"):
+        int8_matmul(xq, wq, s_x[:2], s_w)
+    with pytest.raises(ValueError, match="bias must be"):
+        int8_matmul(xq, wq, s_x, s_w, torch.zeros(7))
+    big = torch.zeros(1, MAX_K + 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="could overflow"):
+        int8_matmul_reference(big, torch.zeros(2, MAX_K + 1, dtype=torch.int8), torch.ones(1), torch.ones(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_every_shipped_config_on_gpu(arch):
+    for max_m, cfg in CONFIGS[arch]:
+        m = max_m or 300
+        for n, k in ((256, 512), (200, 4160)):
+            xq, wq, s_x, s_w, b = make_case(m, n, k)
+            acc = int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc.cpu(), exact(xq, wq)), (arch, max_m, cfg)
+            y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16, config=cfg)
+            assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)

@@ -1,0 +1,151 @@
+"""Per-token int8 quantization and the fused norm / activation + quant kernels against their float32
+references. The plain quantizer must match bit for bit; fused kernels compute their float input with a
+different (but equally valid) float32 op order, so an int there may differ by one step at a rounding tie."""
+import pytest
+import torch
+
+from tests.tolerances import assert_close_rel
+from tinyq.backend import force_backend
+from tinyq.kernels.gelu_quant import gelu_quant, gelu_quant_reference
+from tinyq.kernels.int8_quant import quantize_per_token, quantize_per_token_reference
+from tinyq.kernels.layernorm_quant import layernorm_quant, layernorm_quant_reference
+from tinyq.kernels.rmsnorm import rmsnorm_reference
+from tinyq.kernels.rmsnorm_quant import rmsnorm_quant, rmsnorm_quant_reference
+from tinyq.kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_reference
+from tinyq.quant.int8_format import quantize_rows_reference
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SHAPES = [(1, 64), (3, 100), (17, 576), (2, 3, 257)]
+
+
+def close_quant(q, s, q_ref, s_ref):
+    """Scales within float32 rounding; ints equal except a rare +-1 at a rounding tie."""
+    torch.testing.assert_close(s.cpu(), s_ref.cpu(), rtol=2e-6, atol=0)
+    diff = (q.cpu().int() - q_ref.cpu().int()).abs()
+    assert diff.max() <= 1 and diff.float().mean() < 0.01, f"max {diff.max()}, mean {diff.float().mean()}"
+
+
+def static_of(x):
+    return (x.float().abs().amax() / 100).reshape(1).to(x.device)  # some values clip at 127
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("static", [False, True])
+def test_per_token_exact(shape, dtype, static):
+    x = (torch.randn(shape) * 3).to(dtype).to(DEV)
+    x.view(-1)[5] = 0.5 * x.view(-1)[5].sign()  # half-way cases must round alike
+    s = static_of(x) if static else None
+    with force_backend("triton"):
+        q, scale = quantize_per_token(x, s)
+    q_ref, scale_ref = quantize_per_token_reference(x, s)
+    assert q.dtype == torch.int8 and q.shape == x.shape and scale.shape == x.shape[:-1]
+    assert torch.equal(q.cpu(), q_ref.cpu()) and torch.equal(scale.cpu(), scale_ref.cpu())
+    if not static:  # dequantized rows reproduce x to half a step
+        err = (q.float() * scale[..., None] - x.float()).abs().amax(-1)
+        assert (err <= scale * 0.5 * 1.0001).all()
+        assert (q.abs().amax(-1) == 127).all()
+
+
+def test_reference_rounding_rule():
+    q, s = quantize_rows_reference(torch.tensor([[127.0, 0.5, -0.5, 1.5, -2.5, 0.49, 0.0]]))
+    assert s.item() == 1.0
+    assert q.tolist() == [[127, 1, -1, 2, -3, 0, 0]]  # half away from zero
+    q, s = quantize_rows_reference(torch.zeros(1, 4))
+    assert q.abs().sum() == 0 and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_rmsnorm_quant(shape, dtype, with_residual):
+    x = torch.randn(shape).to(dtype).to(DEV)
+    res = torch.randn(shape).to(dtype).to(DEV) if with_residual else None
+    w = (torch.rand(shape[-1]) + 0.5).to(dtype).to(DEV)
+    with force_backend("triton"):
+        out = rmsnorm_quant(x, w, 1e-5, res)
+    ref = rmsnorm_quant_reference(x, w, 1e-5, res)
+    if with_residual:
+        # the interpreter's bf16 cast may truncate the sum (see test_rmsnorm): 1 ulp, then the
+        # norm + quant of the kernel's own h must match
+        assert_close_rel(out[2], ref[2].float(), dtype)
+        ref = rmsnorm_quant_reference(out[2], w, 1e-5)
+        normed = rmsnorm_reference(out[2], w, 1e-5)
+    else:
+        normed = rmsnorm_reference(x, w, 1e-5)
+    close_quant(out[0], out[1], ref[0], ref[1])
+    # the quantized rows are the norm's output to within half a step (+ the norm's own rounding)
+    err = (ref[0].float() * ref[1][..., None] - normed.float()).abs()
+    assert (err <= ref[1][..., None] * 0.5 + normed.float().abs() * 1e-2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_layernorm_quant(shape, dtype, static):
+    x = (torch.randn(shape) + 1).to(dtype).to(DEV)
+    w = (torch.rand(shape[-1]) + 0.5).to(DEV)
+    b = torch.randn(shape[-1]).to(DEV)
+    s = static_of(x) if static else None
+    with force_backend("triton"):
+        q, scale = layernorm_quant(x, w, b, 1e-5, s)
+    close_quant(q, scale, *layernorm_quant_reference(x, w, b, 1e-5, s))
+    with force_backend("triton"):
+        q, scale = layernorm_quant(x, w, None, 1e-5)
+    close_quant(q, scale, *layernorm_quant_reference(x, w, None, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 128), (3, 200), (17, 1154)])
+@pytest.mark.parametrize("static", [False, True])
+def test_silu_mul_quant(shape, dtype, static):
+    x = (torch.randn(shape) * 2).to(dtype).to(DEV)
+    s = static_of(x) if static else None
+    with force_backend("triton"):
+        q, scale = silu_mul_quant(x, s)
+    assert q.shape == (shape[0], shape[1] // 2)
+    close_quant(q, scale, *silu_mul_quant_reference(x, s))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_gelu_quant(shape, dtype, approximate):
+    x = (torch.randn(shape) * 3).to(dtype).to(DEV)
+    x.view(-1)[0] = 30.0  # tanh form's tails: exp overflow must give tanh = 1, not NaN
+    x.view(-1)[1] = -30.0
+    with force_backend("triton"):
+        q, scale = gelu_quant(x, approximate)
+    close_quant(q, scale, *gelu_quant_reference(x, approximate))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_get_nan_scale(bad):
+    x = torch.randn(3, 40).to(DEV)
+    x[1, 7] = bad
+    w = torch.ones(40, device=DEV)
+    with force_backend("triton"):
+        outs = [quantize_per_token(x), rmsnorm_quant(x, w, 1e-5), layernorm_quant(x, w, None, 1e-5),
+                silu_mul_quant(x), gelu_quant(x), quantize_per_token(x, static_of(x[::2]))]
+    for q, scale in outs:
+        assert torch.isnan(scale[1]), "a row with inf/NaN must be marked"
+        assert torch.isfinite(scale[0]) and torch.isfinite(scale[2])
+
+
+def test_bad_input():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="static activation scale must be one float32"):
+        quantize_per_token_reference(x, torch.ones(2))
+    with pytest.raises(ValueError, match="x must be fp16/bf16/fp32"):
+        quantize_per_token_reference(x.to(torch.int32))
+    with pytest.raises(ValueError, match="weight must be"):
+        rmsnorm_quant_reference(x, torch.ones(7), 1e-5)
+    with pytest.raises(ValueError, match="residual must match"):
+        rmsnorm_quant_reference(x, torch.ones(8), 1e-5, x.half())
+    with pytest.raises(ValueError, match="bias must be"):
+        layernorm_quant_reference(x, torch.ones(8), torch.ones(3), 1e-5)
+    with pytest.raises(ValueError, match="even last dim|2\\*I"):
+        silu_mul_quant_reference(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="approximate must be"):
+        gelu_quant_reference(x, "sigmoid")

@@ -1,0 +1,169 @@
+"""tinyq LLaVA vs transformers LlavaForConditionalGeneration (fp32, random tiny checkpoints):
+logits with 1 and 2 images, 16 greedy tokens through the chat session, follow-up turns, errors."""
+import pytest
+import torch
+
+from tests.vlm_tiny import IMAGE_SIZE, PATCH, make_llava_dir
+from tinyq.models.llava import load_llava
+from tinyq.vlm import media
+from tinyq.vlm.session import VLMChatSession
+
+TOKENS_PER_IMAGE = (IMAGE_SIZE // PATCH) ** 2
+
+
+@pytest.fixture(scope="module", params=[("clip", "llama", False), ("siglip", "qwen2", True)],
+                ids=["clip-llama-new-keys", "siglip-qwen2-legacy-keys"])
+def llava(request, tmp_path_factory):
+    tower, llm, legacy = request.param
+    path = tmp_path_factory.mktemp(f"llava-{tower}")
+    hf, _ = make_llava_dir(path, tower, llm, legacy)
+    model, tok = load_llava(str(path), precision="fp32", device="cpu", max_seq_len=256)
+    return hf, model, tok
+
+
+def _images(n, seed=0):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(40, 30), (25, 33), (28, 28)]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy()) for w, h in sizes[:n]]
+
+
+def _pixels(model, images):
+    return media.pixel_values(model.processor, [media.expand_to_square(im, model.pad_color) for im in images])
+
+
+def _hf_greedy(hf, ids, px, n):
+    ids, out = torch.tensor([ids]), []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(hf(input_ids=ids, pixel_values=px).logits[0, -1].argmax())
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    return out
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_logits_match_transformers(llava, n_images):
+    hf, model, tok = llava
+    img = model.image_token_id
+    ids = [5, 6, 7]
+    for _ in range(n_images):
+        ids += [img] * TOKENS_PER_IMAGE + [10, 11]
+    ids = torch.tensor([ids])
+    px = torch.randn(n_images, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+    ours = model.logits(ids, features=list(model.encode_pixels(px)))
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_greedy_session_matches_transformers(llava, n_images):
+    hf, model, tok = llava
+    s = VLMChatSession(model, tok, max_seq_len=256, temperature=0, max_new_tokens=16)
+    s.gen.eos_ids = set()  # 16 tokens whatever they are
+    images = _images(n_images)
+    assert s.add_images(images) == [TOKENS_PER_IMAGE] * n_images
+    res = s.ask("what is this?")
+    prompt = s.gen.cached_ids[:res.stats.prompt_tokens]
+    assert prompt.count(model.image_token_id) == n_images * TOKENS_PER_IMAGE
+    assert res.token_ids == _hf_greedy(hf, prompt, _pixels(model, images), 16)
+
+
+def test_follow_up_turns_prefill_only_new_text_and_encode_only_new_images(llava, monkeypatch):
+    hf, model, tok = llava
+    s = VLMChatSession(model, tok, max_seq_len=256, temperature=0, max_new_tokens=4)
+    s.gen.eos_ids = set()
+    encoded = []
+    real = model.encode_images
+    monkeypatch.setattr(model, "encode_images", lambda ims: encoded.append(len(ims)) or real(ims))
+    first, second = _images(2)
+    s.add_images([first])
+    r1 = s.ask("first?")
+    r2 = s.ask("and again?")  # text only: prefills the new turn only
+    # turn 1's prompt (with its image) stays cached: at most the answer (re-tokenized) and the new turn
+    assert r2.stats.prefilled_tokens <= r2.stats.prompt_tokens - r1.stats.prompt_tokens
+    s.add_images([second])  # a new image mid-conversation: only it is encoded
+    r3 = s.ask("now this one?")
+    assert encoded == [1, 1]
+    assert TOKENS_PER_IMAGE < r3.stats.prefilled_tokens <= r3.stats.prompt_tokens - r2.stats.prompt_tokens
+    prompt = s.gen.cached_ids[:r3.stats.prompt_tokens]
+    assert prompt.count(model.image_token_id) == 2 * TOKENS_PER_IMAGE
+    assert r3.token_ids == _hf_greedy(hf, prompt, _pixels(model, [first, second]), 4)
+
+
+def test_bad_input(llava, tmp_path):
+    hf, model, tok = llava
+    s = VLMChatSession(model, tok, max_seq_len=256, max_new_tokens=2)
+    with pytest.raises(ValueError, match="1 <image> placeholder.* 0 image"):
+        s.send("<image> no image was added")
+    with pytest.raises(ValueError, match="image not found"):
+        s.add_images([str(tmp_path / "missing.jpg")])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        s.add_images([str(bad)])
+    assert s.images == [] and s.messages == []
+    ids = torch.tensor([[5] + [model.image_token_id] * 3])
+    with pytest.raises(ValueError, match="3 image-token positions"):
+        model.logits(ids, features=list(model.encode_pixels(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))))
+
+
+def test_w4a16_llm_loads_quantized(tmp_path):
+    from tinyq.nn.w4a16_linear import W4A16Linear
+
+    path = tmp_path / "w4"
+    make_llava_dir(path, "clip", "llama")
+    q, _ = load_llava(str(path), precision="w4a16", group_size=32, device="cpu")
+    assert isinstance(q.llm.model.layers[0].self_attn.qkv_proj, W4A16Linear)
+    ids = torch.tensor([[5] + [q.image_token_id] * TOKENS_PER_IMAGE + [6]])
+    px = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    ref, _ = load_llava(str(path), precision="fp32", device="cpu")
+    a = q.logits(ids, features=list(q.encode_pixels(px))).flatten()
+    b = ref.logits(ids, features=list(ref.encode_pixels(px))).flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
+
+
+LLAVA_HF_TEMPLATE = (  # the shape of llava-hf's processor template: content lists, the template writes <image>
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template,starts", [(LLAVA_HF_TEMPLATE, "USER: \n\nhi ASSISTANT:"),
+                                             (None, "A chat between a curious human")])
+def test_processor_template_and_vicuna_fallback(llava, template, starts):
+    hf, model, tok = llava
+    saved = tok.chat_template
+    tok.chat_template = template
+    try:
+        s = VLMChatSession(model, tok, max_seq_len=256)
+        s.images = [torch.zeros(TOKENS_PER_IMAGE, 1)] * 2  # rows are only counted here
+        ids = s.prompt_ids("<image>\n<image>\nhi")
+    finally:
+        tok.chat_template = saved
+    assert ids.count(model.image_token_id) == 2 * TOKENS_PER_IMAGE
+    assert [p for p, _ in s._slots] == [i for i, t in enumerate(ids) if t == model.image_token_id][::TOKENS_PER_IMAGE]
+    text = tok.decode([t for t in ids if t != model.image_token_id])
+    assert text.startswith(starts) and text.rstrip().endswith("ASSISTANT:")
+
+
+def test_dropping_a_turn_drops_its_images(llava):
+    hf, model, tok = llava
+    s = VLMChatSession(model, tok, max_seq_len=256, temperature=0, max_new_tokens=2)
+    s.gen.eos_ids = set()
+    first, second, third = _images(3)
+    s.add_images([first])
+    s.ask("one")
+    s.add_images([second])
+    s.ask("two")
+    kept = s.images[1]
+    s.add_images([third])  # pending: stays for the next message
+    assert s.drop_oldest_turns(1) == 1
+    assert len(s.images) == 2 and s.images[0] is kept and s.pending_images == 1
+    r = s.ask("three")
+    prompt = s.gen.cached_ids[:r.stats.prompt_tokens]
+    assert r.token_ids == _hf_greedy(hf, prompt, _pixels(model, [second, third]), 2)

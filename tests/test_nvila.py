@@ -1,0 +1,233 @@
+"""NVILA / NVILA-Lite / VILA-1.5 vs a reference assembled from transformers parts (SiglipVisionModel +
+plain-torch VILA projector + Qwen2ForCausalLM with inputs_embeds) following the published code
+(NVlabs/VILA llava/mm_utils.py, base_projector.py; sglang python/sglang/srt/models/nvila.py);
+tiling and token counts against hand-computed values."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.vlm_tiny import make_nvila_dir
+from tinyq.models.nvila import load_nvila, s2_grid, s2_tiles, s2_token_count
+from tinyq.vlm.session import VLMChatSession
+
+NVILA_SCALES = [448, 896, 1344]
+
+
+# ---------------------------------------------------------------- hand-computed tiling
+
+
+@pytest.mark.parametrize("size,grid,tokens,lite_tokens", [
+    ((1344, 896), (4, 3), 12 * 256, 12 * 121),  # aspect 1.5: 4 x 3 (1.33) beats 3 x 3 (1.0) and 5 x 2 (2.5)
+    ((448, 448), (3, 3), 9 * 256, 9 * 121),  # square: the minimum 9 tiles
+    ((500, 1500), (2, 6), 12 * 256, 12 * 121),  # aspect 1/3: exactly 2 x 6
+    # aspect 6: 9 x 1 and 6 x 2 tie (|6 - 9| = |6 - 3| = 3); the image's 1.5 MP exceed half of the
+    # 6 x 2 grid's 2.4 MP, so the larger grid wins
+    ((3000, 500), (6, 2), 12 * 256, 12 * 121),
+])
+def test_nvila_grid_and_token_counts(size, grid, tokens, lite_tokens):
+    assert s2_grid(*size, NVILA_SCALES, 12) == grid
+    # a 448 tile is 32 x 32 patches; 2x2 -> 16 x 16 = 256 tokens per block, 3x3 (padded to 33) -> 11 x 11 = 121
+    assert s2_token_count(*size, NVILA_SCALES, 12, grid=32, k=2) == tokens
+    assert s2_token_count(*size, NVILA_SCALES, 12, grid=32, k=3) == lite_tokens
+
+
+def test_s2_tiles_of_a_1344x896_image():
+    from PIL import Image
+
+    tiles, (rows, cols) = s2_tiles(Image.new("RGB", (1344, 896)), NVILA_SCALES, 12)
+    assert (rows, cols) == (3, 4)
+    assert len(tiles) == 1 + 4 + 12 and all(t.size == (448, 448) for t in tiles)
+
+
+# ---------------------------------------------------------------- reference pipeline (published code)
+
+
+def ref_s2_tiles(image, scales, max_num, size):
+    """VILA ``dynamic_s2_preprocess``: square grids for all but the last scale, then the closest
+    aspect ratio with ``min_num <= cols * rows <= max_num``; returns tiles and (rows, cols)."""
+    w, h = image.size
+    min_num = (scales[-1] // scales[0]) ** 2
+    out = []
+    for s in scales[:-1]:
+        n = s // scales[0]
+        im = image.resize((size * n, size * n))
+        out += [im.crop(((i % n) * size, (i // n) * size, (i % n + 1) * size, (i // n + 1) * size)) for i in range(n * n)]
+    ratios = sorted({(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+                     if min_num <= i * j <= max_num}, key=lambda x: x[0] * x[1])
+    best, best_diff = (1, 1), float("inf")
+    for r in ratios:
+        d = abs(w / h - r[0] / r[1])
+        if d < best_diff or (d == best_diff and w * h > 0.5 * size * size * r[0] * r[1]):
+            best, best_diff = r, d
+    tw, th = size * best[0], size * best[1]
+    im = image.resize((tw, th))
+    n = tw // size
+    out += [im.crop(((i % n) * size, (i // n) * size, (i % n + 1) * size, (i // n + 1) * size))
+            for i in range(best[0] * best[1])]
+    return out, (best[1], best[0])
+
+
+def merge_chessboard(x, nh, nw):
+    """sglang ``merge_chessboard``: ``[nh*nw*b, c, h, w]`` (or ``[.., n, c]``) -> ``[b, c, nh*h, nw*w]``."""
+    if x.dim() == 3:
+        g = int(x.shape[1] ** 0.5)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+    b = x.shape[0] // (nh * nw)
+    return torch.cat([torch.cat([x[(i * nw + j) * b:(i * nw + j + 1) * b] for j in range(nw)], dim=-1)
+                      for i in range(nh)], dim=-2)
+
+
+def split_chessboard(x, nh, nw):
+    h, w = x.shape[2] // nh, x.shape[3] // nw
+    return torch.cat([x[:, :, i * h:(i + 1) * h, j * w:(j + 1) * w] for i in range(nh) for j in range(nw)], dim=0)
+
+
+def ref_features(tower, proj, pixels, block, scales):
+    """sglang ``NVILAForConditionalGeneration.get_image_feature`` for one image."""
+    hs = tower(pixels, output_hidden_states=True).hidden_states[-2]  # [tiles, g*g, C]
+    if block is None:  # several images: one tile each, repeated over the scales
+        g = int(hs.shape[1] ** 0.5)
+        x = hs.transpose(1, 2).reshape(1, -1, g, g).repeat(1, len(scales), 1, 1)
+        block = (1, 1)
+    else:
+        maps, cnt = [], 0
+        for s in scales[:-1]:
+            n = s // scales[0]
+            maps.append(merge_chessboard(hs[cnt:cnt + n * n], n, n))
+            cnt += n * n
+        maps.append(merge_chessboard(hs[cnt:], *block))
+        size = maps[-1].shape[-2:]
+        x = torch.cat([F.interpolate(m, size=size, mode="area") for m in maps], dim=1)
+    blocks = split_chessboard(x, *block)
+    out = proj(blocks.flatten(2).transpose(1, 2))
+    return merge_chessboard(out, *block)[0].flatten(1).t()
+
+
+def ref_rows(parts, images, s2=True):
+    tower, proj, _, _, root = parts
+    from transformers import SiglipImageProcessor
+
+    scales = [int(s) for s in root["s2_scales"].split(",")]
+    proc = SiglipImageProcessor(size={"height": scales[0], "width": scales[0]})
+    px = lambda ims: proc(images=ims, return_tensors="pt")["pixel_values"]  # noqa: E731
+    with torch.no_grad():
+        if not s2:
+            return list(proj(tower(px(images), output_hidden_states=True).hidden_states[-2]))
+        if len(images) == 1:
+            tiles, block = ref_s2_tiles(images[0], scales, root["max_tiles"], scales[0])
+            return [ref_features(tower, proj, px(tiles), block, scales)]
+        return [ref_features(tower, proj, px([im]), None, scales) for im in images]
+
+
+def ref_logits(parts, ids, rows):
+    llm, img = parts[2], parts[3].convert_tokens_to_ids("<image>")
+    with torch.no_grad():
+        emb = llm.get_input_embeddings()(ids).clone()
+        emb[0, ids[0] == img] = torch.cat(rows)
+        return llm(inputs_embeds=emb).logits
+
+
+def _image(w, h, seed=0):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).byte().numpy())
+
+
+# ---------------------------------------------------------------- equivalence
+
+
+@pytest.fixture(scope="module", params=["nvila", "nvila-lite", "vila1.5"])
+def nvila(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    kw = {"nvila": {}, "nvila-lite": {"projector": "mlp_downsample_3x3_fix"},
+          "vila1.5": {"projector": "mlp_downsample", "s2": False, "image_size": 35}}[request.param]
+    parts = make_nvila_dir(path, **kw)
+    model, tok = load_nvila(str(path), precision="fp32", device="cpu", max_seq_len=512)
+    return request.param, parts, model, tok
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_logits_match_reference(nvila, n_images):
+    name, parts, model, tok = nvila
+    images = [_image(84, 56, 0), _image(30, 50, 1)][:n_images]
+    rows = ref_rows(parts, images, s2=name != "vila1.5")
+    ours = model.encode_images(images)
+    if name == "nvila" and n_images == 1:  # 84 x 56 at scales 28/56/84: 4 x 3 blocks of 4 x 4 patches -> 2 x 2
+        assert ours[0].shape[0] == 12 * 4
+    if name == "vila1.5":  # 35 / 7 = 5 x 5 patches, zero-padded to 6 x 6 -> 3 x 3
+        assert all(r.shape[0] == 9 for r in ours)
+    ids = [5, 6]
+    for f in ours:
+        ids += model.placeholder_ids(f, tok) + [7]
+    ids = torch.tensor([ids])
+    assert ids[0, :].tolist().count(tok.encode("\n", add_special_tokens=False)[0]) >= n_images
+    ref = ref_logits(parts, ids, rows)
+    torch.testing.assert_close(model.logits(ids, features=ours), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_session_matches_reference(nvila):
+    name, parts, model, tok = nvila
+    image = _image(60, 90, 3)
+    s = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=16)
+    s.gen.eos_ids = set()
+    s.add_images([image])
+    res = s.ask("describe")
+    ids = torch.tensor([s.gen.cached_ids[:res.stats.prompt_tokens]])
+    rows = ref_rows(parts, [image], s2=name != "vila1.5")
+    out = []
+    for _ in range(16):
+        nxt = int(ref_logits(parts, ids, rows)[0, -1].argmax())
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+    assert res.token_ids == out
+
+
+def test_video_frames_are_images(nvila, tmp_path):
+    name, parts, model, tok = nvila
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(5):
+        _image(40, 30, i).save(frames / f"{i:03d}.png")
+    s = VLMChatSession(model, tok, max_seq_len=512, max_new_tokens=2)
+    counts = s.add_video(str(frames), 3)
+    assert len(counts) == 3 and s.pending_images == 3
+    with pytest.raises(ValueError, match="has 5 frame.*fewer than the 8"):
+        s.add_video(str(frames), 8)
+
+
+def test_pad_aspect_ratio_pads_to_a_mean_colour_square(nvila):
+    from tinyq.vlm import media
+
+    name, parts, model, tok = nvila
+    if name != "vila1.5":
+        pytest.skip("image_aspect_ratio 'pad' is a single-tile (VILA-1.5) option")
+    image = _image(50, 20, 4)
+    square = media.expand_to_square(image, media.SIGLIP_MEAN)
+    plain = model.encode_images([square])[0]
+    model.pad_color = media.SIGLIP_MEAN
+    try:
+        padded = model.encode_images([image])[0]
+    finally:
+        model.pad_color = None
+    torch.testing.assert_close(padded, plain)
+    assert not torch.allclose(model.encode_images([image])[0], plain)
+
+
+def test_awq_llm_folder_loads_like_rtn_at_load(tmp_path):
+    """An NVILA whose llm/ is an AutoAWQ-format checkpoint reads as W4A16 and equals RTN at load."""
+    import shutil
+
+    from tinyq.nn.w4a16_linear import W4A16Linear
+    from tinyq.quant.checkpoint import save_quantized
+
+    fp, awq = tmp_path / "fp", tmp_path / "awq"
+    parts = make_nvila_dir(fp)
+    shutil.copytree(fp, awq)
+    save_quantized(parts[2], awq / "llm", 32, tokenizer=parts[3], fmt="awq", replace=True)
+    rtn, tok = load_nvila(str(fp), precision="w4a16", group_size=32, device="cpu")
+    ckpt, _ = load_nvila(str(awq), precision="w4a16", device="cpu")
+    assert isinstance(ckpt.llm.model.layers[0].mlp.gate_up_proj, W4A16Linear)
+    feats = ckpt.encode_images([_image(84, 56)])
+    ids = torch.tensor([[5] + ckpt.placeholder_ids(feats[0], tok) + [6]])
+    torch.testing.assert_close(ckpt.logits(ids, features=feats), rtn.logits(ids, features=feats), rtol=2e-3, atol=2e-3)

@@ -1,0 +1,158 @@
+"""W8A8Linear, the functional ops, quantize_(W8A8Config) and safetensors I/O."""
+import pytest
+import torch
+from torch import nn
+
+from tests.tolerances import assert_close_rel
+from tinyq import W8A8Config, W8A8Linear, quantize_
+from tinyq.backend import force_backend
+from tinyq.nn import load_safetensors, save_safetensors
+from tinyq.ops.w8a8 import QuantizedActivation, add_rms_norm_quant, quantize_activation, silu_mul_quant, w8a8_linear
+from tinyq.quant.int8_format import quantize_rows_reference
+
+
+def linear(k, n, bias=True, dtype=torch.float32):
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+    return lin.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 96), (3, 5, 96), (17, 96)])
+def test_from_linear_matches_dequantized_math(shape, dtype):
+    lin = linear(96, 40)
+    mod = W8A8Linear.from_linear(lin)
+    if dtype != torch.float32:
+        mod.bias = mod.bias.to(dtype)
+    x = torch.randn(shape).to(dtype)
+    y = mod(x)
+    assert y.shape == (*shape[:-1], 40) and y.dtype == dtype
+    q, s = quantize_rows_reference(x.reshape(-1, 96).float())
+    ref = (q.float() * s[:, None]) @ mod.dequantized_weight().t() + lin.bias.float()
+    assert_close_rel(y.reshape(-1, 40), ref, dtype)
+    # and close to the float layer (int8 rounding of both operands: ~1%)
+    err = (y.float() - lin.float()(x.float())).abs().max() / lin.float()(x.float()).abs().max()
+    assert err < 0.03
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_cpu_path_gives_the_kernels_numbers(m):
+    mod = W8A8Linear.from_linear(linear(80, 24)).half()
+    assert mod.bias.dtype == torch.float16 and mod.weight_scale.dtype == torch.float32  # scales stay fp32
+    x = torch.randn(m, 80).half()
+    y_cpu = mod(x)
+    with force_backend("triton"):
+        y_kernel = mod(x)
+        qa = quantize_activation(x)
+    qa_cpu = quantize_activation(x)
+    assert torch.equal(qa.q, qa_cpu.q) and torch.equal(qa.scale, qa_cpu.scale)
+    assert torch.equal(y_kernel, y_cpu)
+
+
+def test_fused_activation_feeds_the_linear():
+    mod = W8A8Linear.from_linear(linear(64, 16, bias=False))
+    x, res = torch.randn(4, 64), torch.randn(4, 64)
+    w = torch.rand(64) + 0.5
+    qa, h = add_rms_norm_quant(x, res, w, 1e-5)
+    assert isinstance(qa, QuantizedActivation) and qa.shape == (4, 64) and qa.dtype == torch.float32
+    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * w)
+    assert_close_rel(mod(qa), mod(normed), torch.float16)  # same math up to the norm's rounding
+    gu = torch.randn(2, 3, 128)
+    down = W8A8Linear.from_linear(linear(64, 8))
+    y = down(silu_mul_quant(gu))
+    assert y.shape == (2, 3, 8)
+
+
+def test_static_activation_scale():
+    lin = linear(64, 16)
+    x = torch.randn(5, 64)
+    amax = x.abs().max().item()
+    mod = W8A8Linear.from_linear(lin, act_scale=amax / 127)
+    assert mod.act_quant == "tensor" and "input_scale" in mod.state_dict()
+    q, s = quantize_rows_reference(x, torch.tensor([amax / 127]))
+    ref = (q.float() * s[:, None]) @ mod.dequantized_weight().t() + lin.bias
+    assert_close_rel(mod(x), ref, torch.float32)
+    with pytest.raises(ValueError, match="act_scale must be one positive"):
+        W8A8Linear.from_linear(lin, act_scale=0.0)
+
+
+def test_quantize_filters_and_static_config():
+    model = nn.Sequential()
+    model.add_module("attn", nn.Sequential(linear(32, 32), linear(32, 32)))
+    model.add_module("lm_head", linear(32, 10))
+    quantize_(model, W8A8Config(exclude=["lm_head", "attn.1"]))
+    assert isinstance(model.attn[0], W8A8Linear) and type(model.attn[1]) is nn.Linear
+    assert type(model.lm_head) is nn.Linear
+    model2 = nn.Sequential(linear(32, 8), linear(8, 4))
+    with pytest.raises(ValueError, match="needs act_scales"):
+        W8A8Config(act_quant="tensor")
+    with pytest.raises(ValueError, match="layer '1': no calibrated"):
+        quantize_(model2, W8A8Config(act_quant="tensor", act_scales={"0": torch.ones(32)}))
+    assert type(model2[0]) is nn.Linear  # nothing changed on error
+    quantize_(model2, W8A8Config(act_quant="tensor", act_scales={"0": torch.full((32,), 2.54), "1": torch.ones(8)},
+                                 exclude=[]))
+    assert model2[0].input_scale.item() == pytest.approx(0.02)
+
+
+def test_save_load_round_trip(tmp_path):
+    def build():
+        m = nn.Sequential(linear(48, 24), nn.ReLU(), linear(24, 8, bias=False))
+        return quantize_(m, W8A8Config(exclude=[]))
+
+    src = build()
+    path = tmp_path / "w8a8.safetensors"
+    save_safetensors(src, str(path))
+    torch.manual_seed(1)
+    dst = load_safetensors(build(), str(path))
+    x = torch.randn(3, 48)
+    assert torch.equal(src(x), dst(x))
+    static = quantize_(nn.Sequential(linear(48, 24)), W8A8Config(act_quant="tensor", exclude=[],
+                                                                  act_scales={"0": torch.ones(48)}))
+    with pytest.raises(ValueError, match="unexpected tensors"):
+        load_safetensors(nn.Sequential(build()[0]), str(save_and(static, tmp_path / "s.safetensors")))
+
+
+def save_and(module, path):
+    save_safetensors(module, str(path))
+    return path
+
+
+def test_bad_input():
+    mod = W8A8Linear.from_linear(linear(32, 8))
+    q, s = mod.qweight, mod.weight_scale
+    with pytest.raises(ValueError, match="qweight must be a 2-D int8"):
+        W8A8Linear.from_quantized(q.to(torch.int32), s)
+    with pytest.raises(ValueError, match=r"weight_scale must be float32 \[8\]"):
+        W8A8Linear.from_quantized(q, s.half())
+    with pytest.raises(ValueError, match="weight_scale must be float32"):
+        W8A8Linear.from_quantized(q, s[:4])
+    with pytest.raises(ValueError, match="input has 31 features"):
+        mod(torch.randn(2, 31))
+    with pytest.raises(ValueError, match="float tensor or a QuantizedActivation"):
+        w8a8_linear(torch.zeros(2, 32, dtype=torch.int8), q, s)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(3, 32)
+        x[2, 5] = bad
+        with pytest.raises(ValueError, match=r"inf/NaN \(rows \[2\]\)"):
+            mod(x)
+        with force_backend("triton"), pytest.raises(ValueError, match="inf/NaN"):
+            mod(x)
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas and fake implementations are right, so torch.compile / CUDA graphs can trace the ops."""
+    from tinyq.ops import w8a8
+
+    x = torch.randn(3, 64)
+    mod = W8A8Linear.from_linear(linear(64, 16))
+    q, s = quantize_rows_reference(x)
+    w = torch.rand(64) + 0.5
+    cases = [
+        (w8a8._int8_linear_op, (q, s, mod.qweight, mod.weight_scale, mod.bias, torch.float32)),
+        (w8a8._quantize_op, (x, None)),
+        (w8a8._add_rms_norm_quant_op, (x, torch.randn(3, 64), w, 1e-5, torch.tensor([0.05]))),
+        (w8a8._silu_mul_quant_op, (torch.randn(2, 64), None)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

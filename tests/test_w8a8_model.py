@@ -1,0 +1,128 @@
+"""The W8A8 LLM path: tinyq's Llama/Qwen2 with precision="w8a8" (fused norm+quant feeding fused
+qkv / gate_up), SmoothQuant checkpoints through ``tinyq quantize`` / ``tinyq eval``, on the CPU."""
+import argparse
+import copy
+import json
+import math
+
+import pytest
+import torch
+from awq_tiny_models import random_text, save_tiny_model_dir, word_tokenizer
+
+from tests.tiny_models import make_model_dir
+from tinyq import W8A8Config, W8A8Linear, quantize_, smooth_
+from tinyq.backend import force_backend
+from tinyq.commands import eval as eval_cmd
+from tinyq.commands import quantize as quantize_cmd
+from tinyq.generate import generate
+from tinyq.models import load_model
+from tinyq.models.w8a8 import W8A8MLP, W8A8RMSNorm
+from tinyq.quant.smoothquant import calibrate
+
+
+def _cli(module, argv):
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers(dest="command"))
+    return module.run(parser.parse_args(argv))
+
+
+def close(out, ref, tol=2e-2):
+    assert torch.isfinite(out).all()
+    err = (out.float() - ref.float()).abs().max() / ref.float().abs().max()
+    assert err <= tol, f"relative max error {err:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_w8a8_load_matches_quantized_transformers(tmp_path, kind):
+    hf, tok = make_model_dir(tmp_path, kind)
+    model, _ = load_model(str(tmp_path), precision="w8a8", device="cpu")
+    layer = model.model.layers[0]
+    assert isinstance(layer.input_layernorm, W8A8RMSNorm) and isinstance(layer.mlp, W8A8MLP)
+    assert isinstance(layer.self_attn.qkv_proj, W8A8Linear) and not isinstance(model.lm_head, W8A8Linear)
+    ids = torch.tensor([tok.encode("Hello thé world, in the end")])
+    with torch.no_grad():
+        ref = quantize_(copy.deepcopy(hf), W8A8Config())(ids).logits  # same int8 math, unfused modules
+        close(model(ids), ref)
+        close(model(ids), hf(ids).logits, tol=0.1)
+    assert generate(model, tok, "Hi", max_new_tokens=4, temperature=0).token_ids
+
+
+def test_w8a8_prefill_decode_and_triton_path(tmp_path):
+    """Prefill then one cached decode step, on the torch path and on the (interpreted) Triton kernels."""
+    _, tok = make_model_dir(tmp_path, "llama")
+    model, _ = load_model(str(tmp_path), precision="w8a8", device="cpu", dtype=torch.float16)
+    x = torch.tensor([tok.encode("Hi there")])
+    with torch.no_grad():
+        c1, c2 = model.new_cache(32), model.new_cache(32)
+        ref = torch.cat([model(x, c1), model(x[:, :1], c1)], dim=1).float()
+        with force_backend("triton"):
+            out = torch.cat([model(x, c2), model(x[:, :1], c2)], dim=1).float()
+        whole = model(torch.cat([x, x[:, :1]], dim=1)).float()  # no cache: the same positions at once
+    close(out, ref)
+    close(ref, whole)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("w8a8cli")
+    save_tiny_model_dir(root / "fp", "llama", hidden=64, inter=128, heads=4, kv=2)
+    (root / "calib.txt").write_text(random_text(1500, seed=1))
+    (root / "eval.txt").write_text(random_text(600, seed=2))
+    return root
+
+
+@pytest.mark.parametrize("act_quant", ["token", "tensor"])
+def test_smoothquant_checkpoint_cli(tiny_dir, tmp_path, capsys, act_quant):
+    out = tmp_path / "ckpt"
+    argv = ["quantize", "--model", str(tiny_dir / "fp"), "--method", "smoothquant", "--alpha", "0.7",
+            "--act-quant", act_quant, "--out", str(out), "--calib-file", str(tiny_dir / "calib.txt"),
+            "--calib-blocks", "4", "--calib-len", "64", "--device", "cpu", "--quiet"]
+    assert _cli(quantize_cmd, argv) == 0
+    assert "wrote W8A8 checkpoint" in capsys.readouterr().out
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "tinyq_w8a8" and qc["act_quant"] == act_quant and qc["alpha"] == 0.7
+
+    # the same model smoothed and quantized in memory (transformers modules) gives the same logits
+    from transformers import AutoModelForCausalLM
+
+    from tinyq.quant import calib
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_dir / "fp")).eval()
+    blocks = calib.calibration_blocks(word_tokenizer(), (tiny_dir / "calib.txt").read_text(), 4, 64)
+    stats = smooth_(hf, calibrate(hf, blocks, progress=False), 0.7)
+    with torch.no_grad():  # the checkpoint stores the unquantized tensors (norms, embeddings, lm_head) in fp16
+        for name, p in hf.named_parameters():
+            if not (".layers." in name and name.endswith("_proj.weight")):
+                p.copy_(p.half().float())
+    quantize_(hf, W8A8Config(act_quant=act_quant, act_scales=stats if act_quant == "tensor" else None))
+    model, tok = load_model(str(out), precision="w8a8", device="cpu", dtype=torch.float32)
+    ids = torch.tensor([tok.encode(random_text(40, seed=3))])
+    with torch.no_grad():
+        close(model(ids), hf(ids).logits)
+    if act_quant == "tensor":
+        assert model.model.layers[0].input_layernorm.input_scale is not None
+
+    argv = ["eval", "--model", str(out), "--ppl-file", str(tiny_dir / "eval.txt"), "--window", "64", "--json",
+            "--quiet", "--device", "cpu"]
+    assert _cli(eval_cmd, argv) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mode"] == "W8A8 checkpoint on tinyq models" and math.isfinite(result["perplexity"])
+    with pytest.raises(ValueError, match="load it with precision='w8a8'"):
+        load_model(str(out), precision="w4a16", device="cpu")
+
+
+@pytest.mark.gpu
+def test_w8a8_cuda_graph_decode_matches_eager(tmp_path):
+    """Greedy generation through generate() (decode replayed from a CUDA graph) gives the tokens of an
+    eager prefill + decode loop on the same GPU model."""
+    _, tok = make_model_dir(tmp_path, "qwen2")
+    model, _ = load_model(str(tmp_path), precision="w8a8", device="cuda", dtype=torch.float16)
+    prompt = tok.encode("Hello thé world, in the end")
+    got = generate(model, tok, prompt, max_new_tokens=12, temperature=0).token_ids
+    cache = model.new_cache(64)
+    want, ids = [], torch.tensor([prompt], device="cuda")
+    with torch.no_grad():
+        logits = model(ids, cache)
+        for _ in range(len(got)):
+            want.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[want[-1]]], device="cuda"), cache)
+    assert got and got == want

@@ -1,0 +1,75 @@
+"""Shipped launch configs for the int8 (W8A8) kernels, bucketed by M, so nobody waits for autotuning.
+
+``CONFIGS[arch]`` is a list of ``(max_m, config)`` in increasing ``max_m``; the first bucket with
+``m <= max_m`` wins (``None``: open-ended). ``kernel`` is ``"gemv"`` (:mod:`tinyq.kernels.int8_gemv`)
+or ``"gemm"`` (:mod:`tinyq.kernels.int8_gemm`). ``benchmarks/bench_w8a8.py --sweep`` measures the
+candidates of :func:`sweep_candidates` per bucket on the four Llama-3-8B linears and prints the
+winners in this format.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+GEMV_MAX_M = 4  # the largest M the sweep tries the GEMV at
+
+# sm90: the winners of `bench_w8a8.py --sweep` on an H200 (torch 2.11, triton 3.6), summed over the four
+# Llama-3-8B linears, int8 GEMM alone: M=1 71 us (GEMV; cuBLAS fp16 127), M=4 81 us (16-row GEMM tiles
+# beat the GEMV's 4 L2 re-reads: 156 us), M=16 76 us, M=64 90 us, M=256 147 us (cuBLAS fp16 193),
+# M=4096 o + gate_up 977 us. See benchmarks/results/w8a8_h200.json.
+_SM90 = [
+    (1, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=4, num_stages=1)),
+    (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
+    (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
+    (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=4,
+               group_m=8)),
+    (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=3,
+                group_m=8)),
+]
+
+CONFIGS = {
+    "sm90": _SM90,
+    # Elsewhere (untuned): at most 3 pipeline stages, to fit ~100 KB of shared memory.
+    "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3))) for m, cfg in _SM90],
+}
+
+BUCKETS = (1, GEMV_MAX_M, 16, 64, 256, None)  # the --sweep buckets (the shipped list may merge some)
+
+
+def device_arch(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "default"
+    major, minor = torch.cuda.get_device_capability(device)
+    key = f"sm{major}{minor}"
+    return key if key in CONFIGS else "default"
+
+
+def select_config(m: int, device: torch.device) -> dict:
+    for max_m, cfg in CONFIGS[device_arch(device)]:
+        if max_m is None or m <= max_m:
+            return dict(cfg)
+    raise AssertionError("the last bucket must be open-ended")
+
+
+def sweep_candidates(max_m):
+    """Launch configs the benchmark's ``--sweep`` tries for the bucket ending at ``max_m``."""
+    out = []
+    if max_m is not None and max_m <= GEMV_MAX_M:  # the GEMV, and the GEMM's 16-row tiles against it
+        out = [dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s)
+               for bn, bk, w, s in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (1, 2, 3))
+               if bn * bk <= 16384]  # [BN, BK] int32 accumulator within registers
+        max_m = 16
+    if max_m is not None and max_m <= 64:
+        space = itertools.product((16, 32, 64) if max_m <= 16 else (32, 64), (32, 64, 128), (128, 256), (False, True),
+                                  (4,), (3, 4, 5))
+    else:
+        space = itertools.product((64, 128), (128, 256), (128, 256), (False,), (4, 8), (3, 4))
+    for bm, bn, bk, swap, w, s in space:
+        if max_m is not None and bm > max_m:
+            continue
+        if (bm + bn) * bk * s > 200 * 1024:  # shared memory per CTA on sm90 is 227 KB
+            continue
+        out.append(dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=w, num_stages=s,
+                        group_m=8))
+    return out

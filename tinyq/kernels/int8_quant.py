@@ -1,0 +1,130 @@
+"""Per-token int8 quantization of activations: ``x [M, K] -> (xq int8 [M, K], scale float32 [M])``.
+
+Math, per row, in float32 (:func:`tinyq.quant.int8_format.quantize_rows_reference` is the reference)::
+
+    dynamic:  a = max(max_k |x[k]|, 1e-10);  inv = 127 / a;  scale = a / 127
+    static:   inv = 1 / s;                   scale = s          (s: one float32 for the tensor)
+    xq[k] = clamp(trunc(x[k] * inv + copysign(0.5, x[k] * inv)), -127, 127)
+
+The divisions are correctly rounded (``div_rn``; Triton's default fp32 ``/`` is approximate) and
+max/abs/trunc are exact, so the kernel's integers equal the reference's bit for bit.
+
+Non-finite input: ``sum_k x[k] * 0`` is 0 for a finite row and NaN otherwise; it is added to the
+scale, so a row holding inf/NaN gets a NaN scale and every product using it is NaN (not a silent
+wrong number). One multiply-add per element and one reduction; no host synchronization.
+
+:func:`quantize_row` and :func:`quantize_with_absmax` are the ``@triton.jit`` building blocks the
+fused norm/activation + quant kernels share. Tensors: ``x`` fp16/bf16/fp32 ``[M, K]`` (leading dims flattened), last dim contiguous;
+``static_scale`` float32 ``[1]`` or None. One program per row, the whole row in registers
+(``BLOCK = next_pow2(K)``, K <= 65536).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tinyq.backend import check_kernel_device
+from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
+
+MAX_K = 65536  # one row per program must fit a register tile
+ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """float32 row ``v`` whose ``max|v|`` is ``amax`` (unused when STATIC) -> (int8 row, float32 scale).
+    A kernel that finds ``amax`` in a reduction it runs anyway (a norm's) saves one block reduction."""
+    if STATIC:
+        s = tl.load(static_scale_ptr).to(tl.float32)
+        inv = tl.math.div_rn(1.0, s)
+        scale = s
+    else:
+        amax = tl.maximum(amax, MIN_AMAX)
+        inv = tl.math.div_rn(127.0, amax)
+        scale = tl.math.div_rn(amax, 127.0)
+    t = v * inv
+    t = t + tl.where(t >= 0, 0.5, -0.5)
+    t = tl.minimum(tl.maximum(t, -127.0), 127.0)
+    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_row)
+    return t.to(tl.int32).to(tl.int8), scale
+
+
+@triton.jit
+def quantize_row(v, mask, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """float32 row ``v`` (masked lanes ignored) -> (int8 row, float32 scale); see the module doc."""
+    v = tl.where(mask, v, 0.0)
+    amax = 0.0
+    if not STATIC:
+        amax = tl.max(tl.abs(v), axis=0)
+    q, scale = quantize_with_absmax(v, amax, static_scale_ptr, STATIC, MIN_AMAX)
+    return q, scale + tl.sum(v * 0.0, axis=0)  # NaN iff the row holds inf/NaN
+
+
+@triton.jit
+def sum_and_max(s1, m1, s2, m2):
+    """Combine function of a ``tl.reduce`` computing a sum and a max in one pass."""
+    return s1 + s2, tl.maximum(m1, m2)
+
+
+@triton.jit
+def _quant_rows_kernel(X, Q, SCALE, STATIC_S, K, stride_x, stride_q,
+                       STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    v = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    q, scale = quantize_row(v, mask, STATIC_S, STATIC, MIN_AMAX)
+    tl.store(Q + row * stride_q + cols, q, mask=mask)
+    tl.store(SCALE + row, scale)
+
+
+def row_num_warps(block: int) -> int:
+    """Warps for a one-row-per-program kernel: 8 elements per thread, 1..16 warps."""
+    return min(max(block // 256, 1), 16)
+
+
+def check_static_scale(static_scale, device) -> None:
+    if static_scale is None:
+        return
+    if static_scale.dtype != torch.float32 or static_scale.numel() != 1:
+        raise ValueError(f"static activation scale must be one float32 value, got {static_scale.dtype} "
+                         f"{tuple(static_scale.shape)}")
+    if static_scale.device != device:
+        raise ValueError(f"static activation scale is on {static_scale.device}, the activations on {device}")
+
+
+def _check(x, static_scale):
+    if x.dtype not in ACT_DTYPES:
+        raise ValueError(f"quantize_per_token: x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] > MAX_K:
+        raise ValueError(f"quantize_per_token: x must be [..., K] with K <= {MAX_K}, got {tuple(x.shape)}")
+    check_static_scale(static_scale, x.device)
+
+
+def quantize_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None):
+    """Triton launcher: ``x [..., K]`` -> ``(xq int8 [..., K], scale float32 [...])``."""
+    _check(x, static_scale)
+    check_kernel_device("quantize_per_token", x, *(() if static_scale is None else (static_scale,)))
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m > 0 and k > 0:
+        block = triton.next_power_of_2(k)
+        _quant_rows_kernel[(m,)](
+            x2, q, scale, static_scale if static_scale is not None else scale, k, x2.stride(0), q.stride(0),
+            STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX, BLOCK=block, num_warps=row_num_warps(block),
+        )
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def quantize_per_token_reference(x: torch.Tensor, static_scale: torch.Tensor | None = None):
+    """Plain torch (float32 math); same returns as :func:`quantize_per_token`."""
+    _check(x, static_scale)
+    k = x.shape[-1]
+    q, scale = quantize_rows_reference(x.reshape(-1, k).float(), static_scale)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])

@@ -1,0 +1,285 @@
+"""VILA-1.5 and NVILA (NVlabs/VILA layout): SigLIP tower -> downsampling projector -> Qwen2 / Llama.
+
+Sources (NVlabs/VILA at 33b4f1a; sglang python/sglang/srt/models/nvila.py):
+
+- Features: ``hidden_states[mm_vision_select_layer]`` (-2), all tokens for ``cls_patch``
+  (VILA llava/model/multimodal_encoder/vision_encoder.py; sglang ``get_image_feature``).
+- Projectors (VILA llava/model/multimodal_projector/base_projector.py): ``mlp_downsample`` /
+  ``mlp_downsample_2x2_fix``: 2x2 space-to-channel (``flat_square``: zero row/column appended when
+  the side is odd; channels ordered [r0c0, r0c1, r1c0, r1c1], tokens row-major), LayerNorm(4C),
+  Linear(4C, H), GELU (erf), Linear(H, H). NVILA-Lite ``mlp_downsample_3x3_fix``: 3x3 (zero-padded
+  to a multiple of 3), LayerNorm(9C), Linear(9C, 3C), GELU, LayerNorm(3C), Linear(3C, H), GELU,
+  Linear(H, H). ``mlp2x_gelu``: Linear, GELU, Linear.
+- NVILA dynamic S2 (VILA llava/mm_utils.py ``dynamic_s2_preprocess``; sglang
+  ``merge_features_for_dynamic_s2``, ``split_chessboard``, ``merge_chessboard``): one image ->
+  tiles of the tower size at scales 448 (1x1) and 896 (2x2), and at the last scale 1344 a grid of
+  ``cols x rows`` tiles, ``9 <= cols * rows <= max_tiles (12)``, the ratio closest to the image's
+  aspect ratio (ties: the larger grid when the image area exceeds half of it). Per scale the tile
+  features are merged back into one map, each map is area-interpolated to the last scale's size
+  and the three are concatenated on channels (3 x 1152 = 3456); the map is cut again into
+  ``rows x cols`` blocks of 32 x 32, each block goes through the projector (2x2: 256 tokens) and
+  the outputs are merged back into one ``(16 rows) x (16 cols)`` grid, flattened row-major.
+- Several images in one message (VILA llava/model/llava_arch.py ``generate_content``: dynamic S2
+  only when there is exactly one image): each is resized to one tile and its features repeated
+  x3 on channels (sglang: ``block_size is None``). Video frames are such images.
+- After each image's rows comes the embedding of ``"\\n"`` (VILA
+  llava/model/encoders/image/basic.py ``BasicImageEncoder(end_tokens="\\n")``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tinyq.models.loader import TensorSource, build_model, load_tokenizer, peak_host_memory_mb
+from tinyq.models.vision import LayerNorm, VisionConfig, VisionTower, load_vision_tower
+from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel
+from tinyq.nn.dense_linear import DenseLinear
+from tinyq.vlm import media
+
+# ChatML as VILA writes it for Qwen2 LLMs (NVlabs/VILA llava/model/language_model/chat_templates/qwen2.jinja),
+# for tokenizers without a chat template.
+CHATML_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant<|im_end|>\\n' }}"
+    "{% endif %}{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+# ---------------------------------------------------------------- dynamic-S2 tiling
+
+
+def s2_grid(width: int, height: int, scales: Sequence[int], max_tiles: int) -> Tuple[int, int]:
+    """``(cols, rows)`` of tiles at the last scale for an image of ``width x height``."""
+    min_tiles = (scales[-1] // scales[0]) ** 2
+    ratios = sorted({(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
+                     if min_tiles <= c * r <= max_tiles}, key=lambda cr: (cr[0] * cr[1], cr[0]))
+    aspect, best, best_diff = width / height, (1, 1), float("inf")
+    for c, r in ratios:
+        diff = abs(aspect - c / r)
+        if diff < best_diff:
+            best, best_diff = (c, r), diff
+        elif diff == best_diff and width * height > 0.5 * scales[0] ** 2 * c * r:
+            best = (c, r)
+    return best
+
+
+def s2_tiles(image, scales: Sequence[int], max_tiles: int):
+    """``(tiles, (rows, cols))``: the PIL tiles of every scale, row-major per scale, and the last
+    scale's grid. Tiles are ``scales[0]`` square; resizes are bicubic (PIL's default for RGB)."""
+    from PIL import Image
+
+    tile = scales[0]
+    grids = [(s // tile, s // tile) for s in scales[:-1]] + [s2_grid(*image.size, scales, max_tiles)]
+    tiles = []
+    for cols, rows in grids:
+        resized = image.resize((cols * tile, rows * tile), Image.BICUBIC)
+        tiles += [resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile))
+                  for r in range(rows) for c in range(cols)]
+    cols, rows = grids[-1]
+    return tiles, (rows, cols)
+
+
+def merge_tiles(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[rows * cols, C, h, w]`` (row-major tiles) -> ``[C, rows * h, cols * w]``."""
+    n, c, h, w = x.shape
+    return x.view(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+
+
+def split_tiles(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[C, rows * h, cols * w]`` -> ``[rows * cols, C, h, w]`` (inverse of :func:`merge_tiles`)."""
+    c, hh, ww = x.shape
+    h, w = hh // rows, ww // cols
+    return x.view(c, rows, h, cols, w).permute(1, 3, 0, 2, 4).reshape(rows * cols, c, h, w)
+
+
+# ---------------------------------------------------------------- projectors
+
+
+class SpaceToChannel(nn.Module):
+    """``[B, g*g, C]`` -> ``[B, ceil(g/k)^2, k*k*C]``: each k x k patch block (zero-padded at the
+    bottom/right) becomes one token, channels ordered row by row within the block."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        b, n, c = x.shape
+        g, k = math.isqrt(n), self.k
+        if g * g != n:
+            raise ValueError(f"space-to-channel needs a square token grid, got {n} tokens")
+        x = x.view(b, g, g, c)
+        pad = -g % k
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad, 0, pad))
+        s = (g + pad) // k
+        return x.view(b, s, k, s, k, c).permute(0, 1, 3, 2, 4, 5).reshape(b, s * s, k * k * c)
+
+
+class GELU(nn.Module):
+    def forward(self, x):
+        return F.gelu(x)
+
+
+def build_projector(kind: str, mm_hidden: int, hidden: int) -> Tuple[nn.Sequential, int]:
+    """``(layers, downsample factor)`` with VILA's ``nn.Sequential`` indices, so checkpoint names
+    ``layers.N.*`` load as they are."""
+    ln = lambda d: LayerNorm(d, 1e-5)  # noqa: E731  (torch.nn.LayerNorm's default eps)
+    if kind in ("mlp_downsample", "mlp_downsample_2x2_fix"):
+        c = 4 * mm_hidden
+        return nn.Sequential(SpaceToChannel(2), ln(c), DenseLinear(c, hidden), GELU(), DenseLinear(hidden, hidden)), 2
+    if kind == "mlp_downsample_3x3_fix":
+        c = 9 * mm_hidden
+        return nn.Sequential(SpaceToChannel(3), ln(c), DenseLinear(c, 3 * mm_hidden), GELU(), ln(3 * mm_hidden),
+                             DenseLinear(3 * mm_hidden, hidden), GELU(), DenseLinear(hidden, hidden)), 3
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(DenseLinear(mm_hidden, hidden), GELU(), DenseLinear(hidden, hidden)), 1
+    raise ValueError(f"unsupported mm_projector_type {kind!r}; supported: mlp_downsample(_2x2_fix), "
+                     "mlp_downsample_3x3_fix, mlp2x_gelu")
+
+
+# ---------------------------------------------------------------- the model
+
+
+class NvilaModel(VisionLanguageModel):
+    """VILA-1.5 (``s2_scales=None``) or NVILA (dynamic S2 over ``s2_scales``)."""
+
+    chat_template = CHATML_TEMPLATE
+
+    def __init__(self, tower: VisionTower, projector: nn.Sequential, llm, image_token_id: int,
+                 newline_ids: List[int], s2_scales: Optional[List[int]] = None, max_tiles: int = 12,
+                 select_layer: int = -2, select_feature: str = "cls_patch", processor=None, pad: bool = False):
+        super().__init__()
+        self.vision_tower, self.mm_projector, self.llm = tower, projector, llm
+        self.image_token_id, self.newline_ids = int(image_token_id), list(newline_ids)
+        self.s2_scales, self.max_tiles = s2_scales, max_tiles
+        self.select_layer, self.select_feature = select_layer, select_feature
+        if s2_scales is not None and s2_scales[0] != tower.config.image_size:
+            raise ValueError(f"s2_scales[0] {s2_scales[0]} must equal the tower's image_size {tower.config.image_size}")
+        self.processor = processor or media.image_processor(tower.config.kind, tower.config.image_size)
+        # image_aspect_ratio "pad": square of the processor's mean colour first (VILA llava/mm_utils.py process_image)
+        self.pad_color = tuple(getattr(self.processor, "image_mean", None) or media.SIGLIP_MEAN) if pad else None
+
+    def placeholder_ids(self, features, tokenizer) -> List[int]:
+        return [self.image_token_id] * features.shape[0] + self.newline_ids
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        strategy = "default" if self.select_feature == "patch" else "full"
+        return self.vision_tower.features(pixels, self.select_layer, strategy)  # [N, g*g, C]
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence) -> List[torch.Tensor]:
+        images = [media.load_image(im) for im in images]
+        if not images:
+            return []
+        if self.s2_scales is not None and len(images) == 1:
+            return [self._encode_s2(images[0])]
+        if self.pad_color is not None:
+            images = [media.expand_to_square(im, self.pad_color) for im in images]
+        feats = self._features(media.pixel_values(self.processor, images))  # [N, g*g, C]
+        if self.s2_scales is not None:
+            feats = feats.repeat(1, 1, len(self.s2_scales))  # every scale sees the same one tile
+        return list(self.mm_projector(feats).to(self.dtype))
+
+    def _encode_s2(self, image) -> torch.Tensor:
+        tiles, (rows, cols) = s2_tiles(image, self.s2_scales, self.max_tiles)
+        return self.encode_s2_pixels(media.pixel_values(self.processor, tiles), rows, cols)
+
+    @torch.inference_mode()
+    def encode_s2_pixels(self, pixels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One image's dynamic-S2 rows ``[rows*g' * cols*g', H]`` from its tiles' pixels
+        ``[tiles, 3, S, S]`` (all scales, row-major per scale, as :func:`s2_tiles` orders them)."""
+        blocks = s2_blocks(self._features(pixels), rows, cols, self.s2_scales)  # [rows*cols, g*g, 3C]
+        return s2_unblock(self.mm_projector(blocks), rows, cols).to(self.dtype)
+
+
+def s2_blocks(feats: torch.Tensor, rows: int, cols: int, scales: Sequence[int]) -> torch.Tensor:
+    """Tile features of all scales ``[tiles, g*g, C]`` -> the projector's input blocks
+    ``[rows*cols, g*g, len(scales) x C]``: per-scale maps merged, area-resized to the last scale's
+    ``rows*g x cols*g``, concatenated on channels and cut into ``rows x cols`` blocks."""
+    g = math.isqrt(feats.shape[1])
+    maps = feats.transpose(1, 2).reshape(feats.shape[0], -1, g, g)  # [tiles, C, g, g]
+    per_scale, start = [], 0
+    for r, c in [(s // scales[0],) * 2 for s in scales[:-1]] + [(rows, cols)]:
+        per_scale.append(merge_tiles(maps[start:start + r * c], r, c))
+        start += r * c
+    if start != feats.shape[0]:
+        raise ValueError(f"{feats.shape[0]} tiles do not make scales {list(scales)} with a {rows} x {cols} last grid")
+    size = per_scale[-1].shape[-2:]
+    merged = torch.cat([F.interpolate(m[None].float(), size=size, mode="area")[0].to(m.dtype)
+                        for m in per_scale])  # [3C, rows*g, cols*g]
+    return split_tiles(merged, rows, cols).flatten(2).transpose(1, 2)
+
+
+def s2_unblock(out: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Projector output per block ``[rows*cols, g'^2, H]`` -> the image's rows ``[rows*g' * cols*g', H]``,
+    row-major over the whole image."""
+    gp = math.isqrt(out.shape[1])
+    grid = merge_tiles(out.transpose(1, 2).reshape(rows * cols, -1, gp, gp), rows, cols)  # [H, rows*g', cols*g']
+    return grid.flatten(1).t()
+
+
+def s2_token_count(width: int, height: int, scales: Sequence[int], max_tiles: int, grid: int, k: int) -> int:
+    """Image rows NVILA makes of a ``width x height`` image (``grid`` patches per tile side, ``k x k``
+    downsample): ``rows * cols * ceil(grid / k)^2``."""
+    cols, rows = s2_grid(width, height, scales, max_tiles)
+    return rows * cols * (-(-grid // k)) ** 2
+
+
+def _read_json(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: a VILA/NVILA checkpoint has llm/, vision_tower/ and "
+                                "mm_projector/ folders, each with a config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device=None,
+               max_seq_len: int = 8192, dtype: Optional[torch.dtype] = None):
+    """Load a VILA-1.5 / NVILA directory (``config.json`` + ``llm/``, ``vision_tower/``,
+    ``mm_projector/``) -> ``(NvilaModel, tokenizer)``. ``precision`` applies to the LLM."""
+    t0 = time.perf_counter()
+    root = _read_json(path)
+    llm_dir, tower_dir, proj_dir = (os.path.join(path, d) for d in ("llm", "vision_tower", "mm_projector"))
+    llm_cfg, tower_cfg, proj_cfg = _read_json(llm_dir), _read_json(tower_dir), _read_json(proj_dir)
+    llm = build_model(llm_cfg, TensorSource(folder=llm_dir), precision, group_size, device, dtype, max_seq_len)
+    vcfg = VisionConfig.from_hf(tower_cfg)
+    tower = load_vision_tower(vcfg, TensorSource(folder=tower_dir), "", llm.dtype, llm.device)
+    s2 = None
+    if "dynamic_s2" in str(root.get("image_aspect_ratio", "")):
+        scales = root.get("s2_scales", "448,896,1344")
+        s2 = [int(s) for s in (scales.split(",") if isinstance(scales, str) else scales)]
+    mm_hidden = vcfg.hidden_size * (len(s2) if s2 else 1)
+    projector, _ = build_projector(proj_cfg.get("mm_projector_type", ""), mm_hidden, llm.config.hidden_size)
+    psrc = TensorSource(folder=proj_dir)
+    names = list(projector.state_dict())
+    projector.load_state_dict({n: psrc.get(n if n in psrc else "layers." + n) for n in names}, strict=True)
+    projector.to(llm.device, llm.dtype).requires_grad_(False)
+    tokenizer = load_tokenizer(llm_dir)
+    model = NvilaModel(
+        tower, projector, llm, _image_token_id(tokenizer, root), tokenizer.encode("\n", add_special_tokens=False),
+        s2_scales=s2, max_tiles=int(root.get("max_tiles", 12)),
+        select_layer=int(root.get("mm_vision_select_layer", -2)),
+        select_feature=root.get("mm_vision_select_feature", "cls_patch"),
+        processor=media.image_processor(vcfg.kind, vcfg.image_size, tower_dir),
+        pad=root.get("image_aspect_ratio") == "pad",
+    ).eval()
+    model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path}
+    return model, tokenizer
+
+
+def _image_token_id(tokenizer, root: dict) -> int:
+    """The tokenizer's ``<image>`` token, else the config's, else the pad token (the session splices
+    by position, so the id only has to be one the prompt text never produces)."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
+    if tid is not None and tid != tokenizer.unk_token_id:
+        return tid
+    return int(root.get("image_token_id") or tokenizer.pad_token_id or 0)

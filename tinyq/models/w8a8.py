@@ -1,0 +1,83 @@
+"""The W8A8 pieces of a Llama/Qwen2 decoder layer (``precision="w8a8"``), kept apart from
+:mod:`tinyq.models.llama` so the fp16/W4A16 layers stay as they are.
+
+Per layer, with W8A8 linears (:class:`tinyq.W8A8Linear`)::
+
+    h, residual -> add+RMSNorm+quant -> int8 rows + scales -> qkv_proj (int8 GEMM) -> attention -> o_proj
+                -> add+RMSNorm+quant -> int8 rows + scales -> gate_up_proj -> silu*up+quant -> down_proj
+
+Each norm quantizes once and its int8 rows feed the fused qkv (or gate_up) GEMM directly; the MLP's
+activation quantizes inside the SiLU·mul kernel. o_proj quantizes its own input (per-token kernel).
+With static activation scales (``act_quant="tensor"``) a norm uses the ``input_scale`` of the linear it
+feeds. Decode and prefill use the same modules; nothing here synchronizes with the host, so the decode
+step captures in a CUDA graph as before.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tinyq.nn.w8a8_linear import W8A8Linear
+from tinyq.ops.w8a8 import add_rms_norm_quant, rms_norm_quant, silu_mul_quant
+
+
+class W8A8RMSNorm(nn.Module):
+    """RMSNorm (after the residual add, when given one) emitting int8 rows for the W8A8 linear it feeds."""
+
+    def __init__(self, norm: nn.Module, consumer: W8A8Linear):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+        self._consumer = [consumer]  # a list, so the linear is not registered (and saved) twice
+
+    @property
+    def input_scale(self):
+        return self._consumer[0].input_scale
+
+    def forward(self, x, residual=None):
+        if residual is None:
+            return rms_norm_quant(x, self.weight, self.eps, self.input_scale)
+        return add_rms_norm_quant(x, residual, self.weight, self.eps, self.input_scale)
+
+
+class W8A8MLP(nn.Module):
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.gate_up_proj, self.down_proj = mlp.gate_up_proj, mlp.down_proj
+
+    def forward(self, x):
+        return self.down_proj(silu_mul_quant(self.gate_up_proj(x), self.down_proj.input_scale))
+
+
+def use_w8a8_layers(model: nn.Module) -> nn.Module:
+    """Switch every decoder layer of a tinyq ``CausalLM`` whose linears are W8A8 to the fused-quant
+    norms and MLP above, in place (parameter names are unchanged)."""
+    for i, layer in enumerate(model.model.layers):
+        qkv, gate_up, down = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+        for name, lin in (("qkv_proj", qkv), ("gate_up_proj", gate_up), ("down_proj", down)):
+            if not isinstance(lin, W8A8Linear):
+                raise ValueError(f"layer {i}: {name} is {type(lin).__name__}, not W8A8Linear")
+        layer.input_layernorm = W8A8RMSNorm(layer.input_layernorm, qkv)
+        layer.post_attention_layernorm = W8A8RMSNorm(layer.post_attention_layernorm, gate_up)
+        layer.mlp = W8A8MLP(layer.mlp)
+    return model
+
+
+def fused_w8a8_linear(src, names, bias, device) -> W8A8Linear:
+    """One W8A8Linear from checkpoint parts ``names`` (q/k/v or gate/up, concatenated along N).
+
+    Parts that share an input share its static scale; the largest is kept (no part clips)."""
+    for n in names:
+        for leaf, dtype in ((".qweight", torch.int8), (".weight_scale", torch.float32)):
+            t = src.get(n + leaf)
+            if t.dtype != dtype:
+                raise ValueError(f"checkpoint tensor {n + leaf!r} is {t.dtype}, expected {dtype}")
+    qweight = torch.cat([src.get(n + ".qweight") for n in names]).to(device)
+    weight_scale = torch.cat([src.get(n + ".weight_scale") for n in names]).to(device)
+    statics = [n + ".input_scale" in src for n in names]
+    if any(statics) and not all(statics):
+        raise ValueError(f"checkpoint: only some of {names} have an input_scale")
+    input_scale = None
+    if all(statics):
+        input_scale = torch.stack([src.get(n + ".input_scale").float().reshape(()) for n in names]).amax().reshape(1)
+        input_scale = input_scale.to(device)
+    return W8A8Linear.from_quantized(qweight.contiguous(), weight_scale.contiguous(), bias, input_scale)

@@ -1,0 +1,51 @@
+"""Functional LayerNorm, optionally fused with the residual add (vision towers and projectors).
+
+``tinyq::layer_norm`` and ``tinyq::add_layer_norm`` are torch custom ops with fake
+implementations (``torch.compile`` / CUDA graphs). CUDA tensors run the Triton kernel
+(:mod:`tinyq.kernels.layernorm`); CPU tensors call the float32 torch reference directly.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from tinyq.backend import use_triton
+from tinyq.kernels.layernorm import layernorm as _layernorm_triton
+from tinyq.kernels.layernorm import layernorm_reference
+
+
+@torch.library.custom_op("tinyq::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    return _layernorm_triton(x, weight, bias, eps)
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("tinyq::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _layernorm_triton(x, weight, bias, eps, residual)
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; ``x [..., N]``."""
+    if use_triton(x):
+        return _layer_norm_op(x, weight, bias, float(eps))
+    return layernorm_reference(x, weight, bias, eps)
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+    """``h = x + residual``; returns ``(layer_norm(h), h)``, both in ``x.dtype``."""
+    if use_triton(x):
+        return _add_layer_norm_op(x, residual, weight, bias, float(eps))
+    return layernorm_reference(x, weight, bias, eps, residual)

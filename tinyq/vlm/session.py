@@ -1,0 +1,181 @@
+"""Multi-turn chat with images and video over one static KV cache.
+
+A :class:`VLMChatSession` is a :class:`tinyq.chat.ChatSession` (same turn, rollback and overflow
+rules) whose prompt may hold images:
+
+- ``add_images`` / ``add_video`` encode the media at once (vision tower + projector), once: the
+  feature rows are kept for the whole conversation, and the next ``send`` puts one
+  ``<image>`` marker per new image before its text.
+- Rendering: the chat template (the tokenizer's, else the model family's) over messages whose text
+  holds the markers; each marker becomes the model's placeholder ids for that image
+  (:meth:`VisionLanguageModel.placeholder_ids`), and the session records at which absolute
+  position each image's rows start.
+- Prefill goes through :class:`tinyq.generate.Generator` with an ``embed_fn`` that embeds the ids
+  and writes the feature rows over the image positions that fall in the chunk. Later turns reuse
+  the cached prefix (context streaming), so they prefill only their new text; a new image in a
+  later turn is encoded when added and only its rows are prefilled.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from tinyq.chat import ChatSession
+from tinyq.generate import Generator
+from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images
+from tinyq.vlm import media
+from tinyq.warmup import CompileTracker, WarmupReport, warm_up
+
+
+class VLMChatSession(ChatSession):
+    """Chat with ``model`` (a :class:`VisionLanguageModel`); ``max_seq_len`` bounds the cache."""
+
+    def __init__(self, model: VisionLanguageModel, tokenizer, max_seq_len: Optional[int] = None,
+                 system_prompt: Optional[str] = None, sampling=None, **settings):
+        self.vlm = model
+        self.images: List[torch.Tensor] = []  # [tokens_i, hidden] per image, in conversation order
+        self._slots: List[Tuple[int, int]] = []  # (first position, image index) in the rendered prompt
+        self.last_vision_s = 0.0  # the last add_images' encoder time, Triton compilation excluded
+        self.last_vision_compile_s = 0.0  # ... and the compilation it excluded (first use of a shape)
+        gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
+        super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
+                         **settings)
+
+    # ------------------------------------------------------------------ media
+
+    @property
+    def pending_images(self) -> int:
+        """Images added but not yet sent with a message."""
+        return len(self.images) - self._sent_images()
+
+    def _sent_images(self) -> int:
+        return sum(m["content"].count(IMAGE_MARKER) for m in self.messages)
+
+    def add_images(self, images: Sequence) -> List[int]:
+        """Encode ``images`` (paths or PIL images) now; they go with the next message. Several at
+        once are encoded as one batch (NVILA then gives each one tile). Returns tokens per image."""
+        if not len(images):
+            raise ValueError("add_images: no images given")
+        loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
+        CompileTracker.install()
+        start, t0 = CompileTracker.snapshot(), time.perf_counter()
+        feats = self.vlm.encode_images(loaded)
+        if self.vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.last_vision_compile_s = CompileTracker.since(start).seconds
+        self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s
+        self.images.extend(feats)
+        return [f.shape[0] for f in feats]
+
+    def warm_up(self) -> WarmupReport:
+        """Compile the LLM's prefill/decode kernels and capture the decode graph
+        (:func:`tinyq.warmup.warm_up`), and run the vision path on blank images (one alone, two
+        together: NVILA's two paths), so the first answer's numbers are not compile times.
+        Call it before adding media; the conversation is left empty."""
+        if self.messages or self.images:
+            raise ValueError("warm_up() runs on an empty session; call reset() first")
+        report = warm_up(self.gen)
+        from PIL import Image
+
+        size = self.vlm.vision_tower.config.image_size
+        start, t0 = CompileTracker.snapshot(), time.perf_counter()
+        for n in (1, 2):
+            self.vlm.encode_images([Image.new("RGB", (size, size))] * n)
+        if self.vlm.device.type == "cuda":
+            torch.cuda.synchronize()
+        compiled = CompileTracker.since(start)
+        report.seconds += time.perf_counter() - t0
+        report.compile_s += compiled.seconds
+        report.kernels += compiled.kernels
+        return report
+
+    def add_video(self, path: str, num_frames: int = 8) -> List[int]:
+        """``num_frames`` frames sampled uniformly from ``path``, each an image in the prompt (as VILA does)."""
+        return self.add_images(media.load_video_frames(path, num_frames))
+
+    # ------------------------------------------------------------------ prompt
+
+    def reset(self) -> None:
+        super().reset()
+        self.images, self._slots = [], []
+
+    def drop_oldest_turns(self, n: int = 1) -> int:
+        """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
+        before = self._sent_images()
+        dropped = super().drop_oldest_turns(n)
+        del self.images[:before - self._sent_images()]
+        return dropped
+
+    def send(self, text: str, sampling=None):
+        """Stream the answer to ``text``, with the pending images placed before it."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty message: type something to send")
+        return super().send((IMAGE_MARKER + "\n") * self.pending_images + text, sampling)
+
+    def prompt_ids(self, text: str) -> List[int]:
+        """The whole conversation's ids if ``text`` (with its markers) were sent now; records where
+        each image's rows go. Raises ValueError when markers and images do not match in number."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("empty message: type something to send")
+        rendered = self._render(self.messages + [{"role": "user", "content": text}])
+        pieces = self._tokenize_pieces(rendered)
+        placeholders = [self.vlm.placeholder_ids(f, self.tokenizer) for f in self.images]
+        ids = expand_images(pieces, placeholders)
+        slots, pos = [], len(pieces[0])
+        for k, (ph, piece) in enumerate(zip(placeholders, pieces[1:])):
+            slots.append((pos, k))
+            pos += len(ph) + len(piece)
+        self._slots = slots
+        return ids
+
+    def _render(self, messages: List[Dict[str, str]]) -> str:
+        """The chat template (the tokenizer's, else the family's) over ``messages``. A processor-style
+        template (llava-hf's ``chat_template.json``: content lists with ``{"type": "image"}`` entries,
+        for which it writes the marker itself) gets the messages in that form."""
+        template = getattr(self.tokenizer, "chat_template", None) or self.vlm.chat_template
+        if not template:
+            raise ValueError("neither the tokenizer nor the model family has a chat template")
+        if "'image'" in template or '"image"' in template:
+            messages = [_as_parts(m) for m in messages]
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                                  tokenize=False)
+
+    def _tokenize_pieces(self, rendered: str) -> List[List[int]]:
+        """Token ids of ``rendered`` split at each image marker. When the tokenizer knows the marker
+        as one token, the whole text is tokenized once (as the reference processors do) and split
+        at that id, so the pieces' boundaries tokenize exactly as in the whole text."""
+        tok = self.tokenizer
+        marker = tok.convert_tokens_to_ids(IMAGE_MARKER)
+        if marker is not None and marker != tok.unk_token_id and tok.convert_ids_to_tokens(marker) == IMAGE_MARKER:
+            pieces, cur = [], []
+            for t in tok.encode(rendered, add_special_tokens=False):
+                if t == marker:
+                    pieces.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            return pieces + [cur]
+        return [tok.encode(p, add_special_tokens=False) for p in rendered.split(IMAGE_MARKER)]
+
+    # ------------------------------------------------------------------ prefill hook
+
+    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """``ids [1, S]`` at positions ``start ..`` -> embeddings with the image rows written in."""
+        embeds = self.vlm.llm.model.embed_tokens(ids)
+        end = start + ids.shape[1]
+        for pos, k in self._slots:
+            rows = self.images[k]
+            lo, hi = max(pos, start), min(pos + rows.shape[0], end)
+            if lo < hi:
+                embeds[0, lo - start:hi - start] = rows[lo - pos:hi - pos].to(embeds.dtype)
+        return embeds
+
+
+def _as_parts(message: Dict[str, str]) -> Dict:
+    """``{"content": "<image>\\n<image>\\ntext"}`` -> content ``[{"type": "image"}] * 2 + [{"type": "text", ...}]``."""
+    text = message["content"]
+    n = text.count(IMAGE_MARKER)
+    text = text.replace(IMAGE_MARKER + "\n", "").replace(IMAGE_MARKER, "")
+    return {"role": message["role"], "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}
