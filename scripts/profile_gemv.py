@@ -24,8 +24,6 @@ for _ in range(10):
 torch.cuda.synchronize()
 from tinyq.kernels.w4a16_gemv import _w4a16_gemv_kernel  # noqa: E402
 
-for key, kern in getattr(_w4a16_gemv_kernel, "device_caches", {}).items():
-    pass
 try:
     caches = _w4a16_gemv_kernel.device_caches
     for dev, entry in caches.items():

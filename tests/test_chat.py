@@ -108,3 +108,18 @@ def test_exception_inside_forward_rolls_back(tiny, monkeypatch):
     monkeypatch.setattr(type(model), "forward", real)
     assert chat.turns == 1 and chat.gen.cache.length == len(chat.gen.cached_ids) <= length
     assert chat.ask("next").token_ids
+
+
+def test_a_turn_streams_like_a_text_stream(tiny):
+    """A chat turn and a plain generation are the same kind of iterator: deltas, .text(), .result."""
+    from tinyq.generate import DeltaStream, Generator
+
+    model, tok = tiny
+    chat = ChatSession(model, tok, max_seq_len=256, max_new_tokens=6, temperature=0)
+    turn = chat.send("hello there")
+    assert isinstance(turn, DeltaStream)
+    first = next(turn)
+    text = turn.text()
+    assert text.startswith(first) and text == turn.result.text
+    assert chat.messages[-1] == {"role": "assistant", "content": text}
+    assert isinstance(Generator(model, tok, 64).stream(tok.encode("hi"), max_new_tokens=2), DeltaStream)

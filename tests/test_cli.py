@@ -107,3 +107,15 @@ def test_ctrl_c_at_the_context_full_prompt_cancels(capsys):
         pytest.fail("Ctrl-C at the prompt escaped the chat loop")
     assert session.turns == 3 and session.resets == 0
     assert "(cancelled; the history is kept)" in capsys.readouterr().out
+
+
+
+def test_every_command_is_registered(monkeypatch):
+    """All commands are there; a missing command module is an error, not silently skipped."""
+    import tinyq.cli as cli
+
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(cli.COMMANDS) == {"chat", "quantize", "eval"}
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + ("nope",))
+    with pytest.raises(ModuleNotFoundError, match="tinyq.commands.nope"):
+        cli.build_parser()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-from tinyq.generate import ContextOverflowError, GenerationResult, Generator, SamplingConfig, make_config
+from tinyq.generate import (
+    ContextOverflowError, DeltaStream, GenerationResult, Generator, SamplingConfig, make_config,
+)
 
 
 def render_chat(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
@@ -90,23 +92,16 @@ class ChatSession:
 
     def ask(self, text: str, sampling: Optional[SamplingConfig] = None) -> GenerationResult:
         turn = self.send(text, sampling)
-        for _ in turn:
-            pass
+        turn.text()
         return turn.result
 
 
-class _Turn:
+class _Turn(DeltaStream):
     """One answer being streamed; commits the turn to the history when it completes."""
 
     def __init__(self, session: ChatSession, text: str, ids: List[int], sampling: SamplingConfig):
-        self.session, self.text, self.result = session, text, None
+        self.session, self.user_text = session, text
         self._it = self._run(ids, sampling)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        return next(self._it)
 
     def _run(self, ids, sampling):
         s = self.session
@@ -120,5 +115,5 @@ class _Turn:
             raise
         self.result = stream.result
         s.last_result = stream.result
-        s.messages.append({"role": "user", "content": self.text})
+        s.messages.append({"role": "user", "content": self.user_text})
         s.messages.append({"role": "assistant", "content": stream.result.text})

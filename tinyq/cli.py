@@ -1,7 +1,7 @@
 """Command-line entry point: ``python -m tinyq <command> ...`` (or the ``tinyq`` script).
 
 Subcommands live in ``tinyq.commands.<name>`` modules, each exposing ``add_parser(subparsers)`` and
-``run(args) -> int``; modules that are not there (yet) are skipped.
+``run(args) -> int``.
 """
 from __future__ import annotations
 
@@ -17,12 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinyq", description="4-bit LLMs on any GPU Triton supports.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"tinyq.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"tinyq.commands.{name}":
-                continue  # not written yet
-            raise
+        module = importlib.import_module(f"tinyq.commands.{name}")
         module.add_parser(sub)
         if name in sub.choices:  # dispatch on the module's run(), whatever add_parser named its parser
             sub.choices[name].set_defaults(run=module.run)

@@ -282,19 +282,13 @@ class Generator:
         return TextStream(self, prompt_ids, config)
 
 
-class TextStream:
-    """Iterator of text deltas for one generation; ``.result`` is set when it is exhausted.
+class DeltaStream:
+    """Iterator of text deltas over the generator ``self._it``; ``.result`` (a
+    :class:`GenerationResult`) is set when it is exhausted. Base of :class:`TextStream` and of a
+    chat turn (:meth:`tinyq.chat.ChatSession.send`)."""
 
-    Text is produced by decoding the whole generated id list after each token and emitting the
-    new suffix, holding back (1) a trailing U+FFFD (an incomplete UTF-8 sequence the next byte
-    token completes) and (2) any tail that could be the start of a stop string. So the deltas
-    concatenate to exactly the final text, whatever the tokenizer's merges.
-    """
-
-    def __init__(self, gen: Generator, prompt_ids: List[int], cfg: SamplingConfig):
-        self.gen, self.prompt_ids, self.cfg = gen, prompt_ids, cfg
-        self.result: Optional[GenerationResult] = None
-        self._it = self._run()
+    result: Optional[GenerationResult] = None
+    _it = None
 
     def __iter__(self):
         return self
@@ -307,6 +301,20 @@ class TextStream:
         for _ in self:
             pass
         return self.result.text
+
+
+class TextStream(DeltaStream):
+    """Iterator of text deltas for one generation; ``.result`` is set when it is exhausted.
+
+    Text is produced by decoding the whole generated id list after each token and emitting the
+    new suffix, holding back (1) a trailing U+FFFD (an incomplete UTF-8 sequence the next byte
+    token completes) and (2) any tail that could be the start of a stop string. So the deltas
+    concatenate to exactly the final text, whatever the tokenizer's merges.
+    """
+
+    def __init__(self, gen: Generator, prompt_ids: List[int], cfg: SamplingConfig):
+        self.gen, self.prompt_ids, self.cfg = gen, prompt_ids, cfg
+        self._it = self._run()
 
     def _run(self):
         gen, cfg = self.gen, self.cfg

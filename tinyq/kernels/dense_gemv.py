@@ -5,9 +5,9 @@ A decode step reads every weight once, so the kernel is a pure stream: each prog
 stride is a kernel argument so Triton can prove the alignment), multiplies by x in fp32 into a
 2-D accumulator and reduces once at the end.
 
-Why not cuBLAS: at M = 1 inside a CUDA graph cuBLAS moves 2.0-2.3 TB/s on the smaller Llama-3-8B
-shapes (o: 33.5 MB in 17 us) of the H100's ~3 TB/s; see ``benchmarks/bench_dense_gemv.py``, which
-decides where this kernel is used (:data:`tinyq.kernels.dense_gemv.USE_ON`).
+Why not cuBLAS: at M = 1 cuBLAS leaves part of the bandwidth unused on the smaller Llama-3-8B
+shapes (measurements in ``docs/perf_notes.md``); ``benchmarks/bench_dense_gemv.py`` decides where
+this kernel is used (:data:`tinyq.kernels.dense_gemv.USE_ON`).
 
 Tensors: ``x`` [M, K] (row stride ``stride_xm``); ``w`` [N, K] (row stride ``stride_wn``);
 ``bias`` [N] or none; ``y`` [M, N] (row stride ``stride_ym``); all one dtype, fp16 or bf16.
@@ -22,9 +22,8 @@ from tinyq.backend import check_kernel_device
 
 MAX_M = 4
 # Architectures where the benchmark measured this kernel faster than cuBLAS at M <= MAX_M, with
-# the winning config. Elsewhere F.linear (cuBLAS) is used.
-# H100 (torch 2.11 + triton 3.6), graph timing at M=1: 160 us vs cuBLAS 176 us over qkv+o+gate_up+down
-# of Llama-3-8B (o 1.26x, qkv 1.12x, gate_up 1.07x, down 1.08x), lm_head 346 vs 379 us (3.03 TB/s).
+# the winning config (sm90: 1.10x over the four Llama-3-8B linears, docs/perf_notes.md).
+# Elsewhere F.linear (cuBLAS) is used.
 USE_ON: dict = {"sm90": dict(block_n=4, block_k=2048, num_warps=4, num_stages=1)}
 DEFAULT_CONFIG = dict(block_n=4, block_k=2048, num_warps=4, num_stages=1)
 

@@ -246,7 +246,8 @@ class CausalLM(nn.Module):
         n = h.shape[1]
         if cache is not None:
             cache.check_room(n)
-        self.config.check_window((cache.length if cache is not None else 0) + n)
+        if self.config.sliding_window is not None:
+            self.config.check_window((cache.length if cache is not None else 0) + n)
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, cache)

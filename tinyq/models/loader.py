@@ -35,6 +35,9 @@ from tinyq.quant.int8_format import quantize_weight_int8
 from tinyq.quant.w8a8_checkpoint import QUANT_METHOD as W8A8_METHOD
 
 # tinyq module -> the checkpoint modules concatenated (along the output dim, in this order) into it.
+# A table rather than nano-vllm-style per-module weight_loader callbacks: which module a linear
+# becomes (dense, W4A16 by RTN or from a quantized checkpoint, W8A8) is decided here from the
+# checkpoint and the precision, so no module exists to own its loading before its weights are read.
 FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),

@@ -21,8 +21,9 @@ output row as one contiguous run (2 KB per row at K=4096) and fusing q/k/v or ga
 a plain ``torch.cat`` along N. Within each block of 32 inputs (4 words, one 16-byte load), nibble
 ``i`` of the 4 words holds 4 *consecutive* inputs ``32b + 4i .. 32b + 4i + 3``, so a kernel that
 peels nibble i off a 16-byte vector meets x in one 8-byte load instead of 4 scalar ones (the
-plain order ``8c + i`` left the H100 GEMV bound by L1 load instructions: 82% L1, 33% DRAM). Zeros are kept as integers in the scale dtype so the kernels
-dequantize with one subtract and one multiply, and conversion to AutoAWQ's packing is lossless.
+plain order ``8c + i`` left the GEMV bound by L1 load instructions, docs/perf_notes.md). Zeros are
+kept as integers in the scale dtype so the kernels dequantize with one subtract and one multiply,
+and conversion to AutoAWQ's packing is lossless.
 
 The quantizer is AWQ's group-wise asymmetric one (min/max per group, integer zero point).
 """
