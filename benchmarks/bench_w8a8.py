@@ -9,7 +9,8 @@ Llama-3-8B linear shapes (qkv, o, gate_up, down) at M = 1, 16, 256, 4096. Per sh
 
 M <= 256 is timed from CUDA-graph replays over rotating weight copies (> 3x L2, so weights come from
 HBM, and no Python launch cost, which a decode step never pays); larger M with ``do_bench`` medians
-(L2 flushed). Also: RMSNorm(+residual) fused with the quantization vs the RMSNorm alone, K = 4096.
+(L2 flushed). Also: RMSNorm(+residual) fused with the quantization vs the RMSNorm alone, K = 4096,
+graph-timed at every M.
 ``--sweep`` first measures :func:`tinyq.kernels.int8_configs.sweep_candidates` per M bucket and uses
 the winners (printed in the format of ``tinyq/kernels/int8_configs.py``).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -109,7 +111,10 @@ def bucket_of(m):
     return next(b for b in BUCKETS if b is None or m <= b)
 
 
-def norm_rows(ms):
+def norm_rows(ms, rounds: int = 5):
+    """add+RMSNorm alone vs fused with the quantization, K = 4096: GPU time from CUDA-graph replays at
+    every M (eager timing at M=4096 measured the fused launcher's Python, 63 us against 36 us of GPU
+    time), timed in alternation ``rounds`` times, medians kept."""
     rows = []
     k = 4096
     w = torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
@@ -117,9 +122,12 @@ def norm_rows(ms):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         r = torch.randn(m, k, device="cuda", dtype=torch.float16)
         variants = [(x.clone(), r.clone()) for _ in range(8)]
-        t_norm = timed(m, lambda a, b: (lambda: rmsnorm(a, w, 1e-5, b)), variants)
-        t_fused = timed(m, lambda a, b: (lambda: rmsnorm_quant(a, w, 1e-5, b)), variants)
-        t_quant = timed(m, lambda a, b: (lambda: quantize_per_token(a)), variants)
+        t_norm, t_fused, t_quant = [], [], []
+        for _ in range(rounds):
+            t_norm.append(graph_ms_rotating([(lambda a=a, b=b: rmsnorm(a, w, 1e-5, b)) for a, b in variants]))
+            t_fused.append(graph_ms_rotating([(lambda a=a, b=b: rmsnorm_quant(a, w, 1e-5, b)) for a, b in variants]))
+            t_quant.append(graph_ms_rotating([(lambda a=a: quantize_per_token(a)) for a, _ in variants]))
+        t_norm, t_fused, t_quant = (statistics.median(t) for t in (t_norm, t_fused, t_quant))
         rows.append(dict(m=m, k=k, rmsnorm_us=t_norm * 1e3, rmsnorm_quant_us=t_fused * 1e3,
                          quantize_alone_us=t_quant * 1e3, ratio=t_fused / t_norm))
         print(f"M={m:5d} add+RMSNorm {t_norm*1e3:7.1f} us  +quant fused {t_fused*1e3:7.1f} us  "

@@ -15,11 +15,12 @@ import torch
 GEMV_MAX_M = 4  # the largest M the sweep tries the GEMV at
 
 # sm90: the winners of `bench_w8a8.py --sweep` on an H200 (torch 2.11, triton 3.6), summed over the four
-# Llama-3-8B linears, int8 GEMM alone: M=1 71 us (GEMV; cuBLAS fp16 127), M=4 81 us (16-row GEMM tiles
+# Llama-3-8B linears, int8 GEMM alone: M=1 65 us (dp4a GEMV, 3.4 TB/s of weights; 71 us without dp4a;
+# cuBLAS fp16 127-134), M=4 81 us (16-row GEMM tiles
 # beat the GEMV's 4 L2 re-reads: 156 us), M=16 76 us, M=64 90 us, M=256 147 us (cuBLAS fp16 193),
 # M=4096 o + gate_up 977 us. See benchmarks/results/w8a8_h200.json.
 _SM90 = [
-    (1, dict(kernel="gemv", block_n=4, block_k=1024, num_warps=4, num_stages=1)),
+    (1, dict(kernel="gemv", block_n=8, block_k=512, num_warps=8, num_stages=3, dp4a=True)),
     (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
     (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
     (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=4,
@@ -56,9 +57,10 @@ def sweep_candidates(max_m):
     """Launch configs the benchmark's ``--sweep`` tries for the bucket ending at ``max_m``."""
     out = []
     if max_m is not None and max_m <= GEMV_MAX_M:  # the GEMV, and the GEMM's 16-row tiles against it
-        out = [dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s)
-               for bn, bk, w, s in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (1, 2, 3))
-               if bn * bk <= 16384]  # [BN, BK] int32 accumulator within registers
+        out = [dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=w, num_stages=s, dp4a=d)
+               for bn, bk, w, s, d in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8), (1, 2, 3),
+                                                        (True, False))
+               if bn * bk <= 16384 and (d or bn * bk <= 8192)]  # [BN, BK(/4)] int32 accumulator in registers
         max_m = 16
     if max_m is not None and max_m <= 64:
         space = itertools.product((16, 32, 64) if max_m <= 16 else (32, 64), (32, 64, 128), (128, 256), (False, True),

@@ -6,6 +6,11 @@ at least 16 rows of which 15 are padding (on the H200 the 16-row GEMM wins from 
 ``BLOCK_N`` weight rows, ``BLOCK_K`` int8 at a time (16-byte loads at ``BLOCK_K / 16`` threads per
 row); products add into a ``[BLOCK_N, BLOCK_K]`` int32 accumulator reduced once at the end.
 
+``DP4A`` (GPU only; the interpreter cannot run PTX): ``xq``/``wq`` arrive as int32 views holding 4
+int8 each (K and BLOCK_K then count words) and ``dp4a.s32.s32`` multiplies and adds 4 pairs per
+instruction. The plain path spends a sign-extending convert per int8 (two per product) and was
+convert-bound on the H200: 3.05 TB/s of weights at M = 1 where a copy reaches ~4.3.
+
 Work split: program p handles row ``m = p % M`` and columns ``BLOCK_N * (p // M) ...``; rows that
 share a weight block are neighbours in launch order, so for M > 1 the re-read hits L2.
 
@@ -18,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyq.backend import interpreting
+
 
 @triton.jit
 def _int8_gemv_kernel(
@@ -27,6 +34,7 @@ def _int8_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     RAW_INT32: tl.constexpr,
     EVEN_K: tl.constexpr,
+    DP4A: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -46,7 +54,11 @@ def _int8_gemv_kernel(
             k_ok = (k0 + offs_k) < K
             x = tl.load(x_ptrs, mask=k_ok, other=0)
             w = tl.load(w_ptrs, mask=k_ok[None, :], other=0)
-        acc += w.to(tl.int32) * x.to(tl.int32)[None, :]
+        if DP4A:
+            acc = tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [w, x[None, :], acc],
+                                            dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            acc += w.to(tl.int32) * x.to(tl.int32)[None, :]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
     dot = tl.sum(acc, axis=1)  # [BN] int32
@@ -61,11 +73,18 @@ def _int8_gemv_kernel(
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
+def _word_aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 4 == 0 and t.stride(0) % 4 == 0 and t.shape[1] % 4 == 0
+
+
 def launch_int8_gemv(xq, wq, s_x, s_w, bias, y, *, block_n: int, block_k: int, num_warps: int = 4,
-                     num_stages: int = 3):
+                     num_stages: int = 3, dp4a: bool = True):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.int8_matmul.int8_matmul`)."""
     m, k = xq.shape
     n = wq.shape[0]
+    use_dp4a = dp4a and not interpreting() and block_k % 4 == 0 and _word_aligned(xq) and _word_aligned(wq)
+    if use_dp4a:  # 4 int8 per int32 word: K, block_k and the row strides in words
+        xq, wq, k, block_k = xq.view(torch.int32), wq.view(torch.int32), k // 4, block_k // 4
     grid = (m * triton.cdiv(n, block_n),)
     _int8_gemv_kernel[grid](
         xq, wq, s_x, s_w, bias if bias is not None else s_w, y,
@@ -74,6 +93,7 @@ def launch_int8_gemv(xq, wq, s_x, s_w, bias, y, *, block_n: int, block_k: int, n
         HAS_BIAS=bias is not None,
         RAW_INT32=y.dtype == torch.int32,
         EVEN_K=k % block_k == 0,
+        DP4A=use_dp4a,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,
