@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import graph_ms_rotating, bench_ms, environment, write_json  # noqa: E402
+from benchmarks.common import bench_ms, best_config, environment, graph_ms_rotating, write_json  # noqa: E402
 from tinyq.kernels.decode_attention import decode_attention, num_splits_for  # noqa: E402
 from tinyq.kernels.flash_attention import attention_reference, flash_attention_fwd  # noqa: E402
 
@@ -67,14 +67,8 @@ def check(out, ref, what):
 
 
 def best_of(candidates, make_fn):
-    results = []
-    for cfg in candidates:
-        try:
-            results.append((bench_ms(make_fn(cfg)), cfg))
-        except Exception as e:  # out of shared memory etc.: reported, skipped
-            print(f"  config {cfg} failed: {type(e).__name__}: {str(e)[:80]}")
-    results.sort()
-    return results
+    """``(ms, config)`` of the fastest candidate (see ``benchmarks.common.best_config``)."""
+    return best_config(candidates, lambda cfg: bench_ms(make_fn(cfg)))
 
 
 def bench_prefill(dtype, sweep, rows, tuned):
@@ -87,9 +81,9 @@ def bench_prefill(dtype, sweep, rows, tuned):
         cfg = None
         if sweep:
             res = best_of(FLASH_CANDIDATES, lambda c: (lambda: flash_attention_fwd(q, kh, vh, causal=True, config=c)))
-            cfg = res[0][1]
+            cfg = res[1]
             tuned.setdefault("prefill", {})[S] = cfg
-            print(f"  prefill S={S}: best {cfg} {res[0][0] * 1e3:.1f} us; runner-up {res[1:3]}")
+            print(f"  prefill S={S}: best {cfg} {res[0] * 1e3:.1f} us")
         out = flash_attention_fwd(q, kh, vh, causal=True, config=cfg)
         if S <= 1024:
             check(out, attention_reference(q, kh, vh, causal=True), f"prefill S={S}")
@@ -115,19 +109,12 @@ def bench_decode(dtype, sweep, rows, tuned):
         if sweep:
             base = num_splits_for(HKV, S, 64, q.device)
             cands = [(c, max(1, int(base * f))) for c in DECODE_CANDIDATES for f in SPLIT_FACTORS]
-            res = []
-            for (bn, w, st), splits in cands:
-                c_kw = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=splits)
-                try:
-                    t = graph_ms_rotating([
-                        (lambda k=k, v=v: decode_attention(q, k, v, seq_pos, **c_kw)) for k, v in caches])
-                    res.append((t, c_kw))
-                except Exception as e:  # out of resources: reported, skipped
-                    print(f"  config {c_kw} failed: {type(e).__name__}: {str(e)[:80]}")
-            res.sort(key=lambda r: r[0])
-            kw = res[0][1]
+            grid = [dict(block_n=bn, num_warps=w, num_stages=st, num_splits=splits) for (bn, w, st), splits in cands]
+            res = best_config(grid, lambda c_kw: graph_ms_rotating([
+                (lambda k=k, v=v: decode_attention(q, k, v, seq_pos, **c_kw)) for k, v in caches]))
+            kw = res[1]
             tuned.setdefault("decode", {})[S] = kw
-            print(f"  decode S={S}: best {kw} {res[0][0] * 1e3:.1f} us (default splits {base})")
+            print(f"  decode S={S}: best {kw} {res[0] * 1e3:.1f} us (default splits {base})")
         out = decode_attention(q, kc, vc, seq_pos, **kw)
         check(out, attention_reference(q, kc, vc, causal=True, kv_len=S), f"decode S={S}")
         t_ours = graph_ms_rotating([(lambda k=k, v=v: decode_attention(q, k, v, seq_pos, **kw)) for k, v in caches])
@@ -148,9 +135,9 @@ def bench_chunked(dtype, sweep, rows, tuned):
     if sweep:
         pos = torch.tensor([HISTORIES[-1]], dtype=torch.int32, device="cuda")
         res = best_of(CHUNK_CANDIDATES, lambda c: (lambda: flash_attention_fwd(q, kc, vc, seq_pos=pos, config=c)))
-        cfg = res[0][1]
+        cfg = res[1]
         tuned["chunked"] = cfg
-        print(f"  chunked (history {HISTORIES[-1]}): best {cfg} {res[0][0] * 1e3:.1f} us")
+        print(f"  chunked (history {HISTORIES[-1]}): best {cfg} {res[0] * 1e3:.1f} us")
     for hist in HISTORIES:
         pos = torch.tensor([hist], dtype=torch.int32, device="cuda")
         out = flash_attention_fwd(q, kc, vc, seq_pos=pos, config=cfg)

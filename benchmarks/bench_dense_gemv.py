@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, graph_ms_rotating, write_json  # noqa: E402
+from benchmarks.common import best_config, environment, graph_ms_rotating, write_json  # noqa: E402
 from tinyq.kernels.dense_gemv import DEFAULT_CONFIG, dense_gemv, dense_gemv_reference  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
@@ -43,19 +43,10 @@ def main():
 
     cfg = dict(DEFAULT_CONFIG)
     if args.sweep:
-        best = None
-        for bn, bk, nw, ns in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8), (1, 2, 3)):
-            if bn * bk > 8192:
-                continue
-            c = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
-            try:
-                total = sum(t_ours(name, c) for name in ("qkv", "o", "gate_up", "down"))
-            except Exception as e:  # out of resources: skipped
-                print(f"  skip {c}: {type(e).__name__}")
-                continue
-            print(f"  {total * 1e3:8.1f} us  {c}")
-            if best is None or total < best[0]:
-                best = (total, c)
+        grid = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                for bn, bk, nw, ns in itertools.product((2, 4, 8, 16), (256, 512, 1024, 2048), (4, 8), (1, 2, 3))
+                if bn * bk <= 8192]
+        best = best_config(grid, lambda c: sum(t_ours(name, c) for name in ("qkv", "o", "gate_up", "down")))
         cfg = best[1]
         print(f"best {cfg} ({best[0] * 1e3:.1f} us)")
     rows = []

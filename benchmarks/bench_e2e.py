@@ -1,4 +1,4 @@
-"""End-to-end LLM benchmark, TinyChat's method (REFERENCE.md "How TinyChat measures"), with HF
+"""End-to-end LLM benchmark, TinyChat's method (mit-han-lab/llm-awq, `tinychat/benchmark.py` and `benchmark_context.py`), with HF
 transformers fp16 measured in the same run as the baseline.
 
 Random weights in Llama-3-8B and Qwen2-7B shapes, built directly on the GPU (no checkpoint files):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_ms, environment, graph_ms_rotating, write_json  # noqa: E402
+from benchmarks.common import bench_ms, best_config, environment, graph_ms_rotating, write_json  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
@@ -88,27 +88,22 @@ def candidates(m):
 
 def sweep(weights, rotations, m):
     """Best plan for bucket ``m``: the lowest time summed over the four shapes (wrong results skipped)."""
-    best = None
-    for plan in candidates(m):
+    def total_ms(plan):
         total = 0.0
-        try:
-            for name, (k, n) in SHAPES.items():
-                _, qw, s, z = weights[name]
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                if name == "o":
-                    y = w4a16_matmul(x, qw, s, z, config=plan).float()
-                    ref = w4a16_linear_reference(x, qw, s, z).float()
-                    if (y - ref).abs().max() > 1e-2 * ref.abs().max():
-                        raise RuntimeError("wrong result")
-                total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name])
-        except Exception as e:  # out of shared memory / registers, or wrong: skip the candidate
-            print(f"  skip {plan}: {type(e).__name__}: {str(e)[:80]}")
-            continue
-        print(f"  M={m} {total * 1e3:9.1f} us  {plan}", flush=True)
-        if best is None or total < best[0]:
-            best = (total, plan)
-    print(f"  M={m}: best {best[1]} ({best[0] * 1e3:.1f} us)", flush=True)
-    return best[1]
+        for name, (k, n) in SHAPES.items():
+            _, qw, s, z = weights[name]
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            if name == "o":
+                y = w4a16_matmul(x, qw, s, z, config=plan).float()
+                ref = w4a16_linear_reference(x, qw, s, z).float()
+                if (y - ref).abs().max() > 1e-2 * ref.abs().max():
+                    raise RuntimeError("wrong result")
+            total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name])
+        return total
+
+    ms, plan = best_config(candidates(m), total_ms, f"M={m}")
+    print(f"  M={m}: best {plan} ({ms * 1e3:.1f} us)", flush=True)
+    return plan
 
 
 # ------------------------------------------------------------------------------------ host cost

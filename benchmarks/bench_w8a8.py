@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_ms, environment, graph_ms_rotating, write_json  # noqa: E402
+from benchmarks.common import bench_ms, best_config, environment, graph_ms_rotating, write_json  # noqa: E402
 from tinyq.kernels.int8_configs import BUCKETS, select_config, sweep_candidates  # noqa: E402
 from tinyq.kernels.int8_matmul import int8_matmul  # noqa: E402
 from tinyq.kernels.int8_quant import quantize_per_token  # noqa: E402
@@ -86,25 +86,21 @@ def w8a8(x, q, s, cfg):
 def sweep(weights, rotations, max_m):
     m = max_m if max_m is not None else 4096
     names = list(SHAPES) if m <= 256 else ["o", "gate_up"]
-    best = None
-    for cfg in sweep_candidates(max_m):
+
+    def total_ms(cfg):
         total = 0.0
-        try:
-            for name in names:
-                k, _ = SHAPES[name]
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16)
-                xq, sx = quantize_per_token(x)
-                if check(x, *weights[name][1:], cfg) > 1e-2:
-                    raise RuntimeError("wrong result")
-                total += timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name])
-        except Exception as e:  # out of shared memory / registers, or wrong: skip the candidate
-            print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}")
-            continue
-        print(f"  M={m} {total * 1e3:9.1f} us  {cfg}", flush=True)
-        if best is None or total < best[0]:
-            best = (total, cfg)
-    print(f"  bucket {max_m}: best {best[1]} ({best[0] * 1e3:.1f} us at M={m} over {names})", flush=True)
-    return best[1]
+        for name in names:
+            k, _ = SHAPES[name]
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            xq, sx = quantize_per_token(x)
+            if check(x, *weights[name][1:], cfg) > 1e-2:
+                raise RuntimeError("wrong result")
+            total += timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name])
+        return total
+
+    ms, cfg = best_config(sweep_candidates(max_m), total_ms, f"M={m}")
+    print(f"  bucket {max_m}: best {cfg} ({ms * 1e3:.1f} us at M={m} over {names})", flush=True)
+    return cfg
 
 
 def bucket_of(m):

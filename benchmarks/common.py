@@ -45,6 +45,23 @@ def graph_ms_rotating(fns, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def best_config(candidates, measure, label: str = ""):
+    """``(ms, config)`` with the lowest ``measure(config)`` over ``candidates``, every one printed.
+    A candidate that raises (out of shared memory or registers, a wrong result) is reported and
+    skipped; None when all failed."""
+    best = None
+    for cfg in candidates:
+        try:
+            ms = measure(cfg)
+        except Exception as e:  # reported, skipped
+            print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        print(f"  {label} {ms * 1e3:9.1f} us  {cfg}", flush=True)
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    return best
+
+
 def environment() -> dict:
     import triton
 

@@ -3,7 +3,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHECKED = ["README.md", "docs", "tinyq", "tests", "examples", "scripts"]
+CHECKED = ["README.md", "docs", "tinyq", "tests", "examples", "scripts", "benchmarks"]
 
 
 def _files():

@@ -25,7 +25,7 @@ _SM90 = [
                       split_k=8, num_warps=4, num_stages=3)),
     (64, "gemm", dict(block_m=64, block_n=128, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
                       split_k=8, num_warps=4, num_stages=4)),
-    # from M = 65 the dequantize + cuBLAS path is faster than the fused GEMM (H200: M=128 325 vs 495 us)
+    # from M = 65 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
     (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
 ]
 
