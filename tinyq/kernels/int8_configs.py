@@ -12,6 +12,8 @@ import itertools
 
 import torch
 
+from tinyq.backend import gpu_arch
+
 GEMV_MAX_M = 4  # the largest M the sweep tries the GEMV at
 
 # sm90: the winners of `bench_w8a8.py --sweep` on an H200 (torch 2.11, triton 3.6), summed over the four
@@ -39,10 +41,7 @@ BUCKETS = (1, GEMV_MAX_M, 16, 64, 256, None)  # the --sweep buckets (the shipped
 
 
 def device_arch(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "default"
-    major, minor = torch.cuda.get_device_capability(device)
-    key = f"sm{major}{minor}"
+    key = gpu_arch(device)
     return key if key in CONFIGS else "default"
 
 

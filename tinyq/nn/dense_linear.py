@@ -12,12 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyq.backend import gpu_arch
 from tinyq.kernels import dense_gemv as _dg
+
+
+def _dense_gemv_impl(x, weight, bias, config_key: str):
+    return _dg.dense_gemv(x, weight, bias, config=_dg.USE_ON[config_key])
 
 
 @torch.library.custom_op("tinyq::dense_gemv", mutates_args=())
 def _dense_gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], config_key: str) -> torch.Tensor:
-    return _dg.dense_gemv(x, weight, bias, config=_dg.USE_ON[config_key])
+    return _dense_gemv_impl(x, weight, bias, config_key)
 
 
 @_dense_gemv_op.register_fake
@@ -25,9 +30,16 @@ def _(x, weight, bias, config_key):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def _arch(device: torch.device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
+_ARCH: dict = {}
+
+
+def _arch(x: torch.Tensor) -> str:
+    """``backend.gpu_arch`` of x's device, looked up once per device (not a driver query per call)."""
+    index = x.get_device()
+    key = _ARCH.get(index)
+    if key is None:
+        key = _ARCH[index] = gpu_arch(x.device)
+    return key
 
 
 class DenseLinear(nn.Linear):
@@ -35,8 +47,9 @@ class DenseLinear(nn.Linear):
         w = self.weight
         if x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.float16, torch.bfloat16) and x.shape[-1] == w.shape[1]:
             rows = x.numel() // x.shape[-1]
-            key = _arch(x.device)
+            key = _arch(x)
             if rows <= _dg.MAX_M and key in _dg.USE_ON and w.is_contiguous():
-                y = _dense_gemv_op(x.reshape(rows, x.shape[-1]).contiguous(), w, self.bias, key)
+                op = _dense_gemv_op if torch.compiler.is_compiling() else _dense_gemv_impl  # no dispatcher in eager
+                y = op(x.reshape(rows, x.shape[-1]).contiguous(), w, self.bias, key)
                 return y.reshape(*x.shape[:-1], w.shape[0])
         return F.linear(x, w, self.bias)
