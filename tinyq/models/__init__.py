@@ -38,7 +38,8 @@ def load_model(
     ``path``: ``"default"`` (the embedded SmolLM2-135M-Instruct GGUF), an HF-format directory
     (config.json + safetensors, single or sharded; fp16/bf16 or a tinyq / AutoAWQ W4A16 checkpoint)
     or a ``.gguf`` file. ``precision``: ``"w4a16"`` (RTN-quantized at load with ``group_size``
-    unless the checkpoint is already quantized), ``"fp16"``, ``"bf16"`` or ``"fp32"``.
+    unless the checkpoint is already quantized), ``"w8a8"`` (int8 weights and activations: a tinyq W8A8 /
+    SmoothQuant checkpoint, or per-channel RTN of an fp model at load), ``"fp16"``, ``"bf16"`` or ``"fp32"``.
     ``device``: default CUDA when available, else CPU. ``dtype``: activation dtype override.
     ``tokenizer``: ``"auto"`` (the one in the directory or GGUF file; None if there is none),
     ``None`` (do not load one), a directory to load it from, or a tokenizer object to pass through.
