@@ -149,10 +149,14 @@ def test_custom_ops_pass_opcheck():
     q, s = quantize_rows_reference(x)
     w = torch.rand(64) + 0.5
     cases = [
-        (w8a8._int8_linear_op, (q, s, mod.qweight, mod.weight_scale, mod.bias, torch.float32)),
-        (w8a8._quantize_op, (x, None)),
-        (w8a8._add_rms_norm_quant_op, (x, torch.randn(3, 64), w, 1e-5, torch.tensor([0.05]))),
-        (w8a8._silu_mul_quant_op, (torch.randn(2, 64), None)),
+        (w8a8._int8_linear.op, (q, s, mod.qweight, mod.weight_scale, mod.bias, torch.float32)),
+        (w8a8._quantize.op, (x, None)),
+        (w8a8._add_rms_norm_quant.op, (x, torch.randn(3, 64), w, 1e-5, torch.tensor([0.05]))),
+        (w8a8._silu_mul_quant.op, (torch.randn(2, 64), None)),
+        (w8a8._gelu_quant.op, (x, "tanh", None)),
+        (w8a8._layer_norm_quant.op, (x, w, None, 1e-5, None)),
     ]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernels: on the GPU, or interpreted
     for op, args in cases:
+        args = tuple(a.to(dev) if torch.is_tensor(a) else a for a in args)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
