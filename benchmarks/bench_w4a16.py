@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_ms, best_config, environment, graph_ms_rotating, write_json  # noqa: E402
+from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, timed, write_json  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
@@ -41,16 +41,8 @@ GRAPH_MAX_M = 128
 ROTATE_BYTES = 200e6  # weight copies in rotation per shape: > 3x the H200's 60 MB L2
 
 
-def copies_of(tensors, nbytes):
-    n = max(1, int(-(-ROTATE_BYTES // nbytes)))
-    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
-def timed(m, make_call, variants):
-    """Median ms of ``make_call(*variant)`` (see the module docstring for the method)."""
-    if m <= GRAPH_MAX_M:
-        return graph_ms_rotating([make_call(*v) for v in variants])
-    return bench_ms(make_call(*variants[0]))
 
 
 def tinygemm_pack(n, k, device="cuda"):
@@ -98,7 +90,7 @@ def sweep(weights, rotations, m):
                 ref = w4a16_linear_reference(x, qw, s, z).float()
                 if (y - ref).abs().max() > 1e-2 * ref.abs().max():
                     raise RuntimeError("wrong result")
-            total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name])
+            total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name], GRAPH_MAX_M)
         return total
 
     ms, plan = best_config(candidates(m), total_ms, f"M={m}")
@@ -201,12 +193,12 @@ def main():
                 y = w4a16_matmul(x, qw, s, z, config=plan)
                 ref = w4a16_linear_reference(x, qw, s, z).float()
                 rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rot_q[name])
-                t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name])
-                t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name])
+                t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rot_q[name], GRAPH_MAX_M)
+                t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name], GRAPH_MAX_M)
+                t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name], GRAPH_MAX_M)
                 t_tg = float("nan")
                 if dtype == torch.bfloat16 and rot_tg[name] is not None:
-                    t_tg = timed(m, lambda wp, sz: (lambda: torch._weight_int4pack_mm(x, wp, G, sz)), rot_tg[name])
+                    t_tg = timed(m, lambda wp, sz: (lambda: torch._weight_int4pack_mm(x, wp, G, sz)), rot_tg[name], GRAPH_MAX_M)
                 wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
                 rows.append(dict(dtype=str(dtype), m=m, shape=name, k=k, n=n, plan=list(plan), max_rel_err=rel,
                                  tinyq_us=t_q * 1e3, cublas_us=t_cb * 1e3, tinygemm_us=t_tg * 1e3,

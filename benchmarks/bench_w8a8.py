@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import bench_ms, best_config, environment, graph_ms_rotating, write_json  # noqa: E402
+from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, timed, write_json  # noqa: E402
 from tinyq.kernels.int8_configs import BUCKETS, select_config, sweep_candidates  # noqa: E402
 from tinyq.kernels.int8_matmul import int8_matmul  # noqa: E402
 from tinyq.kernels.int8_quant import quantize_per_token  # noqa: E402
@@ -47,15 +47,8 @@ TARGET_SPEEDUP = {4096: 1.6, 256: 1.3, 16: 1.5}
 NORM_TARGET = 1.1  # fused norm+quant at most 1.1x the norm alone
 
 
-def copies_of(tensors, nbytes):
-    n = max(1, int(-(-ROTATE_BYTES // nbytes)))
-    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
 
 
-def timed(m, make_call, variants):
-    if m <= GRAPH_MAX_M:
-        return graph_ms_rotating([make_call(*v) for v in variants])
-    return bench_ms(make_call(*variants[0]))
 
 
 def make_weights(k, n):
@@ -95,7 +88,7 @@ def sweep(weights, rotations, max_m):
             xq, sx = quantize_per_token(x)
             if check(x, *weights[name][1:], cfg) > 1e-2:
                 raise RuntimeError("wrong result")
-            total += timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name])
+            total += timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name], GRAPH_MAX_M)
         return total
 
     ms, cfg = best_config(sweep_candidates(max_m), total_ms, f"M={m}")
@@ -162,12 +155,12 @@ def main():
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             xq, sx = quantize_per_token(x)
             rel = check(x, *weights[name][1:], cfg)
-            t_w8a8 = timed(m, lambda q, s: (lambda: w8a8(x, q, s, cfg)), rotations[name])
-            t_gemm = timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name])
-            t_fp16 = timed(m, lambda w: (lambda: F.linear(x, w)), rotations16[name])
+            t_w8a8 = timed(m, lambda q, s: (lambda: w8a8(x, q, s, cfg)), rotations[name], GRAPH_MAX_M)
+            t_gemm = timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name], GRAPH_MAX_M)
+            t_fp16 = timed(m, lambda w: (lambda: F.linear(x, w)), rotations16[name], GRAPH_MAX_M)
             t_int_mm = float("nan")
             if m > 16:  # cuBLASLt int8 through torch needs M > 16
-                t_int_mm = timed(m, lambda q, s: (lambda: torch._int_mm(xq, q.t())), rotations[name])
+                t_int_mm = timed(m, lambda q, s: (lambda: torch._int_mm(xq, q.t())), rotations[name], GRAPH_MAX_M)
             rows.append(dict(m=m, shape=name, k=k, n=n, config=cfg, max_rel_err=rel, w8a8_us=t_w8a8 * 1e3,
                              gemm_only_us=t_gemm * 1e3, cublas_fp16_us=t_fp16 * 1e3, int_mm_us=t_int_mm * 1e3,
                              w8a8_tops=2 * m * n * k / t_w8a8 / 1e9, weight_gbps=n * k / t_w8a8 / 1e6))

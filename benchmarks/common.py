@@ -45,6 +45,21 @@ def graph_ms_rotating(fns, reps: int = 20) -> float:
     return statistics.median(times)
 
 
+def copies_of(tensors, nbytes, rotate_bytes=200e6):
+    """``tensors`` plus clones, enough that the set holds ``rotate_bytes`` (default > 3x the H200's
+    60 MB L2), so a rotation over them reads every call's operands from HBM."""
+    n = max(1, int(-(-rotate_bytes // nbytes)))
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(n - 1)]
+
+
+def timed(m, make_call, variants, graph_max_m):
+    """Median ms of ``make_call(*variant)``: up to ``graph_max_m`` rows from CUDA-graph replays over
+    all ``variants`` (no launch cost, every call reads HBM), above it ``do_bench`` on the first."""
+    if m <= graph_max_m:
+        return graph_ms_rotating([make_call(*v) for v in variants])
+    return bench_ms(make_call(*variants[0]))
+
+
 def best_config(candidates, measure, label: str = ""):
     """``(ms, config)`` with the lowest ``measure(config)`` over ``candidates``, every one printed.
     A candidate that raises (out of shared memory or registers, a wrong result) is reported and

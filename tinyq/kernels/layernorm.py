@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels.residual import load_row_add_residual
 
 MAX_N = 32768  # one row per program must fit a register tile
 
@@ -41,12 +42,7 @@ def _layernorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(H_OUT.dtype.element_ty)
-        tl.store(H_OUT + row * stride_h + cols, h, mask=mask)
-    hf = h.to(tl.float32)
+    hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     mean = tl.sum(hf, axis=0) / N
     centered = tl.where(mask, hf - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)

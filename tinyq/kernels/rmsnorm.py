@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels.residual import load_row_add_residual
 
 MAX_N = 65536  # one row per program must fit a register tile
 
@@ -37,12 +38,7 @@ def _rmsnorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(H_OUT.dtype.element_ty)
-        tl.store(H_OUT + row * stride_h + cols, h, mask=mask)
-    hf = h.to(tl.float32)
+    hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import check_static_scale, quantize_with_absmax, row_num_warps, sum_and_max
+from tinyq.kernels.residual import load_row_add_residual
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -37,12 +38,7 @@ def _rmsnorm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    h = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(RES + row * stride_r + cols, mask=mask, other=0.0)
-        h = (h.to(tl.float32) + r.to(tl.float32)).to(H_OUT.dtype.element_ty)
-        tl.store(H_OUT + row * stride_h + cols, h, mask=mask)
-    hf = h.to(tl.float32)
+    hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     hw = hf * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     # one block reduction for both: max|hw * rstd| = max|hw| * rstd exactly (rstd > 0, rounding is monotonic)
     sum_sq, amax_hw = tl.reduce((hf * hf, tl.abs(hw)), 0, sum_and_max)
