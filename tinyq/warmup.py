@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -85,13 +85,16 @@ class WarmupReport:
 
 
 @torch.inference_mode()
-def warm_up(generator, lengths: Sequence[int] = WARMUP_LENGTHS) -> WarmupReport:
+def warm_up(generator, lengths: Optional[Sequence[int]] = None) -> WarmupReport:
     """Run prefills of ``lengths`` (each clipped to the cache) and one decode step through
     ``generator`` so every kernel they need is compiled and the decode graph is captured, then
-    leave the cache empty. Returns what it cost."""
+    leave the cache empty. Returns what it cost. ``lengths`` defaults to :data:`WARMUP_LENGTHS` on
+    a GPU and to one token on a CPU, where the torch path has nothing to compile."""
     CompileTracker.install()
     start, t0 = CompileTracker.snapshot(), time.perf_counter()
     gen = generator
+    if lengths is None:
+        lengths = WARMUP_LENGTHS if gen.cache.device.type == "cuda" else (1,)
     gen.reset()
     room = gen.max_seq_len - 1
     vocab = gen.model.config.vocab_size
