@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call (the lent H100 has torch 2.11 + triton 3.6 preinstalled):
+# Everything that needs a GPU, in one call (the lent H100/H200 machines have torch 2.11 + triton 3.6 preinstalled):
 # the `gpu`-marked tests, then the benchmarks, each against its baseline in the same run.
 #   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [w8a8] [attention] [e2e] [vlm] [awq]   (default: all but the sweep)
 # Results: $OUT (default ./out): <part>.json per benchmark, gpu_check.log with every log; each

@@ -23,7 +23,7 @@ HAS_CUDA = torch.cuda.is_available()
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on the lent H100)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on a GPU machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
