@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import MAX_K, check_static_scale, quantize_row, row_num_warps
+from tinyq.kernels.int8_quant import MAX_K, check_static_scale, int8_row_outputs, quantize_row, row_num_warps
+from tinyq.kernels.residual import as_rows
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 APPROXIMATIONS = ("none", "tanh")  # torch.nn.functional.gelu's names: "none" is the exact erf form
@@ -57,12 +58,9 @@ def gelu_quant(x: torch.Tensor, approximate: str = "none", static_scale=None):
     _check(x, approximate, static_scale)
     check_kernel_device("gelu_quant", x, *(() if static_scale is None else (static_scale,)))
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, k)
     m = x2.shape[0]
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    q, scale = int8_row_outputs(m, k, x.device)
     if m > 0 and k > 0:
         block = triton.next_power_of_2(k)
         _gelu_quant_kernel[(m,)](

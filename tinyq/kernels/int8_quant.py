@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels.residual import as_rows
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 MAX_K = 65536  # one row per program must fit a register tile
@@ -79,6 +80,11 @@ def _quant_rows_kernel(X, Q, SCALE, STATIC_S, K, stride_x, stride_q,
     tl.store(SCALE + row, scale)
 
 
+def int8_row_outputs(m: int, k: int, device):
+    """The outputs of a row quantizer: int8 rows ``[m, k]`` and their float32 scales ``[m]``."""
+    return torch.empty((m, k), dtype=torch.int8, device=device), torch.empty((m,), dtype=torch.float32, device=device)
+
+
 def row_num_warps(block: int) -> int:
     """Warps for a one-row-per-program kernel: 8 elements per thread, 1..16 warps."""
     return min(max(block // 256, 1), 16)
@@ -107,12 +113,9 @@ def quantize_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None
     _check(x, static_scale)
     check_kernel_device("quantize_per_token", x, *(() if static_scale is None else (static_scale,)))
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, k)
     m = x2.shape[0]
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    q, scale = int8_row_outputs(m, k, x.device)
     if m > 0 and k > 0:
         block = triton.next_power_of_2(k)
         _quant_rows_kernel[(m,)](

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.residual import load_row_add_residual
+from tinyq.kernels.residual import as_rows, load_row_add_residual
 
 MAX_N = 32768  # one row per program must fit a register tile
 
@@ -73,9 +73,7 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
     _check(x, weight, bias, residual)
     check_kernel_device("layernorm", x, weight, bias, *(() if residual is None else (residual,)))
     shape, n = x.shape, x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, n)
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     out = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else out  # unused when no residual

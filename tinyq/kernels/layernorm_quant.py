@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import check_static_scale, quantize_row, row_num_warps
+from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_row, row_num_warps
+from tinyq.kernels.residual import as_rows
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -61,12 +62,9 @@ def layernorm_quant(x, weight, bias, eps: float, static_scale=None):
     check_kernel_device("layernorm_quant", x, weight, *(t for t in (bias, static_scale) if t is not None))
     shape = x.shape
     n = shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, n)
     m = x2.shape[0]
-    q = torch.empty((m, n), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    q, scale = int8_row_outputs(m, n, x.device)
     if m > 0:
         block = triton.next_power_of_2(n)
         _layernorm_quant_kernel[(m,)](

@@ -1,6 +1,14 @@
-"""The row prologue shared by the fused norm kernels (RMSNorm, LayerNorm, RMSNorm + int8 quant)."""
+"""Row helpers shared by the one-row-per-program kernels (norms, SiLU/GELU, int8 quantizers): the
+launchers' flattening to rows and the fused norms' residual-add prologue."""
+import torch
 import triton
 import triton.language as tl
+
+
+def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
+    """``t [..., width]`` as a 2-D ``[rows, width]`` with unit stride along the row (a view when possible)."""
+    rows = t.reshape(-1, width)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 @triton.jit

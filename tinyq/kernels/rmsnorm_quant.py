@@ -22,8 +22,14 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import check_static_scale, quantize_with_absmax, row_num_warps, sum_and_max
-from tinyq.kernels.residual import load_row_add_residual
+from tinyq.kernels.int8_quant import (
+    check_static_scale,
+    int8_row_outputs,
+    quantize_with_absmax,
+    row_num_warps,
+    sum_and_max,
+)
+from tinyq.kernels.residual import as_rows, load_row_add_residual
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -68,13 +74,10 @@ def rmsnorm_quant(x, weight, eps: float, residual=None, static_scale=None):
     check_kernel_device("rmsnorm_quant", x, weight, *extra)
     shape = x.shape
     n = shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, n)
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    q = torch.empty((m, n), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    q, scale = int8_row_outputs(m, n, x.device)
     h = torch.empty_like(x2) if residual is not None else x2  # unused without a residual
     if m > 0:
         block = triton.next_power_of_2(n)

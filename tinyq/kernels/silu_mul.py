@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels.residual import as_rows
 
 BLOCK = 1024
 
@@ -46,9 +47,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     _check(x)
     check_kernel_device("silu_mul", x)
     i = x.shape[-1] // 2
-    x2 = x.reshape(-1, 2 * i)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, 2 * i)
     out = torch.empty(x2.shape[0], i, dtype=x.dtype, device=x.device)
     if x2.shape[0] > 0 and i > 0:
         grid = (x2.shape[0], triton.cdiv(i, BLOCK))

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import MAX_K, check_static_scale, quantize_row, row_num_warps
+from tinyq.kernels.int8_quant import MAX_K, check_static_scale, int8_row_outputs, quantize_row, row_num_warps
+from tinyq.kernels.residual import as_rows
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 
@@ -48,12 +49,9 @@ def silu_mul_quant(x: torch.Tensor, static_scale=None):
     _check(x, static_scale)
     check_kernel_device("silu_mul_quant", x, *(() if static_scale is None else (static_scale,)))
     i = x.shape[-1] // 2
-    x2 = x.reshape(-1, 2 * i)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, 2 * i)
     m = x2.shape[0]
-    q = torch.empty((m, i), dtype=torch.int8, device=x.device)
-    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    q, scale = int8_row_outputs(m, i, x.device)
     if m > 0 and i > 0:
         block = triton.next_power_of_2(i)
         _silu_mul_quant_kernel[(m,)](

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.w4a16_configs import launch_plan
