@@ -7,7 +7,10 @@ Contenders on the Llama-3-8B linears of one layer (qkv 4096->6144, o 4096->4096,
 - cuBLAS: ``F.linear`` on the dense fp16/bf16 weight;
 - tinygemm: ``torch._weight_int4pack_mm`` (int4 g128; bf16 activations, so its fp16 row is nan);
 - dequant+cuBLAS: tinyq's dequantize kernel into a scratch buffer, then cuBLAS (vLLM's AWQ recipe
-  for large M).
+  for large M);
+- gemlite (PyPI, pure-Python Triton like tinyq): ``A16W4_HQQ_INT`` layers (same ``(q - z) * s`` format,
+  group 128) with gemlite's shipped H100 configs (same sm90 architecture; its own lookup finds no
+  file for an H200 and would autotune), when ``import gemlite`` works (``--gemlite-dtypes``).
 
 Timing: M <= 128 from CUDA-graph replays over weight copies that exceed L2 (no launch cost, every
 call reads HBM); larger M with ``triton.testing.do_bench`` (median, L2 flushed). Then host cost:
@@ -32,7 +35,7 @@ from benchmarks.common import best_config, copies_of, environment, graph_ms_rota
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
-from tinyq.quant.format import quantize_weight  # noqa: E402
+from tinyq.quant.format import quantize_weight, unpack_int4  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -56,26 +59,48 @@ def tinygemm_pack(n, k, device="cuda"):
         return None
 
 
+def gemlite_layers(qw, s, z, copies, dtype):
+    """``copies`` gemlite A16W4 layers of the tinyq weight (HQQ format: same ``(q - z) * s``), or
+    None where gemlite cannot be imported or built (reported)."""
+    try:
+        import gemlite
+        from gemlite.helper import A16W4_HQQ_INT
+
+        if not getattr(gemlite_layers, "configs_loaded", False):
+            cfg = os.path.join(os.path.dirname(gemlite.__file__), "configs", "h100.json")
+            gemlite.load_config(cfg)
+            gemlite_layers.configs_loaded = True
+        q = unpack_int4(qw).to(torch.uint8)  # [N, K]
+        return [A16W4_HQQ_INT(device="cuda", dtype=dtype).from_weights(q.clone(), s.clone(), z.clone())
+                for _ in range(copies)]
+    except Exception as e:  # reported; the column shows nan
+        print(f"gemlite unavailable: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+
 # ------------------------------------------------------------------------------------------ sweep
 
+def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag"):
+    return "gemm", dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
+                        split_k=split_k, num_warps=warps, num_stages=stages)
+
+
 def candidates(m):
-    """Launch plans worth measuring for bucket ``m`` (tinyq.kernels.w4a16_configs format)."""
-    if m <= 4:
-        for bn, bk, nw in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8)):
-            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True)
-    if 2 <= m <= 128:
-        bm = 16 if m <= 16 else min(64, m)
-        for bn, sk, swap in itertools.product((32, 64, 128), (1, 2, 4, 8), (False, True)):
-            if not (sk > 2 and m >= 128):
-                yield "gemm", dict(block_m=bm, block_n=bn, block_k=128, swap_ab=swap, unpack="split", ptx_dequant=True,
-                                   split_k=sk, num_warps=4, num_stages=3 if bm <= 32 else 4)
-    if m >= 64:
-        for bn, bk in itertools.product((16, 32, 64), (256, 512)):
-            yield "dequant", dict(block_n=bn, block_k=bk, num_warps=4)
-    if 128 <= m <= 256:
-        for bm, bn, swap in itertools.product((128,), (64, 128), (False, True)):
-            yield "gemm", dict(block_m=bm, block_n=bn, block_k=128, swap_ab=swap, unpack="split", ptx_dequant=True,
-                               split_k=1, num_warps=4, num_stages=4)
+    """Launch plans worth measuring for bucket ``m`` (tinyq.kernels.w4a16_configs format): the GEMV
+    at M=1; the fused GEMM with the dequantized weights as the MMA's register operand (swap-AB),
+    activations in fragment order ('frag') or natural order ('natural'), up to M=128, with split-K
+    where N alone leaves SMs idle; dequantize + cuBLAS from M=128."""
+    if m == 1:
+        for bn, bk, nw, pf in ((8, 1024, 8, False), (8, 1024, 8, True), (4, 1024, 4, True), (8, 512, 4, True),
+                               (16, 512, 8, True)):
+            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True, prefetch=pf)
+    if 4 <= m <= 128:
+        bm = max(16, 1 << (m - 1).bit_length())
+        for unpack, bn, sk in itertools.product(("frag", "natural"), (64, 128) if bm < 128 else (64,),
+                                                (2, 4, 8) if m <= 32 else (1, 2, 4)):
+            yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack)
+    if m >= 128:
+        yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
 
 
 def sweep(weights, rotations, m):
@@ -150,6 +175,7 @@ def main():
     ap.add_argument("--sweep-ms", default="1,4,16,32,64,128,256")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--dtypes", default="float16,bfloat16")
+    ap.add_argument("--gemlite-dtypes", default="float16", help="dtypes to time gemlite in ('' for none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
@@ -177,13 +203,19 @@ def main():
         wts = {name: (w16.to(dtype), qw, s.to(dtype), z.to(dtype)) for name, (w16, qw, s, z) in weights.items()}
         rot_q = {name: copies_of(wts[name][1:], wts[name][1].numel() * 4) for name in SHAPES}
         rot_d = {name: copies_of(wts[name][:1], wts[name][0].numel() * 2) for name in SHAPES}
-        rot_tg = {}
+        rot_tg, rot_gl = {}, {}
         for name, (k, n) in SHAPES.items():
             packed = tinygemm_pack(n, k)
             rot_tg[name] = None if packed is None else copies_of(packed, packed[0].numel() * 4)
+            rot_gl[name] = None
+            if str(dtype)[6:] in args.gemlite_dtypes.split(","):
+                layers = gemlite_layers(*wts[name][1:], len(rot_q[name]), dtype)
+                rot_gl[name] = None if layers is None else [(layer,) for layer in layers]
         for m in ms:
             plan = launch_plan(m, dtype, torch.cuda.current_device())
-            plan = tuned.get(m, plan)  # a swept M runs its winner; every other M the shipped plan
+            # with --sweep, every M runs the winner of the smallest swept bucket that holds it
+            bucket = min((b for b in tuned if b >= m), default=None)
+            plan = tuned.get(bucket, plan)
             dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():
                 w16, qw, s, z = wts[name]
@@ -194,17 +226,22 @@ def main():
                 t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rot_q[name], GRAPH_MAX_M)
                 t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name], GRAPH_MAX_M)
                 t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name], GRAPH_MAX_M)
-                t_tg = float("nan")
+                t_tg = t_gl = float("nan")
                 if dtype == torch.bfloat16 and rot_tg[name] is not None:
                     t_tg = timed(m, lambda wp, sz: (lambda: torch._weight_int4pack_mm(x, wp, G, sz)), rot_tg[name], GRAPH_MAX_M)
+                if rot_gl[name] is not None:
+                    try:
+                        t_gl = timed(m, lambda layer: (lambda: layer(x)), rot_gl[name], GRAPH_MAX_M)
+                    except Exception as e:  # reported; nan
+                        print(f"gemlite M={m} {name}: {type(e).__name__}: {str(e)[:120]}")
                 wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
                 rows.append(dict(dtype=str(dtype), m=m, shape=name, k=k, n=n, plan=list(plan), max_rel_err=rel,
-                                 tinyq_us=t_q * 1e3, cublas_us=t_cb * 1e3, tinygemm_us=t_tg * 1e3,
+                                 tinyq_us=t_q * 1e3, cublas_us=t_cb * 1e3, tinygemm_us=t_tg * 1e3, gemlite_us=t_gl * 1e3,
                                  dequant_cublas_us=t_dq * 1e3,
                                  tinyq_gbps=(wbytes + (m * k + m * n) * 2) / t_q / 1e6,
                                  tinyq_tflops=2 * m * n * k / t_q / 1e9))
                 print(f"{str(dtype)[6:]:8s} M={m:5d} {name:8s} tinyq {t_q*1e3:8.1f} us ({plan[0]}) cuBLAS {t_cb*1e3:8.1f}"
-                      f" tinygemm {t_tg*1e3:8.1f} dq+cuBLAS {t_dq*1e3:8.1f} {rows[-1]['tinyq_gbps']:6.0f} GB/s"
+                      f" tinygemm {t_tg*1e3:8.1f} gemlite {t_gl*1e3:8.1f} dq+cuBLAS {t_dq*1e3:8.1f} {rows[-1]['tinyq_gbps']:6.0f} GB/s"
                       f" err {rel:.1e}", flush=True)
 
     host = []
@@ -213,7 +250,8 @@ def main():
 
     sums = {}
     for r in rows:
-        s = sums.setdefault((r["dtype"], r["m"]), dict(tinyq_us=0.0, cublas_us=0.0, tinygemm_us=0.0, dequant_cublas_us=0.0))
+        s = sums.setdefault((r["dtype"], r["m"]), dict(tinyq_us=0.0, cublas_us=0.0, tinygemm_us=0.0, gemlite_us=0.0,
+                                                       dequant_cublas_us=0.0))
         for key in s:
             s[key] += r[key]
     summary = build_summary(sums, host, dtypes)
@@ -226,10 +264,12 @@ def main():
     for h in host:
         print(f"  {h['dtype'][6:]:8s} {h['op']:36s} eager {h['eager_us']:7.1f}  graph {h['graph_us']:7.1f}  {h['ratio']:5.2f}x")
     print(f"\n{env.get('gpu')} torch {env['torch']} triton {env['triton']}; sum over qkv+o+gate_up+down (us):")
-    print(f"{'dtype':8s} {'M':>5} {'tinyq':>9} {'cuBLAS':>9} {'tinygemm':>9} {'dq+cuBLAS':>9} {'vs cuBLAS':>9}")
+    print(f"{'dtype':8s} {'M':>5} {'tinyq':>9} {'cuBLAS':>9} {'tinygemm':>9} {'gemlite':>9} {'dq+cuBLAS':>9} "
+          f"{'vs cuBLAS':>9} {'vs gemlite':>10}")
     for (d, m), s in sums.items():
         print(f"{d[6:]:8s} {m:5d} {s['tinyq_us']:9.1f} {s['cublas_us']:9.1f} {s['tinygemm_us']:9.1f} "
-              f"{s['dequant_cublas_us']:9.1f} {s['cublas_us'] / s['tinyq_us']:8.2f}x")
+              f"{s['gemlite_us']:9.1f} {s['dequant_cublas_us']:9.1f} {s['cublas_us'] / s['tinyq_us']:8.2f}x "
+              f"{s['gemlite_us'] / s['tinyq_us']:9.2f}x")
     print("\nsummary:")
     for r in summary:
         print(f"  {'MET ' if r['met'] else 'miss'} {r['what']}: {r['value']:.3g} (target {r['target']})")
@@ -261,6 +301,18 @@ def build_summary(sums, host, dtypes):
             if (d, m) in sums:
                 r = sums[(d, m)]["cublas_us"] / sums[(d, m)]["tinyq_us"]
                 row(f"M={m} {d[6:]} speed vs cuBLAS", r, f">= {target}", r >= target)
+    for d in (f16, bf16):
+        ms_d = sorted(m for (dd, m) in sums if dd == d)
+        if ms_d:
+            worst_m = min(ms_d, key=lambda m: sums[(d, m)]["cublas_us"] / sums[(d, m)]["tinyq_us"])
+            r = sums[(d, worst_m)]["cublas_us"] / sums[(d, worst_m)]["tinyq_us"]
+            row(f"{d[6:]} slowest speed vs cuBLAS over every M (at M={worst_m})", r, ">= 1.0 (never slower than fp16)",
+                r >= 1.0)
+        for m in ms_d:
+            gl = sums[(d, m)]["gemlite_us"]
+            if gl == gl and gl > 0:  # measured (not nan)
+                r = gl / sums[(d, m)]["tinyq_us"]
+                row(f"M={m} {d[6:]} speed vs gemlite (shipped H100 configs)", r, ">= 1.0 (peer)", r >= 1.0)
     if f16 in map(str, dtypes) and bf16 in map(str, dtypes):
         worst = max(sums[(bf16, m)]["tinyq_us"] / sums[(f16, m)]["tinyq_us"] for (d, m) in sums if d == f16)
         row("worst bf16/fp16 time over M", worst, "<= 1.10", worst <= 1.10)

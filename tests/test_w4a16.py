@@ -33,21 +33,21 @@ def poisoned(m, n, dtype, device=DEV):
     return torch.full((m, n), float("nan"), dtype=dtype, device=device)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
-def test_gemv(m, n, k, group_size, dtype):
+def test_gemv(m, n, k, group_size, dtype, prefetch):
     if k % group_size:
         pytest.skip("group does not divide K")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     y = poisoned(m, n, dtype)
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2)
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2, prefetch=prefetch)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
-GEMM_CASES = [  # (group_size, block_k, unpack); 'split' needs block_k >= 128
-    (g, bk, u) for g, bk in [(32, 32), (64, 64), (128, 64), (128, 128)] for u in ("reshape", "gather", "split")
-    if u != "split" or bk >= 128
+GEMM_CASES = [  # (group_size, block_k, unpack)
+    (g, bk, u) for g, bk in [(32, 32), (64, 64), (128, 64), (128, 128)] for u in ("frag", "natural")
 ]
 
 
@@ -69,9 +69,11 @@ def test_gemm(m, n, k, group_size, block_k, unpack, swap_ab, dtype):
 @pytest.mark.parametrize("split_k", [2, 3, 4])
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("m,n,k,group_size,block_k,unpack", [
-    (3, 67, 576, 64, 64, "reshape"),  # 9 K steps over 3 or 4 splits: the last split is short
-    (17, 40, 512, 128, 128, "split"),
-    (2, 33, 384, 32, 32, "gather"),
+    (3, 67, 576, 64, 64, "natural"),  # 9 K steps over 3 or 4 splits: the last split is short
+    (17, 40, 512, 128, 128, "frag"),
+    (2, 33, 384, 32, 32, "natural"),
+    (257, 40, 576, 64, 64, "frag"),
+    (3, 72, 384, 128, 128, "frag"),
 ])
 def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dtype):
     """Split-K writes fp32 partials and a second kernel sums them, adds the bias and casts."""
@@ -119,7 +121,7 @@ def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
         assert all(ptx) if nvidia else not any(ptx)
 
 
-@pytest.mark.parametrize("unpack", ["gather", "split"])
+@pytest.mark.parametrize("unpack", ["frag", "natural"])
 @pytest.mark.parametrize("swap_ab", [False, True])
 def test_gemm_fp16_accumulate(swap_ab, unpack):
     x, qw, s, z, b = make_case(37, 48, 512, 128, torch.float16)
@@ -236,14 +238,17 @@ def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("swap_ab", [False, True])
-@pytest.mark.parametrize("m,n,k", [(16, 4096, 4096), (300, 1000, 1024), (1024, 2048, 4096)])
-def test_gpu_gemm_ptx_dequant(m, n, k, swap_ab):
-    """The fp16 PTX dequant of the 'split' GEMM, with outlier activations."""
-    x, qw, s, z, b = make_case(m, n, k, 128, torch.float16, device="cuda")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("unpack", ["frag", "natural"])
+@pytest.mark.parametrize("swap_ab,block_m,split_k", [(True, 16, 4), (True, 64, 2), (True, 128, 1), (False, 128, 1)])
+@pytest.mark.parametrize("m,n,k,group_size", [(16, 4096, 4096, 128), (300, 1000, 1024, 64), (1, 4096, 14336, 128),
+                                              (57, 333, 576, 32)])
+def test_gpu_gemm_ptx_dequant(m, n, k, group_size, swap_ab, block_m, split_k, unpack, dtype):
+    """Both unpack orders with their fp16/bf16 PTX dequant, outlier activations included."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
     x[:, 5] = 3000.0
-    y = poisoned(m, n, torch.float16, device="cuda")
-    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16 if m <= 16 else 128, block_n=64, block_k=128, swap_ab=swap_ab,
-                      unpack="split", ptx_dequant=True, num_warps=4, num_stages=3)
+    y = poisoned(m, n, dtype, device="cuda")
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=block_m, block_n=64, block_k=min(128, group_size), swap_ab=swap_ab,
+                      unpack=unpack, ptx_dequant=True, split_k=split_k, num_warps=4, num_stages=3)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))

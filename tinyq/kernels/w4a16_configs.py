@@ -17,14 +17,17 @@ import torch
 
 from tinyq.backend import gpu_arch, ptx_supported
 
-_SM90 = [
-    (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
-    (4, "gemm", dict(block_m=16, block_n=64, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
-                     split_k=8, num_warps=4, num_stages=3)),
-    (16, "gemm", dict(block_m=16, block_n=128, block_k=128, swap_ab=False, unpack="split", ptx_dequant=True,
-                      split_k=8, num_warps=4, num_stages=3)),
-    (64, "gemm", dict(block_m=64, block_n=128, block_k=128, swap_ab=True, unpack="split", ptx_dequant=True,
-                      split_k=8, num_warps=4, num_stages=4)),
+def _gemm(block_m, block_n, unpack, split_k, num_stages=4):
+    return dict(block_m=block_m, block_n=block_n, block_k=128, swap_ab=True, unpack=unpack, ptx_dequant=True,
+                split_k=split_k, num_warps=4, num_stages=num_stages)
+
+
+_SM90 = [  # the H200 sweep's winners (bench_w4a16.py --sweep; docs/perf_notes.md)
+    (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True, prefetch=True)),
+    (4, "gemm", _gemm(16, 128, "frag", 8)),
+    (16, "gemm", _gemm(16, 128, "frag", 8)),
+    (32, "gemm", _gemm(32, 128, "frag", 8)),
+    (64, "gemm", _gemm(64, 64, "natural", 4)),
     # from M = 65 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
     (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
 ]

@@ -1,16 +1,25 @@
 """W4A16 GEMM for prefill and skinny batches: ``y = x @ W.T (+ b)``, dequantization fused.
 
-Each K step loads a ``[BLOCK_N, BLOCK_K/8]`` tile of packed words (contiguous along K), unpacks
-it in registers to ``[BLOCK_N, BLOCK_K]`` int4 values, dequantizes ``(q - z) * s`` in the
-activation dtype and feeds the tensor cores. No dequantized weight ever reaches memory.
+Each K step loads a ``[BLOCK_N, BLOCK_K/8]`` tile of packed words (asynchronously, ``num_stages``
+deep), unpacks every word's 8 nibbles in the registers of the thread that loaded it, dequantizes
+``(q - z) * s`` in the activation dtype (an inline-PTX magic-number path on NVIDIA, ~2 instructions
+per weight) and feeds the tensor cores. No dequantized weight ever reaches memory.
 
 ``BLOCK_K`` divides ``GROUP_SIZE``, so a K step lies inside one group and needs one scale and
-zero per column (a ``[BLOCK_N]`` load per step).
+zero per column (a ``[BLOCK_N]`` load, issued one step ahead).
+
+Unpack orders (``UNPACK``), both made of register-local joins and permutes:
+- ``frag``: the weights land in the order the MMA's register operand wants them
+  (:func:`_frag_weights`), so Triton loads every word straight into the thread that feeds its
+  nibbles to the MMA; the activations are permuted to match (through shared memory).
+- ``natural``: the weights are put back in input order, so the activation tile goes from its
+  asynchronous copy straight to the MMA and one MMA stays in flight while the next step
+  dequantizes; the weights cross lanes instead.
+Which one wins depends on M (``tinyq.kernels.w4a16_configs``; measurements in docs/perf_notes.md).
 
 Flags:
-- ``SWAP_AB``: compute ``y.T = W @ x.T`` so the dequantized weight tile is the MMA's first operand.
-  On Hopper that operand may come from registers, which spares the dequantized tile a trip
-  through shared memory, and for skinny M (≤ 16) it puts N, not M, on the MMA's 64-row side.
+- ``SWAP_AB``: compute ``y.T = W @ x.T`` so the dequantized weight tile is the MMA's first operand,
+  which on Hopper comes from registers, and for skinny M puts N, not M, on the MMA's 64-row side.
 - ``SPLIT_K`` (> 1): program ``(tile, s)`` reduces inputs ``[s * K_SPLIT, (s + 1) * K_SPLIT)`` and
   writes its fp32 partial to ``partials[s]`` ([SPLIT_K, M, N]); :func:`_splitk_reduce_kernel` then
   sums the partials, adds the bias and casts. For skinny M the tile count alone (N / BLOCK_N) is too
@@ -20,9 +29,9 @@ Flags:
   an fp32 accumulator. Overflow can only come from one step's partial sum of ``BLOCK_K`` products
   exceeding 65504, not from the whole K reduction. fp16 activations only.
 
-Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``); ``qweight`` int32 [N, K/8];
-``scales``/``zeros`` [N, K/G] (x's dtype); ``bias`` [N] or none; ``y`` [M, N] (row stride
-``stride_ym``).
+Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``); ``qweight`` int32 [N, K/8] in tinyq's
+packing (:mod:`tinyq.quant.format`: word ``4b + w`` holds input ``32b + 4i + w`` in nibble ``i``);
+``scales``/``zeros`` [N, K/G] (x's dtype); ``bias`` [N] or none; ``y`` [M, N] (row stride ``stride_ym``).
 """
 from __future__ import annotations
 
@@ -31,21 +40,13 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import interpreting
-from tinyq.kernels.int4_ptx import nibble_pairs_minus_zero
+from tinyq.kernels.int4_ptx import dequant8
 from tinyq.kernels.tiling import grouped_pid
 
 
-# One int32 word -> its 8 weights (q_i - z) * s in fp16, nibble order 0..7 (fp16 activations only);
-# see tinyq/kernels/int4_ptx.py. The multiply by s rounds once, as in the plain path: ~2
-# instructions per weight instead of shift, mask, convert, subtract, multiply.
-_DEQUANT8_PTX = tl.constexpr(
-    "{\n.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, ss;\n"
-    "mov.b32 zz, {$9, $9};\nmov.b32 ss, {$10, $10};\n"
-    + nibble_pairs_minus_zero("$8", "zz")
-    + "\n" + "\n".join(f"mul.rn.f16x2 q{j}, q{j}, ss;" for j in range(4))
-    + "\nmov.b32 {$0, $4}, q0;\nmov.b32 {$1, $5}, q1;\nmov.b32 {$2, $6}, q2;\nmov.b32 {$3, $7}, q3;\n}"
-)
-
+# One int32 word -> its 8 weights (q_i - z) * s, nibble order 0..7 (tinyq/kernels/int4_ptx.py).
+_DEQUANT8_F16 = tl.constexpr(dequant8("f16"))
+_DEQUANT8_BF16 = tl.constexpr(dequant8("bf16"))
 
 
 @triton.jit
@@ -65,28 +66,77 @@ def _mma(acc, x, w, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr):
 
 
 @triton.jit
-def _dot_slice(acc, x_ptr, row_off, m_mask, x_cols, w, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr):
-    """acc += x[:, x_cols] @ w.T (or transposed) for one nibble slice ``w`` [BN, BK/8] (fp16)."""
-    x = tl.load(x_ptr + row_off + x_cols[None, :], mask=m_mask[:, None], other=0.0)
-    return _mma(acc, x, w, SWAP_AB, ACC_FP16)
+def _join8(o0, o1, o2, o3, o4, o5, o6, o7):
+    """Eight equal tensors -> one with three new minor dims ``[..., 2, 2, 2]``; element
+    ``[..., x, y, z]`` is ``o[x + 2y + 4z]``. A join stays in the registers of the thread that
+    holds its inputs, so a word's 8 nibbles stay with the thread that loaded the word."""
+    return tl.join(tl.join(tl.join(o0, o1), tl.join(o2, o3)), tl.join(tl.join(o4, o5), tl.join(o6, o7)))
 
 
 @triton.jit
-def _dequant_dot(acc, x, q, s, z, SWAP_AB: tl.constexpr, ACC_FP16: tl.constexpr, DOT_FP32: tl.constexpr):
-    """acc += x @ ((q - z) * s).T  (or its transpose when SWAP_AB); q [BN, k], x [BM, k]."""
-    if DOT_FP32:
-        x = x.to(tl.float32)
-        w = (q.to(tl.float32) - z.to(tl.float32)[:, None]) * s.to(tl.float32)[:, None]
+def _frag_weights(words, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PTX_DEQUANT: tl.constexpr):
+    """Packed words ``[BN, BK/8]`` -> dequantized ``[BN, BK]`` in *fragment order*: word
+    ``c = 4b + w``'s nibble ``i = s2 + 2 s1 + 4 s0`` goes to position ``32b + 16 s2 + 8 s1 + 2w + s0``.
+
+    Why that order: it is where the tensor cores' register operand (Hopper wgmma, Ampere mma,
+    16-bit, k-width 2) wants the 8 weights a thread owns: lane ``w`` of a quad holds k offsets
+    ``2w, 2w+1, 2w+8, 2w+9`` of each 16-wide k step. Triton then finds a load layout in which every
+    thread loads exactly the words whose nibbles it feeds to the MMA, and the dequantized tile
+    never goes through shared memory. The activations are permuted to match (:func:`_frag_x`).
+    The result has the scales' dtype (fp16 or bf16)."""
+    NB: tl.constexpr = BLOCK_K // 32
+    DTYPE = s.dtype
+    if PTX_DEQUANT:
+        if DTYPE == tl.float16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _DEQUANT8_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                [words, (z.to(tl.float32) + 1024.0).to(DTYPE)[:, None], s[:, None]],
+                dtype=(DTYPE, DTYPE, DTYPE, DTYPE, DTYPE, DTYPE, DTYPE, DTYPE), is_pure=True, pack=1,
+            )
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                _DEQUANT8_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+                [words, (z.to(tl.float32) + 128.0).to(DTYPE)[:, None], s[:, None]],
+                dtype=(DTYPE, DTYPE, DTYPE, DTYPE, DTYPE, DTYPE, DTYPE, DTYPE), is_pure=True, pack=1,
+            )
     else:
-        w = (q.to(x.dtype) - z[:, None]) * s[:, None]  # exact (q - z), one rounding
-    return _mma(acc, x, w, SWAP_AB, ACC_FP16)
+        zz = z.to(tl.float32)[:, None]
+        ss = s.to(tl.float32)[:, None]
+        # (q - z) * s in fp32 is exact; one rounding to DTYPE, as the PTX path
+        o0 = (((words >> 0) & 0xF).to(tl.float32) - zz) * ss
+        o1 = (((words >> 4) & 0xF).to(tl.float32) - zz) * ss
+        o2 = (((words >> 8) & 0xF).to(tl.float32) - zz) * ss
+        o3 = (((words >> 12) & 0xF).to(tl.float32) - zz) * ss
+        o4 = (((words >> 16) & 0xF).to(tl.float32) - zz) * ss
+        o5 = (((words >> 20) & 0xF).to(tl.float32) - zz) * ss
+        o6 = (((words >> 24) & 0xF).to(tl.float32) - zz) * ss
+        o7 = (((words >> 28) & 0xF).to(tl.float32) - zz) * ss
+        o0, o1, o2, o3 = o0.to(DTYPE), o1.to(DTYPE), o2.to(DTYPE), o3.to(DTYPE)
+        o4, o5, o6, o7 = o4.to(DTYPE), o5.to(DTYPE), o6.to(DTYPE), o7.to(DTYPE)
+    w = tl.reshape(_join8(o0, o1, o2, o3, o4, o5, o6, o7), (BLOCK_N, NB, 4, 2, 2, 2))  # [n, b, w, s2, s1, s0]
+    return tl.reshape(tl.permute(w, (0, 1, 3, 4, 2, 5)), (BLOCK_N, BLOCK_K))  # [n, b, s2, s1, w, s0]
 
 
-# tinyq packing: word c = 4b + w holds k = 32b + 4i + w in nibble i (tinyq/quant/format.py).
-UNPACK_RESHAPE: tl.constexpr = tl.constexpr(0)  # [BN, BK/32, 4] words -> [BN, BK/32, 8, 4] nibbles -> [BN, BK]
-UNPACK_GATHER: tl.constexpr = tl.constexpr(1)  # load the word of every k (8x L1 hits), shift out its nibble
-UNPACK_SPLIT: tl.constexpr = tl.constexpr(2)  # 8 dots, one per nibble i, against x[:, 32b + 4i + w]
-UNPACK_MODES = {"reshape": 0, "gather": 1, "split": 2}
+@triton.jit
+def _natural_weights(words, s, z, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PTX_DEQUANT: tl.constexpr):
+    """:func:`_frag_weights` put back in input order: ``[BN, BK]`` with column ``k`` = input ``k0 + k``."""
+    w = _frag_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)  # fragment order [n, b, s2, s1, w, s0]
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // 32, 2, 2, 4, 2))
+    # natural k = 32b + 16 s0 + 8 s1 + 4 s2 + w
+    return tl.reshape(tl.permute(w, (0, 1, 5, 3, 2, 4)), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _frag_x(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Activations ``[BM, BK]`` (natural k = 32b + 16 s0 + 8 s1 + 4 s2 + w) -> the fragment order of
+    :func:`_frag_weights` (position 32b + 16 s2 + 8 s1 + 2w + s0), so the dot pairs each weight with its input."""
+    xv = tl.reshape(x, (BLOCK_M, BLOCK_K // 32, 2, 2, 2, 4))  # [m, b, s0, s1, s2, w]
+    return tl.reshape(tl.permute(xv, (0, 1, 4, 3, 5, 2)), (BLOCK_M, BLOCK_K))  # [m, b, s2, s1, w, s0]
+
+
+UNPACK_FRAG: tl.constexpr = tl.constexpr(0)
+UNPACK_NATURAL: tl.constexpr = tl.constexpr(1)
+UNPACK_MODES = {"frag": 0, "natural": 1}
 
 
 @triton.jit
@@ -117,74 +167,36 @@ def _w4a16_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_kw = tl.arange(0, BLOCK_K // 8)
-    offs_b = tl.arange(0, BLOCK_K // 32)
-    offs_w = tl.arange(0, 4)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    shifts = tl.arange(0, 8) * 4
-    # row strides as arguments (not K // 8 here) let Triton prove 16-byte alignment and vectorize
-    words_per_row = stride_wn
-    groups_per_row = stride_sn
-
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :]  # [BM, BK]
-    if UNPACK == UNPACK_GATHER:
-        word_of_k = 4 * (offs_k // 32) + offs_k % 4
-        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + (k_lo // 8 + word_of_k)[None, :]  # [BN, BK]
-        k_shift = (4 * ((offs_k % 32) // 4))[None, :]
-    elif UNPACK == UNPACK_RESHAPE:
-        w_ptrs = (qw_ptr + offs_n[:, None, None] * words_per_row + k_lo // 8 + 4 * offs_b[None, :, None]
-                  + offs_w[None, None, :])
-    else:
-        w_ptrs = qw_ptr + offs_n[:, None] * words_per_row + (k_lo // 8 + offs_kw)[None, :]  # [BN, BK/8]
-        x_of_word = 32 * (offs_kw // 4) + offs_kw % 4  # input k of nibble 0 of word c
-    sz_ptrs = offs_n * groups_per_row  # [BN]
+    # row strides come in as arguments (not K // 8 here): Triton can then prove 16-byte alignment
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + tl.arange(0, BLOCK_K))[None, :]  # [BM, BK]
+    w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + (k_lo // 8 + tl.arange(0, BLOCK_K // 8))[None, :]  # [BN, BK/8]
+    sz_ptrs = offs_n * stride_sn  # [BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Scales and zeros of the next K step are loaded one step ahead: a [BN] row of 2-byte values is
+    # too narrow for Triton's asynchronous copies, so loaded in place it would stall every step.
+    s_next = tl.load(s_ptr + sz_ptrs + k_lo // GROUP_SIZE, mask=n_mask, other=0.0)
+    z_next = tl.load(z_ptr + sz_ptrs + k_lo // GROUP_SIZE, mask=n_mask, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
-        if UNPACK == UNPACK_RESHAPE:
-            words = tl.load(w_ptrs, mask=n_mask[:, None, None], other=0)
+        words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        s, z = s_next, z_next
+        g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE  # the last step re-reads its own group
+        s_next = tl.load(s_ptr + sz_ptrs + g_next, mask=n_mask, other=0.0)
+        z_next = tl.load(z_ptr + sz_ptrs + g_next, mask=n_mask, other=0.0)
+        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        if UNPACK == UNPACK_NATURAL:
+            w = _natural_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)
         else:
-            words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
-        g = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
-        z = tl.load(z_ptr + sz_ptrs + g, mask=n_mask, other=0.0)
-        if UNPACK == UNPACK_SPLIT and PTX_DEQUANT:
-            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
-                _DEQUANT8_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
-                [words, (z.to(tl.float32) + 1024.0).to(tl.float16)[:, None], s[:, None]],
-                dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16,
-                       tl.float16),
-                is_pure=True, pack=1,
-            )
-            row_off = offs_m * stride_xm
-            cols = k0 + x_of_word
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols, w0, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 4, w1, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 8, w2, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 12, w3, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 16, w4, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 20, w5, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 24, w6, SWAP_AB, ACC_FP16)
-            acc = _dot_slice(acc, x_ptr, row_off[:, None], m_mask, cols + 28, w7, SWAP_AB, ACC_FP16)
-        elif UNPACK == UNPACK_SPLIT:
-            for i in tl.static_range(8):
-                # nibble i of word c holds k = k0 + x_of_word[c] + 4i
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + x_of_word + 4 * i)[None, :],
-                            mask=m_mask[:, None], other=0.0)
-                q = (words >> (4 * i)) & 0xF
-                acc = _dequant_dot(acc, x, q, s, z, SWAP_AB, ACC_FP16, DOT_FP32)
-        else:
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            if UNPACK == UNPACK_GATHER:
-                q = (words >> k_shift) & 0xF
-            else:
-                q = (words[:, :, None, :] >> shifts[None, None, :, None]) & 0xF  # [BN, BK/32, 8, 4]
-                q = tl.reshape(q, (BLOCK_N, BLOCK_K))  # position 32b + 4i + w is input k0 + 32b + 4i + w
-            acc = _dequant_dot(acc, x, q, s, z, SWAP_AB, ACC_FP16, DOT_FP32)
+            w = _frag_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)
+            x = _frag_x(x, BLOCK_M, BLOCK_K)
+        if DOT_FP32:  # the interpreter's bf16 tl.dot is broken (CPU tests only)
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = _mma(acc, x, w, SWAP_AB, ACC_FP16)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K // 8
 
@@ -220,7 +232,7 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
 def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
-    swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "reshape", ptx_dequant: bool = False,
+    swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "frag", ptx_dequant: bool = False,
     split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
@@ -232,8 +244,6 @@ def launch_w4a16_gemm(
         raise ValueError(f"fp16 accumulation needs fp16 activations, got {x.dtype}")
     if unpack not in UNPACK_MODES:
         raise ValueError(f"unpack={unpack!r} is not one of {sorted(UNPACK_MODES)}")
-    if unpack == "split" and block_k < 128:
-        raise ValueError("unpack='split' needs block_k >= 128 (each of the 8 dots spans block_k/8 >= 16)")
     steps = k // block_k
     split_k = max(1, min(split_k, steps))
     k_split = triton.cdiv(steps, split_k) * block_k
@@ -251,8 +261,7 @@ def launch_w4a16_gemm(
         ACC_FP16=acc_fp16,
         DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
         UNPACK=UNPACK_MODES[unpack],
-        # inline PTX needs a real GPU and fp16; only the 'split' unpack uses it
-        PTX_DEQUANT=ptx_dequant and unpack == "split" and x.dtype == torch.float16 and not interpreting(),
+        PTX_DEQUANT=ptx_dequant and not interpreting(),  # inline PTX needs a real GPU
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -125,7 +125,4 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         return torch.addmm(bias, x, w.t(), out=y) if bias is not None else torch.mm(x, w.t(), out=y)
     if acc_fp16 is not None:
         cfg = dict(cfg, acc_fp16=acc_fp16)
-    if cfg.get("unpack") == "split" and qweight.shape[1] * PACK // scales.shape[1] < 128:
-        # 'split' needs BLOCK_K >= 128 and BLOCK_K must divide the group: groups of 32/64 unpack by reshape
-        cfg = dict(cfg, unpack="reshape")
     return launch_w4a16_gemm(x, qweight, scales, zeros, bias, y, **cfg)
