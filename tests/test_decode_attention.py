@@ -54,6 +54,19 @@ def test_decode_splits_dims_dtypes(dtype, D, num_splits):
     assert_close_rel(run(q, kc, vc, kv_len, num_splits=num_splits), ref)
 
 
+@pytest.mark.parametrize("L,group", [(32, 4), (16, 8), (127, 1)])
+@pytest.mark.parametrize("kv_len", [130, 250])
+def test_chunk_rows_fill_one_tile(L, group, kv_len):
+    """A chat turn's chunk (L * G up to 128 rows) through the split kernel, with more slices than
+    the fill needs: the empty slices write nothing and the combine reads only the filled ones
+    (their partial buffers start as NaN here, so a stray read shows)."""
+    B, HKV, S, D = 1, 2, 256, 64
+    kc, vc = make_cache(B, HKV, S, D, kv_len, torch.float16)
+    q = torch.randn(B, L, HKV * group, D, dtype=torch.float16, device=DEV)
+    ref = decode_attention_reference(q, kc, vc, kv_len)
+    assert_close_rel(run(q, kc, vc, kv_len, num_splits=8), ref)
+
+
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_decode_equals_last_row_of_prefill(group):
     """Prefill S tokens then decode one, through attention_with_cache (RoPE + cache write + split
@@ -80,7 +93,7 @@ def test_decode_bad_input():
     seq_pos = torch.tensor([3], dtype=torch.int32, device=DEV)
     with force_backend("triton"):
         with pytest.raises(ValueError, match="rows"):
-            decode_attention(torch.randn(1, 4, 32, 64, dtype=torch.float16, device=DEV), kc, vc, seq_pos)
+            decode_attention(torch.randn(1, 5, 32, 64, dtype=torch.float16, device=DEV), kc, vc, seq_pos)
         with pytest.raises(ValueError, match="not a multiple"):
             decode_attention(torch.randn(1, 1, 3, 64, dtype=torch.float16, device=DEV),
                              *make_cache(1, 2, 16, 64, 4, torch.float16), seq_pos)

@@ -1,6 +1,9 @@
-"""Decode attention over the KV cache: split-KV ("flash-decoding") + a combine kernel.
+"""Attention of a short query block over the KV cache: split-KV ("flash-decoding") + a combine kernel.
 
-Math: ``L`` (1..4) new query tokens, already in the cache, at positions ``kv_len - L + t``::
+Used for decode (``L = 1``) and for short prefill chunks (a chat turn), as long as the ``L * G``
+query rows of one kv group fit one MMA tile (``MAX_DECODE_ROWS``).
+
+Math: ``L`` new query tokens, already in the cache, at positions ``kv_len - L + t``::
 
     out[t, h] = softmax_j(scale * q[t, h] . k[j, h // G] ; j <= kv_len - L + t) @ v[:, h // G]
 
@@ -11,10 +14,16 @@ one slice of ``SPLIT`` cache positions; it loads each K/V block once and serves 
 query rows of its kv group with one MMA tile (GQA sharing: Llama-3-8B reads K/V once for 4
 heads). It writes its un-normalized partial output plus the running max ``m`` and sum ``l``
 (float32, log2 domain). Slices starting past ``kv_len`` skip the loop (early exit on the device
-value), so the grid can be sized from the capacity ``max_seq_len``, known when a CUDA graph is
-captured, and never from the current length: no host logic depends on how full the cache is.
-Pass 2 (``_decode_combine_kernel``): grid ``(B * L * Hq)``; rescales the partials by
-``2^(m_s - max m)`` and normalizes.
+value, without writing anything), so the grid can be sized from the capacity ``max_seq_len``,
+known when a CUDA graph is captured, and never from the current length: no host logic depends on
+how full the cache is. Pass 2 (``_decode_combine_kernel``): grid ``(B * L * Hq)``; reads the
+``cdiv(kv_len, SPLIT)`` slices that ran, rescales their partials by ``2^(m_s - max m)`` and
+normalizes.
+
+Why split-KV for a chunk too: the flash kernel gives a 32-token chunk one program per (row block,
+q head), 32 programs for Llama-3-8B, each streaming the whole history: at 4k history that is
+4.5x its time at 16 (H200, docs/perf_notes.md). Split-KV with GQA-packed rows reads K/V once per
+kv group and fills every SM.
 
 Tensors: q ``[B, L, Hq, D]`` (rotated), k/v cache layer ``[B, Hkv, max_seq_len, D]`` (last dim
 contiguous), seq_pos int32 ``[1]``; partials float32 ``[B, Hq, L, NUM_SPLITS, D]`` and
@@ -35,7 +44,7 @@ from tinyq.kernels.flash_attention import (
     LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
 )
 
-MAX_DECODE_ROWS = 64  # L * G rows in one MMA tile (L <= 4, G <= 16)
+MAX_DECODE_ROWS = 128  # L * G rows in one MMA tile (e.g. a 32-token chunk of Llama-3's 4-head groups)
 PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
 MIN_SPLIT = 128  # below ~2 blocks per slice, the partial writes and the combine cost more than they hide
 
@@ -71,6 +80,8 @@ def _decode_split_kernel(
     kv_len = tl.load(SEQ_POS) + LQ
     q_off = kv_len - LQ
     start = split * SPLIT
+    if start >= kv_len:  # a slice past the fill level: the combine does not read it
+        return
     end = tl.minimum(start + SPLIT, kv_len)
 
     rows = tl.arange(0, BLOCK_M)  # row r = (token t, group member g), r = t * GROUP + g
@@ -91,7 +102,7 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-    for start_n in range(start, end, BLOCK_N):  # zero trips for a slice past kv_len
+    for start_n in range(start, end, BLOCK_N):
         n = start_n + offs_n
         n_ok = n < end
         k = tl.load(k_base + n[None, :] * stride_kn + offs_d[:, None], mask=mask_d[:, None] & n_ok[None, :], other=0.0)
@@ -113,8 +124,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    O_PART, M_PART, L_PART, OUT,
-    LQ, HQ, NUM_SPLITS,
+    O_PART, M_PART, L_PART, OUT, SEQ_POS,
+    LQ, HQ, NUM_SPLITS, SPLIT,
     stride_ob, stride_ol, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
@@ -123,7 +134,8 @@ def _decode_combine_kernel(
     h = (pid // LQ) % HQ
     b = pid // (LQ * HQ)
     offs_s = tl.arange(0, SPLITS_PAD)
-    s_ok = offs_s < NUM_SPLITS
+    used = tl.cdiv(tl.load(SEQ_POS) + LQ, SPLIT)  # the slices that ran (the rest wrote nothing)
+    s_ok = offs_s < tl.minimum(used, NUM_SPLITS)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     m = tl.load(M_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
     l = tl.load(L_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=0.0)
@@ -139,7 +151,8 @@ def _decode_combine_kernel(
 def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None,
                      num_splits: Optional[int] = None, block_n: Optional[int] = None,
                      num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None) -> torch.Tensor:
-    """Attention of ``L`` (<= 4) queries, already written to the cache, over ``[0, seq_pos + L)``.
+    """Attention of ``L`` queries (``L * Hq / Hkv <= MAX_DECODE_ROWS``), already written to the
+    cache, over ``[0, seq_pos + L)``.
 
     q ``[B, L, Hq, D]`` fp16/bf16; k_cache/v_cache one layer ``[B, Hkv, max_seq_len, D]``;
     seq_pos int32 ``[1]``. The keyword overrides (splits, tile, warps, stages) are for tests and the
@@ -162,10 +175,16 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     split = triton.cdiv(triton.cdiv(MAX_SEQ, num_splits), block_n) * block_n
     num_splits = triton.cdiv(MAX_SEQ, split)
     block_m = max(16, triton.next_power_of_2(LQ * group))
+    # a 128-row tile (a chunk) keeps its fp32 accumulator at 64 registers a thread with 8 warps
+    warps = num_warps or cfg_warps * max(1, block_m // 64)
 
-    o_part = torch.empty((B, HQ, LQ, num_splits, d_pad), dtype=torch.float32, device=q.device)
-    m_part = torch.empty((B, HQ, LQ, num_splits), dtype=torch.float32, device=q.device)
-    l_part = torch.empty_like(m_part)
+    # Under the interpreter (CPU tests) the partials start as NaN, so a read of a slice that wrote
+    # nothing shows in the output.
+    alloc = (lambda shape: torch.full(shape, float("nan"), device=q.device)) if interpreting() else \
+        (lambda shape: torch.empty(shape, dtype=torch.float32, device=q.device))
+    o_part = alloc((B, HQ, LQ, num_splits, d_pad))
+    m_part = alloc((B, HQ, LQ, num_splits))
+    l_part = alloc((B, HQ, LQ, num_splits))
     _decode_split_kernel[(B * HKV, num_splits)](
         q, k_cache, v_cache, o_part, m_part, l_part, seq_pos,
         scale * LOG2E, LQ, HKV, group, split, num_splits,
@@ -174,12 +193,12 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
-        num_warps=num_warps or cfg_warps, num_stages=num_stages or cfg_stages,
+        num_warps=warps, num_stages=num_stages or cfg_stages,
     )
     if out is None:
         out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
     _decode_combine_kernel[(B * HQ * LQ,)](
-        o_part, m_part, l_part, out, LQ, HQ, num_splits,
+        o_part, m_part, l_part, out, seq_pos, LQ, HQ, num_splits, split,
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
         num_warps=4,

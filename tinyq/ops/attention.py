@@ -7,9 +7,10 @@ Both are torch custom ops (``tinyq::attention_with_cache`` mutates the cache ten
 the float32 torch path (fast enough to chat with a small model on a CPU).
 
 Dispatch of ``attention_with_cache`` on ``L`` new tokens (L is a shape: static under capture):
-one fused RoPE + cache-write launch, then ``L <= DECODE_MAX_QUERIES`` -> split-KV decode kernel
+one fused RoPE + cache-write launch, then :func:`attend_cache`: a query block whose ``L * G`` rows
+fit one tile (decode, a chat turn's chunk) -> the split-KV kernel
 (:mod:`tinyq.kernels.decode_attention`), else the flash kernel over the cache with the causal
-offset (:mod:`tinyq.kernels.flash_attention`, chunked prefill).
+offset (:mod:`tinyq.kernels.flash_attention`, long prefill chunks).
 """
 from __future__ import annotations
 
@@ -25,7 +26,15 @@ from tinyq.kernels.decode_attention import MAX_DECODE_ROWS, decode_attention
 from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_attention_args, flash_attention_fwd
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference, rope_cache_write
 
-DECODE_MAX_QUERIES = 4  # 1 token, or a few for speculative decoding: rows (tokens x group) fit one MMA tile
+
+
+def attend_cache(q_rot, kc, vc, seq_pos, scale: float):
+    """Causal attention of ``L`` rotated queries ``[B, L, Hq, D]`` whose keys/values are already in
+    the cache layer ``kc, vc [B, Hkv, max_seq_len, D]`` at ``seq_pos .. seq_pos + L``: the kernel
+    choice of :func:`attention_with_cache` (Triton tensors)."""
+    if q_rot.shape[1] * (q_rot.shape[2] // kc.shape[1]) <= MAX_DECODE_ROWS:
+        return decode_attention(q_rot, kc, vc, seq_pos, scale)
+    return flash_attention_fwd(q_rot, kc, vc, causal=True, scale=scale, seq_pos=seq_pos)
 
 
 def _check_qkv(where, q, k, v):
@@ -66,10 +75,7 @@ def _attention_with_cache_impl(q, k, v, k_cache, v_cache, seq_pos, inv_freq, lay
     kc, vc = k_cache[layer_idx], v_cache[layer_idx]  # [B, Hkv, max_seq_len, D] views
     L = q.shape[1]
     if use_triton(q):
-        q_rot = rope_cache_write(q, k, v, kc, vc, seq_pos, inv_freq)
-        if L <= DECODE_MAX_QUERIES and L * (q.shape[2] // k.shape[2]) <= MAX_DECODE_ROWS:
-            return decode_attention(q_rot, kc, vc, seq_pos, scale)
-        return flash_attention_fwd(q_rot, kc, vc, causal=True, scale=scale, seq_pos=seq_pos)
+        return attend_cache(rope_cache_write(q, k, v, kc, vc, seq_pos, inv_freq), kc, vc, seq_pos, scale)
     # torch path (CPU): the host knows the position; no device sync on a CPU tensor.
     pos = int(seq_pos[0])
     positions = torch.arange(pos, pos + L, device=q.device)
