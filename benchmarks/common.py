@@ -99,3 +99,74 @@ def write_json(path: str | None, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     print(f"wrote {path}")
+
+
+def random_model(hf_cfg: dict, precision: str, device, group_size: int):
+    """A :class:`tinyq.models.llama.CausalLM` of ``hf_cfg`` (``config.json`` keys) with random weights made
+    directly on ``device``: fp16 linears with std 0.02, or random int4 (int8) codes with scales giving the
+    same spread (``precision`` "fp16", "w4a16" or "w8a8")."""
+    from torch import nn
+
+    from tinyq.models.llama import CausalLM, ModelConfig
+    from tinyq.models.w8a8 import use_w8a8_layers
+    from tinyq.nn.dense_linear import DenseLinear
+    from tinyq.nn.w4a16_linear import W4A16Linear
+    from tinyq.nn.w8a8_linear import W8A8Linear
+
+    cfg = ModelConfig.from_hf(hf_cfg)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def bias(n, child, dt):
+        return (torch.randn(n, device=device, generator=g) * 0.02).to(dt) if child.bias is not None else None
+
+    def fill(mod: nn.Module):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear):
+                n, k = child.out_features, child.in_features
+                if precision == "w4a16" and name != "lm_head":
+                    q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device, generator=g)
+                    scales = torch.full((n, k // group_size), 0.02 / 4.6, dtype=torch.float16, device=device)
+                    zeros = torch.full_like(scales, 8.0)  # std(q - z) ~ 4.6
+                    setattr(mod, name, W4A16Linear.from_quantized(q, scales, zeros, bias(n, child, torch.float16)))
+                elif precision == "w8a8" and name != "lm_head":  # int8 codes, std 73 -> weight std 0.02
+                    q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device, generator=g)
+                    setattr(mod, name, W8A8Linear.from_quantized(q, torch.full((n,), 0.02 / 73.3, device=device),
+                                                                 bias(n, child, dtype)))
+                else:
+                    new = DenseLinear(k, n, bias=child.bias is not None, device=device, dtype=dtype)
+                    with torch.no_grad():
+                        new.weight.normal_(0, 0.02, generator=g)
+                        if new.bias is not None:
+                            new.bias.normal_(0, 0.02, generator=g)
+                    setattr(mod, name, new)
+            elif isinstance(child, nn.Embedding):
+                e = nn.Embedding(child.num_embeddings, child.embedding_dim, device=device, dtype=dtype)
+                with torch.no_grad():
+                    e.weight.normal_(0, 0.02, generator=g)
+                setattr(mod, name, e)
+            else:
+                fill(child)
+        for pname, p in list(mod.named_parameters(recurse=False)):  # RMSNorm weights
+            setattr(mod, pname, nn.Parameter(torch.ones(p.shape, dtype=dtype, device=device), requires_grad=False))
+
+    fill(model)
+    model.tie_weights()
+    if precision == "w8a8":
+        use_w8a8_layers(model)
+    return model.eval().requires_grad_(False)
+
+
+def hf_model(hf_cfg: dict, device):
+    """The transformers model of ``hf_cfg`` (``config.json`` keys): fp16, random weights, on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**{k: v for k, v in hf_cfg.items() if k != "architectures"})
+    with torch.device(device):
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float16)
+    return model.eval().requires_grad_(False)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call (the lent H100/H200 machines have torch 2.11 + triton 3.6 preinstalled):
 # the `gpu`-marked tests, then the benchmarks, each against its baseline in the same run.
-#   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [w8a8] [attention] [e2e] [vlm] [awq]   (default: all but the sweep)
+#   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [w8a8] [attention] [e2e] [warm-start] [vlm] [awq]
+#   (default: all but the sweep)
 # Results: $OUT (default ./out): <part>.json per benchmark, gpu_check.log with every log; each
 # part's summary table is printed again at the end.
 set -uo pipefail
@@ -12,7 +13,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LOG="$OUT/gpu_check.log"
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests w4a16 w8a8 attention e2e vlm awq)
+[ ${#parts[@]} -eq 0 ] && parts=(tests w4a16 w8a8 attention e2e warm-start vlm awq)
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$LOG"
 status=0
@@ -35,6 +36,9 @@ for part in "${parts[@]}"; do
     attention) run attention 12 $PY benchmarks/bench_attention.py --out "$OUT/attention.json" || status=1 ;;
     e2e) run e2e 30 $PY benchmarks/bench_e2e.py --out "$OUT/e2e.json" || status=1 ;;
     awq) run awq 8 $PY benchmarks/bench_awq.py --gpu --out "$OUT/awq_gpu.json" || status=1 ;;
+    warm-start)  # two processes in a row: the second reuses Triton's disk cache
+      run warm-start-1 2 $PY benchmarks/bench_warm_start.py --out "$OUT/warm_start_1.json" || status=1
+      run warm-start-2 2 $PY benchmarks/bench_warm_start.py --out "$OUT/warm_start_2.json" || status=1 ;;
     w8a8) run w8a8 16 $PY benchmarks/bench_w8a8.py --out "$OUT/w8a8.json" || status=1 ;;
     vlm) run vlm 12 $PY benchmarks/bench_vlm.py --out "$OUT/vlm.json" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;

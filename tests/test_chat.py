@@ -68,20 +68,20 @@ def test_interrupt_mid_answer_rolls_back(tiny, monkeypatch):
     messages, length = [dict(m) for m in chat.messages], chat.gen.cache.length
 
     calls = {"n": 0}
-    real_decode = Generator.decode
+    real_decode = Generator.decode_next
 
-    def flaky_decode(self, token):
+    def flaky_decode(self, token, sampler):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt  # Ctrl-C in the middle of the answer
-        return real_decode(self, token)
+        return real_decode(self, token, sampler)
 
-    monkeypatch.setattr(Generator, "decode", flaky_decode)
+    monkeypatch.setattr(Generator, "decode_next", flaky_decode)
     turn = chat.send("second question")
     with pytest.raises(KeyboardInterrupt):
         for _ in turn:
             pass
-    monkeypatch.setattr(Generator, "decode", real_decode)
+    monkeypatch.setattr(Generator, "decode_next", real_decode)
     assert chat.messages == messages
     assert chat.gen.cache.length == len(chat.gen.cached_ids) <= length
     # the session goes on, answering exactly as one that was never interrupted
@@ -98,8 +98,8 @@ def test_exception_inside_forward_rolls_back(tiny, monkeypatch):
     length = chat.gen.cache.length
     real = type(model).forward
 
-    def boom(self, input_ids, cache=None, last_only=False):
-        out = real(self, input_ids, cache, last_only)  # the cache has advanced ...
+    def boom(self, *args, **kwargs):
+        real(self, *args, **kwargs)  # the cache has advanced ...
         raise RuntimeError("simulated failure")  # ... but the caller never sees the logits
 
     monkeypatch.setattr(type(model), "forward", boom)

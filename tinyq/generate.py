@@ -6,21 +6,27 @@
 
 A :class:`Generator` owns one cache and remembers which token ids it holds (``cached_ids``), so a
 new prompt that extends the cached one (the next chat turn) prefills only its new suffix.
-Prefill runs in chunks over the cache; each decode step on CUDA replays a CUDA graph captured
-once per cache (the step reads its position from ``cache.seq_pos`` on the device), on CPU it runs
-eagerly.
+Prefill runs in chunks over the cache. On CUDA every chunk replays a CUDA graph captured for its
+padded length, and every decode step replays a graph that also samples the next token on the
+device (:mod:`tinyq.graphs`, :mod:`tinyq.sampling`): a prompt, a turn or a token costs GPU time
+and a handful of host calls. On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from tinyq.graphs import PREFILL_BUCKETS, DecodeGraph, PrefillGraphs
+from tinyq.sampling import Sampler, sampler_key
 from tinyq.warmup import CompileTracker
 
-PREFILL_CHUNK = 512  # tokens per prefill forward: bounds activation memory (the 4k MLP of an 8B model is 235 MB/1k)
+# Tokens per prefill forward: bounds activation memory (an 8B model's MLP holds 235 MB per 1k
+# tokens) while keeping the W4A16 GEMMs at large M, where they run near cuBLAS; 512-token chunks
+# re-dequantize every weight per chunk (H200, Llama-3-8B W4A16: TTFT@4096 146 ms vs 97 ms).
+PREFILL_CHUNK = 2048
 
 
 class ContextOverflowError(ValueError):
@@ -70,6 +76,7 @@ class GenerationStats:
     decode_s: float = 0.0  # the remaining tokens, compilation excluded
     compiled_kernels: int = 0  # Triton kernels compiled during this generation (a shape seen for the first time)
     compile_s: float = 0.0  # the time they took, excluded from ttft_s / decode_s
+    capture_s: float = 0.0  # CUDA graphs captured for a first-seen chunk length or sampler, also excluded
 
     @property
     def ms_per_token(self) -> float:
@@ -79,9 +86,9 @@ class GenerationStats:
     def summary(self) -> str:
         line = (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
                 f"{self.ms_per_token:.1f} ms/token ({self.new_tokens} tokens)")
-        if self.compiled_kernels:
+        if self.compiled_kernels or self.capture_s:
             line += (f" | first use of a new shape: {self.compiled_kernels} kernels compiled in "
-                     f"{self.compile_s:.1f} s, not counted above")
+                     f"{self.compile_s:.1f} s, graphs captured in {self.capture_s:.2f} s, not counted above")
         return line
 
 
@@ -103,26 +110,11 @@ def make_config(**settings) -> SamplingConfig:
 
 
 def sample_token(logits: torch.Tensor, cfg: SamplingConfig, context_ids: Sequence[int] = (), rng=None) -> int:
-    """Pick one token from ``logits [V]`` (any float dtype; the math runs in float32)."""
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0 and len(context_ids):
-        idx = torch.tensor(sorted(set(context_ids)), device=logits.device, dtype=torch.long)
-        seen = logits[idx]
-        logits = logits.clone()
-        logits[idx] = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / cfg.temperature
-    if cfg.top_k > 0 and cfg.top_k < logits.numel():
-        kth = torch.topk(logits, cfg.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cum - torch.softmax(sorted_logits, dim=-1) >= cfg.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=rng))
+    """Pick one token from ``logits [V]`` (any float dtype; the math runs in float32) with the
+    device sampler of :mod:`tinyq.sampling` (``rng``: a ``torch.Generator`` on logits' device)."""
+    sampler = Sampler(sampler_key(cfg, logits.numel()), logits.device).load(cfg, context_ids, rng)
+    sampler.draw_noise()
+    return int(sampler(logits))
 
 
 _cpu_threads_tuned = False
@@ -155,38 +147,6 @@ def tune_cpu_threads(model, reps: int = 2) -> int:
     return best[1]
 
 
-class DecodeGraph:
-    """The one-token forward of ``model`` over ``cache``, captured as a CUDA graph.
-
-    The graph reads the position from ``cache.seq_pos`` and bumps it on the device, so one capture
-    serves every position; the host ``cache.length`` is advanced by :meth:`step`.
-    """
-
-    def __init__(self, model, cache):
-        self.model, self.cache = model, cache
-        self.ids = torch.zeros(1, 1, dtype=torch.long, device=cache.device)
-        length = cache.length
-        cache.check_room(1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up: compile the Triton kernels, settle the allocator
-            for _ in range(2):
-                model(self.ids, cache)
-                cache.truncate(length)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = model(self.ids, cache)[0, -1]  # [V], a static output buffer
-        cache.truncate(length)  # capture ran no kernel but advanced the host counter: put both back
-
-    def step(self, token: int) -> torch.Tensor:
-        self.cache.check_room(1)
-        self.ids.fill_(token)
-        self.graph.replay()
-        self.cache.length += 1  # the replay advanced seq_pos on the device
-        return self.logits
-
-
 class Generator:
     """Generation over one persistent :class:`tinyq.cache.StaticKVCache` for ``model``.
 
@@ -196,7 +156,8 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer, max_seq_len: Optional[int] = None, cuda_graph: Optional[bool] = None,
-                 prefill_chunk: int = PREFILL_CHUNK, embed_fn: Optional[Callable] = None):
+                 prefill_chunk: int = PREFILL_CHUNK, embed_fn: Optional[Callable] = None,
+                 prefill_buckets: Sequence[int] = PREFILL_BUCKETS):
         self.model, self.tokenizer = model, tokenizer
         # (ids [1, S] on the device, position of ids[0]) -> inputs_embeds [1, S, hidden]: how a VLM
         # splices image features into the prefill (tinyq.vlm.session); None embeds the ids.
@@ -205,7 +166,13 @@ class Generator:
         self.cached_ids: List[int] = []
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = self.cache.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self._graph: Optional[DecodeGraph] = None
+        self._decode_graphs: Dict[Optional[tuple], DecodeGraph] = {}  # per sampler key (None: logits only)
+        self._samplers: Dict[tuple, Sampler] = {}
+        self.prefill_graphs: Optional[PrefillGraphs] = None
+        if self.cuda_graph:
+            buckets = [b for b in prefill_buckets if b <= prefill_chunk] or [prefill_chunk]
+            self.prefill_graphs = PrefillGraphs(model, self.cache, buckets)
+        self.decode_capture_s = 0.0
         CompileTracker.install()
         cfg = model.config
         eos = set(cfg.eos_token_ids)
@@ -216,6 +183,11 @@ class Generator:
     @property
     def max_seq_len(self) -> int:
         return self.cache.max_seq_len
+
+    @property
+    def capture_s(self) -> float:
+        """Seconds spent capturing CUDA graphs so far (first uses, not steady-state cost)."""
+        return self.decode_capture_s + (self.prefill_graphs.capture_s if self.prefill_graphs else 0.0)
 
     def truncate(self, n: int) -> None:
         self.cache.truncate(n)
@@ -237,29 +209,72 @@ class Generator:
         """Append ``ids`` (non-empty) to the cache in chunks; returns the last position's logits ``[V]``."""
         self.cache.check_room(len(ids))
         dev = self.cache.device
-        logits = None
-        for start in range(0, len(ids), self.prefill_chunk):
-            chunk = list(ids[start : start + self.prefill_chunk])
+        graphs = self.prefill_graphs
+        logits, start = None, 0
+        while start < len(ids):
+            # what the largest graph bucket holds goes through a graph; longer prompts run eager
+            # forwards of up to prefill_chunk tokens, GPU-bound at that size
+            left = len(ids) - start
+            n = left if graphs is not None and left <= graphs.buckets[-1] else min(left, self.prefill_chunk)
+            chunk = list(ids[start : start + n])
+            start += n
             x = torch.tensor([chunk], device=dev)
             if self.embed_fn is None:
-                logits = self.model(x, self.cache, last_only=True)[0, -1]
+                embeds = self.model.model.embed_tokens(x)
             else:
                 embeds = self.embed_fn(x, self.cache.length)
+            logits = self.prefill_graphs.run(embeds) if self.prefill_graphs is not None else None
+            if logits is None:  # no graph: CPU, or no bucket fits (chunk too long, cache nearly full)
                 logits = self.model(None, self.cache, last_only=True, inputs_embeds=embeds)[0, -1]
             self.cached_ids.extend(chunk)
         return logits
+
+    def _decode_graph(self, sampler: Optional[Sampler]) -> DecodeGraph:
+        key = None if sampler is None else sampler.key
+        graph = self._decode_graphs.get(key)
+        if graph is None:
+            t0 = time.perf_counter()
+            graph = self._decode_graphs[key] = DecodeGraph(self.model, self.cache, sampler)
+            self.decode_capture_s += time.perf_counter() - t0
+        return graph
 
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
         """Feed one token; returns the logits ``[V]`` for the next one."""
         if self.cuda_graph:
-            if self._graph is None:
-                self._graph = DecodeGraph(self.model, self.cache)
-            logits = self._graph.step(token)
+            logits = self._decode_graph(None).step(token)
         else:
             logits = self.model(torch.tensor([[token]], device=self.cache.device), self.cache)[0, -1]
         self.cached_ids.append(token)
         return logits
+
+    @torch.inference_mode()
+    def sampler(self, cfg: SamplingConfig, context_ids: Sequence[int] = (), rng=None) -> Sampler:
+        """The device sampler for ``cfg``, loaded with this generation's context and random stream
+        (one per sampler key, reused: a captured decode graph reads its tensors)."""
+        key = sampler_key(cfg, self.model.config.vocab_size)
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = self._samplers[key] = Sampler(key, self.cache.device)
+        return sampler.load(cfg, context_ids, rng)
+
+    @torch.inference_mode()
+    def first_token(self, logits: torch.Tensor, sampler: Sampler) -> int:
+        """Sample the token that follows a prefill's ``logits``."""
+        sampler.draw_noise()
+        return int(sampler(logits))
+
+    @torch.inference_mode()
+    def decode_next(self, token: int, sampler: Sampler) -> int:
+        """Feed ``token``; returns the next token, sampled on the device (on CUDA: one graph replay
+        and one host read)."""
+        if self.cuda_graph:
+            nxt = self._decode_graph(sampler).step_sample(token)
+        else:
+            logits = self.model(torch.tensor([[token]], device=self.cache.device), self.cache)[0, -1]
+            nxt = self.first_token(logits, sampler)
+        self.cached_ids.append(token)
+        return nxt
 
     def reuse_prefix(self, prompt_ids: Sequence[int]) -> int:
         """Keep the longest cached prefix of ``prompt_ids`` (at least one token is left to prefill,
@@ -320,12 +335,10 @@ class TextStream(DeltaStream):
         gen, cfg = self.gen, self.cfg
         tok = gen.tokenizer
         stops = gen.eos_ids | set(cfg.stop_token_ids)
-        rng = None
-        if cfg.seed is not None:
-            rng = torch.Generator(device=gen.cache.device).manual_seed(cfg.seed)
         stats = GenerationStats(prompt_tokens=len(self.prompt_ids))
-        compiles = CompileTracker.snapshot()
+        compiles, captured = CompileTracker.snapshot(), gen.capture_s
         t0 = time.perf_counter()
+        sampler = gen.sampler(cfg, self.prompt_ids if cfg.repetition_penalty != 1.0 else ())
         kept = gen.reuse_prefix(self.prompt_ids)
         stats.prefilled_tokens = len(self.prompt_ids) - kept
         try:
@@ -333,22 +346,17 @@ class TextStream(DeltaStream):
         except BaseException:
             gen.truncate(kept)  # a half-prefilled prompt is not a valid cache state
             raise
+        token = gen.first_token(logits, sampler)
+        t_first = time.perf_counter()
+        first_setup = CompileTracker.since(compiles).seconds + gen.capture_s - captured
+        stats.ttft_s = t_first - t0 - first_setup
         out_ids: List[int] = []
         emitted, text, finish = "", "", "length"
-        context = list(self.prompt_ids) if cfg.repetition_penalty != 1.0 else ()
-        t_first = None
         while True:
-            token = sample_token(logits, cfg, context, rng)
-            if t_first is None:
-                t_first = time.perf_counter()
-                prefill_compile = CompileTracker.since(compiles)
-                stats.ttft_s = t_first - t0 - prefill_compile.seconds
             if token in stops:
                 finish = "stop"
                 break
             out_ids.append(token)
-            if cfg.repetition_penalty != 1.0:
-                context.append(token)
             text = tok.decode(out_ids, skip_special_tokens=True)
             cut = _find_stop(text, cfg.stop_strings)
             if cut is not None:
@@ -364,11 +372,12 @@ class TextStream(DeltaStream):
             if gen.cache.length + 1 > gen.max_seq_len:
                 finish = "context_full"
                 break
-            logits = gen.decode(token)
+            token = gen.decode_next(token, sampler)
         stats.new_tokens = len(out_ids)
         total_compile = CompileTracker.since(compiles)
         stats.compiled_kernels, stats.compile_s = total_compile.kernels, total_compile.seconds
-        stats.decode_s = time.perf_counter() - t_first - (total_compile.seconds - prefill_compile.seconds)
+        stats.capture_s = gen.capture_s - captured
+        stats.decode_s = time.perf_counter() - t_first - (total_compile.seconds + stats.capture_s - first_setup)
         if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted):]
         self.result = GenerationResult(text=text, token_ids=out_ids, finish_reason=finish, stats=stats)

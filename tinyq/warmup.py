@@ -16,8 +16,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-# Prompt-chunk lengths that warm every W4A16 M bucket (1, <=4, <=16, <=64, larger) and both of
-# Triton's integer specializations (divisible by 16 or not) of the prefill kernels.
+# Without CUDA graphs: prompt-chunk lengths that warm every W4A16 M bucket (1, <=4, <=16, <=64,
+# larger) and both of Triton's integer specializations (divisible by 16 or not) of the prefill kernels.
 WARMUP_LENGTHS = (1, 3, 16, 17, 48, 64, 65, 96)
 
 
@@ -75,41 +75,58 @@ class WarmupReport:
     seconds: float = 0.0  # the whole warm-up, wall time
     compile_s: float = 0.0  # of which Triton compilation (or loading compiled kernels from disk)
     kernels: int = 0
-    capture_s: float = 0.0  # CUDA-graph capture of the decode step
+    capture_s: float = 0.0  # CUDA-graph capture of the prefill buckets and the decode step, compilation excluded
+    graphs: int = 0
 
     def summary(self) -> str:
         if self.kernels == 0 and self.capture_s == 0:
             return f"warm-up {self.seconds:.1f} s"
         return (f"warm-up {self.seconds:.1f} s: {self.kernels} kernels compiled or loaded in {self.compile_s:.1f} s, "
-                f"decode graph captured in {self.capture_s:.2f} s")
+                f"{self.graphs} CUDA graphs captured in {self.capture_s:.2f} s")
 
 
 @torch.inference_mode()
-def warm_up(generator, lengths: Optional[Sequence[int]] = None) -> WarmupReport:
-    """Run prefills of ``lengths`` (each clipped to the cache) and one decode step through
-    ``generator`` so every kernel they need is compiled and the decode graph is captured, then
-    leave the cache empty. Returns what it cost. ``lengths`` defaults to :data:`WARMUP_LENGTHS` on
-    a GPU and to one token on a CPU, where the torch path has nothing to compile."""
+def warm_up(generator, lengths: Optional[Sequence[int]] = None, sampling=None) -> WarmupReport:
+    """Compile every kernel the generator's steps need and capture their CUDA graphs, then leave
+    the cache empty. Returns what it cost.
+
+    With CUDA graphs (the default on a GPU) that means one padded-prefill graph per chunk bucket
+    that fits the cache and the decode graph for ``sampling`` (a :class:`tinyq.generate.SamplingConfig`;
+    default greedy). Without, prefills of ``lengths`` (each clipped to the cache; default
+    :data:`WARMUP_LENGTHS` on a GPU, one token on a CPU, where the torch path has nothing to
+    compile) and one decode step."""
+    from tinyq.generate import make_config
+
     CompileTracker.install()
     start, t0 = CompileTracker.snapshot(), time.perf_counter()
     gen = generator
-    if lengths is None:
-        lengths = WARMUP_LENGTHS if gen.cache.device.type == "cuda" else (1,)
     gen.reset()
-    room = gen.max_seq_len - 1
-    vocab = gen.model.config.vocab_size
-    for n in sorted({min(max(1, int(n)), room) for n in lengths}):
-        ids = [(7 * i + 1) % vocab for i in range(n)]  # any valid ids: only shapes matter
-        gen.prefill(ids)
-        gen.reset()
+    captured = gen.capture_s
+    graphs_before = len(gen._decode_graphs) + (len(gen.prefill_graphs.graphs) if gen.prefill_graphs else 0)
+    if gen.prefill_graphs is not None:
+        fitting = [b for b in gen.prefill_graphs.buckets if b < gen.max_seq_len]
+        for b in sorted(fitting, reverse=True):  # largest first: the shared memory pool fits the rest
+            gen.prefill_graphs.ensure(b)
+        longer = gen.prefill_graphs.buckets[-1] + 1  # a longer prompt runs eagerly, at any length
+        if longer < gen.max_seq_len:
+            gen.prefill([(7 * i + 1) % gen.model.config.vocab_size for i in range(longer)])
+            gen.reset()
+    else:
+        if lengths is None:
+            lengths = WARMUP_LENGTHS if gen.cache.device.type == "cuda" else (1,)
+        room = gen.max_seq_len - 1
+        vocab = gen.model.config.vocab_size
+        for n in sorted({min(max(1, int(n)), room) for n in lengths}):
+            gen.prefill([(7 * i + 1) % vocab for i in range(n)])  # any valid ids: only shapes matter
+            gen.reset()
     gen.prefill([1])
-    before_decode, t_dec = CompileTracker.snapshot(), time.perf_counter()
-    gen.decode(1)  # on CUDA: compiles the decode kernels and captures the graph (first use)
+    sampler = gen.sampler(sampling if sampling is not None else make_config(temperature=0.0))
+    gen.decode_next(1, sampler)  # on CUDA: compiles the decode kernels and captures its graph
     if gen.cache.device.type == "cuda":
         torch.cuda.synchronize()
-    decode_compile = CompileTracker.since(before_decode).seconds
-    capture_s = time.perf_counter() - t_dec - decode_compile if gen.cuda_graph else 0.0
     gen.reset()
     compiled = CompileTracker.since(start)
-    total = time.perf_counter() - t0
-    return WarmupReport(seconds=total, compile_s=compiled.seconds, kernels=compiled.kernels, capture_s=capture_s)
+    graphs = len(gen._decode_graphs) + (len(gen.prefill_graphs.graphs) if gen.prefill_graphs else 0) - graphs_before
+    capture_s = max(0.0, gen.capture_s - captured - compiled.seconds)
+    return WarmupReport(seconds=time.perf_counter() - t0, compile_s=compiled.seconds, kernels=compiled.kernels,
+                        capture_s=capture_s, graphs=graphs)

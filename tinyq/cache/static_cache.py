@@ -89,6 +89,12 @@ class StaticKVCache:
         self.length += n
         self.seq_pos.add_(n)
 
+    def advance_on_device(self, n: torch.Tensor) -> None:
+        """Advance only the device counter by ``n`` (an integer tensor ``[1]`` on the cache's device):
+        a CUDA graph over a padded chunk advances by the chunk's real length, which the graph reads
+        from the device. The caller adds the same count to ``length``."""
+        self.seq_pos.add_(n)
+
     def truncate(self, n: int) -> None:
         """Keep the first ``n`` tokens (roll back a half-finished turn); ``0 <= n <= length``."""
         if not 0 <= n <= self.length:

@@ -95,9 +95,9 @@ def run(args) -> int:
           f"{args.precision} on {model.device} in {s['seconds']:.1f} s (peak host memory {s['peak_host_mb']:.0f} MB)",
           flush=True)
     if model.device.type == "cuda":
-        print("compiling kernels and capturing the decode graph (first run only; later starts reuse "
-              "Triton's disk cache) ...", flush=True)
-    report = warm_up(session.gen)
+        print("compiling kernels and capturing the prefill and decode graphs (compilation on the first run "
+              "only; later starts reuse Triton's disk cache) ...", flush=True)
+    report = warm_up(session.gen, sampling=session.sampling)
     print(f"ready: {report.summary()}\n{HELP}", flush=True)
     return _loop(session, _Input())
 

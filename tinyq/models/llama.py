@@ -227,12 +227,19 @@ class CausalLM(nn.Module):
         return generate(self, tokenizer, prompt, **settings)
 
     def forward(self, input_ids: Optional[torch.Tensor], cache=None, last_only: bool = False,
-                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+                inputs_embeds: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input_ids`` int ``[B, S]`` -> logits ``[B, S, vocab]`` (``[B, 1, vocab]`` if ``last_only``).
 
         With a cache the tokens sit at positions ``cache.length ..`` and the cache advances by S;
         without one they are a whole sequence from position 0. ``inputs_embeds`` ``[B, S, hidden]``
         replaces ``input_ids`` (pass ``None`` for it): the embeddings with image features spliced in.
+
+        ``valid`` (an integer tensor ``[1]`` on the device, with a cache): only the first ``valid``
+        of the S rows are real, the rest padding (a CUDA graph captured for a chunk length S serves
+        every shorter chunk). Causality keeps the real rows blind to the padding; the logits are
+        those of row ``valid - 1`` (``[B, 1, vocab]``), and only the cache's device counter
+        advances, by ``valid``: the padding's keys/values lie past the fill level, stale. The
+        caller advances ``cache.length``.
         """
         if inputs_embeds is not None:
             if input_ids is not None or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
@@ -251,9 +258,15 @@ class CausalLM(nn.Module):
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, cache)
-        if last_only:
+        if valid is not None:
+            last = (valid - 1).to(torch.long)  # on the device: no host read
+            h, residual = h.index_select(1, last), residual.index_select(1, last)
+        elif last_only:
             h, residual = h[:, -1:], residual[:, -1:]
         x, _ = self.model.norm(h, residual)
         if cache is not None:
-            cache.advance(n)
+            if valid is not None:
+                cache.advance_on_device(valid)
+            else:
+                cache.advance(n)
         return self.lm_head(x)

@@ -76,7 +76,7 @@ class VLMChatSession(ChatSession):
         Call it before adding media; the conversation is left empty."""
         if self.messages or self.images:
             raise ValueError("warm_up() runs on an empty session; call reset() first")
-        report = warm_up(self.gen)
+        report = warm_up(self.gen, sampling=self.sampling)
         from PIL import Image
 
         size = self.vlm.vision_tower.config.image_size

@@ -1,0 +1,147 @@
+"""CUDA graphs of the model's steps over a static KV cache: decode (with sampling) and padded prefill.
+
+An eager forward of an 8B model launches ~300 kernels; on a VM where one launch costs 10-20 us of
+host time, a 32-token chat turn or a 256-token prompt would cost more Python time than GPU time.
+Captured once, each step replays with one call.
+
+- :class:`DecodeGraph`: the one-token forward, optionally followed by the device sampler
+  (:mod:`tinyq.sampling`), which writes the next token straight into the graph's own input: a
+  decode step is one replay and one host read of the token id.
+- :class:`PrefillGraphs`: the forward of a chunk padded up to a bucket length (16, 32, ..., 2048),
+  one graph per bucket, sharing one memory pool. The chunk's embeddings go into a static buffer
+  and its real length into a device scalar; the model (``valid=``) takes the logits of the last
+  real row and advances the cache's device counter by the real length only. Padding rows come
+  after the real ones, so causal attention keeps the real rows from seeing them, and their keys
+  and values land past the fill level, where the cache treats entries as stale.
+
+Graphs read the position from ``cache.seq_pos`` on the device, so one capture serves every
+position. Capturing runs the step twice eagerly on a side stream first (Triton compiles, the
+allocator settles), then leaves the cache as it found it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, Optional, Sequence
+
+import torch
+
+# Chunk lengths with a graph each. Up to 2048: a small model's eager forward is host-bound at any
+# length (SmolLM2-135M: ~25 ms of launches for 1024 tokens against ~2 ms of GPU time), and a large
+# one's W4A16 GEMMs want large M (re-dequantizing the weights per short chunk costs ~50% at 4k).
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+def _warm_then_capture(run, cache, graph: torch.cuda.CUDAGraph, pool=None):
+    """Run ``run()`` twice on a side stream, then capture it into ``graph``; the cache (contents
+    past its fill level aside) and its counters are left as they were. Returns the captured output."""
+    length = cache.length
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+            cache.truncate(length)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph, pool=pool):
+        out = run()
+    cache.truncate(length)  # capture ran no kernel, but host-side bookkeeping may have moved
+    return out
+
+
+class DecodeGraph:
+    """The one-token forward of ``model`` over ``cache`` (and, with a ``sampler``, the choice of
+    the next token), captured as a CUDA graph."""
+
+    def __init__(self, model, cache, sampler=None, pool=None):
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=cache.device)
+        self._ids_hold: Optional[int] = None  # the token id the graph left in self.ids, if known
+        cache.check_room(1)
+
+        def run():
+            logits = model(self.ids, cache)[0, -1]  # [V]
+            if sampler is None:
+                return logits
+            token = sampler(logits)
+            self.ids.view(1).copy_(token)  # the next step's input, without a host round trip
+            return token
+
+        self.graph = torch.cuda.CUDAGraph()
+        self.out = _warm_then_capture(run, cache, self.graph, pool)
+
+    def _replay(self, token: int) -> None:
+        self.cache.check_room(1)
+        if token != self._ids_hold:
+            self.ids.fill_(token)
+        self.graph.replay()
+        self.cache.length += 1  # the replay advanced seq_pos on the device
+
+    def step(self, token: int) -> torch.Tensor:
+        """Feed ``token``; returns the logits ``[V]`` (a static buffer). Without a sampler only."""
+        self._replay(token)
+        return self.out
+
+    def step_sample(self, token: int) -> int:
+        """Feed ``token``; returns the sampled next token (one host read)."""
+        self.sampler.draw_noise()
+        self._replay(token)
+        nxt = int(self.out)
+        self._ids_hold = nxt
+        return nxt
+
+
+class PrefillGraphs:
+    """Padded-chunk prefill graphs for ``model`` over ``cache`` (see the module docstring).
+
+    ``run(embeds)`` prefills a chunk ``[1, n, hidden]`` (n up to the largest bucket) and returns
+    the logits ``[V]`` of its last token, or None when no bucket fits (n too large, or the cache
+    has no room for the padded length): the caller then runs the eager forward. With
+    ``capture=False`` the same padded forward runs eagerly (CPU tests of the padding logic).
+    """
+
+    def __init__(self, model, cache, buckets: Sequence[int] = PREFILL_BUCKETS, capture: bool = True):
+        self.model, self.cache = model, cache
+        self.buckets = tuple(sorted(int(b) for b in buckets))
+        self.capture = capture
+        hidden = model.config.hidden_size
+        self.embeds = torch.zeros(1, self.buckets[-1], hidden, dtype=model.dtype, device=cache.device)
+        self.valid = torch.zeros(1, dtype=torch.int32, device=cache.device)
+        self.graphs: Dict[int, tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.capture_s = 0.0  # seconds spent capturing, for stats that exclude first-use costs
+
+    def bucket_for(self, n: int) -> Optional[int]:
+        b = next((b for b in self.buckets if b >= n), None)
+        if b is None or self.cache.length + b > self.cache.max_seq_len:
+            return None
+        return b
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        return self.model(None, self.cache, inputs_embeds=self.embeds[:, :bucket], valid=self.valid)[0, -1]
+
+    def ensure(self, bucket: int) -> None:
+        """Capture the graph of ``bucket`` if it is not there yet (largest first shares the pool best)."""
+        if not self.capture or bucket in self.graphs:
+            return
+        t0 = time.perf_counter()
+        self.valid.fill_(bucket)
+        graph = torch.cuda.CUDAGraph()
+        out = _warm_then_capture(lambda: self._forward(bucket), self.cache, graph, self.pool)
+        self.graphs[bucket] = (graph, out)
+        self.capture_s += time.perf_counter() - t0
+
+    def run(self, embeds: torch.Tensor) -> Optional[torch.Tensor]:
+        n = embeds.shape[1]
+        bucket = self.bucket_for(n)
+        if bucket is None:
+            return None
+        self.ensure(bucket)  # first: its warm-up runs overwrite the static inputs
+        self.embeds[:, :n].copy_(embeds)
+        self.valid.fill_(n)
+        if self.capture:
+            graph, logits = self.graphs[bucket]
+            graph.replay()
+        else:
+            logits = self._forward(bucket)
+        self.cache.length += n  # the forward advanced seq_pos on the device by n
+        return logits
