@@ -4,6 +4,7 @@
     python examples/chat_vlm.py --model /path/to/llava-1.5-7b-hf --image a.jpg,b.jpg --precision fp16
     python examples/chat_vlm.py --model DIR --video clip.mp4 --frames 8       # mp4 needs PyAV; GIF / frame dirs do not
     python examples/chat_vlm.py --random-tiny --image photo.jpg               # RANDOM weights: a CPU demo of the pipeline
+    python examples/chat_vlm.py --model DIR --image a.jpg --vision-precision w8a8 --vision-calib c1.jpg,c2.jpg
 
 In the chat: ``/image PATH[,PATH]`` adds images to the next message, ``/video PATH`` a video,
 ``/reset`` forgets everything, ``/exit`` quits. After each answer: time to first token, vision
@@ -35,6 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from --video")
     p.add_argument("--precision", choices=["w4a16", "fp16", "bf16", "fp32"], default=None,
                    help="LLM precision (default: w4a16 on a GPU, fp32 on a CPU)")
+    p.add_argument("--vision-precision", choices=["fp", "w8a8"], default="fp",
+                   help="w8a8: SmoothQuant int8 vision tower (calibrated on --vision-calib images; without them, "
+                        "plain per-token W8A8)")
+    p.add_argument("--vision-calib", help="calibration image path(s), comma-separated, for --vision-precision w8a8")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=8192)
@@ -94,6 +99,17 @@ def main(argv=None):
     else:
         model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)
         print(f"loaded {args.model} ({precision}) in {model.load_stats['seconds']:.1f} s")
+    if args.vision_precision == "w8a8":
+        from tinyq.models.vision_w8a8 import quantize_vlm_tower_
+        from tinyq.vlm.media import load_image
+
+        try:
+            calib = [load_image(p.strip()) for p in (args.vision_calib or "").split(",") if p.strip()]
+        except ValueError as exc:
+            print(f"error: {exc}")
+            return 1
+        quantize_vlm_tower_(model, calib)
+        print(f"[vision tower: W8A8, SmoothQuant {'calibrated on %d image(s)' % len(calib) if calib else 'off'}]")
     chat = VLMChatSession(model, tokenizer, max_seq_len=min(args.max_seq_len, model.llm.max_seq_len),
                           temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     if device == "cuda":  # compile kernels and capture the decode graph now, not in the first answer

@@ -97,6 +97,25 @@ def test_layernorm_quant(shape, dtype, static):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:3] + [(2, 5, 1152)])
+def test_add_layernorm_quant(shape, dtype):
+    """The residual add fused in front (a vision layer's second norm): h = x + r is returned (and
+    quantized) as the unfused add would round it."""
+    x = (torch.randn(shape) + 1).to(dtype).to(DEV)
+    res = torch.randn(shape).to(dtype).to(DEV)
+    w = (torch.rand(shape[-1]) + 0.5).to(DEV)
+    b = torch.randn(shape[-1]).to(DEV)
+    h = torch.full_like(x, float("nan"))
+    with force_backend("triton"):
+        q, scale, h = layernorm_quant(x, w, b, 1e-5, None, res)
+    ref = layernorm_quant_reference(x, w, b, 1e-5, None, res)
+    # the interpreter's bf16 cast may truncate the sum (see test_rmsnorm): 1 ulp, then the norm + quant
+    # of the kernel's own h must match
+    assert_close_rel(h, ref[2].float(), dtype)
+    close_quant(q, scale, *layernorm_quant_reference(h, w, b, 1e-5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 128), (3, 200), (17, 1154)])
 @pytest.mark.parametrize("static", [False, True])
 def test_silu_mul_quant(shape, dtype, static):

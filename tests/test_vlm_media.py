@@ -95,6 +95,29 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
     assert "RANDOM WEIGHTS" in out and "2 image(s)" in out and "TTFT" in out and "vision encoder" in out
     assert mod.main(["--random-tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "hi"]) == 1
     assert "image not found" in capsys.readouterr().out
+    # the W8A8 SmoothQuant tower, calibrated on an image, runs the same chat
+    assert mod.main(["--random-tiny", "--image", str(img), "--vision-precision", "w8a8", "--vision-calib", str(img),
+                     "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "W8A8, SmoothQuant calibrated on 1 image(s)" in out and "TTFT" in out
+    assert mod.main(["--random-tiny", "--vision-precision", "w8a8", "--vision-calib", str(tmp_path / "nope.png"),
+                     "--prompt", "hi"]) == 1
+    assert "image not found" in capsys.readouterr().out
+
+
+def test_w8a8_tower_in_a_vlm_stays_close_to_the_float_one():
+    """quantize_vlm_tower_ on a (random) NVILA-shaped model: the projected image features of an image
+    it was not calibrated on stay close to the float model's."""
+    from tinyq.models.vision_w8a8 import cosine_similarity, quantize_vlm_tower_
+    from tinyq.vlm.tiny import random_tiny_nvila
+
+    model, _ = random_tiny_nvila()
+    calib, probe = _frames(2, (70, 50))
+    with torch.inference_mode():
+        ref = model.encode_images([probe])[0]
+        quantize_vlm_tower_(model, [calib])
+        out = model.encode_images([probe])[0]
+    assert out.shape == ref.shape and cosine_similarity(out, ref) > 0.99
 
 
 def test_session_warm_up_leaves_it_empty():

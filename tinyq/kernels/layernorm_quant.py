@@ -1,14 +1,17 @@
-"""LayerNorm fused with per-token int8 quantization (the norm before a vision tower's qkv / fc1).
+"""LayerNorm (optionally after a residual add) fused with per-token int8 quantization: the norms
+before a vision tower's qkv / fc1 in a W8A8 tower.
 
 Math, per row of ``K`` features (float32)::
 
-    mu  = mean(x);  var = mean((x - mu)^2)
-    v   = (x - mu) / sqrt(var + eps) * weight + bias
+    h   = x (+ residual, rounded to x's dtype and stored: the next residual)
+    mu  = mean(h);  var = mean((h - mu)^2)
+    v   = (h - mu) / sqrt(var + eps) * weight + bias
     xq, scale = quantize_row(v)           (dynamic per token, or one static scale; int8_quant.py)
 
-Tensors: ``x`` ``[M, K]`` (leading dims flattened) fp16/bf16/fp32, last dim contiguous; ``weight``
-and ``bias`` ``[K]`` (bias optional); ``static_scale`` float32 ``[1]`` or None. Outputs ``xq`` int8
-``[M, K]`` and ``scale`` float32 ``[M]``. One program per row, two passes over registers.
+Tensors: ``x`` (and ``residual``) ``[M, K]`` (leading dims flattened) fp16/bf16/fp32, last dim
+contiguous; ``weight`` and ``bias`` ``[K]`` (bias optional); ``static_scale`` float32 ``[1]`` or
+None. Outputs ``xq`` int8 ``[M, K]``, ``scale`` float32 ``[M]`` and, with a residual, ``h`` like
+``x``. One program per row, two passes over registers.
 """
 from __future__ import annotations
 
@@ -18,22 +21,23 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_row, row_num_warps
-from tinyq.kernels.residual import as_rows
+from tinyq.kernels.residual import as_rows, load_row_add_residual
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 
 @triton.jit
 def _layernorm_quant_kernel(
-    X, W, B, Q, SCALE, STATIC_S,
+    X, RES, W, B, Q, SCALE, H_OUT, STATIC_S,
     N, eps,
-    stride_x, stride_q,
-    HAS_BIAS: tl.constexpr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_x, stride_r, stride_q, stride_h,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    x = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     mean = tl.sum(x, axis=0) / N
     d = tl.where(mask, x - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
@@ -45,42 +49,52 @@ def _layernorm_quant_kernel(
     tl.store(SCALE + row, scale)
 
 
-def _check(x, weight, bias, static_scale):
+def _check(x, weight, bias, static_scale, residual=None):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"layernorm_quant: x must be fp16/bf16/fp32, got {x.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[-1]):
             raise ValueError(f"layernorm_quant: {name} must be [{x.shape[-1]}], got {tuple(t.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"layernorm_quant: residual must match x ({tuple(x.shape)}, {x.dtype}), "
+                         f"got {tuple(residual.shape)}, {residual.dtype}")
     if x.shape[-1] > MAX_N:
         raise ValueError(f"layernorm_quant: rows of {x.shape[-1]} features exceed the supported {MAX_N}")
     check_static_scale(static_scale, x.device)
 
 
-def layernorm_quant(x, weight, bias, eps: float, static_scale=None):
-    """Triton launcher: ``x [..., K]`` -> ``(xq int8 [..., K], scale float32 [...])``."""
-    _check(x, weight, bias, static_scale)
-    check_kernel_device("layernorm_quant", x, weight, *(t for t in (bias, static_scale) if t is not None))
+def layernorm_quant(x, weight, bias, eps: float, static_scale=None, residual=None):
+    """Triton launcher: ``x [..., K]`` -> ``(xq int8 [..., K], scale float32 [...])``, or
+    ``(xq, scale, h)`` with a residual (``h = x + residual``)."""
+    _check(x, weight, bias, static_scale, residual)
+    extra = tuple(t for t in (bias, static_scale, residual) if t is not None)
+    check_kernel_device("layernorm_quant", x, weight, *extra)
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)
+    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     m = x2.shape[0]
     q, scale = int8_row_outputs(m, n, x.device)
+    h = torch.empty_like(x2) if residual is not None else x2  # unused without a residual
     if m > 0:
         block = triton.next_power_of_2(n)
         _layernorm_quant_kernel[(m,)](
-            x2, weight, bias if bias is not None else weight, q, scale,
+            x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, q, scale, h,
             static_scale if static_scale is not None else scale,
-            n, float(eps), x2.stride(0), q.stride(0),
-            HAS_BIAS=bias is not None, STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX,
-            BLOCK_N=block, num_warps=row_num_warps(block),
+            n, float(eps), x2.stride(0), r2.stride(0) if r2 is not None else 0, q.stride(0), h.stride(0),
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STATIC=static_scale is not None,
+            MIN_AMAX=MIN_ABSMAX, BLOCK_N=block, num_warps=row_num_warps(block),
         )
-    return q.reshape(shape), scale.reshape(shape[:-1])
+    out = (q.reshape(shape), scale.reshape(shape[:-1]))
+    return out if residual is None else out + (h.reshape(shape),)
 
 
-def layernorm_quant_reference(x, weight, bias, eps: float, static_scale=None):
+def layernorm_quant_reference(x, weight, bias, eps: float, static_scale=None, residual=None):
     """Plain torch (float32 math); same returns as :func:`layernorm_quant`."""
-    _check(x, weight, bias, static_scale)
+    _check(x, weight, bias, static_scale, residual)
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     n = x.shape[-1]
-    v = torch.nn.functional.layer_norm(x.float(), (n,), weight.float(), None if bias is None else bias.float(), eps)
+    v = torch.nn.functional.layer_norm(h.float(), (n,), weight.float(), None if bias is None else bias.float(), eps)
     q, scale = quantize_rows_reference(v.reshape(-1, n), static_scale)
-    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+    out = (q.reshape(x.shape), scale.reshape(x.shape[:-1]))
+    return out if residual is None else out + (h,)

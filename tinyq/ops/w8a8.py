@@ -3,6 +3,7 @@ int8 linear, with the quantized activation passed between them as a :class:`Quan
 
 Each kernel is a torch custom op (``tinyq::int8_linear``, ``tinyq::quantize_per_token``,
 ``tinyq::rms_norm_quant``, ``tinyq::add_rms_norm_quant``, ``tinyq::layer_norm_quant``,
+``tinyq::add_layer_norm_quant``,
 ``tinyq::silu_mul_quant``, ``tinyq::gelu_quant``) with a fake implementation, so models using them
 work under ``torch.compile`` and CUDA-graph capture (eager calls skip the dispatcher: see
 :func:`_custom_op`). CUDA tensors run the Triton kernels; CPU tensors run the references directly: exact int8 math (int32 accumulation by ``torch._int_mm``), so the CPU
@@ -95,6 +96,12 @@ def _layer_norm_quant_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional
     return _lq.layernorm_quant(x, weight, bias, eps, static_scale)
 
 
+def _add_layer_norm_quant_impl(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               bias: Optional[torch.Tensor], eps: float,
+                               static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lq.layernorm_quant(x, weight, bias, eps, static_scale, residual)
+
+
 def _silu_mul_quant_impl(x: torch.Tensor, static_scale: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return _sq.silu_mul_quant(x, static_scale)
 
@@ -109,6 +116,8 @@ _rms_norm_quant = _custom_op("rms_norm_quant", _rms_norm_quant_impl, lambda x, w
 _add_rms_norm_quant = _custom_op("add_rms_norm_quant", _add_rms_norm_quant_impl,
                                  lambda x, r, w, eps, s: _fake_q(x) + (torch.empty_like(x),))
 _layer_norm_quant = _custom_op("layer_norm_quant", _layer_norm_quant_impl, lambda x, w, b, eps, s: _fake_q(x))
+_add_layer_norm_quant = _custom_op("add_layer_norm_quant", _add_layer_norm_quant_impl,
+                                   lambda x, r, w, b, eps, s: _fake_q(x) + (torch.empty_like(x),))
 _silu_mul_quant = _custom_op("silu_mul_quant", _silu_mul_quant_impl, lambda x, s: _fake_q(x, x.shape[-1] // 2))
 _gelu_quant = _custom_op("gelu_quant", _gelu_quant_impl, lambda x, a, s: _fake_q(x))
 
@@ -144,6 +153,15 @@ def layer_norm_quant(x, weight, bias, eps: float, static_scale=None) -> Quantize
     else:
         out = _lq.layernorm_quant_reference(x, weight, bias, eps, static_scale)
     return _checked(*out, x.dtype, "layer_norm_quant")
+
+
+def add_layer_norm_quant(x, residual, weight, bias, eps: float, static_scale=None):
+    """``h = x + residual``; returns ``(int8 rows of layer_norm(h) * weight + bias, h)``."""
+    if use_triton(x):
+        q, scale, h = _add_layer_norm_quant(x, residual, weight, bias, float(eps), static_scale)
+    else:
+        q, scale, h = _lq.layernorm_quant_reference(x, weight, bias, eps, static_scale, residual)
+    return _checked(q, scale, x.dtype, "add_layer_norm_quant"), h
 
 
 def silu_mul_quant(x, static_scale=None) -> QuantizedActivation:

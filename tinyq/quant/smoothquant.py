@@ -82,6 +82,22 @@ def calibrate(model: nn.Module, blocks: torch.Tensor, device=None, batch_blocks:
     return {k: v.cpu() for k, v in stats.items()}
 
 
+@torch.no_grad()
+def fold_smoothing(norm: nn.Module, linears, x_max: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Fold ``s = max|X|^alpha / max|W|^(1 - alpha)`` (per input channel, both clamped at
+    :data:`CLAMP`; ``max|W|`` over every row of every linear in ``linears``) into ``norm``'s weight
+    (and bias) ``/ s`` and the linears' weight columns ``* s``, in place. Returns ``s`` (float32)."""
+    x_max = x_max.float().to(norm.weight.device).clamp(min=CLAMP)
+    w_max = torch.cat([lin.weight.abs().float() for lin in linears]).amax(0).clamp(min=CLAMP)
+    s = x_max.pow(alpha) / w_max.pow(1 - alpha)
+    norm.weight.div_(s.to(norm.weight.dtype))
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.div_(s.to(norm.bias.dtype))
+    for lin in linears:
+        lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+    return s
+
+
 def _decoder_layers(model: nn.Module):
     """``(name, layer)`` of every module with both decoder-layer norms (transformers' or tinyq's)."""
     return [(name, mod) for name, mod in model.named_modules()
@@ -128,14 +144,8 @@ def smooth_(model: nn.Module, act_scales: dict, alpha: float = DEFAULT_ALPHA) ->
             k = norm.weight.shape[0]
             if any(s.shape != (k,) for s in stats):
                 raise ValueError(f"act_scales for {full[0]!r}: shape {tuple(stats[0].shape)}, expected ({k},)")
-            x_max = torch.stack([s.float() for s in stats]).amax(0).to(norm.weight.device).clamp(min=CLAMP)
-            w_max = torch.cat([lin.weight.abs().float() for lin in linears]).amax(0).clamp(min=CLAMP)
-            s = x_max.pow(alpha) / w_max.pow(1 - alpha)
-            norm.weight.div_(s.to(norm.weight.dtype))
-            if getattr(norm, "bias", None) is not None:
-                norm.bias.div_(s.to(norm.bias.dtype))
-            for name, lin in zip(full, linears):
-                lin.weight.mul_(s.to(lin.weight.dtype)[None, :])
+            s = fold_smoothing(norm, linears, torch.stack([s.float() for s in stats]).amax(0), alpha)
+            for name in full:
                 if name in out:
                     out[name] = (out[name].float().to(s.device) / s).cpu()
     return out
