@@ -20,8 +20,11 @@ misconfigured baseline cannot win. Targets compare against the FASTEST available
 Timing: every contender is replayed from a CUDA graph (medians), so no one is charged the host
 cost of its launches (the runtime replays graphs too; a Triton launch costs ~15-20 us of Python
 time, which do_bench would count for tinyq's small cases). Decode and chunks rotate over cache
-copies larger than L2 (> 200 MB), so each call reads HBM as a layer of a real model does. ``--sweep`` first measures launch configs of tinyq's kernels per shape, prints
-the winners (format of ``tinyq/kernels/attention_configs.py``) and uses them.
+copies larger than L2 (> 200 MB), so each call reads HBM as a layer of a real model does. Beside
+them, each row records the eager time (one call launched from Python, do_bench) of tinyq and of
+every backend: what an uncaptured caller, such as the vision tower, pays. ``--sweep`` first
+measures launch configs of tinyq's kernels per shape, prints the winners (format of
+``tinyq/kernels/attention_configs.py``) and uses them.
 
 Targets: prefill >= 1.0x and vision >= 0.9x the fastest backend; decode >= 1.5 TB/s at 4k (2.5 at
 32k); chunk time at history 4096 <= 3x at 16. ``--out`` JSON: ``env``, ``rows`` (per case: tinyq
@@ -140,7 +143,8 @@ def sdpa_contest(q, kvs, timer, ref, **kw):
                 pairs = [(expand(k, g), expand(v, g)) for k, v in kvs] if branch == "expanded" else kvs
                 extra = {"enable_gqa": True} if branch == "gqa" else {}
                 fns = [(lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, **kw, **extra)) for k, v in pairs]
-                res[name] = dict(us=timer(fns) * 1e3, branch=branch)
+                # eager: one call timed as issued from Python (do_bench), host launch cost included
+                res[name] = dict(us=timer(fns) * 1e3, eager_us=bench_ms(fns[0]) * 1e3, branch=branch)
             except RuntimeError as e:  # e.g. a backend that cannot be captured in a CUDA graph
                 res[name] = dict(us=None, branch="unavailable", reason=f"failed: {str(e).strip()[:REASON_CHARS]}")
             except Unavailable as e:
@@ -148,13 +152,15 @@ def sdpa_contest(q, kvs, timer, ref, **kw):
     return res
 
 
-def make_row(kind, case, tinyq_ms, sdpa, **extra):
-    """One case; ``ratio`` = fastest backend's time / tinyq's (> 1: tinyq faster), also vs default."""
+def make_row(kind, case, tinyq_ms, sdpa, eager_call, **extra):
+    """One case; ``ratio`` = fastest backend's time / tinyq's (> 1: tinyq faster), also vs default;
+    the eager times (tinyq's ``eager_call`` and each backend's, launched from Python) beside them."""
     t = tinyq_ms * 1e3
     avail = {n: r["us"] for n, r in sdpa.items() if r["us"] is not None}
     best = min(avail, key=avail.get) if avail else None
     dflt = sdpa["default"]["us"]
-    return dict(kind=kind, case=case, tinyq_us=t, sdpa=sdpa, best_backend=best,
+    return dict(kind=kind, case=case, tinyq_us=t, tinyq_eager_us=bench_ms(eager_call) * 1e3, sdpa=sdpa,
+                best_backend=best,
                 best_us=avail.get(best), ratio=avail[best] / t if best else None,
                 ratio_vs_default=dflt / t if dflt else None, **extra)
 
@@ -205,7 +211,7 @@ def bench_flash_case(kind, case, q, k, v, causal, flops, sweep, tuned):
     t = graph_ms_rotating([lambda: call(cfg)])
     qs, ks, vs = (x.transpose(1, 2).contiguous() for x in (q, k, v))
     sdpa = sdpa_contest(qs, [(ks, vs)], graph_ms_rotating, out, is_causal=causal)
-    row = make_row(kind, case, t, sdpa, config=cfg)
+    row = make_row(kind, case, t, sdpa, lambda: call(cfg), config=cfg)
     row.update(tinyq_tflops=flops / t / 1e9, best_tflops=flops / row["best_us"] / 1e6 if row["best_us"] else None)
     return row
 
@@ -237,7 +243,8 @@ def bench_decode(dtype, sweep, rows, tuned):
         check_if_cheap(out, q, *caches[0], f"decode S={S}", causal=True, kv_len=S)
         t = graph_ms_rotating([cache_call(q, k, v, pos, kw) for k, v in caches])
         sdpa = sdpa_contest(q.transpose(1, 2).contiguous(), caches, graph_ms_rotating, out)
-        row = make_row("decode", f"S={S}", t, sdpa, config=kw or None, timing="CUDA graph, rotating caches")
+        row = make_row("decode", f"S={S}", t, sdpa, cache_call(q, *caches[0], pos, kw), config=kw or None,
+                       timing="CUDA graph, rotating caches")
         row.update(tinyq_tbs=nbytes / t / 1e9, best_tbs=nbytes / row["best_us"] / 1e6 if row["best_us"] else None)
         rows.append(row)
 
@@ -262,7 +269,7 @@ def bench_chunked(dtype, sweep, rows, tuned):
         mask = causal_lower_right(CHUNK, n)  # the chunk's queries sit at the end of the keys
         sdpa = sdpa_contest(qs, [(k[:, :, :n], v[:, :, :n]) for k, v in caches], graph_ms_rotating, out,
                             attn_mask=mask)
-        rows.append(make_row("chunked", f"hist={hist}", t, sdpa, config=kw or None,
+        rows.append(make_row("chunked", f"hist={hist}", t, sdpa, call, config=kw or None,
                              timing="CUDA graph, rotating caches"))
 
 
@@ -273,7 +280,7 @@ def fmt(x, spec=".1f"):
 def print_table(rows):
     names = list(BACKENDS)
     print(f"\n{'kind':8} {'case':18} {'tinyq us':>9} " + " ".join(f"{n + ' us':>13}" for n in names)
-          + f" {'best':>9} {'ratio':>6} {'vs dflt':>7}  tinyq / best")
+          + f" {'best':>9} {'ratio':>6} {'vs dflt':>7} {'eager: tinyq':>12} {'dflt':>7}  tinyq / best")
     reasons = {}
     for r in rows:
         cells = []
@@ -285,8 +292,10 @@ def print_table(rows):
         metric = (f"{r['tinyq_tflops']:.0f} / {fmt(r['best_tflops'], '.0f')} TFLOP/s" if "tinyq_tflops" in r else
                   f"{r['tinyq_tbs']:.2f} / {fmt(r['best_tbs'], '.2f')} TB/s" if "tinyq_tbs" in r else "")
         print(f"{r['kind']:8} {r['case']:18} {r['tinyq_us']:>9.1f} " + " ".join(cells)
-              + f" {r['best_backend'] or '-':>9} {fmt(r['ratio'], '.2f'):>5}x {fmt(r['ratio_vs_default'], '.2f'):>6}x  {metric}")
-    print("ratio = fastest SDPA backend time / tinyq time (> 1: tinyq faster); * = K/V expanded to Hq heads "
+              + f" {r['best_backend'] or '-':>9} {fmt(r['ratio'], '.2f'):>5}x {fmt(r['ratio_vs_default'], '.2f'):>6}x"
+              + f" {r['tinyq_eager_us']:>12.1f} {fmt(r['sdpa']['default'].get('eager_us')):>7}  {metric}")
+    print("ratio = fastest SDPA backend time / tinyq time (> 1: tinyq faster), both replayed from CUDA graphs; "
+          "eager = one call launched from Python (do_bench), host cost included; * = K/V expanded to Hq heads "
           "outside the timing (the backend rejects enable_gqa)")
     for (n, reason), cases in reasons.items():
         more = f", ... ({len(cases)} cases)" if len(cases) > 3 else ""

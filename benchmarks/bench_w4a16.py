@@ -91,9 +91,8 @@ def candidates(m):
     activations in fragment order ('frag') or natural order ('natural'), up to M=128, with split-K
     where N alone leaves SMs idle; dequantize + cuBLAS from M=128."""
     if m == 1:
-        for bn, bk, nw, pf in ((8, 1024, 8, False), (8, 1024, 8, True), (4, 1024, 4, True), (8, 512, 4, True),
-                               (16, 512, 8, True)):
-            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True, prefetch=pf)
+        for bn, bk, nw in ((8, 1024, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8)):
+            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True)
     if 4 <= m <= 128:
         bm = max(16, 1 << (m - 1).bit_length())
         for unpack, bn, sk in itertools.product(("frag", "natural"), (64, 128) if bm < 128 else (64,),

@@ -185,6 +185,11 @@ class Generator:
         return self.cache.max_seq_len
 
     @property
+    def graph_count(self) -> int:
+        """CUDA graphs captured so far (prefill buckets and decode steps)."""
+        return len(self._decode_graphs) + (len(self.prefill_graphs.graphs) if self.prefill_graphs else 0)
+
+    @property
     def capture_s(self) -> float:
         """Seconds spent capturing CUDA graphs so far (first uses, not steady-state cost)."""
         return self.decode_capture_s + (self.prefill_graphs.capture_s if self.prefill_graphs else 0.0)
@@ -209,15 +214,9 @@ class Generator:
         """Append ``ids`` (non-empty) to the cache in chunks; returns the last position's logits ``[V]``."""
         self.cache.check_room(len(ids))
         dev = self.cache.device
-        graphs = self.prefill_graphs
-        logits, start = None, 0
-        while start < len(ids):
-            # what the largest graph bucket holds goes through a graph; longer prompts run eager
-            # forwards of up to prefill_chunk tokens, GPU-bound at that size
-            left = len(ids) - start
-            n = left if graphs is not None and left <= graphs.buckets[-1] else min(left, self.prefill_chunk)
-            chunk = list(ids[start : start + n])
-            start += n
+        logits = None
+        for start in range(0, len(ids), self.prefill_chunk):
+            chunk = list(ids[start : start + self.prefill_chunk])
             x = torch.tensor([chunk], device=dev)
             if self.embed_fn is None:
                 embeds = self.model.model.embed_tokens(x)

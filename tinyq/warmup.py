@@ -102,15 +102,11 @@ def warm_up(generator, lengths: Optional[Sequence[int]] = None, sampling=None) -
     gen = generator
     gen.reset()
     captured = gen.capture_s
-    graphs_before = len(gen._decode_graphs) + (len(gen.prefill_graphs.graphs) if gen.prefill_graphs else 0)
+    graphs_before = gen.graph_count
     if gen.prefill_graphs is not None:
         fitting = [b for b in gen.prefill_graphs.buckets if b < gen.max_seq_len]
         for b in sorted(fitting, reverse=True):  # largest first: the shared memory pool fits the rest
             gen.prefill_graphs.ensure(b)
-        longer = gen.prefill_graphs.buckets[-1] + 1  # a longer prompt runs eagerly, at any length
-        if longer < gen.max_seq_len:
-            gen.prefill([(7 * i + 1) % gen.model.config.vocab_size for i in range(longer)])
-            gen.reset()
     else:
         if lengths is None:
             lengths = WARMUP_LENGTHS if gen.cache.device.type == "cuda" else (1,)
@@ -126,7 +122,6 @@ def warm_up(generator, lengths: Optional[Sequence[int]] = None, sampling=None) -
         torch.cuda.synchronize()
     gen.reset()
     compiled = CompileTracker.since(start)
-    graphs = len(gen._decode_graphs) + (len(gen.prefill_graphs.graphs) if gen.prefill_graphs else 0) - graphs_before
     capture_s = max(0.0, gen.capture_s - captured - compiled.seconds)
     return WarmupReport(seconds=time.perf_counter() - t0, compile_s=compiled.seconds, kernels=compiled.kernels,
-                        capture_s=capture_s, graphs=graphs)
+                        capture_s=capture_s, graphs=gen.graph_count - graphs_before)

@@ -148,6 +148,14 @@ def _decode_combine_kernel(
              mask=offs_d < HEAD_DIM)
 
 
+def _partials(shape, device) -> torch.Tensor:
+    """A float32 partials buffer. Under the interpreter (CPU tests) it starts as NaN, so a read of a
+    slice that wrote nothing shows in the output."""
+    if interpreting():
+        return torch.full(shape, float("nan"), device=device)
+    return torch.empty(shape, dtype=torch.float32, device=device)
+
+
 def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None,
                      num_splits: Optional[int] = None, block_n: Optional[int] = None,
                      num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None) -> torch.Tensor:
@@ -178,13 +186,8 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     # a 128-row tile (a chunk) keeps its fp32 accumulator at 64 registers a thread with 8 warps
     warps = num_warps or cfg_warps * max(1, block_m // 64)
 
-    # Under the interpreter (CPU tests) the partials start as NaN, so a read of a slice that wrote
-    # nothing shows in the output.
-    alloc = (lambda shape: torch.full(shape, float("nan"), device=q.device)) if interpreting() else \
-        (lambda shape: torch.empty(shape, dtype=torch.float32, device=q.device))
-    o_part = alloc((B, HQ, LQ, num_splits, d_pad))
-    m_part = alloc((B, HQ, LQ, num_splits))
-    l_part = alloc((B, HQ, LQ, num_splits))
+    o_part = _partials((B, HQ, LQ, num_splits, d_pad), q.device)
+    m_part, l_part = _partials((2, B, HQ, LQ, num_splits), q.device)  # running max and sum, one allocation
     _decode_split_kernel[(B * HKV, num_splits)](
         q, k_cache, v_cache, o_part, m_part, l_part, seq_pos,
         scale * LOG2E, LQ, HKV, group, split, num_splits,

@@ -23,7 +23,7 @@ def _gemm(block_m, block_n, unpack, split_k, num_stages=4):
 
 
 _SM90 = [  # the H200 sweep's winners (bench_w4a16.py --sweep; docs/perf_notes.md)
-    (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True, prefetch=True)),
+    (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
     (4, "gemm", _gemm(16, 128, "frag", 8)),
     (16, "gemm", _gemm(16, 128, "frag", 8)),
     (32, "gemm", _gemm(32, 128, "frag", 8)),

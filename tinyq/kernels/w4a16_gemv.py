@@ -21,7 +21,7 @@ scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us
 Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``, unit column stride); ``qweight`` int32
 [N, K/8]; ``scales``/``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in x's dtype.
 
-``PREFETCH``: the words, scales and zeros of step k + 1 are loaded before step k computes (register
+The words, scales and zeros of step k + 1 are loaded before step k computes (register
 double-buffering), two steps of weight bytes in flight per program.
 
 Work split: program p handles row ``m = p % M`` and columns ``BLOCK_N * (p // M) ...``. Rows that
@@ -87,7 +87,6 @@ def _w4a16_gemv_kernel(
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PTX_DEQUANT: tl.constexpr,
-    PREFETCH: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -107,19 +106,15 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + m * stride_xm
 
     acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
-    # PREFETCH: the weight words, scales and zeros of step k + 1 are loaded before step k computes
-    # (register double-buffering), so each program keeps two steps of weight bytes in flight.
+    # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
+    # double-buffering), so each program keeps two steps of weight bytes in flight
     words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, 0, K, stride_wn, stride_sn,
                                    GROUP_SIZE)
     for k0 in range(0, K, BLOCK_K):
         b_ok = (k0 + 32 * offs_b) < K  # [NB]
-        if PREFETCH:
-            words, s, z = words_n, s_n, z_n
-            words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, k0 + BLOCK_K, K,
-                                           stride_wn, stride_sn, GROUP_SIZE)
-        else:
-            words, s, z = _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, k0, K, stride_wn, stride_sn,
-                                     GROUP_SIZE)
+        words, s, z = words_n, s_n, z_n
+        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, k0 + BLOCK_K, K,
+                                       stride_wn, stride_sn, GROUP_SIZE)
         x_blk = x_row + k0 + 32 * offs_b[:, None] + offs_w[None, :]  # [NB, 4]
         if PTX_DEQUANT:
             # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]), pre-scaled by 1/16.
@@ -153,7 +148,7 @@ def _w4a16_gemv_kernel(
 
 
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
-                      num_stages: int, ptx_dequant: bool = False, prefetch: bool = False):
+                      num_stages: int, ptx_dequant: bool = False):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -167,7 +162,6 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         HAS_BIAS=bias is not None,
         # inline PTX needs a real GPU (the interpreter cannot run it) and fp16 activations
         PTX_DEQUANT=ptx_dequant and x.dtype == torch.float16 and not interpreting(),
-        PREFETCH=prefetch,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

@@ -27,7 +27,6 @@ from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_attention_args, f
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference, rope_cache_write
 
 
-
 def attend_cache(q_rot, kc, vc, seq_pos, scale: float):
     """Causal attention of ``L`` rotated queries ``[B, L, Hq, D]`` whose keys/values are already in
     the cache layer ``kc, vc [B, Hkv, max_seq_len, D]`` at ``seq_pos .. seq_pos + L``: the kernel
