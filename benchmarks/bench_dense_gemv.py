@@ -21,12 +21,15 @@ from tinyq.kernels.dense_gemv import DEFAULT_CONFIG, dense_gemv, dense_gemv_refe
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
           "lm_head": (4096, 128256)}
+# Output heads of small models (K = hidden size): the K-aware configs are swept on these.
+HEADS = {"smollm2_head": (576, 49152), "qwen2_0.5b_head": (896, 151936), "llama3.2_1b_head": (2048, 128256)}
 ROTATE_BYTES = 160e6
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-heads", action="store_true", help="sweep configs per small-model output head")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -41,6 +44,8 @@ def main():
     def t_ours(name, cfg):
         return graph_ms_rotating([(lambda w=w: dense_gemv(xs[name], w, config=cfg)) for w in weights[name]])
 
+    if args.sweep_heads:
+        return sweep_heads(args.out, env)
     cfg = dict(DEFAULT_CONFIG)
     if args.sweep:
         grid = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
@@ -67,6 +72,37 @@ def main():
     print(f"{env.get('gpu')}: qkv+o+gate_up+down tinyq {total_q:.1f} us, cuBLAS {total_c:.1f} us, "
           f"{total_c / total_q:.2f}x; config {cfg}")
     write_json(args.out, dict(env=env, config=cfg, rows=rows, timing="CUDA graph, rotating weights > 160 MB"))
+
+
+def sweep_heads(out, env):
+    """Best config per head shape; the default config is timed beside it."""
+    rows = []
+    for name, (k, n) in HEADS.items():
+        w = (torch.randn(n, k, device="cuda") * 0.02).half()
+        ws = [w] + [w.clone() for _ in range(max(1, int(-(-ROTATE_BYTES // (w.numel() * 2)))) - 1)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+
+        def t(cfg):
+            return graph_ms_rotating([(lambda w=w: dense_gemv(x, w, config=cfg)) for w in ws])
+
+        grid = [dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+                for bn, bk, nw, ns in itertools.product((4, 8, 16, 32, 64), (64, 128, 256, 512, 1024, 2048),
+                                                         (4, 8), (1, 3))
+                if 1024 <= bn * bk <= 16384 and bk <= max(64, triton_next_pow2(k))]
+        best_ms, best = best_config(grid, t, name)
+        base = t(DEFAULT_CONFIG)
+        cub = graph_ms_rotating([(lambda w=w: F.linear(x, w)) for w in ws])
+        gb = n * k * 2 / 1e9
+        rows.append(dict(shape=name, k=k, n=n, best=best, best_us=best_ms * 1e3, default_us=base * 1e3,
+                         cublas_us=cub * 1e3, best_tbs=gb / best_ms))
+    for r in rows:
+        print(f"{r['shape']:18s} best {r['best_us']:6.1f} us ({r['best_tbs']:.2f} TB/s) {r['best']} | "
+              f"default {r['default_us']:6.1f} | cuBLAS {r['cublas_us']:6.1f}")
+    write_json(out, dict(env=env, heads=rows, timing="CUDA graph, rotating weights > 160 MB"))
+
+
+def triton_next_pow2(k):
+    return 1 << (k - 1).bit_length()
 
 
 if __name__ == "__main__":

@@ -58,13 +58,28 @@ def test_decode_splits_dims_dtypes(dtype, D, num_splits):
 @pytest.mark.parametrize("kv_len", [130, 250])
 def test_chunk_rows_fill_one_tile(L, group, kv_len):
     """A chat turn's chunk (L * G up to 128 rows) through the split kernel, with more slices than
-    the fill needs: the empty slices write nothing and the combine reads only the filled ones
+    the fill needs: the empty slices write nothing and the merge reads only the filled ones
     (their partial buffers start as NaN here, so a stray read shows)."""
     B, HKV, S, D = 1, 2, 256, 64
     kc, vc = make_cache(B, HKV, S, D, kv_len, torch.float16)
     q = torch.randn(B, L, HKV * group, D, dtype=torch.float16, device=DEV)
     ref = decode_attention_reference(q, kc, vc, kv_len)
     assert_close_rel(run(q, kc, vc, kv_len, num_splits=8), ref)
+
+
+@pytest.mark.parametrize("kv_len", [5, 40, 160])
+def test_merge_by_the_last_slice_leaves_its_counters_at_zero(kv_len):
+    """The slice that arrives last merges the others' partials and resets its (batch, kv head)
+    counter, so the next launch (the next layer, the next replay) starts from zero; a context of
+    one slice writes the output directly."""
+    from tinyq.kernels.semaphore import counters
+
+    B, HKV, S, D, group = 2, 3, 160, 64, 2
+    kc, vc = make_cache(B, HKV, S, D, kv_len, torch.float16)
+    for _ in range(2):
+        q = torch.randn(B, 1, HKV * group, D, dtype=torch.float16, device=DEV)
+        assert_close_rel(run(q, kc, vc, kv_len, num_splits=5), decode_attention_reference(q, kc, vc, kv_len))
+        assert int(counters(q.device, B * HKV)[:B * HKV].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])

@@ -1,4 +1,5 @@
-"""Token sampling on the device, in torch ops only, so a CUDA graph can capture it with the decode step.
+"""Token sampling on the device, in torch ops and tinyq's one-launch argmax, so a CUDA graph can
+capture it with the decode step.
 
 Math, for logits ``l [V]`` (float32) and a :class:`tinyq.generate.SamplingConfig`:
 
@@ -23,6 +24,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+
+from tinyq.ops.reduce import argmax
 
 
 def sampler_key(cfg, vocab_size: int) -> tuple:
@@ -74,11 +77,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """The next token, an int64 tensor ``[1]`` on the device, from ``logits [V]``; marks it seen.
         No host synchronization: safe inside a CUDA graph."""
-        lg = logits.float()
+        lg = logits if self.greedy and not self.use_penalty else logits.float()
         if self.use_penalty:
             lg = torch.where(self.seen, torch.where(lg > 0, lg / self.penalty, lg * self.penalty), lg)
         if self.greedy:
-            token = torch.argmax(lg).view(1)
+            token = argmax(lg)
         else:
             lg = lg * self.inv_temperature
             if self.top_k:
@@ -90,7 +93,7 @@ class Sampler:
                 drop = probs.cumsum(-1) - probs >= self.top_p  # keep the smallest set reaching top_p
                 lg = lg.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
             # noise 0 (probability 2^-24 per draw) would turn a masked -inf into NaN, which argmax picks
-            token = torch.argmax(lg - torch.log(self.noise.clamp_min(1e-30))).view(1)
+            token = argmax(lg - torch.log(self.noise.clamp_min(1e-30)))
         if self.use_penalty:
             self.seen.index_fill_(0, token, True)
         return token

@@ -1,4 +1,4 @@
-"""Attention of a short query block over the KV cache: split-KV ("flash-decoding") + a combine kernel.
+"""Attention of a short query block over the KV cache: split-KV ("flash-decoding") in one launch.
 
 Used for decode (``L = 1``) and for short prefill chunks (a chat turn), as long as the ``L * G``
 query rows of one kv group fit one MMA tile (``MAX_DECODE_ROWS``).
@@ -9,16 +9,21 @@ Math: ``L`` new query tokens, already in the cache, at positions ``kv_len - L + 
 
 with ``kv_len = seq_pos[0] + L`` read on the device and ``G = Hq / Hkv``.
 
-Pass 1 (``_decode_split_kernel``): grid ``(B * Hkv, NUM_SPLITS)``. A program owns one kv head and
-one slice of ``SPLIT`` cache positions; it loads each K/V block once and serves the ``L * G``
-query rows of its kv group with one MMA tile (GQA sharing: Llama-3-8B reads K/V once for 4
-heads). It writes its un-normalized partial output plus the running max ``m`` and sum ``l``
-(float32, log2 domain). Slices starting past ``kv_len`` skip the loop (early exit on the device
-value, without writing anything), so the grid can be sized from the capacity ``max_seq_len``,
-known when a CUDA graph is captured, and never from the current length: no host logic depends on
-how full the cache is. Pass 2 (``_decode_combine_kernel``): grid ``(B * L * Hq)``; reads the
-``cdiv(kv_len, SPLIT)`` slices that ran, rescales their partials by ``2^(m_s - max m)`` and
-normalizes.
+One launch, grid ``(B * Hkv, NUM_SPLITS)``. A program owns one kv head and one slice of
+``SPLIT`` cache positions; it loads each K/V block once and serves the ``L * G`` query rows of its
+kv group with one MMA tile (GQA sharing: Llama-3-8B reads K/V once for 4 heads). Slices starting
+past ``kv_len`` return at once (an early exit on the device value), so the grid can be sized from
+the capacity ``max_seq_len``, known when a CUDA graph is captured, and never from the current
+length: no host logic depends on how full the cache is. Of the ``n = cdiv(kv_len, SPLIT)`` slices
+that run:
+
+- ``n = 1`` (a context shorter than one slice): the program normalizes and writes the output;
+- else each writes its un-normalized partial output plus the running max ``m`` and sum ``l``
+  (float32, log2 domain), and the last of the ``n`` to finish (:mod:`tinyq.kernels.semaphore`)
+  merges them: ``out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s`` with ``M = max_s m_s``.
+
+The merge in the last program replaced a second (combine) kernel: one launch less per layer and
+token, which is what a small model's decode step is made of.
 
 Why split-KV for a chunk too: the flash kernel gives a 32-token chunk one program per (row block,
 q head), 32 programs for Llama-3-8B, each streaming the whole history: at 4k history that is
@@ -27,7 +32,8 @@ kv group and fills every SM.
 
 Tensors: q ``[B, L, Hq, D]`` (rotated), k/v cache layer ``[B, Hkv, max_seq_len, D]`` (last dim
 contiguous), seq_pos int32 ``[1]``; partials float32 ``[B, Hq, L, NUM_SPLITS, D]`` and
-``[B, Hq, L, NUM_SPLITS]``; output ``[B, L, Hq, D]`` in q's dtype.
+``[B, Hq, L, NUM_SPLITS]``; one arrival counter per (batch, kv head); output ``[B, L, Hq, D]`` in
+q's dtype.
 """
 from __future__ import annotations
 
@@ -43,10 +49,11 @@ from tinyq.kernels.attention_configs import decode_config, sm_count
 from tinyq.kernels.flash_attention import (
     LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
 )
+from tinyq.kernels.semaphore import arrive, counters
 
 MAX_DECODE_ROWS = 128  # L * G rows in one MMA tile (e.g. a 32-token chunk of Llama-3's 4-head groups)
 PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
-MIN_SPLIT = 128  # below ~2 blocks per slice, the partial writes and the combine cost more than they hide
+MIN_SPLIT = 128  # below ~2 blocks per slice, the partial writes and the merge cost more than they hide
 
 
 def decode_attention_reference(q, k_cache, v_cache, kv_len: int, scale: Optional[float] = None):
@@ -57,19 +64,20 @@ def decode_attention_reference(q, k_cache, v_cache, kv_len: int, scale: Optional
 def num_splits_for(batch_heads: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
     """Slices per (batch, kv head), from the capacity (a host int fixed at graph capture)."""
     want = max(1, triton.cdiv(PROGRAMS_PER_SM * sm_count(device), batch_heads))
-    # The interpreter (CPU tests) cuts one-block slices so that short caches exercise the combine.
+    # The interpreter (CPU tests) cuts one-block slices so that short caches exercise the merge.
     min_split = MIN_SPLIT if device.type == "cuda" else block_n
     most = max(1, triton.cdiv(max_seq_len, max(min_split, block_n)))
     return min(want, most)
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, O_PART, M_PART, L_PART, SEQ_POS,
+def _decode_attention_kernel(
+    Q, K, V, O_PART, M_PART, L_PART, OUT, COUNTERS, SEQ_POS,
     qk_scale, LQ, HKV, GROUP, SPLIT, NUM_SPLITS,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_ol, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FP32: tl.constexpr,
 ):
@@ -80,7 +88,7 @@ def _decode_split_kernel(
     kv_len = tl.load(SEQ_POS) + LQ
     q_off = kv_len - LQ
     start = split * SPLIT
-    if start >= kv_len:  # a slice past the fill level: the combine does not read it
+    if start >= kv_len:  # a slice past the fill level: it neither counts nor writes
         return
     end = tl.minimum(start + SPLIT, kv_len)
 
@@ -115,37 +123,34 @@ def _decode_split_kernel(
         # A row can have no visible key in this slice (token t < L-1 near the end): the update keeps it at 0.
         acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
 
-    # partial index ((b * HQ + h) * LQ + t) * NUM_SPLITS + split, HQ = HKV * GROUP
-    part = ((b * HKV * GROUP + h) * LQ + t) * NUM_SPLITS + split
-    tl.store(M_PART + part, m_i, mask=row_ok)
-    tl.store(L_PART + part, l_i, mask=row_ok)
-    tl.store(O_PART + part[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
-
-
-@triton.jit
-def _decode_combine_kernel(
-    O_PART, M_PART, L_PART, OUT, SEQ_POS,
-    LQ, HQ, NUM_SPLITS, SPLIT,
-    stride_ob, stride_ol, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-):
-    pid = tl.program_id(0)  # (b * HQ + h) * LQ + t
-    t = pid % LQ
-    h = (pid // LQ) % HQ
-    b = pid // (LQ * HQ)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    used = tl.cdiv(tl.load(SEQ_POS) + LQ, SPLIT)  # the slices that ran (the rest wrote nothing)
-    s_ok = offs_s < tl.minimum(used, NUM_SPLITS)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    m = tl.load(M_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-    l = tl.load(L_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=0.0)
-    o = tl.load(O_PART + (pid * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
-                mask=s_ok[:, None], other=0.0)
-    m_max = tl.max(m, 0)  # finite: slice 0 always holds position 0, visible to every row
-    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
-    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-    tl.store(OUT + b * stride_ob + t * stride_ol + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    out_ptr = OUT + b * stride_ob + t[:, None] * stride_ol + h[:, None] * stride_oh + offs_d[None, :]
+    out_mask = row_ok[:, None] & mask_d[None, :]
+    used = tl.minimum(tl.cdiv(kv_len, SPLIT), NUM_SPLITS)  # the slices that run
+    if used == 1:
+        tl.store(out_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
+    else:
+        # partial index ((b * HQ + h) * LQ + t) * NUM_SPLITS + split, HQ = HKV * GROUP
+        base = ((b * HKV * GROUP + h) * LQ + t) * NUM_SPLITS
+        tl.store(M_PART + base + split, m_i, mask=row_ok)
+        tl.store(L_PART + base + split, l_i, mask=row_ok)
+        tl.store(O_PART + (base + split)[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
+        if arrive(COUNTERS + pid_bh, used):
+            m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
+            o_run = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+            for s in range(0, used):  # other SMs wrote these: read past L1
+                m_s = tl.load(M_PART + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(L_PART + base + s, mask=row_ok, other=0.0, cache_modifier=".cg")
+                o_s = tl.load(O_PART + (base + s)[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None],
+                              other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_run, m_s)
+                # a row with no visible key in a slice has m = -inf there: weight 0, never NaN
+                a = tl.where(m_run == float("-inf"), 0.0, tl.math.exp2(m_run - m_new))
+                w = tl.where(m_s == float("-inf"), 0.0, tl.math.exp2(m_s - m_new))
+                o_run = o_run * a[:, None] + o_s * w[:, None]
+                l_run = l_run * a + l_s * w
+                m_run = m_new
+            tl.store(out_ptr, (o_run / l_run[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
 
 
 def _partials(shape, device) -> torch.Tensor:
@@ -188,22 +193,17 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
 
     o_part = _partials((B, HQ, LQ, num_splits, d_pad), q.device)
     m_part, l_part = _partials((2, B, HQ, LQ, num_splits), q.device)  # running max and sum, one allocation
-    _decode_split_kernel[(B * HKV, num_splits)](
-        q, k_cache, v_cache, o_part, m_part, l_part, seq_pos,
+    if out is None:
+        out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
+    _decode_attention_kernel[(B * HKV, num_splits)](
+        q, k_cache, v_cache, o_part, m_part, l_part, out, counters(q.device, B * HKV), seq_pos,
         scale * LOG2E, LQ, HKV, group, split, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
         num_warps=warps, num_stages=num_stages or cfg_stages,
-    )
-    if out is None:
-        out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
-    _decode_combine_kernel[(B * HQ * LQ,)](
-        o_part, m_part, l_part, out, seq_pos, LQ, HQ, num_splits, split,
-        out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
-        num_warps=4,
     )
     return out

@@ -44,6 +44,15 @@ def _rmsnorm_kernel(
     tl.store(OUT + row * stride_o + cols, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def inv_rms(row_ptr, n, eps, BLOCK: tl.constexpr):
+    """``1 / sqrt(mean(h^2) + eps)`` of the row ``h = row_ptr[0:n]`` (float32), ``BLOCK >= n``: the
+    norm that a fused GEMV applies to its dot products (:mod:`tinyq.kernels.w4a16_gemv_residual`)."""
+    cols = tl.arange(0, BLOCK)
+    h = tl.load(row_ptr + cols, mask=cols < n, other=0.0).to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / n + eps)
+
+
 def _check(x, residual, weight):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"rmsnorm: x must be fp16/bf16/fp32, got {x.dtype}")

@@ -130,8 +130,18 @@ INV_TWO_PI = tl.constexpr(1 / (2 * math.pi))
 
 
 @triton.jit
-def _rotate(x1, x2, cos, sin):
+def rotate(x1, x2, cos, sin):
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def cos_sin(pos, inv_freq):
+    """cos and sin of the angles ``pos * inv_freq`` (float32, rounded like the reference), the
+    angle reduced to [-pi, pi] first."""
+    ang = pos.to(tl.float32) * inv_freq
+    k_turns = tl.floor(ang * INV_TWO_PI + 0.5)
+    red = (ang - k_turns * TWO_PI_HI) - k_turns * TWO_PI_LO
+    return tl.cos(red), tl.sin(red)
 
 
 @triton.jit
@@ -152,19 +162,15 @@ def _rope_cache_write_kernel(
     pos = tl.load(SEQ_POS) + t
     offs_i = tl.arange(0, HALF_PAD)
     mask_i = offs_i < HALF
-    inv_freq = tl.load(INV_FREQ + offs_i, mask=mask_i, other=0.0)
-    ang = pos.to(tl.float32) * inv_freq  # rounded like the float32 reference
-    k_turns = tl.floor(ang * INV_TWO_PI + 0.5)
-    red = (ang - k_turns * TWO_PI_HI) - k_turns * TWO_PI_LO
-    cos = tl.cos(red)[None, :]
-    sin = tl.sin(red)[None, :]
+    cos, sin = cos_sin(pos, tl.load(INV_FREQ + offs_i, mask=mask_i, other=0.0))
+    cos, sin = cos[None, :], sin[None, :]
 
     hq = tl.arange(0, HQ_PAD)
     mq = (hq < HQ)[:, None] & mask_i[None, :]
     q_ptr = Q + b * stride_qb + t * stride_ql + hq[:, None] * stride_qh + offs_i[None, :]
     q1 = tl.load(q_ptr, mask=mq, other=0.0).to(tl.float32)
     q2 = tl.load(q_ptr + HALF, mask=mq, other=0.0).to(tl.float32)
-    r1, r2 = _rotate(q1, q2, cos, sin)
+    r1, r2 = rotate(q1, q2, cos, sin)
     o_ptr = Q_OUT + b * stride_ob + t * stride_ol + hq[:, None] * stride_oh + offs_i[None, :]
     tl.store(o_ptr, r1.to(Q_OUT.dtype.element_ty), mask=mq)
     tl.store(o_ptr + HALF, r2.to(Q_OUT.dtype.element_ty), mask=mq)
@@ -175,7 +181,7 @@ def _rope_cache_write_kernel(
     k_ptr = K + b * stride_kb + t * stride_kl + hk[:, None] * stride_kh + offs_i[None, :]
     k1 = tl.load(k_ptr, mask=mk, other=0.0).to(tl.float32)
     k2 = tl.load(k_ptr + HALF, mask=mk, other=0.0).to(tl.float32)
-    r1, r2 = _rotate(k1, k2, cos, sin)
+    r1, r2 = rotate(k1, k2, cos, sin)
     c_off = b * stride_cb + hk[:, None] * stride_ch + pos * stride_cn + offs_i[None, :]
     tl.store(K_CACHE + c_off, r1.to(K_CACHE.dtype.element_ty), mask=mk)
     tl.store(K_CACHE + c_off + HALF, r2.to(K_CACHE.dtype.element_ty), mask=mk)

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import nibble_pairs_minus_zero
+from tinyq.kernels.rmsnorm import inv_rms
 
 
 # One int32 word of 8 nibbles -> sum_i (q_i - z) * x_i, fp16 arithmetic inside, fp32 out.
@@ -80,40 +81,25 @@ def _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, k0, K, stri
 
 
 @triton.jit
-def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_ym, stride_wn, stride_sn,
-    GROUP_SIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    PTX_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn,
+              GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 ``[BLOCK_N]``: the dot products of the activation row at ``x_row`` with weight rows
+    ``rows`` (any ``BLOCK_N`` row indices; ``row_ok`` masks the rest to 0). The main loop of every
+    W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue)."""
     tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
     tl.static_assert(GROUP_SIZE % 32 == 0, "groups hold whole 32-input blocks")
     NB: tl.constexpr = BLOCK_K // 32
-    pid = tl.program_id(0)
-    m = pid % M
-    pid_n = pid // M
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     offs_b = tl.arange(0, NB)
     offs_w = tl.arange(0, 4)
-    # Row strides come in as arguments (K // 8 and K // G computed on the host): Triton then knows
-    # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
-    # kernel they left the alignment unknown and every word was a separate 4-byte load.
-    x_row = x_ptr + m * stride_xm
-
     acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
     # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
     # double-buffering), so each program keeps two steps of weight bytes in flight
-    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, 0, K, stride_wn, stride_sn,
+    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, offs_b, offs_w, 0, K, stride_wn, stride_sn,
                                    GROUP_SIZE)
     for k0 in range(0, K, BLOCK_K):
         b_ok = (k0 + 32 * offs_b) < K  # [NB]
         words, s, z = words_n, s_n, z_n
-        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, k0 + BLOCK_K, K,
+        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, offs_b, offs_w, k0 + BLOCK_K, K,
                                        stride_wn, stride_sn, GROUP_SIZE)
         x_blk = x_row + k0 + 32 * offs_b[:, None] + offs_w[None, :]  # [NB, 4]
         if PTX_DEQUANT:
@@ -141,10 +127,57 @@ def _w4a16_gemv_kernel(
                 xsum += xi
                 part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))[None, :, :]
             acc += s[:, :, None] * (part - z[:, :, None] * xsum[None, :, :])
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, eps, stride_wn, stride_sn,
+                        GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
+                        PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr):
+    """:func:`gemv_rows` plus the bias, for the fused GEMVs that may finish an RMSNorm: with
+    ``PRENORM`` the row at ``x_row`` holds ``h * w`` of the norm and the dot products are scaled by
+    ``1 / rms(h)`` of the row at ``h_row`` (``ROW`` = next_pow2(K) lanes)."""
+    if PRENORM:
+        rstd = inv_rms(h_row, K, eps, ROW)
+    dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn,
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K)
+    if PRENORM:
+        dots = dots * rstd
+    if HAS_BIAS:
+        dots += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return dots
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_ym, stride_wn, stride_sn,
+    GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PTX_DEQUANT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m = pid % M
+    pid_n = pid // M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    # Row strides come in as arguments (K // 8 and K // G computed on the host): Triton then knows
+    # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
+    # kernel they left the alignment unknown and every word was a separate 4-byte load.
+    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, stride_wn, stride_sn,
+                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+def gemv_ptx(x) -> bool:
+    """Whether the GEMV main loop may use its inline-PTX dequant: a real GPU (the interpreter runs no
+    PTX) and fp16 activations."""
+    return x.dtype == torch.float16 and not interpreting()
 
 
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
@@ -160,8 +193,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
-        # inline PTX needs a real GPU (the interpreter cannot run it) and fp16 activations
-        PTX_DEQUANT=ptx_dequant and x.dtype == torch.float16 and not interpreting(),
+        PTX_DEQUANT=ptx_dequant and gemv_ptx(x),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=num_warps,

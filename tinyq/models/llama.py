@@ -11,6 +11,11 @@ q/k/v and gate/up are fused into one linear each at load time (see :mod:`tinyq.m
 decode step runs 4 GEMVs per layer instead of 7. Linears are :class:`tinyq.nn.DenseLinear` (fp16/bf16/fp32) or
 :class:`tinyq.W4A16Linear`. The residual stream is carried beside the hidden state so that each
 residual add is fused into the following RMSNorm.
+
+One token through an all-W4A16 model takes a fused path (:meth:`CausalLM.forward` ->
+``_one_token_w4a16``, ops in :mod:`tinyq.ops.fused`): per layer the qkv GEMV with RoPE and the cache
+write, the attention, o_proj with the residual add, gate/up with silu(gate) * up, down_proj with the
+residual add; each norm is finished inside the GEMV after it. 5 launches a layer instead of 10.
 """
 from __future__ import annotations
 
@@ -25,8 +30,15 @@ from tinyq.cache import StaticKVCache
 from tinyq.generate import generate
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference
 from tinyq.nn.dense_linear import DenseLinear
+from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.ops.attention import attention_with_cache
+from tinyq.ops.fused import fused_decode, w4a16_gate_up_silu, w4a16_linear_residual, w4a16_qkv_attention
 from tinyq.ops.norm import add_rms_norm, rms_norm, silu_mul
+
+# The one-token path finishes each RMSNorm inside the next GEMV (every program recomputes 1/rms of
+# the row) up to this hidden size; above it a norm kernel is cheaper (H200: SmolLM2 hidden 576
+# gained 26 us a token, Llama-3-8B hidden 4096 lost 130 us; docs/perf_notes.md).
+PRENORM_MAX_HIDDEN = 1024
 
 # HF architectures -> family flavour; the loader lists these in its "unsupported" error.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
@@ -255,6 +267,19 @@ class CausalLM(nn.Module):
             cache.check_room(n)
         if self.config.sliding_window is not None:
             self.config.check_window((cache.length if cache is not None else 0) + n)
+        if cache is not None and valid is None and self._w4a16_token(h):
+            x = self._one_token_w4a16(h, cache)
+        else:
+            x = self._layers(h, cache, valid, last_only)
+        if cache is not None:
+            if valid is not None:
+                cache.advance_on_device(valid)
+            else:
+                cache.advance(n)
+        return self.lm_head(x)
+
+    def _layers(self, h, cache, valid, last_only):
+        """The decoder stack, any number of tokens; returns the final norm's output (of the rows kept)."""
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, cache)
@@ -263,10 +288,47 @@ class CausalLM(nn.Module):
             h, residual = h.index_select(1, last), residual.index_select(1, last)
         elif last_only:
             h, residual = h[:, -1:], residual[:, -1:]
-        x, _ = self.model.norm(h, residual)
-        if cache is not None:
-            if valid is not None:
-                cache.advance_on_device(valid)
-            else:
-                cache.advance(n)
-        return self.lm_head(x)
+        return self.model.norm(h, residual)[0]
+
+    def _w4a16_token(self, h) -> bool:
+        """Whether ``h [1, 1, hidden]`` can take the fused one-token path: every linear of every layer
+        a W4A16Linear in h's dtype and every norm a plain RMSNorm."""
+        if not (h.shape[0] == h.shape[1] == 1 and fused_decode(h, h)):
+            return False
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+                if type(lin) is not W4A16Linear or lin.scales.dtype != h.dtype:
+                    return False
+            if type(layer.input_layernorm) is not RMSNorm or type(layer.post_attention_layernorm) is not RMSNorm:
+                return False
+        return True
+
+    def _one_token_w4a16(self, h, cache):
+        """The decoder stack for one token with the fused ops; returns the final norm's output.
+
+        Each projection that closes a sublayer writes the new residual stream ``h`` (the add is in its
+        epilogue). Up to ``PRENORM_MAX_HIDDEN`` it also writes ``h * w`` of the norm that follows and
+        the GEMV after that norm divides by ``rms(h)`` itself (``prenorm``); above, a norm kernel runs."""
+        layers = self.model.layers
+        defer = h.shape[-1] <= PRENORM_MAX_HIDDEN
+
+        def norm(h, hw, rms: RMSNorm):
+            """The norm after a projection that wrote ``h`` (and ``hw = [h * w]`` when deferring): the
+            next GEMV's input and prenorm."""
+            return (hw[0], (h, rms.eps)) if defer else (rms(h), None)
+
+        x, prenorm = layers[0].input_layernorm(h), None
+        for i, layer in enumerate(layers):
+            attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
+            a = w4a16_qkv_attention(x, *attn.qkv_proj.checked_weights(), cache, i, attn.rope, attn.hq, attn.hkv,
+                                    prenorm=prenorm)
+            h, *hw_next = w4a16_linear_residual(a, *attn.o_proj.checked_weights(), h, post.weight if defer else None)
+            x, prenorm = norm(h, hw_next, post)
+            act = w4a16_gate_up_silu(x, *mlp.gate_up_proj.checked_weights(), prenorm=prenorm)
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            h, *hw_next = w4a16_linear_residual(act, *mlp.down_proj.checked_weights(), h,
+                                                nxt.weight if defer and i + 1 < len(layers) else None)
+            if i + 1 < len(layers):
+                x, prenorm = norm(h, hw_next, nxt)
+        return self.model.norm(h)

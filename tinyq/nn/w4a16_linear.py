@@ -93,11 +93,16 @@ class W4A16Linear(nn.Module):
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features} (x {tuple(x.shape)})")
             return self._cpu_forward(x)
+        return w4a16_linear_prechecked(x, *self.checked_weights())
+
+    def checked_weights(self):
+        """``(qweight, scales, zeros, bias)``, validated once per tensor object (for the fused ops
+        that take the weights directly)."""
         key = (id(self.qweight), id(self.scales), id(self.zeros), id(self.bias))
         if self._checked != key:
             check_w4a16_weight(self.qweight, self.scales, self.zeros, self.bias)
             self._checked = key
-        return w4a16_linear_prechecked(x, self.qweight, self.scales, self.zeros, self.bias)
+        return self.qweight, self.scales, self.zeros, self.bias
 
     def _apply(self, fn, *args, **kwargs):
         self._dense = None

@@ -1,0 +1,91 @@
+"""Profile helper: the GPU kernels of one decode step (a CUDA-graph replay) of a random-weight model.
+
+    python3 scripts/profile_decode.py --models smollm2,llama3-8b --precision w4a16 --steps 50
+
+Prints, per model, each kernel name with its launches per token and mean time, sorted by total
+time; the sum over kernels against the wall time per token says how much is launch gaps.
+"""
+import argparse
+import collections
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_e2e import GREEDY, GROUP_SIZE, SHAPES, rand_list  # noqa: E402
+from benchmarks.common import random_model  # noqa: E402
+from tinyq.generate import Generator  # noqa: E402
+from tinyq.warmup import warm_up  # noqa: E402
+
+
+def kernel_table(prof, steps):
+    from torch.autograd import DeviceType
+
+    acc = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if getattr(e, "device_type", None) != DeviceType.CUDA or getattr(e, "is_user_annotation", False):
+            continue
+        t = getattr(e, "self_device_time_total", None)
+        t = getattr(e, "self_cuda_time_total", 0) if t is None else t
+        acc[e.name][0] += 1
+        acc[e.name][1] += t or e.time_range.elapsed_us()
+    rows = [(name[:70], n / steps, us / steps, us / n) for name, (n, us) in acc.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def profile_model(name, precision, steps):
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device("cuda")
+    model = random_model(SHAPES[name], precision, device, GROUP_SIZE.get(name, 128))
+    gen = Generator(model, None, max_seq_len=256)
+    warm_up(gen)
+    sampler = gen.sampler(GREEDY)
+    logits = gen.prefill(rand_list(4, model.config.vocab_size))
+    print(f"{name}: prefill logits finite: {bool(torch.isfinite(logits).all())}, max |l| {logits.abs().max():.3g}")
+    tok = gen.first_token(logits, sampler)
+    for _ in range(5):
+        tok = gen.decode_next(tok, sampler)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = gen.decode_next(tok, sampler)
+    torch.cuda.synchronize()
+    wall_us = 1e6 * (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tok = gen.decode_next(tok, sampler)
+        torch.cuda.synchronize()
+    rows = kernel_table(prof, steps)
+    kernels_us = sum(r[2] for r in rows)
+    launches = sum(r[1] for r in rows)
+    print(f"\n== {name} {precision}: {wall_us:.1f} us/token wall, {kernels_us:.1f} us of kernels, "
+          f"{launches:.0f} launches/token ({(wall_us - kernels_us) / max(launches, 1):.2f} us gap per launch)")
+    print(f"{'kernel':70s} {'n/tok':>6s} {'us/tok':>8s} {'us/call':>8s}")
+    for r in rows:
+        print(f"{r[0]:70s} {r[1]:6.1f} {r[2]:8.1f} {r[3]:8.2f}")
+    del gen, model
+    torch.cuda.empty_cache()
+    return {"model": name, "precision": precision, "wall_us": wall_us, "kernels_us": kernels_us,
+            "launches": launches, "kernels": [dict(zip(("name", "per_token", "us_per_token", "us_per_call"), r))
+                                              for r in rows]}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="smollm2,llama3-8b")
+    ap.add_argument("--precision", default="w4a16")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    res = [profile_model(m, args.precision, args.steps) for m in args.models.split(",")]
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
