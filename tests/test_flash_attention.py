@@ -8,7 +8,9 @@ import triton.language as tl
 
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
-from tinyq.kernels.flash_attention import attention_reference, flash_attention_fwd, online_softmax_update
+from tinyq.kernels.flash_attention import (
+    attention_reference, flash_attention_fwd, head_dim_split, online_softmax_update,
+)
 from tinyq.ops import flash_attention
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -42,10 +44,18 @@ def test_flash_gqa_ratios_and_odd_lengths(S, group, causal):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [64, 72, 80, 96, 128])
+@pytest.mark.parametrize("D", [40, 64, 72, 80, 88, 96, 128, 136])
 def test_flash_head_dims_and_dtypes(dtype, D):
     q, k, v = make(2, 33, 4, 2, D, dtype)
     assert_close_rel(run_kernel(q, k, v, True), ref(q, k, v, True))
+
+
+def test_head_dim_split():
+    """Head dims that are not a power of two run as two power-of-two column blocks when that is
+    less work than padding (72 -> 64 + 16, not 128); the rest pad as one block."""
+    expected = {16: (16, 0), 24: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 80: (64, 16),
+                88: (64, 32), 96: (64, 32), 112: (128, 0), 136: (128, 16), 192: (128, 64), 200: (256, 0)}
+    assert {d: head_dim_split(d) for d in expected} == expected
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -53,6 +63,20 @@ def test_flash_vision_shape_and_scale(causal):
     """SigLIP-like head (d=72, MHA, non-causal) with an explicit scale."""
     q, k, v = make(1, 50, 2, 2, 72, torch.bfloat16)
     assert_close_rel(run_kernel(q, k, v, causal, scale=0.1), ref(q, k, v, causal, scale=0.1))
+
+
+@pytest.mark.parametrize("row", [72, 75, 80])
+def test_flash_strided_views(row):
+    """q/k/v/out as views into wider rows (a fused qkv buffer, padding): strides that are multiples
+    of 8 but not 16 (row 72, 80 with d=72) and strides with no common factor (75) all index right."""
+    D = 72
+    wide = [torch.randn(2, 40, 3, row, dtype=torch.float16, device=DEV) for _ in range(3)]
+    q, k, v = (w[..., :D] for w in wide)
+    out_buf = torch.full((2, 40, 3, row), float("nan"), dtype=torch.float16, device=DEV)
+    with force_backend("triton"):
+        flash_attention_fwd(q, k.transpose(1, 2), v.transpose(1, 2), causal=False, out=out_buf[..., :D])
+    assert_close_rel(out_buf[..., :D], ref(q, k, v, False))
+    assert out_buf[..., D:].isnan().all()  # nothing written past the head
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -16,8 +16,10 @@ view of ``[B, S, Hkv, D]``). ``kv_len`` is ``S``, or ``seq_pos[0] + Lq`` read on
 ``seq_pos`` (int32 ``[1]``) is given, so a CUDA graph replay sees the current cache fill.
 
 Kernel: one program per (BLOCK_M query rows, q head); online softmax in the exp2 domain
-(``log2(e)`` folded into the scale), fp32 accumulation. ``head_dim`` is padded to the next power
-of two with masks (72 -> 128, 80/96 -> 128). ``DOT_FP32`` (interpreter + bf16 only: the
+(``log2(e)`` folded into the scale), fp32 accumulation. A head_dim that is not a power of two is
+split into two power-of-two column blocks with their own dots and accumulators
+(:func:`head_dim_split`: 72 -> 64 + 16, the SigLIP towers' head, so 80 columns of work rather than
+128 padded). ``DOT_FP32`` (interpreter + bf16 only: the
 Triton 3.9 interpreter's bf16 ``tl.dot`` returns garbage) runs the products in float32.
 Key blocks that no row masks run a mask-free loop; only the causal diagonal and the ragged tail
 pay for masking.
@@ -97,58 +99,103 @@ def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = N
     return o.view(B, Hkv, G, Lq, D).permute(0, 3, 1, 2, 4).reshape(B, Lq, Hq, D).to(q.dtype)
 
 
+def head_dim_split(head_dim: int):
+    """``(D_HI, D_LO)``: the two power-of-two column blocks that cover ``head_dim``. A power of two
+    (or a dim whose split saves nothing) is one block, padded: ``(max(16, next_pow2(D)), 0)``.
+    Otherwise the largest power of two below ``D`` plus the rest padded to a power of two >= 16:
+    72 -> 64 + 16 and 80 -> 64 + 16 (80 columns of work instead of 128), 96 -> 64 + 32, 40 -> 32 + 16."""
+    whole = max(16, triton.next_power_of_2(head_dim))
+    hi = whole // 2
+    if head_dim <= hi or head_dim <= 16:
+        return whole, 0
+    lo = max(16, triton.next_power_of_2(head_dim - hi))
+    return (hi, lo) if hi + lo < whole else (whole, 0)
+
+
 @triton.jit
 def _attn_blocks(
-    acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, lo, hi, q_pos, kv_len, qk_scale,
-    offs_n, offs_d,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, lo, hi, q_pos, kv_len, qk_scale,
+    offs_n, offs_dh, offs_dl,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [lo, hi)."""
-    mask_d = offs_d < HEAD_DIM
+    """Online-softmax update of (acc_h, acc_l, l_i, m_i) over key blocks [lo, hi). Columns
+    ``[0, D_HI)`` go through ``*_h``, columns ``[D_HI, D_HI + D_LO)`` through ``*_l`` (only when
+    ``D_LO > 0``; then all D_HI columns are real)."""
+    HI_FULL: tl.constexpr = HEAD_DIM >= D_HI
+    LO_FULL: tl.constexpr = HEAD_DIM >= D_HI + D_LO
+    mask_dh = offs_dh < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n = start_n + offs_n
-        k_ptrs = k_base + n[None, :] * stride_kn + offs_d[:, None]  # [D_PAD, BLOCK_N]
-        v_ptrs = v_base + n[:, None] * stride_vn + offs_d[None, :]  # [BLOCK_N, D_PAD]
+        k_ptrs = k_base + n[None, :] * stride_kn + offs_dh[:, None]  # [D_HI, BLOCK_N]
+        v_ptrs = v_base + n[:, None] * stride_vn + offs_dh[None, :]  # [BLOCK_N, D_HI]
         if MASKED:
-            k = tl.load(k_ptrs, mask=mask_d[:, None] & (n[None, :] < kv_len), other=0.0)
-            v = tl.load(v_ptrs, mask=(n[:, None] < kv_len) & mask_d[None, :], other=0.0)
-        elif HEAD_DIM == HEAD_DIM_PAD:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k_h = tl.load(k_ptrs, mask=mask_dh[:, None] & (n[None, :] < kv_len), other=0.0)
+            v_h = tl.load(v_ptrs, mask=(n[:, None] < kv_len) & mask_dh[None, :], other=0.0)
+        elif HI_FULL:
+            k_h = tl.load(k_ptrs)
+            v_h = tl.load(v_ptrs)
         else:
-            k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+            k_h = tl.load(k_ptrs, mask=mask_dh[:, None], other=0.0)
+            v_h = tl.load(v_ptrs, mask=mask_dh[None, :], other=0.0)
         if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        qk = tl.dot(q, k) * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+            k_h = k_h.to(tl.float32)
+            v_h = v_h.to(tl.float32)
+        qk = tl.dot(q_h, k_h)
+        if D_LO > 0:
+            mask_dl = offs_dl < HEAD_DIM
+            kl_ptrs = k_base + n[None, :] * stride_kn + offs_dl[:, None]  # [D_LO, BLOCK_N]
+            vl_ptrs = v_base + n[:, None] * stride_vn + offs_dl[None, :]  # [BLOCK_N, D_LO]
+            if MASKED:
+                k_l = tl.load(kl_ptrs, mask=mask_dl[:, None] & (n[None, :] < kv_len), other=0.0)
+                v_l = tl.load(vl_ptrs, mask=(n[:, None] < kv_len) & mask_dl[None, :], other=0.0)
+            elif LO_FULL:
+                k_l = tl.load(kl_ptrs)
+                v_l = tl.load(vl_ptrs)
+            else:
+                k_l = tl.load(kl_ptrs, mask=mask_dl[:, None], other=0.0)
+                v_l = tl.load(vl_ptrs, mask=mask_dl[None, :], other=0.0)
+            if DOT_FP32:
+                k_l = k_l.to(tl.float32)
+                v_l = v_l.to(tl.float32)
+            qk = tl.dot(q_l, k_l, qk)
+        qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if MASKED:
             keep = n[None, :] < kv_len
             if CAUSAL:
                 keep = keep & (n[None, :] <= q_pos[:, None])
             qk = tl.where(keep, qk, float("-inf"))
-        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
-    return acc, l_i, m_i
+        p, alpha, l_i, m_i = online_softmax_weights(l_i, m_i, qk)
+        acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None])
+        if D_LO > 0:
+            acc_l = tl.dot(p.to(v_l.dtype), v_l, acc_l * alpha[:, None])
+    return acc_h, acc_l, l_i, m_i
 
 
 @triton.jit
-def online_softmax_update(acc, l_i, m_i, qk, v):
-    """Add one key block to the running softmax-weighted sum (exp2 domain; shared with the decode
-    kernel). ``qk [M, N]`` scores in log2 units (masked: -inf), ``v [N, D]``; running row max
-    ``m_i [M]``, row sum ``l_i [M]``, ``acc [M, D]`` (fp32)::
+def online_softmax_weights(l_i, m_i, qk):
+    """One key block's step of the online softmax (exp2 domain): ``qk [M, N]`` scores in log2 units
+    (masked: -inf), running row max ``m_i [M]`` and row sum ``l_i [M]``; returns the block's
+    weights ``p``, the factor ``alpha`` that rescales the running sums, and the new ``l``, ``m``::
 
-        m' = max(m, max_j qk);  p = exp2(qk - m');  a = exp2(m - m')
-        l' = l * a + sum_j p;   acc' = acc * a + p @ v
+        m' = max(m, max_j qk);  p = exp2(qk - m');  alpha = exp2(m - m');  l' = l * alpha + sum_j p
 
-    A row with no visible key so far (m' = -inf) uses 0 in place of m', so it stays at
-    l = acc = 0 instead of turning into NaN."""
+    after which each accumulator becomes ``acc * alpha + p @ v``. A row with no visible key so far
+    (m' = -inf) uses 0 in place of m', so it stays at l = acc = 0 instead of turning into NaN."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
+def online_softmax_update(acc, l_i, m_i, qk, v):
+    """:func:`online_softmax_weights` with one accumulator ``acc [M, D]`` (fp32) and ``v [N, D]``
+    (shared with the decode kernel)."""
+    p, alpha, l_i, m_new = online_softmax_weights(l_i, m_i, qk)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     return acc, l_i, m_new
 
@@ -161,10 +208,19 @@ def _flash_attention_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_ol, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr, CAUSAL: tl.constexpr,
     KV_LEN_FROM_DEVICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
+    # The JIT marks an integer argument divisible by 16 or not at all; a head_dim of 72 makes the
+    # head strides multiples of 8 only, and unmarked strides compile to 2-byte loads. The launcher
+    # then passes the strides divided by STRIDE_UNIT = 8, so the products below carry the factor 8
+    # and every row load is 16 bytes wide (and goes through cp.async).
+    stride_qb, stride_ql, stride_qh = stride_qb * STRIDE_UNIT, stride_ql * STRIDE_UNIT, stride_qh * STRIDE_UNIT
+    stride_kb, stride_kh, stride_kn = stride_kb * STRIDE_UNIT, stride_kh * STRIDE_UNIT, stride_kn * STRIDE_UNIT
+    stride_vb, stride_vh, stride_vn = stride_vb * STRIDE_UNIT, stride_vh * STRIDE_UNIT, stride_vn * STRIDE_UNIT
+    stride_ob, stride_ol, stride_oh = stride_ob * STRIDE_UNIT, stride_ol * STRIDE_UNIT, stride_oh * STRIDE_UNIT
     # Causal row blocks near the end have the most keys: launch them first (less tail idling).
     if CAUSAL:
         pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -182,20 +238,30 @@ def _flash_attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    offs_dh = tl.arange(0, D_HI)
     row_ok = offs_m < LQ
-    io_mask = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    q = tl.load(Q + b * stride_qb + offs_m[:, None] * stride_ql + h * stride_qh + offs_d[None, :],
-                mask=io_mask, other=0.0)
+    q_rows = Q + b * stride_qb + offs_m[:, None] * stride_ql + h * stride_qh
+    o_rows = O + b * stride_ob + offs_m[:, None] * stride_ol + h * stride_oh
+    io_mask_h = row_ok[:, None] & (offs_dh < HEAD_DIM)[None, :]
+    q_h = tl.load(q_rows + offs_dh[None, :], mask=io_mask_h, other=0.0)
     if DOT_FP32:
-        q = q.to(tl.float32)
+        q_h = q_h.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_h = tl.zeros([BLOCK_M, D_HI], dtype=tl.float32)
+    if D_LO > 0:
+        offs_dl = D_HI + tl.arange(0, D_LO)
+        io_mask_l = row_ok[:, None] & (offs_dl < HEAD_DIM)[None, :]
+        q_l = tl.load(q_rows + offs_dl[None, :], mask=io_mask_l, other=0.0)
+        if DOT_FP32:
+            q_l = q_l.to(tl.float32)
+        acc_l = tl.zeros([BLOCK_M, D_LO], dtype=tl.float32)
+    else:  # placeholders the blocks never touch
+        offs_dl, q_l, acc_l = offs_dh, q_h, acc_h
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     q_pos = q_off + offs_m
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     if CAUSAL:
         hi = tl.minimum(kv_len, q_off + pid_m * BLOCK_M + BLOCK_M)
         full = tl.minimum(kv_len, q_off + pid_m * BLOCK_M + 1)  # keys every row of the block sees
@@ -203,13 +269,16 @@ def _flash_attention_kernel(
         hi = kv_len
         full = kv_len
     full = (full // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, 0, full, q_pos, kv_len,
-                                 qk_scale, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, CAUSAL, DOT_FP32)
-    acc, l_i, m_i = _attn_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, full, hi, q_pos, kv_len,
-                                 qk_scale, offs_n, offs_d, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, True, CAUSAL, DOT_FP32)
-    out = acc / l_i[:, None]
-    tl.store(O + b * stride_ob + offs_m[:, None] * stride_ol + h * stride_oh + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=io_mask)
+    acc_h, acc_l, l_i, m_i = _attn_blocks(
+        acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, 0, full, q_pos, kv_len, qk_scale,
+        offs_n, offs_dh, offs_dl, BLOCK_N, HEAD_DIM, D_HI, D_LO, False, CAUSAL, DOT_FP32)
+    acc_h, acc_l, l_i, m_i = _attn_blocks(
+        acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, full, hi, q_pos, kv_len, qk_scale,
+        offs_n, offs_dh, offs_dl, BLOCK_N, HEAD_DIM, D_HI, D_LO, True, CAUSAL, DOT_FP32)
+    inv_l = 1.0 / l_i[:, None]
+    tl.store(o_rows + offs_dh[None, :], (acc_h * inv_l).to(O.dtype.element_ty), mask=io_mask_h)
+    if D_LO > 0:
+        tl.store(o_rows + offs_dl[None, :], (acc_l * inv_l).to(O.dtype.element_ty), mask=io_mask_l)
 
 
 def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = None,
@@ -228,20 +297,20 @@ def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = N
         raise ValueError(f"flash_attention: {LQ} queries but only {S} keys")
     check_unit_stride("flash_attention", q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    d_pad = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = config or flash_config(d_pad, q.device)
+    d_hi, d_lo = head_dim_split(D)
+    block_m, block_n, num_warps, num_stages = config or flash_config(triton.next_power_of_2(d_hi + d_lo), q.device)
     if out is None:
         out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(LQ, block_m), B * HQ)
+    strides = q.stride()[:3] + k.stride()[:3] + v.stride()[:3] + out.stride()[:3]
+    unit = 8 if any(st % 16 for st in strides) and all(st % 8 == 0 for st in strides) else 1
     _flash_attention_kernel[grid](
         q, k, v, out, seq_pos if seq_pos is not None else q,
         scale * LOG2E, LQ, S, HQ, HQ // HKV,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        HEAD_DIM=D, HEAD_DIM_PAD=d_pad, CAUSAL=bool(causal), KV_LEN_FROM_DEVICE=seq_pos is not None,
+        *(st // unit for st in strides),
+        HEAD_DIM=D, D_HI=d_hi, D_LO=d_lo, CAUSAL=bool(causal), KV_LEN_FROM_DEVICE=seq_pos is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        STRIDE_UNIT=unit,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -1,0 +1,261 @@
+"""Compile tinyq's Triton kernels for sm90 (H100/H200) on a machine without a GPU, through their
+real launchers, and report what the compiler made of each: registers per thread, local-memory
+spill bytes, shared memory, and the SASS instruction mix (``--sass``).
+
+    python scripts/compile_sm90.py                  # every target
+    python scripts/compile_sm90.py flash-d72 --sass # one target, with the instruction mix
+    python scripts/compile_sm90.py --json out.json
+
+How: each target calls a launcher with CPU tensors of a real model's shapes and the shipped sm90
+config. ``JITFunction.run`` is replaced by a recorder, so nothing runs; the recorded arguments give
+the signature, the constexprs and the 16-byte divisibility hints the JIT would derive, and
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` builds the cubin with the
+ptxas bundled in Triton's wheel. A kernel that fails to compile for Hopper fails here, without a
+GPU (``tests/test_sm90_compile.py`` runs a few targets in the CPU suite). Compiled by the installed
+Triton (3.9 on the project machine); the GPU machine's Triton may differ in details.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("compile_sm90: unset TRITON_INTERPRET (the interpreter replaces the kernels this compiles)")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tinyq.kernels as kernels_pkg  # noqa: E402
+from tinyq.kernels import (  # noqa: E402
+    argmax, decode_attention, flash_attention, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
+)
+from tinyq.kernels.attention_configs import DECODE, FLASH  # noqa: E402
+from tinyq.kernels.w4a16_configs import PLANS  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+                 torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+GEMV_M1 = next(cfg for m, kind, cfg in PLANS["sm90"] if kind == "gemv")
+
+
+class _Recorder:
+    """Stands in for ``JITFunction.run``: keeps each launch's kernel and arguments, runs nothing."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __call__(self, fn, *args, grid, warmup, **kwargs):
+        self.launches.append((fn, args, kwargs))
+
+
+def _arg_type(value):
+    """(signature type, constexpr value or None, 16-divisible) as the JIT would specialize."""
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTER_TYPES[value.dtype], None, value.data_ptr() % 16 == 0
+    if value is None:
+        return "constexpr", None, False
+    if isinstance(value, bool):
+        return "i1", None, False
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"compile_sm90: no signature type for {type(value).__name__}")
+
+
+def compile_launch(fn: JITFunction, args, kwargs):
+    """The cubin of one recorded launch."""
+    names = [p.name for p in fn.params]
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        value = bound.get(p.name, p.default)
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+            continue
+        kind, const, div16 = _arg_type(value)
+        signature[p.name] = kind
+        if kind == "constexpr":
+            constexprs[p.name] = const
+        elif div16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    options = {k: v for k, v in kwargs.items() if k not in names}
+    return triton.compile(ASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=TARGET,
+                          options=options)
+
+
+def _tool(name):
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def report(compiled, sass: bool = False) -> dict:
+    """Registers, spill/stack bytes, shared memory, wgmma ops, global loads narrower than 4 bytes
+(``narrow_loads``: an operand the compiler could not vectorize) and, with ``sass``, the top SASS
+opcodes."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=True).stdout
+        dump = subprocess.run([_tool("cuobjdump"), "--dump-sass", path], capture_output=True, text=True,
+                              check=True).stdout if sass else ""
+    out = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)),
+           "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
+           "shared": compiled.metadata.shared,
+           "wgmma": compiled.asm["ttgir"].count("warp_group_dot "),
+           "narrow_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9:_]+)*\.[bsuf](?:8|16)\b", compiled.asm["ptx"]))}
+    if sass:
+        ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", dump, re.M)
+        out["sass_count"] = len(ops)
+        out["sass_top"] = Counter(ops).most_common(10)
+    return out
+
+
+# ---- targets: real shapes, shipped configs ----
+
+def _w4(n, k, dtype, group=128):
+    return (torch.zeros(n, k // 8, dtype=torch.int32), torch.ones(n, k // group, dtype=dtype),
+            torch.zeros(n, k // group, dtype=dtype))
+
+
+def _flash(d, causal, hq=16, hkv=16, s=1024, dtype=torch.float16):
+    def launch():
+        q = torch.zeros(1, s, hq, d, dtype=dtype)
+        kv = torch.zeros(1, hkv, s, d, dtype=dtype)
+        d_hi, d_lo = flash_attention.head_dim_split(d)
+        cfg = FLASH["sm90"][max(32, triton.next_power_of_2(d_hi + d_lo))]
+        flash_attention.flash_attention_fwd(q, kv, kv, causal=causal, config=cfg)
+    return launch
+
+
+def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16):
+    def launch():
+        q = torch.zeros(1, 1, hq, d, dtype=dtype)
+        kv = torch.zeros(1, hkv, s, d, dtype=dtype)
+        decode_attention.decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32))
+    return launch
+
+
+def _gemv_silu(hidden, inter, dtype, prenorm, group=128):
+    def launch():
+        x = torch.zeros(1, hidden, dtype=dtype)
+        y = torch.zeros(1, inter, dtype=dtype)
+        pre = (torch.zeros(hidden, dtype=dtype), 1e-5) if prenorm else None
+        w4a16_gemv_silu.launch_w4a16_gemv_silu(x, *_w4(2 * inter, hidden, dtype, group), None, y, prenorm=pre, **GEMV_M1)
+    return launch
+
+
+def _gemv_rope(hidden, hq, hkv, d, dtype, prenorm, group=128):
+    def launch():
+        x = torch.zeros(1, hidden, dtype=dtype)
+        q = torch.zeros(1, hq * d, dtype=dtype)
+        cache = torch.zeros(1, hkv, 4096, d, dtype=dtype)
+        pre = (torch.zeros(hidden, dtype=dtype), 1e-5) if prenorm else None
+        w4a16_gemv_rope.launch_w4a16_gemv_rope(
+            x, *_w4((hq + 2 * hkv) * d, hidden, dtype, group), None, q, cache, cache, torch.zeros(1, dtype=torch.int32),
+            torch.zeros(d // 2, dtype=torch.float32), hq, hkv, prenorm=pre, **GEMV_M1)
+    return launch
+
+
+def _gemv_residual(n, k, dtype, norm, group=128):
+    def launch():
+        x = torch.zeros(1, k, dtype=dtype)
+        h = torch.zeros(1, n, dtype=dtype)
+        w = torch.ones(n, dtype=dtype) if norm else None
+        w4a16_gemv_residual.launch_w4a16_gemv_residual(x, *_w4(n, k, dtype, group), None, h, w, torch.empty_like(h),
+                                                       torch.empty_like(h) if norm else None, **GEMV_M1)
+    return launch
+
+
+def _gemv(n, k, dtype):
+    def launch():
+        x = torch.zeros(1, k, dtype=dtype)
+        w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(1, n, dtype=dtype), **GEMV_M1)
+    return launch
+
+
+def _argmax(v, dtype):
+    return lambda: argmax.argmax(torch.zeros(v, dtype=dtype))
+
+
+TARGETS = {
+    "flash-d128-causal": _flash(128, True, hq=32, hkv=8),
+    "flash-d64": _flash(64, False),
+    "flash-d72": _flash(72, False),  # SigLIP so400m: 64 + 16 columns
+    "flash-d80": _flash(80, False),
+    "decode-attention-d128": _decode(),
+    "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
+    "gemv-silu-llama3-8b-fp16": _gemv_silu(4096, 14336, torch.float16, False),
+    "gemv-silu-smollm2-prenorm-bf16": _gemv_silu(576, 1536, torch.bfloat16, True, group=64),
+    "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),
+    "gemv-rope-smollm2-prenorm-fp16": _gemv_rope(576, 9, 3, 64, torch.float16, True, group=64),
+    "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),
+    "gemv-residual-smollm2-norm-bf16": _gemv_residual(576, 1536, torch.bfloat16, True, group=64),
+    "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
+}
+
+
+def record(launch):
+    """The (kernel, args, kwargs) of every launch ``launch()`` makes, with the device checks off."""
+    recorder = _Recorder()
+    saved_run = JITFunction.run
+    patched = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith(kernels_pkg.__name__) and hasattr(m, "check_kernel_device")]
+    saved_checks = [(m, m.check_kernel_device) for m in patched]
+    JITFunction.run = lambda fn, *a, **kw: recorder(fn, *a, **kw)
+    for m in patched:
+        m.check_kernel_device = lambda *a, **kw: None
+    try:
+        launch()
+    finally:
+        JITFunction.run = saved_run
+        for m, check in saved_checks:
+            m.check_kernel_device = check
+    return recorder.launches
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("names", nargs="*", help=f"targets (default all): {', '.join(TARGETS)}")
+    ap.add_argument("--sass", action="store_true", help="also count SASS instructions")
+    ap.add_argument("--json", help="write the reports here")
+    args = ap.parse_args(argv)
+    unknown = [n for n in args.names if n not in TARGETS]
+    if unknown:
+        ap.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
+    results, failed = {}, []
+    for name in args.names or TARGETS:
+        try:
+            for fn, a, kw in record(TARGETS[name]):
+                rep = report(compile_launch(fn, a, kw), sass=args.sass)
+                results[f"{name}:{fn.__name__}"] = rep
+                extra = f" sass {rep['sass_count']} {rep['sass_top'][:6]}" if args.sass else ""
+                print(f"{name:34s} {fn.__name__:32s} regs {rep['regs']:3d} stack {rep['stack']:5d} "
+                      f"smem {rep['shared']:6d} wgmma {rep['wgmma']} narrow loads {rep['narrow_loads']}{extra}", flush=True)
+        except Exception as e:  # report every target, then fail
+            failed.append(name)
+            print(f"{name:34s} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "target": "sm90", "results": results}, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
