@@ -87,12 +87,15 @@ def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag"):
 
 def candidates(m):
     """Launch plans worth measuring for bucket ``m`` (tinyq.kernels.w4a16_configs format): the GEMV
-    at M=1; the fused GEMM with the dequantized weights as the MMA's register operand (swap-AB),
+    at M=1 (each tile with one row per warp and with rows sharing a warp); the fused GEMM with the dequantized weights as the MMA's register operand (swap-AB),
     activations in fragment order ('frag') or natural order ('natural'), up to M=128, with split-K
     where N alone leaves SMs idle; dequantize + cuBLAS from M=128."""
     if m == 1:
-        for bn, bk, nw in ((8, 1024, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8)):
-            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True)
+        # warp_blocks: None = one weight row per warp; 4 or 8 = a warp spans 8 or 4 rows that share
+        # each activation load (tinyq.kernels.w4a16_gemv.gemv_rows)
+        for (bn, bk, nw), wb in itertools.product(((8, 1024, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8)),
+                                                  (None, 4, 8)):
+            yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True, warp_blocks=wb)
     if 4 <= m <= 128:
         bm = max(16, 1 << (m - 1).bit_length())
         for unpack, bn, sk in itertools.product(("frag", "natural"), (64, 128) if bm < 128 else (64,),

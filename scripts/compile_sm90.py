@@ -183,10 +183,11 @@ def _gemv_residual(n, k, dtype, norm, group=128):
     return launch
 
 
-def _gemv(n, k, dtype):
+def _gemv(n, k, dtype, warp_blocks=None):
     def launch():
         x = torch.zeros(1, k, dtype=dtype)
-        w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(1, n, dtype=dtype), **GEMV_M1)
+        w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(1, n, dtype=dtype),
+                                     **dict(GEMV_M1, warp_blocks=warp_blocks))
     return launch
 
 
@@ -201,6 +202,7 @@ TARGETS = {
     "flash-d80": _flash(80, False),
     "decode-attention-d128": _decode(),
     "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
+    "gemv-llama3-8b-gate-up-fp16-warp-rows": _gemv(28672, 4096, torch.float16, warp_blocks=4),
     "gemv-silu-llama3-8b-fp16": _gemv_silu(4096, 14336, torch.float16, False),
     "gemv-silu-smollm2-prenorm-bf16": _gemv_silu(576, 1536, torch.bfloat16, True, group=64),
     "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),

@@ -26,26 +26,28 @@ def quantized(n, k, group, dtype, bias=False):
     return [t.to(DEV) if t is not None else None for t in (qw, s, z, b)]
 
 
-def plan(x):
-    return launch_plan(1, x.dtype, x.get_device())[1]
+def plan(x, warp_blocks=None):
+    """The shipped M=1 plan; ``warp_blocks`` set: rows sharing a warp (tinyq.kernels.w4a16_gemv.gemv_rows)."""
+    cfg = launch_plan(1, x.dtype, x.get_device())[1]
+    return cfg if warp_blocks is None else dict(cfg, warp_blocks=warp_blocks)
 
 
 @pytest.mark.parametrize("inter,k,group", [(37, 192, 64), (300, 576, 64), (64, 256, 128), (5, 96, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_gate_up_silu_matches_reference(inter, k, group, dtype, bias):
+@pytest.mark.parametrize("bias,warp_blocks", [(False, None), (True, None), (False, 4)])
+def test_gate_up_silu_matches_reference(inter, k, group, dtype, bias, warp_blocks):
     qw, s, z, b = quantized(2 * inter, k, group, dtype, bias)
     x = torch.randn(1, k, device=DEV).to(dtype)
     y = torch.full((1, inter), float("nan"), dtype=dtype, device=DEV)
     with force_backend("triton"):
-        launch_w4a16_gemv_silu(x, qw, s, z, b, y, **plan(x))
+        launch_w4a16_gemv_silu(x, qw, s, z, b, y, **plan(x, warp_blocks))
     assert_close_rel(y, w4a16_gemv_silu_reference(x, qw, s, z, b))
 
 
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (9, 3, 64), (4, 1, 128), (3, 3, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bias", [False, True])
-def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias):
+@pytest.mark.parametrize("bias,warp_blocks", [(False, None), (True, None), (True, 4)])
+def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias, warp_blocks):
     k, group, max_seq, pos = 192, 64, 40, 29
     qw, s, z, b = quantized((hq + 2 * hkv) * d, k, group, dtype, bias)
     x = torch.randn(1, k, device=DEV).to(dtype)
@@ -55,7 +57,7 @@ def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias):
     q = torch.full((1, 1, hq, d), float("nan"), dtype=dtype, device=DEV)
     seq_pos = torch.tensor([pos], dtype=torch.int32, device=DEV)
     with force_backend("triton"):
-        launch_w4a16_gemv_rope(x, qw, s, z, b, q, kc, vc, seq_pos, inv_freq, hq, hkv, **plan(x))
+        launch_w4a16_gemv_rope(x, qw, s, z, b, q, kc, vc, seq_pos, inv_freq, hq, hkv, **plan(x, warp_blocks))
     kc_ref, vc_ref = kc.clone(), vc.clone()
     q_ref = w4a16_gemv_rope_reference(x, qw, s, z, b, kc_ref, vc_ref, pos, inv_freq, hq, hkv)
     assert_close_rel(q, q_ref)
@@ -67,8 +69,9 @@ def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias):
 
 @pytest.mark.parametrize("n,k,group", [(64, 192, 64), (576, 1536, 64), (300, 256, 128), (9, 96, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bias,norm", [(False, True), (True, True), (False, False)])
-def test_linear_residual_matches_reference(n, k, group, dtype, bias, norm):
+@pytest.mark.parametrize("bias,norm,warp_blocks", [(False, True, None), (True, True, None), (False, False, None),
+                                                   (False, True, 8)])
+def test_linear_residual_matches_reference(n, k, group, dtype, bias, norm, warp_blocks):
     qw, s, z, b = quantized(n, k, group, dtype, bias)
     x = torch.randn(1, k, device=DEV).to(dtype)
     residual = torch.randn(n, device=DEV).to(dtype)
@@ -76,7 +79,7 @@ def test_linear_residual_matches_reference(n, k, group, dtype, bias, norm):
     h = torch.full((n,), float("nan"), dtype=dtype, device=DEV)
     hw = torch.full_like(h, float("nan")) if norm else None
     with force_backend("triton"):
-        launch_w4a16_gemv_residual(x, qw, s, z, b, residual, norm_w, h, hw, **plan(x))
+        launch_w4a16_gemv_residual(x, qw, s, z, b, residual, norm_w, h, hw, **plan(x, warp_blocks))
     h_ref, hw_ref = w4a16_gemv_residual_reference(x, qw, s, z, b, residual.view(1, n), norm_w)
     assert_close_rel(h, h_ref.view(n).float())
     if norm:

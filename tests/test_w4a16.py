@@ -36,12 +36,14 @@ def poisoned(m, n, dtype, device=DEV):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
-def test_gemv(m, n, k, group_size, dtype):
+@pytest.mark.parametrize("warp_blocks", [None, 2])
+def test_gemv(m, n, k, group_size, dtype, warp_blocks):
+    """One weight row per warp (None) and rows sharing a warp (2 blocks of 32 inputs a warp-row)."""
     if k % group_size:
         pytest.skip("group does not divide K")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     y = poisoned(m, n, dtype)
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2)
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2, warp_blocks=warp_blocks)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
@@ -224,14 +226,17 @@ def test_gpu_cuda_graph_and_compile():
 @pytest.mark.gpu
 @pytest.mark.parametrize("ptx_dequant", [True, False])
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 4096, 4096, 128), (3, 1000, 576, 64), (2, 333, 14336, 32)])
-def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant):
-    """Both GEMV dequant paths, including activations with 3000-sized outliers (Llama's massive
-    activations): the fp16 PTX path must neither overflow nor lose accuracy."""
+@pytest.mark.parametrize("warp_blocks", [None, 4])
+def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_blocks):
+    """Both GEMV dequant paths, one row a warp and rows sharing a warp, including activations with
+    3000-sized outliers (Llama's massive activations): the fp16 PTX path must neither overflow nor
+    lose accuracy."""
     x, qw, s, z, b = make_case(m, n, k, group_size, torch.float16, device="cuda")
     x[:, 7] = 3000.0
     x[:, k // 2] = -2500.0
     y = poisoned(m, n, torch.float16, device="cuda")
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8, num_stages=2, ptx_dequant=ptx_dequant)
+    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8, num_stages=2, ptx_dequant=ptx_dequant,
+                      warp_blocks=warp_blocks)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 

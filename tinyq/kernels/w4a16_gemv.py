@@ -65,82 +65,93 @@ def _pack_half2(lo, hi):
 
 
 @triton.jit
-def _load_step(qw_ptr, s_ptr, z_ptr, offs_n, n_mask, offs_b, offs_w, k0, K, stride_wn, stride_sn,
+def _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr):
-    """The words ``[BN, NB, 4]`` (uint32), scales and zeros ``[BN, NB]`` (fp32) of the K step at ``k0``
-    (all masked to 0 past K)."""
-    b_ok = (k0 + 32 * offs_b) < K  # [NB]
-    mask = n_mask[:, None, None] & b_ok[None, :, None]
-    words = tl.load(qw_ptr + offs_n[:, None, None] * stride_wn + (k0 // 8 + 4 * offs_b)[None, :, None]
-                    + offs_w[None, None, :], mask=mask, other=0)
-    sz = offs_n[:, None] * stride_sn + ((k0 + 32 * offs_b) // GROUP_SIZE)[None, :]  # [BN, NB]
-    s_mask = n_mask[:, None] & b_ok[None, :]
-    s = tl.load(s_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + sz, mask=s_mask, other=0.0).to(tl.float32)
+    """The words ``[NBO, BN, NBI, 4]`` (uint32), scales and zeros ``[NBO, BN, NBI]`` (fp32) of the K
+    step at ``k0``; ``blk [NBO, 1, NBI]`` numbers the step's 32-input blocks (all masked to 0 past K)."""
+    kb = k0 + 32 * blk  # [NBO, 1, NBI]: first input of each block
+    n3 = rows[None, :, None]
+    mask = row_ok[None, :, None] & (kb < K)  # [NBO, BN, NBI]
+    words = tl.load(qw_ptr + (n3 * stride_wn + k0 // 8 + 4 * blk)[:, :, :, None] + offs_w[None, None, None, :],
+                    mask=mask[:, :, :, None], other=0)
+    sz = n3 * stride_sn + kb // GROUP_SIZE
+    s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)
     return words.to(tl.uint32, bitcast=True), s, z
 
 
 @triton.jit
 def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn,
-              GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+              GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              WARP_BLOCKS: tl.constexpr):
     """float32 ``[BLOCK_N]``: the dot products of the activation row at ``x_row`` with weight rows
     ``rows`` (any ``BLOCK_N`` row indices; ``row_ok`` masks the rest to 0). The main loop of every
-    W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue)."""
+    W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue).
+
+    A K step's ``BLOCK_K / 32`` blocks are split as ``[NBO, NBI]`` with ``NBI = WARP_BLOCKS``, and
+    the tiles are ``[NBO, BLOCK_N, NBI, 4 words]``: Triton spreads a warp's threads over the inner
+    dims first, so a warp covers ``32 / WARP_BLOCKS`` rows x ``WARP_BLOCKS`` blocks.
+    ``WARP_BLOCKS = BLOCK_K / 32`` gives each warp one row and a whole step, and every warp then
+    loads the same activations (32 sectors per x load instruction); a small ``WARP_BLOCKS`` lets the
+    rows of a warp share each x load (``WARP_BLOCKS`` sectors), for the same 16-byte weight loads."""
     tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
     tl.static_assert(GROUP_SIZE % 32 == 0, "groups hold whole 32-input blocks")
     NB: tl.constexpr = BLOCK_K // 32
-    offs_b = tl.arange(0, NB)
+    tl.static_assert(NB % WARP_BLOCKS == 0, "WARP_BLOCKS divides the step's blocks")
+    NBO: tl.constexpr = NB // WARP_BLOCKS
+    blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, None, :]  # [NBO, 1, NBI]
     offs_w = tl.arange(0, 4)
-    acc = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
+    acc = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
     # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
     # double-buffering), so each program keeps two steps of weight bytes in flight
-    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, offs_b, offs_w, 0, K, stride_wn, stride_sn,
+    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, 0, K, stride_wn, stride_sn,
                                    GROUP_SIZE)
     for k0 in range(0, K, BLOCK_K):
-        b_ok = (k0 + 32 * offs_b) < K  # [NB]
+        x_ok = ((k0 + 32 * blk) < K)[:, :, :, None]  # [NBO, 1, NBI, 1]
         words, s, z = words_n, s_n, z_n
-        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, offs_b, offs_w, k0 + BLOCK_K, K,
+        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0 + BLOCK_K, K,
                                        stride_wn, stride_sn, GROUP_SIZE)
-        x_blk = x_row + k0 + 32 * offs_b[:, None] + offs_w[None, :]  # [NB, 4]
+        x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4]
         if PTX_DEQUANT:
             # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]), pre-scaled by 1/16.
             x0 = x_blk
-            xp0 = _pack_half2((tl.load(x0, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 16, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
-            xp1 = _pack_half2((tl.load(x0 + 4, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 20, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
-            xp2 = _pack_half2((tl.load(x0 + 8, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 24, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
-            xp3 = _pack_half2((tl.load(x0 + 12, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 28, mask=b_ok[:, None], other=0.0) * 0.0625).to(tl.float16))
-            z16 = (z + 1024.0).to(tl.float16)[:, :, None]  # exact: z is an integer 0..15
+            xp0 = _pack_half2((tl.load(x0, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 16, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
+            xp1 = _pack_half2((tl.load(x0 + 4, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 20, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
+            xp2 = _pack_half2((tl.load(x0 + 8, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 24, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
+            xp3 = _pack_half2((tl.load(x0 + 12, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
+                              (tl.load(x0 + 28, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
+            z16 = (z + 1024.0).to(tl.float16)[:, :, :, None]  # exact: z is an integer 0..15
             dots = tl.inline_asm_elementwise(
-                _DEQUANT_DOT_PTX, "=f,r,h,r,r,r,r", [words, z16, xp0[None, :, :], xp1[None, :, :], xp2[None, :, :], xp3[None, :, :]],
+                _DEQUANT_DOT_PTX, "=f,r,h,r,r,r,r", [words, z16, xp0, xp1, xp2, xp3],
                 dtype=tl.float32, is_pure=True, pack=1,
             )
-            acc += (16.0 * s)[:, :, None] * dots
+            acc += (16.0 * s)[:, :, :, None] * dots
         else:
-            part = tl.zeros((BLOCK_N, NB, 4), dtype=tl.float32)
-            xsum = tl.zeros((NB, 4), dtype=tl.float32)
+            part = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
+            xsum = tl.zeros((NBO, 1, WARP_BLOCKS, 4), dtype=tl.float32)
             for i in tl.static_range(8):
-                xi = tl.load(x_blk + 4 * i, mask=b_ok[:, None], other=0.0).to(tl.float32)  # [NB, 4]
+                xi = tl.load(x_blk + 4 * i, mask=x_ok, other=0.0).to(tl.float32)  # [NBO, 1, NBI, 4]
                 xsum += xi
-                part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))[None, :, :]
-            acc += s[:, :, None] * (part - z[:, :, None] * xsum[None, :, :])
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
+                part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))
+            acc += s[:, :, :, None] * (part - z[:, :, :, None] * xsum)
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
 
 
 @triton.jit
 def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, eps, stride_wn, stride_sn,
                         GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
-                        PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr):
+                        PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr):
     """:func:`gemv_rows` plus the bias, for the fused GEMVs that may finish an RMSNorm: with
     ``PRENORM`` the row at ``x_row`` holds ``h * w`` of the norm and the dot products are scaled by
     ``1 / rms(h)`` of the row at ``h_row`` (``ROW`` = next_pow2(K) lanes)."""
     if PRENORM:
         rstd = inv_rms(h_row, K, eps, ROW)
     dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K)
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS)
     if PRENORM:
         dots = dots * rstd
     if HAS_BIAS:
@@ -158,6 +169,7 @@ def _w4a16_gemv_kernel(
     PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    WARP_BLOCKS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = pid % M
@@ -168,7 +180,7 @@ def _w4a16_gemv_kernel(
     # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
     # kernel they left the alignment unknown and every word was a separate 4-byte load.
     out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, stride_wn, stride_sn,
-                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K)
+                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -180,8 +192,13 @@ def gemv_ptx(x) -> bool:
     return x.dtype == torch.float16 and not interpreting()
 
 
+def warp_blocks_of(block_k: int, warp_blocks=None) -> int:
+    """The ``WARP_BLOCKS`` of :func:`gemv_rows`: a plan's ``warp_blocks``, else one row a warp."""
+    return warp_blocks or block_k // 32
+
+
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
-                      num_stages: int, ptx_dequant: bool = False):
+                      num_stages: int, ptx_dequant: bool = False, warp_blocks=None):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -196,6 +213,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows
+from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows, warp_blocks_of
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 
 
@@ -31,12 +31,12 @@ def _w4a16_gemv_residual_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, w_ptr, h_ptr, hw_ptr,
     N, K, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K)
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS)
     if HAS_BIAS:
         dots += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     y = dots.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -54,7 +54,8 @@ def w4a16_gemv_residual_reference(x, qweight, scales, zeros, bias, residual, nor
 
 
 def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_weight, h, hw, *, block_n: int,
-                               block_k: int, num_warps: int, num_stages: int, ptx_dequant: bool = False):
+                               block_k: int, num_warps: int, num_stages: int, ptx_dequant: bool = False,
+                               warp_blocks=None):
     """Launch on arguments already checked (see :func:`tinyq.ops.fused.w4a16_linear_residual`);
     writes ``h`` (and ``hw`` when ``norm_weight`` is given)."""
     n, k = qweight.shape[0], x.shape[1]
@@ -64,6 +65,7 @@ def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_w
         n, k, qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
         num_warps=num_warps, num_stages=num_stages,
     )
     return h, hw

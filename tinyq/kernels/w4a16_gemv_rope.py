@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
-from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows_prenormed
+from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows_prenormed, warp_blocks_of
 from tinyq.quant.format import dequantize_weight
 
 
@@ -42,7 +42,8 @@ def _w4a16_gemv_rope_kernel(
     HQ, HKV, K, MAX_SEQ, ROPE_PROGRAMS, eps,
     stride_wn, stride_sn, stride_ch, stride_cn,
     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
-    PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr,
+    PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
+    ROW: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
@@ -60,7 +61,7 @@ def _w4a16_gemv_rope_kernel(
     ok = tl.where(rotary, (p_r < pairs).to(tl.int32), (v_r < HKV * HEAD_DIM).to(tl.int32)) != 0
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, eps, stride_wn, stride_sn,
-                               GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, ROW)
+                               GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, ROW)
     # the host checked the room; this only guards memory on a stale replay
     in_cache = (r * 0 + pos) < MAX_SEQ  # [BLOCK_N]
     if rotary:
@@ -84,7 +85,7 @@ def _w4a16_gemv_rope_kernel(
 
 def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_cache, seq_pos, inv_freq,
                            num_heads: int, num_kv_heads: int, *, block_n: int, block_k: int, num_warps: int,
-                           num_stages: int, ptx_dequant: bool = False, prenorm=None):
+                           num_stages: int, ptx_dequant: bool = False, warp_blocks=None, prenorm=None):
     """Launch on arguments already checked (see :func:`tinyq.ops.fused.w4a16_qkv_attention`);
     ``prenorm = (h [K], eps)`` when x is ``h * w`` of an RMSNorm still to be normalized."""
     h, eps = prenorm if prenorm is not None else (x, 0.0)
@@ -97,7 +98,8 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
         num_heads, num_kv_heads, k, k_cache.shape[2], rope_programs, float(eps),
         qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
-        PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k, ROW=triton.next_power_of_2(k),
+        PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
         num_warps=num_warps, num_stages=num_stages,
     )
     return q_out

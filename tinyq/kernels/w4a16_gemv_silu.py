@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows_prenormed
+from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows_prenormed, warp_blocks_of
 from tinyq.quant.format import dequantize_weight
 
 
@@ -35,7 +35,7 @@ def _w4a16_gemv_silu_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, h_ptr,
     I, K, eps, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_N // 2
     r = tl.arange(0, BLOCK_N)
@@ -44,7 +44,7 @@ def _w4a16_gemv_silu_kernel(
     ok = i < I
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, eps, stride_wn, stride_sn,
-                               GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, ROW)
+                               GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, ROW)
     gate, up = tl.split(tl.reshape(dots, (HALF, 2)))
     out = gate / (1.0 + tl.exp(-gate)) * up
     i_out = tl.program_id(0) * HALF + tl.arange(0, HALF)
@@ -65,7 +65,7 @@ def w4a16_gemv_silu_reference(x, qweight, scales, zeros, bias=None, prenorm=None
 
 
 def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
-                           num_stages: int, ptx_dequant: bool = False, prenorm=None):
+                           num_stages: int, ptx_dequant: bool = False, warp_blocks=None, prenorm=None):
     """Launch on arguments already checked (x ``[1, K]``; the weight a checked W4A16 ``[2I, K]``;
     ``prenorm = (h [K], eps)`` when x is ``h * w`` of an RMSNorm still to be normalized)."""
     n, k = qweight.shape[0], x.shape[1]
@@ -76,6 +76,7 @@ def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, 
         inter, k, float(eps), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
         ROW=triton.next_power_of_2(k), num_warps=num_warps, num_stages=num_stages,
     )
     return y
