@@ -92,9 +92,13 @@ def candidates(m):
     where N alone leaves SMs idle; dequantize + cuBLAS from M=128."""
     if m == 1:
         # warp_blocks: None = one weight row per warp; 4 or 8 = a warp spans 8 or 4 rows that share
-        # each activation load (tinyq.kernels.w4a16_gemv.gemv_rows)
-        for (bn, bk, nw), wb in itertools.product(((8, 1024, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8)),
-                                                  (None, 4, 8)):
+        # each activation load (tinyq.kernels.w4a16_gemv.gemv_rows). The last four tiles are larger
+        # than their warps' rows, so each thread holds 2-4 rows and builds each activation pair once
+        # for all of them (4.0-4.6 SASS instructions per weight against 5.3: docs/perf_notes.md).
+        tiles = [(t, wb) for t, wb in itertools.product(((8, 1024, 8), (4, 1024, 4), (8, 512, 4), (16, 512, 8)),
+                                                        (None, 4, 8))]
+        tiles += [((32, 256, 4), 8), ((16, 512, 4), 16), ((64, 256, 8), 8), ((32, 512, 4), 16)]
+        for (bn, bk, nw), wb in tiles:
             yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True, warp_blocks=wb)
     if 4 <= m <= 128:
         bm = max(16, 1 << (m - 1).bit_length())

@@ -40,7 +40,9 @@ import tinyq.kernels as kernels_pkg  # noqa: E402
 from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
+from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant  # noqa: E402
 from tinyq.kernels.attention_configs import DECODE, FLASH  # noqa: E402
+from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
 from tinyq.kernels.w4a16_configs import PLANS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -191,6 +193,24 @@ def _gemv(n, k, dtype, warp_blocks=None):
     return launch
 
 
+def _int8_linear(m, n, k):
+    """The W8A8 linear at ``m`` tokens with the sm90 config of that M bucket."""
+    def launch():
+        cfg = next(c for max_m, c in INT8_CONFIGS["sm90"] if max_m is None or m <= max_m)
+        int8_matmul.int8_matmul_checked(torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8),
+                                        torch.ones(m, 1), torch.ones(n), None, torch.float16, config=cfg)
+    return launch
+
+
+def _layernorm_quant(m, k):
+    return lambda: layernorm_quant.layernorm_quant(torch.zeros(m, k, dtype=torch.float16), torch.ones(k, dtype=torch.float16),
+                                                   torch.zeros(k, dtype=torch.float16), 1e-6)
+
+
+def _gelu_quant(m, k):
+    return lambda: gelu_quant.gelu_quant(torch.zeros(m, k, dtype=torch.float16), "tanh")
+
+
 def _argmax(v, dtype):
     return lambda: argmax.argmax(torch.zeros(v, dtype=dtype))
 
@@ -210,6 +230,12 @@ TARGETS = {
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),
     "gemv-residual-smollm2-norm-bf16": _gemv_residual(576, 1536, torch.bfloat16, True, group=64),
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
+    # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
+    "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
+    "int8-tower-fc2": _int8_linear(17408, 1152, 4304),
+    "int8-llama3-8b-gate-up-m16": _int8_linear(16, 28672, 4096),
+    "layernorm-quant-tower": _layernorm_quant(17408, 1152),
+    "gelu-quant-tower": _gelu_quant(17408, 4304),
 }
 
 

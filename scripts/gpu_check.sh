@@ -2,7 +2,8 @@
 # Everything that needs a GPU, in one call (the lent H100/H200 machines have torch 2.11 + triton 3.6 preinstalled):
 # the `gpu`-marked tests, then the benchmarks, each against its baseline in the same run.
 #   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [w8a8] [attention] [e2e] [warm-start] [vlm] [awq]
-#   (default: all but the sweep)
+#                             [profile] [heads]
+#   (default: all but the sweep, the decode profile and the output-head sweep)
 # Results: $OUT (default ./out): <part>.json per benchmark, gpu_check.log with every log; each
 # part's summary table is printed again at the end.
 set -uo pipefail
@@ -41,6 +42,9 @@ for part in "${parts[@]}"; do
       run warm-start-2 2 $PY benchmarks/bench_warm_start.py --out "$OUT/warm_start_2.json" || status=1 ;;
     w8a8) run w8a8 16 $PY benchmarks/bench_w8a8.py --out "$OUT/w8a8.json" || status=1 ;;
     vlm) run vlm 12 $PY benchmarks/bench_vlm.py --out "$OUT/vlm.json" || status=1 ;;
+    profile) run profile 40 $PY scripts/profile_decode.py --models smollm2,llama3-8b --precision w4a16 --steps 50 \
+      || status=1 ;;
+    heads) run heads 12 $PY benchmarks/bench_dense_gemv.py --sweep-heads --out "$OUT/heads.json" || status=1 ;;
     *) echo "unknown part $part"; status=2 ;;
   esac
 done
