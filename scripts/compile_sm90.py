@@ -40,7 +40,7 @@ import tinyq.kernels as kernels_pkg  # noqa: E402
 from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
-from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant  # noqa: E402
+from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant, w4a16_gemm  # noqa: E402
 from tinyq.kernels.attention_configs import DECODE, FLASH  # noqa: E402
 from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
 from tinyq.kernels.w4a16_configs import PLANS  # noqa: E402
@@ -193,6 +193,15 @@ def _gemv(n, k, dtype, warp_blocks=None):
     return launch
 
 
+def _w4a16_gemm(m, n, k):
+    """The fused W4A16 GEMM (and its split-K reduce) with the sm90 plan of M's bucket."""
+    def launch():
+        cfg = next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and m <= max_m)
+        w4a16_gemm.launch_w4a16_gemm(torch.zeros(m, k, dtype=torch.float16), *_w4(n, k, torch.float16), None,
+                                     torch.zeros(m, n, dtype=torch.float16), **cfg)
+    return launch
+
+
 def _int8_linear(m, n, k):
     """The W8A8 linear at ``m`` tokens with the sm90 config of that M bucket."""
     def launch():
@@ -230,6 +239,8 @@ TARGETS = {
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),
     "gemv-residual-smollm2-norm-bf16": _gemv_residual(576, 1536, torch.bfloat16, True, group=64),
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
+    "w4a16-gemm-m16-llama3-8b-gate-up": _w4a16_gemm(16, 28672, 4096),
+    "w4a16-gemm-m64-llama3-8b-gate-up": _w4a16_gemm(64, 28672, 4096),
     # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
     "int8-tower-fc2": _int8_linear(17408, 1152, 4304),
