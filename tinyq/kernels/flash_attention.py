@@ -113,6 +113,30 @@ def head_dim_split(head_dim: int):
 
 
 @triton.jit
+def _load_kv_cols(k_base, v_base, stride_kn, stride_vn, n, offs_d, kv_len, HEAD_DIM: tl.constexpr,
+                  COL_END: tl.constexpr, MASKED: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``K^T [D, BLOCK_N]`` and ``V [BLOCK_N, D]`` of keys ``n`` for one power-of-two block of
+    head-dim columns ``offs_d`` (ending at ``COL_END``). Masks only what can be out of range: keys
+    past ``kv_len`` when ``MASKED``, and columns past ``HEAD_DIM`` when the block reaches beyond it."""
+    k_ptrs = k_base + n[None, :] * stride_kn + offs_d[:, None]
+    v_ptrs = v_base + n[:, None] * stride_vn + offs_d[None, :]
+    mask_d = offs_d < HEAD_DIM
+    if MASKED:
+        k = tl.load(k_ptrs, mask=mask_d[:, None] & (n[None, :] < kv_len), other=0.0)
+        v = tl.load(v_ptrs, mask=(n[:, None] < kv_len) & mask_d[None, :], other=0.0)
+    elif HEAD_DIM >= COL_END:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=mask_d[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _attn_blocks(
     acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, lo, hi, q_pos, kv_len, qk_scale,
     offs_n, offs_dh, offs_dl,
@@ -122,43 +146,15 @@ def _attn_blocks(
     """Online-softmax update of (acc_h, acc_l, l_i, m_i) over key blocks [lo, hi). Columns
     ``[0, D_HI)`` go through ``*_h``, columns ``[D_HI, D_HI + D_LO)`` through ``*_l`` (only when
     ``D_LO > 0``; then all D_HI columns are real)."""
-    HI_FULL: tl.constexpr = HEAD_DIM >= D_HI
-    LO_FULL: tl.constexpr = HEAD_DIM >= D_HI + D_LO
-    mask_dh = offs_dh < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n = start_n + offs_n
-        k_ptrs = k_base + n[None, :] * stride_kn + offs_dh[:, None]  # [D_HI, BLOCK_N]
-        v_ptrs = v_base + n[:, None] * stride_vn + offs_dh[None, :]  # [BLOCK_N, D_HI]
-        if MASKED:
-            k_h = tl.load(k_ptrs, mask=mask_dh[:, None] & (n[None, :] < kv_len), other=0.0)
-            v_h = tl.load(v_ptrs, mask=(n[:, None] < kv_len) & mask_dh[None, :], other=0.0)
-        elif HI_FULL:
-            k_h = tl.load(k_ptrs)
-            v_h = tl.load(v_ptrs)
-        else:
-            k_h = tl.load(k_ptrs, mask=mask_dh[:, None], other=0.0)
-            v_h = tl.load(v_ptrs, mask=mask_dh[None, :], other=0.0)
-        if DOT_FP32:
-            k_h = k_h.to(tl.float32)
-            v_h = v_h.to(tl.float32)
+        k_h, v_h = _load_kv_cols(k_base, v_base, stride_kn, stride_vn, n, offs_dh, kv_len, HEAD_DIM, D_HI,
+                                 MASKED, DOT_FP32)
         qk = tl.dot(q_h, k_h)
         if D_LO > 0:
-            mask_dl = offs_dl < HEAD_DIM
-            kl_ptrs = k_base + n[None, :] * stride_kn + offs_dl[:, None]  # [D_LO, BLOCK_N]
-            vl_ptrs = v_base + n[:, None] * stride_vn + offs_dl[None, :]  # [BLOCK_N, D_LO]
-            if MASKED:
-                k_l = tl.load(kl_ptrs, mask=mask_dl[:, None] & (n[None, :] < kv_len), other=0.0)
-                v_l = tl.load(vl_ptrs, mask=(n[:, None] < kv_len) & mask_dl[None, :], other=0.0)
-            elif LO_FULL:
-                k_l = tl.load(kl_ptrs)
-                v_l = tl.load(vl_ptrs)
-            else:
-                k_l = tl.load(kl_ptrs, mask=mask_dl[:, None], other=0.0)
-                v_l = tl.load(vl_ptrs, mask=mask_dl[None, :], other=0.0)
-            if DOT_FP32:
-                k_l = k_l.to(tl.float32)
-                v_l = v_l.to(tl.float32)
+            k_l, v_l = _load_kv_cols(k_base, v_base, stride_kn, stride_vn, n, offs_dl, kv_len, HEAD_DIM,
+                                     D_HI + D_LO, MASKED, DOT_FP32)
             qk = tl.dot(q_l, k_l, qk)
         qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if MASKED:
