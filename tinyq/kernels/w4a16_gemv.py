@@ -38,6 +38,7 @@ import triton.language as tl
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import nibble_pairs_minus_zero
 from tinyq.kernels.rmsnorm import inv_rms
+from tinyq.quant.format import dequantize_weight
 
 
 # One int32 word of 8 nibbles -> sum_i (q_i - z) * x_i, fp16 arithmetic inside, fp32 out.
@@ -158,6 +159,16 @@ def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_
         dots += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     return dots
 
+
+def gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias=None, prenorm=None):
+    """Float32 ``x @ W.T (+ b)`` of :func:`gemv_rows_prenormed`, nothing rounded: with
+    ``prenorm = (h, eps)``, ``x`` is ``h * w`` of an RMSNorm and is first scaled by ``1 / rms(h)``."""
+    x = x.float()
+    if prenorm is not None:
+        h, eps = prenorm
+        x = x * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
+    y = x @ dequantize_weight(qweight, scales, zeros).t()
+    return y + bias.float() if bias is not None else y
 
 @triton.jit
 def _w4a16_gemv_kernel(

@@ -32,8 +32,9 @@ import triton
 import triton.language as tl
 
 from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
-from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows_prenormed, warp_blocks_of
-from tinyq.quant.format import dequantize_weight
+from tinyq.kernels.w4a16_gemv import (
+    gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
+)
 
 
 @triton.jit
@@ -111,13 +112,7 @@ def w4a16_gemv_rope_reference(x, qweight, scales, zeros, bias, k_cache, v_cache,
     q and k at ``pos``; writes k and v into the cache at ``pos``; returns rotated q ``[1, 1, Hq, D]``.
     ``prenorm = (h, eps)``: ``x`` is ``h * w`` of an RMSNorm, normalized by ``1 / rms(h)`` first."""
     d = k_cache.shape[-1]
-    if prenorm is not None:
-        h, eps = prenorm
-        x = x.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
-    qkv = x.float() @ dequantize_weight(qweight, scales, zeros).t()
-    if bias is not None:
-        qkv = qkv + bias.float()
-    qkv = qkv.view(1, 1, num_heads + 2 * num_kv_heads, d)
+    qkv = gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias, prenorm).view(1, 1, num_heads + 2 * num_kv_heads, d)
     q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=2)
     positions = torch.tensor([pos], device=x.device)
     k_cache[0, :, pos] = apply_rope_reference(k, positions, inv_freq)[0, 0].to(k_cache.dtype)

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows_prenormed, warp_blocks_of
-from tinyq.quant.format import dequantize_weight
+from tinyq.kernels.w4a16_gemv import (
+    gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
+)
 
 
 @triton.jit
@@ -54,13 +55,7 @@ def _w4a16_gemv_silu_kernel(
 def w4a16_gemv_silu_reference(x, qweight, scales, zeros, bias=None, prenorm=None):
     """Float32 ``[M, I]``: the W4A16 linear and the SiLU-gated product, nothing rounded in between.
     ``prenorm = (h, eps)``: ``x`` is ``h * w`` of an RMSNorm, normalized by ``1 / rms(h)`` first."""
-    if prenorm is not None:
-        h, eps = prenorm
-        x = x.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + eps)
-    y = x.float() @ dequantize_weight(qweight, scales, zeros).t()
-    if bias is not None:
-        y = y + bias.float()
-    gate, up = y.chunk(2, dim=-1)
+    gate, up = gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias, prenorm).chunk(2, dim=-1)
     return torch.nn.functional.silu(gate) * up
 
 
