@@ -107,8 +107,9 @@ def _tool(name):
 
 def report(compiled, sass: bool = False) -> dict:
     """Registers, spill/stack bytes, shared memory, wgmma ops, global loads narrower than 4 bytes
-(``narrow_loads``: an operand the compiler could not vectorize) and, with ``sass``, the top SASS
-opcodes."""
+(``narrow_loads``: an operand the compiler could not vectorize), asynchronous copies narrower than
+16 bytes (``narrow_copies``: only 16-byte ``cp.async`` bypasses L1, and an 8-byte one means the
+compiler could not prove 16-byte alignment) and, with ``sass``, the top SASS opcodes."""
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
@@ -121,7 +122,9 @@ opcodes."""
            "stack": int(re.search(r"STACK:(\d+)", usage).group(1)),
            "shared": compiled.metadata.shared,
            "wgmma": compiled.asm["ttgir"].count("warp_group_dot "),
-           "narrow_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9:_]+)*\.[bsuf](?:8|16)\b", compiled.asm["ptx"]))}
+           "narrow_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9:_]+)*\.[bsuf](?:8|16)\b", compiled.asm["ptx"])),
+           "narrow_copies": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], (?:0x[48]|[48]),",
+                                           compiled.asm["ptx"]))}
     if sass:
         ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", dump, re.M)
         out["sass_count"] = len(ops)
@@ -286,7 +289,7 @@ def main(argv=None) -> int:
                 results[f"{name}:{fn.__name__}"] = rep
                 extra = f" sass {rep['sass_count']} {rep['sass_top'][:6]}" if args.sass else ""
                 print(f"{name:34s} {fn.__name__:32s} regs {rep['regs']:3d} stack {rep['stack']:5d} "
-                      f"smem {rep['shared']:6d} wgmma {rep['wgmma']} narrow loads {rep['narrow_loads']}{extra}", flush=True)
+                      f"smem {rep['shared']:6d} wgmma {rep['wgmma']} narrow loads {rep['narrow_loads']} copies {rep['narrow_copies']}{extra}", flush=True)
         except Exception as e:  # report every target, then fail
             failed.append(name)
             print(f"{name:34s} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)

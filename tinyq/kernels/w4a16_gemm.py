@@ -142,7 +142,7 @@ UNPACK_MODES = {"frag": 0, "natural": 1}
 @triton.jit
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, K_SPLIT,
+    M, N, K, K_SPLIT, K_SPLIT_WORDS,
     stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -171,7 +171,9 @@ def _w4a16_gemm_kernel(
     n_mask = offs_n < N
     # row strides come in as arguments (not K // 8 here): Triton can then prove 16-byte alignment
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + tl.arange(0, BLOCK_K))[None, :]  # [BM, BK]
-    w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + (k_lo // 8 + tl.arange(0, BLOCK_K // 8))[None, :]  # [BN, BK/8]
+    # the split's first word from its own argument (K_SPLIT // 8): the compiler sees 16-divisibility
+    # there and issues 16-byte copies, where k_lo // 8 would only be known to be even (8-byte copies)
+    w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + (pid_k * K_SPLIT_WORDS + tl.arange(0, BLOCK_K // 8))[None, :]
     sz_ptrs = offs_n * stride_sn  # [BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -252,7 +254,7 @@ def launch_w4a16_gemm(
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     _w4a16_gemm_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else y, out,
-        m, n, k, k_split,
+        m, n, k, k_split, k_split // 8,
         x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
