@@ -66,6 +66,8 @@ def vision_ms(chat) -> str:
     out = f"{1e3 * chat.last_vision_s:.0f} ms"
     if chat.last_vision_compile_s:
         out += f" (+{chat.last_vision_compile_s:.1f} s compiling kernels for a new shape, not counted)"
+    if chat.last_vision_capture_s:
+        out += f" (+{chat.last_vision_capture_s:.2f} s capturing CUDA graphs for a new batch size, not counted)"
     return out
 
 

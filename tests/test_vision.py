@@ -70,3 +70,32 @@ def test_bad_input():
         load_vision_tower(tower.config, TensorSource(tensors={}), prefix="model.vision_tower.")
     with pytest.raises(ValueError, match="unsupported vision tower"):
         VisionConfig.from_hf({"model_type": "dinov2"})
+
+
+def test_batch_graphs_chunking():
+    """Tiles run as chunks of 8, 4, 2, 1 (largest first); the result is the whole batch's."""
+    from tinyq.graphs import BatchGraphs
+
+    seen = []
+
+    def rowwise(x):
+        seen.append(x.shape[0])
+        return x * 2 + x.sum(dim=1, keepdim=True)
+
+    g = BatchGraphs(rowwise, capture=False)
+    assert g.split(17) == [8, 8, 1] and g.split(7) == [4, 2, 1] and g.split(0) == []
+    x = torch.randn(15, 3)
+    torch.testing.assert_close(g(x), x * 2 + x.sum(dim=1, keepdim=True), rtol=0, atol=0)
+    assert seen == [8, 4, 2, 1]
+    assert g(x[:0]).shape == (0, 3)
+    with pytest.raises(ValueError, match="must include 1"):
+        BatchGraphs(rowwise, chunks=(8, 4), capture=False)
+
+
+def test_encode_off_cuda_is_features():
+    hf = tiny_tower("siglip")
+    tower = _ours(hf)
+    px = torch.randn(3, 3, hf.config.image_size, hf.config.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.encode(px, -2, "full"), tower.features(px, -2, "full"), rtol=0, atol=0)
+    assert tower.graph_count == 0

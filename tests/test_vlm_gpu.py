@@ -43,6 +43,31 @@ def test_so400m_width_tower_fp16_matches_transformers():
     assert torch.isfinite(out).all() and err < 2e-2, err
 
 
+@torch.no_grad()
+def test_tower_graphs_replay_the_eager_tower():
+    """encode() replays CUDA graphs in chunks of 8, 4, 2, 1 tiles: bit-identical to the eager tower
+    on the same chunks, captured once per chunk size, dropped when the linears become W8A8."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from tinyq.models.vision_w8a8 import quantize_tower_w8a8_
+
+    cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
+                             image_size=448, patch_size=14, vision_use_head=False)
+    torch.manual_seed(0)
+    hf = SiglipVisionModel(cfg).float().eval()
+    tower = load_vision_tower(VisionConfig.from_hf(cfg.to_dict()), TensorSource(tensors=hf.state_dict()), "",
+                              torch.float16, "cuda")
+    px = torch.randn(9, 3, 448, 448, device="cuda", dtype=torch.float16)
+    eager = torch.cat([tower.features(px[:8], -2, "full"), tower.features(px[8:], -2, "full")])
+    out = tower.encode(px, -2, "full")
+    assert torch.equal(out, eager) and tower.graph_count == 2  # chunk sizes 8 and 1
+    assert torch.equal(tower.encode(px, -2, "full"), eager) and tower.graph_count == 2
+    quantize_tower_w8a8_(tower, calibrate=lambda: tower.encode(px[:2], -2, "full"))
+    assert tower.graph_count == 0
+    w8 = torch.cat([tower.features(px[:8], -2, "full"), tower.features(px[8:], -2, "full")])
+    assert torch.equal(tower.encode(px, -2, "full"), w8) and not torch.equal(w8, eager)
+
+
 def _images(n):
     from PIL import Image
 

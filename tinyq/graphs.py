@@ -7,6 +7,8 @@ Captured once, each step replays with one call.
 - :class:`DecodeGraph`: the one-token forward, optionally followed by the device sampler
   (:mod:`tinyq.sampling`), which writes the next token straight into the graph's own input: a
   decode step is one replay and one host read of the token id.
+- :class:`BatchGraphs`: a function whose output rows depend only on the same input rows (a vision
+  tower over a batch of tiles), run as chunks of 8, 4, 2, 1 rows with one graph per chunk size.
 - :class:`PrefillGraphs`: the forward of a chunk padded up to a bucket length (16, 32, ..., 2048),
   one graph per bucket, sharing one memory pool. The chunk's embeddings go into a static buffer
   and its real length into a device scalar; the model (``valid=``) takes the logits of the last
@@ -32,19 +34,22 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 
 
 def _warm_then_capture(run, cache, graph: torch.cuda.CUDAGraph, pool=None):
-    """Run ``run()`` twice on a side stream, then capture it into ``graph``; the cache (contents
-    past its fill level aside) and its counters are left as they were. Returns the captured output."""
-    length = cache.length
+    """Run ``run()`` twice on a side stream, then capture it into ``graph``; the cache, if any
+    (contents past its fill level aside), and its counters are left as they were. Returns the
+    captured output."""
+    length = cache.length if cache is not None else None
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
             run()
-            cache.truncate(length)
+            if cache is not None:
+                cache.truncate(length)
     torch.cuda.current_stream().wait_stream(side)
     with torch.cuda.graph(graph, pool=pool):
         out = run()
-    cache.truncate(length)  # capture ran no kernel, but host-side bookkeeping may have moved
+    if cache is not None:
+        cache.truncate(length)  # capture ran no kernel, but host-side bookkeeping may have moved
     return out
 
 
@@ -88,6 +93,62 @@ class DecodeGraph:
         nxt = int(self.out)
         self._ids_hold = nxt
         return nxt
+
+
+class BatchGraphs:
+    """``fn(x)`` for a batch ``x [B, ...]`` whose output row ``i`` depends on input row ``i`` only
+    (a vision tower's tiles or frames), as CUDA graph replays: the batch is cut into chunks of the
+    sizes in ``chunks`` (largest first: 17 tiles run as 8 + 8 + 1), each size captured once, on first
+    use, for the input's row shape and dtype. All sizes share one memory pool; replays are
+    sequential and each chunk's output is copied out before the next, so sharing is safe.
+
+    Why chunks and not one graph per batch size: a graph holds its activations for good, and each
+    new size would cost a capture; a 448-pixel tile is already 1024 tokens, so chunks of 8 keep the
+    GEMMs large. ``capture=False`` runs the same chunks eagerly (CPU tests of the chunking)."""
+
+    def __init__(self, fn, chunks: Sequence[int] = (8, 4, 2, 1), capture: bool = True):
+        if not chunks or min(chunks) != 1:
+            raise ValueError(f"BatchGraphs chunks must include 1 (any batch size must be reachable), got {chunks}")
+        self.fn = fn
+        self.chunks = tuple(sorted({int(c) for c in chunks}, reverse=True))
+        self.capture = capture
+        self.graphs: Dict[tuple, tuple] = {}  # (size, row shape, dtype) -> (graph, static input, static output)
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.capture_s = 0.0
+
+    def split(self, n: int) -> list:
+        """Chunk sizes that add up to ``n``, largest first."""
+        sizes = []
+        for c in self.chunks:
+            sizes += [c] * (n // c)
+            n %= c
+        return sizes
+
+    @torch.inference_mode()  # the static buffers are inference tensors whatever mode the caller is in
+    def _replay(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape[0], tuple(x.shape[1:]), x.dtype)
+        entry = self.graphs.get(key)
+        if entry is None:
+            t0 = time.perf_counter()
+            static = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            out = _warm_then_capture(lambda: self.fn(static), None, graph, self.pool)
+            entry = self.graphs[key] = (graph, static, out)
+            self.capture_s += time.perf_counter() - t0
+        graph, static, out = entry
+        static.copy_(x)
+        graph.replay()
+        return out.clone()  # the next replay of this size overwrites ``out``
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return self.fn(x)
+        run = self._replay if self.capture else self.fn
+        outs, start = [], 0
+        for size in self.split(x.shape[0]):
+            outs.append(run(x[start:start + size]))
+            start += size
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class PrefillGraphs:

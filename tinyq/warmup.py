@@ -75,7 +75,7 @@ class WarmupReport:
     seconds: float = 0.0  # the whole warm-up, wall time
     compile_s: float = 0.0  # of which Triton compilation (or loading compiled kernels from disk)
     kernels: int = 0
-    capture_s: float = 0.0  # CUDA-graph capture of the prefill buckets and the decode step, compilation excluded
+    capture_s: float = 0.0  # CUDA-graph capture (prefill buckets, decode step, vision tower chunks), compilation excluded
     graphs: int = 0
 
     def summary(self) -> str:

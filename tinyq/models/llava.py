@@ -76,7 +76,7 @@ class LlavaModel(VisionLanguageModel):
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[N, 3, S, S]`` -> ``[N, T, hidden]`` in the LLM's dtype."""
-        feats = self.vision_tower.features(pixel_values, self.feature_layer, self.select_strategy)
+        feats = self.vision_tower.encode(pixel_values, self.feature_layer, self.select_strategy)
         return self.multi_modal_projector(feats).to(self.dtype)
 
     def encode_images(self, images: Sequence) -> List[torch.Tensor]:

@@ -172,7 +172,7 @@ class NvilaModel(VisionLanguageModel):
 
     def _features(self, pixels: torch.Tensor) -> torch.Tensor:
         strategy = "default" if self.select_feature == "patch" else "full"
-        return self.vision_tower.features(pixels, self.select_layer, strategy)  # [N, g*g, C]
+        return self.vision_tower.encode(pixels, self.select_layer, strategy)  # [N, g*g, C]
 
     @torch.inference_mode()
     def encode_images(self, images: Sequence) -> List[torch.Tensor]:

@@ -17,6 +17,12 @@ add_layer_norm` (residual add fused into the second norm of each layer); q/k/v a
 linear at load time. GELU stays torch's one-pass kernel: only fusing it into the fc1 GEMM epilogue
 would save its read + write, and the tower's GEMMs are cuBLAS.
 
+VLMs call :meth:`VisionTower.encode`: on a CUDA device it replays CUDA graphs of
+:meth:`VisionTower.features` in chunks of 8, 4, 2, 1 tiles (:class:`tinyq.graphs.BatchGraphs`). One
+tile's eager forward is ~250 kernel launches, so without graphs an image would cost Python time,
+not GPU time. Graphs are dropped when the tower moves or its linears are swapped
+(:meth:`VisionTower.drop_graphs`), and not used while ``use_graphs`` is False (calibration hooks).
+
 Checkpoint names are HF's (``vision_model.encoder.layers.N.self_attn.{q,k,v,out}_proj``,
 ``layer_norm1/2``, ``mlp.fc1/fc2``, ``embeddings.{patch,position}_embedding``, CLIP's
 ``pre_layrnorm`` and ``embeddings.class_embedding``), with or without the ``vision_model.`` prefix.
@@ -30,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyq.graphs import BatchGraphs
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.ops.attention import flash_attention
 from tinyq.ops.layer_norm import add_layer_norm, layer_norm
@@ -140,6 +147,8 @@ class VisionTower(nn.Module):
         self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(cfg.num_layers))
         if cfg.kind == "siglip":
             self.post_layernorm = LayerNorm(c, cfg.layer_norm_eps)
+        self.use_graphs = True  # encode() replays CUDA graphs on a CUDA device
+        self._graphs: Dict[tuple, BatchGraphs] = {}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,6 +169,34 @@ class VisionTower(nn.Module):
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
         x = x + self.position_embedding
         return self.pre_layrnorm(x) if cfg.kind == "clip" else x
+
+    def drop_graphs(self) -> None:
+        """Forget captured graphs (they hold the kernels and weights of the moment of capture)."""
+        self._graphs = {}
+
+    def _apply(self, fn, *args, **kwargs):
+        self.drop_graphs()
+        return super()._apply(fn, *args, **kwargs)
+
+    def encode(self, pixel_values: torch.Tensor, layer: Union[int, Sequence[int]] = -2,
+               strategy: str = "default") -> torch.Tensor:
+        """:meth:`features`, through CUDA graphs on a CUDA device (see the module docstring)."""
+        if not (self.use_graphs and self.device.type == "cuda"):
+            return self.features(pixel_values, layer, strategy)
+        key = (layer if isinstance(layer, int) else tuple(layer), strategy)
+        graphs = self._graphs.get(key)
+        if graphs is None:  # bad arguments raise in the eager warm-up before the capture
+            graphs = self._graphs[key] = BatchGraphs(lambda px: self.features(px, layer, strategy))
+        return graphs(pixel_values.to(self.device, self.dtype))
+
+    @property
+    def capture_s(self) -> float:
+        """Seconds spent capturing tower graphs so far (their eager warm-up runs included)."""
+        return sum(g.capture_s for g in self._graphs.values())
+
+    @property
+    def graph_count(self) -> int:
+        return sum(len(g.graphs) for g in self._graphs.values())
 
     def hidden_states(self, pixel_values: torch.Tensor, upto: int = None) -> List[torch.Tensor]:
         """``[hidden_states[0], ..., hidden_states[upto]]`` (default: all layers)."""
@@ -186,8 +223,14 @@ class VisionTower(nn.Module):
         if not layers or any(not -n <= i < n for i in layers):
             raise ValueError(f"vision_feature_layer {layer!r} out of range for {n} hidden states")
         idx = [i % n for i in layers]
-        hs = self.hidden_states(pixel_values, upto=max(idx))
-        picked = [hs[i][:, 1:] if strategy == "default" else hs[i] for i in idx]
+        kept = {}  # only the asked layers stay alive (all 27 of so400m at 8 tiles would be 0.5 GB)
+        h = self.embed(pixel_values)
+        for i in range(max(idx) + 1):
+            if i:
+                h = self.layers[i - 1](h)
+            if i in idx:
+                kept[i] = h
+        picked = [kept[i][:, 1:] if strategy == "default" else kept[i] for i in idx]
         return picked[0] if len(picked) == 1 else torch.cat(picked, dim=-1)
 
 

@@ -55,11 +55,16 @@ def record_tower_inputs(tower: nn.Module):
 
     hooks = [getattr(layer, lin).register_forward_pre_hook(hook(f"layers.{i}.{lin}"))
              for i, layer in enumerate(tower.layers) for lin in LINEARS]
+    graphs = getattr(tower, "use_graphs", None)
+    if graphs is not None:
+        tower.use_graphs = False  # a graph replay runs no Python: the hooks would see nothing
     try:
         yield stats
     finally:
         for h in hooks:
             h.remove()
+        if graphs is not None:
+            tower.use_graphs = graphs
 
 
 @torch.no_grad()
@@ -85,6 +90,8 @@ def smooth_tower_(tower: nn.Module, act_scales: dict, alpha: float = TOWER_ALPHA
                 raise ValueError(f"act_scales[{key!r}] has shape {tuple(act_scales[key].shape)}, "
                                  f"expected ({lin.in_features},)")
             fold_smoothing(getattr(layer, norm_name), [lin], act_scales[key], alpha)
+    if hasattr(tower, "drop_graphs"):
+        tower.drop_graphs()
     return tower
 
 
@@ -122,6 +129,8 @@ def use_w8a8_tower_(tower: nn.Module) -> nn.Module:
             if not isinstance(lin, W8A8Linear):
                 setattr(layer, name, W8A8Linear.from_linear(lin))
         tower.layers[i] = W8A8VisionLayer(layer, tower.config.hidden_act)
+    if hasattr(tower, "drop_graphs"):
+        tower.drop_graphs()  # captured graphs would still run the floating-point layers
     return tower
 
 

@@ -39,6 +39,7 @@ class VLMChatSession(ChatSession):
         self._slots: List[Tuple[int, int]] = []  # (first position, image index) in the rendered prompt
         self.last_vision_s = 0.0  # the last add_images' encoder time, Triton compilation excluded
         self.last_vision_compile_s = 0.0  # ... and the compilation it excluded (first use of a shape)
+        self.last_vision_capture_s = 0.0  # ... and the tower's CUDA-graph captures (first use of a chunk size)
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -60,12 +61,15 @@ class VLMChatSession(ChatSession):
             raise ValueError("add_images: no images given")
         loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
         CompileTracker.install()
-        start, t0 = CompileTracker.snapshot(), time.perf_counter()
+        tower = self.vlm.vision_tower
+        start, captured, t0 = CompileTracker.snapshot(), tower.capture_s, time.perf_counter()
         feats = self.vlm.encode_images(loaded)
         if self.vlm.device.type == "cuda":
             torch.cuda.synchronize()
         self.last_vision_compile_s = CompileTracker.since(start).seconds
-        self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s
+        # a capture's time includes the compilation of its warm-up runs: count that once
+        self.last_vision_capture_s = max(0.0, tower.capture_s - captured - self.last_vision_compile_s)
+        self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s - self.last_vision_capture_s
         self.images.extend(feats)
         return [f.shape[0] for f in feats]
 
@@ -79,8 +83,10 @@ class VLMChatSession(ChatSession):
         report = warm_up(self.gen, sampling=self.sampling)
         from PIL import Image
 
-        size = self.vlm.vision_tower.config.image_size
-        start, t0 = CompileTracker.snapshot(), time.perf_counter()
+        tower = self.vlm.vision_tower
+        size = tower.config.image_size
+        start, captured, t0 = CompileTracker.snapshot(), tower.capture_s, time.perf_counter()
+        graphs = tower.graph_count
         for n in (1, 2):
             self.vlm.encode_images([Image.new("RGB", (size, size))] * n)
         if self.vlm.device.type == "cuda":
@@ -89,6 +95,8 @@ class VLMChatSession(ChatSession):
         report.seconds += time.perf_counter() - t0
         report.compile_s += compiled.seconds
         report.kernels += compiled.kernels
+        report.capture_s += max(0.0, tower.capture_s - captured - compiled.seconds)
+        report.graphs += tower.graph_count - graphs
         return report
 
     def add_video(self, path: str, num_frames: int = 8) -> List[int]:
