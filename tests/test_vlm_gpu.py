@@ -26,16 +26,21 @@ def test_layernorm_kernel_wide_rows(n):
     assert_close_rel(out, ref)
 
 
-@torch.no_grad()
-def test_so400m_width_tower_fp16_matches_transformers():
+def _so400m_width_towers(layers):
+    """(transformers fp32 CPU, tinyq fp16 CUDA) SigLIP towers of so400m widths, same random weights."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=4, num_attention_heads=16,
-                             image_size=448, patch_size=14, vision_use_head=False)
+    cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=layers,
+                             num_attention_heads=16, image_size=448, patch_size=14, vision_use_head=False)
     torch.manual_seed(0)
     hf = SiglipVisionModel(cfg).float().eval()
-    ours = load_vision_tower(VisionConfig.from_hf(cfg.to_dict()), TensorSource(tensors=hf.state_dict()), "",
-                             torch.float16, "cuda")
+    return hf, load_vision_tower(VisionConfig.from_hf(cfg.to_dict()), TensorSource(tensors=hf.state_dict()), "",
+                                 torch.float16, "cuda")
+
+
+@torch.no_grad()
+def test_so400m_width_tower_fp16_matches_transformers():
+    hf, ours = _so400m_width_towers(4)
     px = torch.randn(3, 3, 448, 448)
     ref = hf(px, output_hidden_states=True).hidden_states[-2]
     out = ours.features(px.cuda().half(), -2, "full")
@@ -47,16 +52,9 @@ def test_so400m_width_tower_fp16_matches_transformers():
 def test_tower_graphs_replay_the_eager_tower():
     """encode() replays CUDA graphs in chunks of 8, 4, 2, 1 tiles: bit-identical to the eager tower
     on the same chunks, captured once per chunk size, dropped when the linears become W8A8."""
-    from transformers import SiglipVisionConfig, SiglipVisionModel
-
     from tinyq.models.vision_w8a8 import quantize_tower_w8a8_
 
-    cfg = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=2, num_attention_heads=16,
-                             image_size=448, patch_size=14, vision_use_head=False)
-    torch.manual_seed(0)
-    hf = SiglipVisionModel(cfg).float().eval()
-    tower = load_vision_tower(VisionConfig.from_hf(cfg.to_dict()), TensorSource(tensors=hf.state_dict()), "",
-                              torch.float16, "cuda")
+    _, tower = _so400m_width_towers(2)
     px = torch.randn(9, 3, 448, 448, device="cuda", dtype=torch.float16)
     eager = torch.cat([tower.features(px[:8], -2, "full"), tower.features(px[8:], -2, "full")])
     out = tower.encode(px, -2, "full")
