@@ -11,8 +11,14 @@ config. ``JITFunction.run`` is replaced by a recorder, so nothing runs; the reco
 the signature, the constexprs and the 16-byte divisibility hints the JIT would derive, and
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` builds the cubin with the
 ptxas bundled in Triton's wheel. A kernel that fails to compile for Hopper fails here, without a
-GPU (``tests/test_sm90_compile.py`` runs a few targets in the CPU suite). Compiled by the installed
-Triton (3.9 on the project machine); the GPU machine's Triton may differ in details.
+GPU (``tests/test_sm90_compile.py`` runs every target in the CPU suite).
+
+Compiled by the importable Triton (3.9 on the project machine). The GPU machine has 3.6, and the two
+differ in ways that matter (layouts, register counts, what gets duplicated); to compile with 3.6,
+unpack its wheel beside the project's and put it first on the path (no install, no GPU needed)::
+
+    pip download --no-deps triton==3.6.0 -d /tmp/w && python -m zipfile -e /tmp/w/triton-3.6.0-*.whl /tmp/t36
+    chmod +x /tmp/t36/triton/backends/nvidia/bin/* && PYTHONPATH=/tmp/t36 python scripts/compile_sm90.py
 """
 from __future__ import annotations
 
