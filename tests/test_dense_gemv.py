@@ -44,7 +44,7 @@ def test_dense_linear_decode_path_in_graph(monkeypatch):
     from tinyq.nn import DenseLinear
 
     major, minor = torch.cuda.get_device_capability()
-    monkeypatch.setitem(dg.USE_ON, f"sm{major}{minor}", dg.DEFAULT_CONFIG)
+    monkeypatch.setitem(dg.USE_ON, f"sm{major}{minor}", [(None, dg.DEFAULT_CONFIG)])
     launches = []
     kernel = dg.dense_gemv
     monkeypatch.setattr(dg, "dense_gemv", lambda *a, **kw: launches.append(a[0].shape) or kernel(*a, **kw))
@@ -67,3 +67,14 @@ def test_dense_linear_decode_path_in_graph(monkeypatch):
     assert len(launches) == 3  # eager warm-up on the side stream and the capture ran the GEMV
     assert_close_rel(lin(x.repeat(1, 9, 1))[:, :1], ref)  # 9 rows: the cuBLAS path
     assert len(launches) == 3
+
+
+def test_config_for_picks_by_k():
+    """Configs are chosen by K: the first bucket whose bound holds, the open-ended one last."""
+    from tinyq.kernels import dense_gemv as dg
+
+    for arch, buckets in dg.USE_ON.items():
+        assert buckets[-1][0] is None
+        assert dg.config_for(arch, 10**6) is buckets[-1][1]
+        assert dg.config_for(arch, 1) is buckets[0][1]
+    assert dg.config_for("sm90", 576)["block_n"] == 32 and dg.config_for("sm90", 4096) == dg.DEFAULT_CONFIG

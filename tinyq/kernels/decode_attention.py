@@ -1,4 +1,4 @@
-"""Attention of a short query block over the KV cache: split-KV ("flash-decoding") in one launch.
+"""Attention of a short query block over the KV cache: split-KV ("flash-decoding"), one launch for decode.
 
 Used for decode (``L = 1``) and for short prefill chunks (a chat turn), as long as the ``L * G``
 query rows of one kv group fit one MMA tile (``MAX_DECODE_ROWS``).
@@ -19,11 +19,11 @@ that run:
 
 - ``n = 1`` (a context shorter than one slice): the program normalizes and writes the output;
 - else each writes its un-normalized partial output plus the running max ``m`` and sum ``l``
-  (float32, log2 domain), and the last of the ``n`` to finish (:mod:`tinyq.kernels.semaphore`)
-  merges them: ``out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s`` with ``M = max_s m_s``.
-
-The merge in the last program replaced a second (combine) kernel: one launch less per layer and
-token, which is what a small model's decode step is made of.
+  (float32, log2 domain), merged as ``out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s`` with
+  ``M = max_s m_s``: for up to ``MERGE_MAX_ROWS`` query rows (decode) by the last of the ``n``
+  programs to finish (:mod:`tinyq.kernels.semaphore`), which saves a launch per layer and token,
+  what a small model's decode step is made of; for more rows (a chunk) by a second launch with a
+  program per row (``_decode_combine_kernel``).
 
 Why split-KV for a chunk too: the flash kernel gives a 32-token chunk one program per (row block,
 q head), 32 programs for Llama-3-8B, each streaming the whole history: at 4k history that is
@@ -54,6 +54,10 @@ from tinyq.kernels.semaphore import arrive, counters
 MAX_DECODE_ROWS = 128  # L * G rows in one MMA tile (e.g. a 32-token chunk of Llama-3's 4-head groups)
 PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
 MIN_SPLIT = 128  # below ~2 blocks per slice, the partial writes and the merge cost more than they hide
+# Up to this many query rows (decode: one token of a kv group) the last program merges the slices;
+# a chunk's 128 rows x 33 slices x D (2 MB at a 4k history) would go through one SM per kv head,
+# so chunks merge in a second launch with a program per row (H200: 82 vs 26 us, docs/perf_notes.md).
+MERGE_MAX_ROWS = 16
 
 
 def decode_attention_reference(q, k_cache, v_cache, kv_len: int, scale: Optional[float] = None):
@@ -79,7 +83,7 @@ def _decode_attention_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_ol, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_UNROLL: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -134,23 +138,68 @@ def _decode_attention_kernel(
         tl.store(M_PART + base + split, m_i, mask=row_ok)
         tl.store(L_PART + base + split, l_i, mask=row_ok)
         tl.store(O_PART + (base + split)[:, None] * HEAD_DIM_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
-        if arrive(COUNTERS + pid_bh, used):
-            m_run = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_run = tl.zeros([BLOCK_M], dtype=tl.float32)
-            o_run = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
-            for s in range(0, used):  # other SMs wrote these: read past L1
-                m_s = tl.load(M_PART + base + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-                l_s = tl.load(L_PART + base + s, mask=row_ok, other=0.0, cache_modifier=".cg")
-                o_s = tl.load(O_PART + (base + s)[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=row_ok[:, None],
-                              other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m_run, m_s)
-                # a row with no visible key in a slice has m = -inf there: weight 0, never NaN
-                a = tl.where(m_run == float("-inf"), 0.0, tl.math.exp2(m_run - m_new))
-                w = tl.where(m_s == float("-inf"), 0.0, tl.math.exp2(m_s - m_new))
-                o_run = o_run * a[:, None] + o_s * w[:, None]
-                l_run = l_run * a + l_s * w
-                m_run = m_new
-            tl.store(out_ptr, (o_run / l_run[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
+        if MERGE:
+            if arrive(COUNTERS + pid_bh, used):
+                out = _merge_splits(O_PART, M_PART, L_PART, base, row_ok, offs_d, used, HEAD_DIM_PAD, BLOCK_M,
+                                    SPLITS_PAD, MERGE_UNROLL)
+                tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _merge_splits(O_PART, M_PART, L_PART, base, row_ok, offs_d, used, HEAD_DIM_PAD: tl.constexpr,
+                  BLOCK_M: tl.constexpr, SPLITS_PAD: tl.constexpr, UNROLL: tl.constexpr):
+    """``sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s`` over the ``used`` partials of rows
+    ``base + s``. The max ``M`` comes first, from one ``[rows, splits]`` load, so the partial
+    outputs have no running-max dependency and ``UNROLL`` of them are in flight at a time (a loop
+    that waited for each one in turn cost ~0.25 us per slice: 8 us at a 4k context). Other SMs wrote
+    the partials: every load reads past L1."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_ok = row_ok[:, None] & (offs_s[None, :] < used)
+    m_all = tl.load(M_PART + base[:, None] + offs_s[None, :], mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    l_all = tl.load(L_PART + base[:, None] + offs_s[None, :], mask=s_ok, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m_all, 1)  # finite for a real row: slice 0 holds position 0, visible to every row
+    m_max = tl.where(row_ok, m_max, 0.0)
+    # a row with no visible key in a slice has m = -inf there: weight 0, never NaN
+    l_sum = tl.sum(tl.where(m_all == float("-inf"), 0.0, tl.math.exp2(m_all - m_max[:, None])) * l_all, 1)
+    o = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    for s0 in range(0, used, UNROLL):
+        for j in tl.static_range(UNROLL):
+            ok = row_ok & ((base * 0 + s0 + j) < used)  # a row vector: the interpreter wants tensor masks
+            m_s = tl.load(M_PART + base + s0 + j, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o_s = tl.load(O_PART + (base + s0 + j)[:, None] * HEAD_DIM_PAD + offs_d[None, :], mask=ok[:, None],
+                          other=0.0, cache_modifier=".cg")
+            o += tl.where(m_s == float("-inf"), 0.0, tl.math.exp2(m_s - m_max))[:, None] * o_s
+    return o / tl.where(row_ok, l_sum, 1.0)[:, None]
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, M_PART, L_PART, OUT, SEQ_POS,
+    LQ, HQ, NUM_SPLITS, SPLIT,
+    stride_ob, stride_ol, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """The merge as a second launch, one program per (batch, q head, token) row: for query
+    chunks, whose partials (``L * G`` rows x slices x D) are too much for one program per kv head."""
+    pid = tl.program_id(0)  # (b * HQ + h) * LQ + t
+    used = tl.cdiv(tl.load(SEQ_POS) + LQ, SPLIT)
+    if used == 1:  # the one slice wrote the output itself
+        return
+    t = pid % LQ
+    h = (pid // LQ) % HQ
+    b = pid // (LQ * HQ)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    s_ok = offs_s < tl.minimum(used, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    m = tl.load(M_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    l = tl.load(L_PART + pid * NUM_SPLITS + offs_s, mask=s_ok, other=0.0)
+    o = tl.load(O_PART + (pid * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM_PAD + offs_d[None, :],
+                mask=s_ok[:, None], other=0.0)
+    m_max = tl.max(m, 0)  # finite: slice 0 always holds position 0, visible to every row
+    w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
+    out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
+    tl.store(OUT + b * stride_ob + t * stride_ol + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
 def _partials(shape, device) -> torch.Tensor:
@@ -195,6 +244,8 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     m_part, l_part = _partials((2, B, HQ, LQ, num_splits), q.device)  # running max and sum, one allocation
     if out is None:
         out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
+    merge = block_m <= MERGE_MAX_ROWS
+    splits_pad = max(2, triton.next_power_of_2(num_splits))
     _decode_attention_kernel[(B * HKV, num_splits)](
         q, k_cache, v_cache, o_part, m_part, l_part, out, counters(q.device, B * HKV), seq_pos,
         scale * LOG2E, LQ, HKV, group, split, num_splits,
@@ -203,7 +254,14 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
+        MERGE=merge, SPLITS_PAD=splits_pad, MERGE_UNROLL=8,
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
         num_warps=warps, num_stages=num_stages or cfg_stages,
     )
+    if not merge:
+        _decode_combine_kernel[(B * HQ * LQ,)](
+            o_part, m_part, l_part, out, seq_pos, LQ, HQ, num_splits, split,
+            out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=splits_pad, num_warps=4,
+        )
     return out

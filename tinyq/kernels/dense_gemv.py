@@ -21,11 +21,18 @@ import triton.language as tl
 from tinyq.backend import check_kernel_device
 
 MAX_M = 4
-# Architectures where the benchmark measured this kernel faster than cuBLAS at M <= MAX_M, with
-# the winning config (sm90: 1.10x over the four Llama-3-8B linears, docs/perf_notes.md).
-# Elsewhere F.linear (cuBLAS) is used.
-USE_ON: dict = {"sm90": dict(block_n=4, block_k=2048, num_warps=4, num_stages=1)}
 DEFAULT_CONFIG = dict(block_n=4, block_k=2048, num_warps=4, num_stages=1)
+# Architectures where the benchmark measured this kernel faster than cuBLAS at M <= MAX_M, with
+# the winning configs as ``(max_k, config)`` by increasing K (None: any K; docs/perf_notes.md).
+# sm90: 1.10x cuBLAS over the four Llama-3-8B linears; for K <= 1024 (SmolLM2's and Qwen2-0.5B's
+# output heads) 2048-wide steps left most lanes idle, and 32 rows x 128 took 35.3 -> 17.2 us and
+# 110.2 -> 68.5 us (bench_dense_gemv.py --sweep-heads). Elsewhere F.linear (cuBLAS) is used.
+USE_ON: dict = {"sm90": [(1024, dict(block_n=32, block_k=128, num_warps=4, num_stages=1)), (None, DEFAULT_CONFIG)]}
+
+
+def config_for(arch: str, k: int) -> dict:
+    """The :data:`USE_ON` config of ``arch`` for inputs of ``k`` features."""
+    return next(cfg for max_k, cfg in USE_ON[arch] if max_k is None or k <= max_k)
 
 
 @triton.jit

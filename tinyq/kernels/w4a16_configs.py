@@ -24,11 +24,11 @@ def _gemm(block_m, block_n, unpack, split_k, num_stages=4):
 
 _SM90 = [  # the H200 sweep's winners (bench_w4a16.py --sweep; docs/perf_notes.md)
     (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
-    (4, "gemm", _gemm(16, 128, "frag", 8)),
     (16, "gemm", _gemm(16, 128, "frag", 8)),
-    (32, "gemm", _gemm(32, 128, "frag", 8)),
+    (32, "gemm", _gemm(32, 64, "natural", 4)),
     (64, "gemm", _gemm(64, 64, "natural", 4)),
-    # from M = 65 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
+    (128, "gemm", _gemm(128, 64, "natural", 4, num_stages=3)),
+    # from M = 129 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
     (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
 ]
 

@@ -170,6 +170,10 @@ class VisionTower(nn.Module):
         x = x + self.position_embedding
         return self.pre_layrnorm(x) if cfg.kind == "clip" else x
 
+    def __getstate__(self):  # copies and pickles leave the graphs behind (they cannot be copied)
+        state = super().__getstate__()
+        return dict(state, _graphs={})
+
     def drop_graphs(self) -> None:
         """Forget captured graphs (they hold the kernels and weights of the moment of capture)."""
         self._graphs = {}

@@ -17,7 +17,7 @@ from tinyq.kernels import dense_gemv as _dg
 
 
 def _dense_gemv_impl(x, weight, bias, config_key: str):
-    return _dg.dense_gemv(x, weight, bias, config=_dg.USE_ON[config_key])
+    return _dg.dense_gemv(x, weight, bias, config=_dg.config_for(config_key, weight.shape[1]))
 
 
 @torch.library.custom_op("tinyq::dense_gemv", mutates_args=())
