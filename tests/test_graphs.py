@@ -54,6 +54,35 @@ def test_padded_chunk_equals_unpadded(tiny, history, n):
     assert torch.allclose(cache.v[:, :, :, :L], ref_cache.v[:, :, :, :L], atol=1e-6)
 
 
+def test_chunk_that_would_pad_a_lot_runs_as_pieces(tiny):
+    """Past ``split_waste`` padded rows, a full bucket is cut off first (18 -> 16 + 2 padded to 4);
+    the pieces give the unpadded chunk's logits and cache, and a piece that does not fit refuses
+    the whole chunk before anything runs."""
+    model, _ = tiny
+    vocab = model.config.vocab_size
+    ids = [(7 * i + 3) % vocab for i in range(18)]
+    ref_cache = model.new_cache(96)
+    ref = _prefill_eager(model, ref_cache, ids)
+    cache = model.new_cache(96)
+    graphs = PrefillGraphs(model, cache, buckets=(4, 16, 32), capture=False, split_waste=5)
+    assert graphs.pieces(18) == [(16, 16), (2, 4)]
+    assert graphs.pieces(30) == [(30, 32)]  # 2 padded rows: one piece
+    assert graphs.pieces(40) == [(32, 32), (4, 4), (4, 4)]  # longer than every bucket: cut as well
+    with torch.inference_mode():
+        out = graphs.run(model.model.embed_tokens(torch.tensor([ids])))
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert cache.length == 18 and int(cache.seq_pos[0]) == 18
+    assert torch.allclose(cache.k[:, :, :, :18], ref_cache.k[:, :, :, :18], atol=1e-6)
+    small = model.new_cache(34)
+    small.advance(14)
+    graphs = PrefillGraphs(model, small, buckets=(4, 16, 32), capture=False, split_waste=100)
+    assert graphs.pieces(18) == [(16, 16), (2, 4)]  # 14 + 32 > 34: split although padding is cheap
+    assert graphs.pieces(21) is None  # 14 + 16 + 4, then 1 more token padded to 4: 38 > 34
+    with torch.inference_mode():
+        assert graphs.run(model.model.embed_tokens(torch.tensor([ids + [1, 2, 3]]))) is None
+    assert small.length == 14  # nothing ran
+
+
 def test_no_bucket_when_chunk_or_cache_too_large(tiny):
     model, _ = tiny
     cache = model.new_cache(40)
