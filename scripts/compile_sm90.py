@@ -155,9 +155,9 @@ def _flash(d, causal, hq=16, hkv=16, s=1024, dtype=torch.float16):
     return launch
 
 
-def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16):
+def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16, tokens=1):
     def launch():
-        q = torch.zeros(1, 1, hq, d, dtype=dtype)
+        q = torch.zeros(1, tokens, hq, d, dtype=dtype)
         kv = torch.zeros(1, hkv, s, d, dtype=dtype)
         decode_attention.decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32))
     return launch
@@ -239,6 +239,7 @@ TARGETS = {
     "flash-d72": _flash(72, False),  # SigLIP so400m: 64 + 16 columns
     "flash-d80": _flash(80, False),
     "decode-attention-d128": _decode(),
+    "decode-attention-chunk32-d128": _decode(tokens=32),  # a chat turn: split kernel + combine kernel
     "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
     "gemv-llama3-8b-gate-up-fp16-warp-rows": _gemv(28672, 4096, torch.float16, warp_blocks=4),
     "gemv-silu-llama3-8b-fp16": _gemv_silu(4096, 14336, torch.float16, False),
