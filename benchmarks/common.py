@@ -129,7 +129,10 @@ def random_model(hf_cfg: dict, precision: str, device, group_size: int):
                 if precision == "w4a16" and name != "lm_head":
                     q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=device, generator=g)
                     scales = torch.full((n, k // group_size), 0.02 / 4.6, dtype=torch.float16, device=device)
-                    zeros = torch.full_like(scales, 8.0)  # std(q - z) ~ 4.6
+                    # std(q - z) ~ 4.6. Zeros of 7 or 8 at random: the codes average 7.5, and one zero
+                    # for all would give every weight the same -0.5 s offset, which a 32-layer stack
+                    # amplifies along the all-ones direction until fp16 overflows (NaN logits)
+                    zeros = torch.randint(7, 9, scales.shape, device=device, generator=g).to(torch.float16)
                     setattr(mod, name, W4A16Linear.from_quantized(q, scales, zeros, bias(n, child, torch.float16)))
                 elif precision == "w8a8" and name != "lm_head":  # int8 codes, std 73 -> weight std 0.02
                     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device, generator=g)

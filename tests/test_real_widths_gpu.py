@@ -49,9 +49,6 @@ def test_llama3_8b_widths_w4a16_agrees_with_its_fp16_twin(layers):
         out["prefill"] = gen.prefill(ids).clone()
         out["decode"] = gen.decode(ids[0]).clone()
         out["decode 2"] = gen.decode(ids[1]).clone()
-    if layers == 2:  # a shallow random model stays finite, so every comparison below is made
-        assert all(bool(torch.isfinite(v).all()) for v in want.values())
-    for path in got:  # 32 random layers may overflow fp16: then both must, the same way
-        assert bool(torch.isfinite(got[path]).all()) == bool(torch.isfinite(want[path]).all()), path
-        if torch.isfinite(want[path]).all():
-            assert cosine(got[path], want[path]) > 0.999, (path, cosine(got[path], want[path]))
+    for path in got:  # the random weights keep activations O(1) (benchmarks.common.random_model)
+        assert torch.isfinite(want[path]).all() and torch.isfinite(got[path]).all(), path
+        assert cosine(got[path], want[path]) > 0.999, (path, cosine(got[path], want[path]))
