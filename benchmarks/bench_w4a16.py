@@ -88,7 +88,8 @@ def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag"):
 def candidates(m):
     """Launch plans worth measuring for bucket ``m`` (tinyq.kernels.w4a16_configs format): the GEMV
     at M=1 (each tile with one row per warp and with rows sharing a warp); the fused GEMM with the dequantized weights as the MMA's register operand (swap-AB),
-    activations in fragment order ('frag') or natural order ('natural'), up to M=128, with split-K
+    activations in fragment order ('frag', up to M=64: its per-tile x permutation cost 2.5-3x at
+    M=128) or natural order ('natural'), up to M=256, with split-K
     where N alone leaves SMs idle; dequantize + cuBLAS from M=128."""
     if m == 1:
         # warp_blocks: None = one weight row per warp; 4 or 8 = a warp spans 8 or 4 rows that share
@@ -100,9 +101,10 @@ def candidates(m):
         tiles += [((32, 256, 4), 8), ((16, 512, 4), 16), ((64, 256, 8), 8), ((32, 512, 4), 16)]
         for (bn, bk, nw), wb in tiles:
             yield "gemv", dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=3, ptx_dequant=True, warp_blocks=wb)
-    if 4 <= m <= 128:
-        bm = max(16, 1 << (m - 1).bit_length())
-        for unpack, bn, sk in itertools.product(("frag", "natural"), (64, 128) if bm < 128 else (64,),
+    if 4 <= m <= 256:  # 256: where the fused GEMM and dequantize + cuBLAS cross (218 vs 317 us at 128)
+        bm = min(128, max(16, 1 << (m - 1).bit_length()))
+        for unpack, bn, sk in itertools.product(("frag", "natural") if m <= 64 else ("natural",),
+                                                (64, 128) if bm < 128 else (64,),
                                                 (2, 4, 8) if m <= 32 else (1, 2, 4)):
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack)
     if m >= 128:
