@@ -107,6 +107,11 @@ def candidates(m):
                                                 (64, 128) if bm < 128 else (64,),
                                                 (2, 4, 8) if m <= 32 else (1, 2, 4)):
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack)
+    if 65 <= m <= 256:
+        # not swapped: the dequantized tile is the MMA's shared-memory operand, read in place (no
+        # ldmatrix back into registers); 8 warps keep the 128 x 128 tile free of spills (3.6 compile)
+        for sk in (1, 2, 4):
+            yield frag(128, 128, 128, False, sk, 8, 3, "natural")
     if m >= 128:
         yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
 
