@@ -81,6 +81,11 @@ def test_chunk_that_would_pad_a_lot_runs_as_pieces(tiny):
     with torch.inference_mode():
         assert graphs.run(model.model.embed_tokens(torch.tensor([ids + [1, 2, 3]]))) is None
     assert small.length == 14  # nothing ran
+    odd = PrefillGraphs(model, model.new_cache(24), buckets=(16, 24), capture=False, split_waste=4)
+    assert odd.pieces(17) is None and odd.bucket_for(17) == 24  # 16 + 1 padded to 16 > 24; 24 alone fits
+    with torch.inference_mode():
+        assert odd.run(model.model.embed_tokens(torch.tensor([ids[:17]]))) is not None
+    assert odd.cache.length == 17
 
 
 def test_no_bucket_when_chunk_or_cache_too_large(tiny):

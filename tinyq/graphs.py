@@ -222,12 +222,19 @@ class PrefillGraphs:
         self.capture_s += time.perf_counter() - t0
 
     def run(self, embeds: torch.Tensor) -> Optional[torch.Tensor]:
-        plan = self.pieces(embeds.shape[1])
+        n_all = embeds.shape[1]
+        plan = self.pieces(n_all)
+        if plan is None:  # a split that does not fit may still leave room for one padded bucket
+            bucket = self.bucket_for(n_all)
+            plan = None if bucket is None else [(n_all, bucket)]
         if plan is None:
             return None
+        # every capture first (largest first shares the pool best): a capture that fails must not
+        # leave earlier pieces in the cache; warm-up runs also overwrite the static inputs
+        for bucket in sorted({b for _, b in plan}, reverse=True):
+            self.ensure(bucket)
         start, logits = 0, None
         for n, bucket in plan:
-            self.ensure(bucket)  # first: its warm-up runs overwrite the static inputs
             self.embeds[:, :n].copy_(embeds[:, start:start + n])
             self.valid.fill_(n)
             if self.capture:

@@ -212,7 +212,9 @@ class VisionTower(nn.Module):
 
     def last_hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The model output (SigLIP: after ``post_layernorm``; CLIP: the last layer's output)."""
-        h = self.hidden_states(pixel_values)[-1]
+        h = self.embed(pixel_values)
+        for layer in self.layers:  # no list of every layer's output (a graph pool would hold it)
+            h = layer(h)
         return self.post_layernorm(h) if self.config.kind == "siglip" else h
 
     def features(self, pixel_values: torch.Tensor, layer: Union[int, Sequence[int]] = -2,
