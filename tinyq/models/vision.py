@@ -212,9 +212,7 @@ class VisionTower(nn.Module):
 
     def last_hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The model output (SigLIP: after ``post_layernorm``; CLIP: the last layer's output)."""
-        h = self.embed(pixel_values)
-        for layer in self.layers:  # no list of every layer's output (a graph pool would hold it)
-            h = layer(h)
+        h = self.features(pixel_values, -1, "full")  # the last layer's output, nothing else kept
         return self.post_layernorm(h) if self.config.kind == "siglip" else h
 
     def features(self, pixel_values: torch.Tensor, layer: Union[int, Sequence[int]] = -2,
