@@ -59,6 +59,6 @@ def test_gpu_arch_keys_the_config_tables(monkeypatch, hip, capability, arch, fla
     cuda = torch.device("cuda")
     assert backend.gpu_arch(cuda) == arch and backend.gpu_arch("cpu") == "cpu"
     assert ac.flash_config(128, cuda) == ac.FLASH[flash_table][128]
-    assert ac.decode_config(128, cuda) == ac.DECODE["default"][128]
+    assert ac.decode_config(128, cuda) == ac.DECODE.get(flash_table, ac.DECODE["default"])[128]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ac.flash_config(128, torch.device("cpu")) == ac.FLASH["interpret"][128]

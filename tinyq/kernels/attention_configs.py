@@ -30,7 +30,9 @@ FLASH = {
     "interpret": {32: (16, 16, 1, 1), 64: (16, 16, 1, 1), 128: (16, 16, 1, 1), 256: (16, 16, 1, 1)},
 }
 
-DECODE = {  # the sm90 sweep's winners are these defaults
+DECODE = {
+    # H200 sweep (bench_attention --sweep --only decode, d=128): 64-key blocks on 8 warps, 3 stages
+    "sm90": {32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 8, 3), 256: (32, 4, 2)},
     "default": {32: (64, 4, 2), 64: (64, 4, 2), 128: (64, 4, 2), 256: (32, 4, 2)},
     "interpret": {32: (16, 1, 1), 64: (16, 1, 1), 128: (16, 1, 1), 256: (16, 1, 1)},
 }

@@ -52,8 +52,11 @@ from tinyq.kernels.flash_attention import (
 from tinyq.kernels.semaphore import arrive, counters
 
 MAX_DECODE_ROWS = 128  # L * G rows in one MMA tile (e.g. a 32-token chunk of Llama-3's 4-head groups)
-PROGRAMS_PER_SM = 4  # enough resident programs to keep HBM busy: 4 x 132 = 528 on an H100
-MIN_SPLIT = 128  # below ~2 blocks per slice, the partial writes and the merge cost more than they hide
+# Slices per (batch, kv head): about 2 programs per SM, each at least 256 keys long. The H200
+# sweep's best at one sequence of 8 kv heads: 16 slices at a 4k cache (11.4 vs 16.9 us with 4
+# programs per SM and 128-key slices), 33 at 32k (42.2 vs 48.4 us); docs/perf_notes.md.
+PROGRAMS_PER_SM = 2
+MIN_SPLIT = 256  # shorter slices: the partial writes and the merge cost more than they hide
 # Up to this many query rows (decode: one token of a kv group) the last program merges the slices;
 # a chunk's 128 rows x 33 slices x D (2 MB at a 4k history) would go through one SM per kv head,
 # so chunks merge in a second launch with a program per row (H200: 82 vs 26 us, docs/perf_notes.md).

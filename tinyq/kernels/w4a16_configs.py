@@ -28,7 +28,8 @@ _SM90 = [  # the H200 sweep's winners (bench_w4a16.py --sweep; docs/perf_notes.m
     (32, "gemm", _gemm(32, 64, "natural", 4)),
     (64, "gemm", _gemm(64, 64, "natural", 4)),
     (128, "gemm", _gemm(128, 64, "natural", 4, num_stages=3)),
-    # from M = 129 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
+    (256, "gemm", _gemm(128, 64, "natural", 1, num_stages=3)),
+    # from M = 257 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
     (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
 ]
 
