@@ -113,9 +113,7 @@ def candidates(m):
         for sk in (1, 2, 4):
             yield frag(128, 128, 128, False, sk, 8, 3, "natural")
     if m >= 128:
-        # chunk_n: dequantize that many output rows at a time, so cuBLAS reads them back from L2
-        for chunk_n in (0, 2048, 4096, 8192) if m >= 256 else (0,):
-            yield "dequant", dict(block_n=16, block_k=512, num_warps=4, chunk_n=chunk_n)
+        yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
 
 
 def sweep(weights, rotations, m):

@@ -99,6 +99,28 @@ def test_no_bucket_when_chunk_or_cache_too_large(tiny):
     assert graphs.bucket_for(5) == 16
 
 
+def test_gpu_bound_chunk_is_left_to_the_eager_forward(tiny):
+    """A chunk whose linear work per layer reaches ``eager_min_layer_flop`` gets None (the caller runs
+    it eagerly at its exact length) before anything runs; shorter chunks still take the buckets."""
+    model, _ = tiny
+    cfg = model.config
+    hidden, inter = cfg.hidden_size, cfg.intermediate_size
+    qkv = hidden * (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    per_token = 2.0 * (qkv + cfg.num_heads * cfg.head_dim * hidden + 3 * hidden * inter)
+    cache = model.new_cache(96)
+    graphs = PrefillGraphs(model, cache, buckets=(4, 16, 32), capture=False, split_waste=5,
+                           eager_min_layer_flop=20 * per_token)
+    assert graphs.layer_flop_per_token == per_token
+    assert not graphs.gpu_bound(19) and graphs.gpu_bound(20)
+    assert graphs.buckets == (4, 16)  # 32 would only hold chunks of 27+ tokens: never replayed
+    vocab = cfg.vocab_size
+    with torch.inference_mode():
+        assert graphs.run(model.model.embed_tokens(torch.tensor([[(3 * i) % vocab for i in range(24)]]))) is None
+        assert cache.length == 0 and int(cache.seq_pos[0]) == 0
+        assert graphs.run(model.model.embed_tokens(torch.tensor([[1, 2, 3, 4, 5]]))) is not None
+    assert cache.length == 5
+
+
 def test_generator_through_padded_prefill_matches_eager(tiny):
     """Whole generations (sampled, with a repetition penalty, over two turns) are the same when
     every prefill chunk goes through the padded path."""

@@ -12,7 +12,7 @@ from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
-from tinyq.kernels.w4a16_matmul import _dequant_then_mm, w4a16_matmul
+from tinyq.kernels.w4a16_matmul import w4a16_matmul
 from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference
 from tinyq.quant.format import quantize_weight
 
@@ -120,17 +120,6 @@ def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
         monkeypatch.setattr(w4a16_configs, "ptx_supported", lambda device: nvidia)
         ptx = [w4a16_configs._resolve(m, torch.float16, gpu)[1].get("ptx_dequant") for m in (1, 4, 16, 64)]
         assert all(ptx) if nvidia else not any(ptx)
-
-
-@pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("chunk_n", [0, 16, 40, 64])
-def test_dequant_path_by_row_chunks(chunk_n, with_bias):
-    """Dequantize + matmul a chunk of output rows at a time (16 -> 16 + 16 + 8 rows) fills every column."""
-    x, qw, s, z, b = make_case(19, 40, 256, 64, torch.float16)
-    b = b if with_bias else None
-    y = poisoned(19, 40, torch.float16)
-    _dequant_then_mm(x, qw, s, z, b, y, chunk_n=chunk_n, block_n=16, block_k=128)
-    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
 @pytest.mark.parametrize("unpack", ["frag", "natural"])

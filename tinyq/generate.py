@@ -23,10 +23,11 @@ from tinyq.graphs import PREFILL_BUCKETS, DecodeGraph, PrefillGraphs
 from tinyq.sampling import Sampler, sampler_key
 from tinyq.warmup import CompileTracker
 
-# Tokens per prefill forward: bounds activation memory (an 8B model's MLP holds 235 MB per 1k
-# tokens) while keeping the W4A16 GEMMs at large M, where they run near cuBLAS; 512-token chunks
-# re-dequantize every weight per chunk (H200, Llama-3-8B W4A16: TTFT@4096 146 ms vs 97 ms).
-PREFILL_CHUNK = 2048
+# Tokens per prefill forward: bounds activation memory (Llama-3-8B's gate/up output is 235 MB at
+# 4096 tokens) while keeping the W4A16 GEMMs at large M, where they run near cuBLAS; every chunk
+# dequantizes every weight again (H200, Llama-3-8B W4A16: TTFT@4096 146 ms in 512-token chunks
+# vs 97 ms in 2048; Qwen2-7B, 3122 tokens: 77.7 ms as one forward vs 89.1 ms cut at 2048).
+PREFILL_CHUNK = 4096
 
 
 class ContextOverflowError(ValueError):

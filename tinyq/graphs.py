@@ -14,7 +14,8 @@ Captured once, each step replays with one call.
   and its real length into a device scalar; the model (``valid=``) takes the logits of the last
   real row and advances the cache's device counter by the real length only. Padding rows come
   after the real ones, so causal attention keeps the real rows from seeing them, and their keys
-  and values land past the fill level, where the cache treats entries as stale.
+  and values land past the fill level, where the cache treats entries as stale. Chunks long
+  enough to be GPU-bound eagerly are left to the eager forward.
 
 Graphs read the position from ``cache.seq_pos`` on the device, so one capture serves every
 position. Capturing runs the step twice eagerly on a side stream first (Triton compiles, the
@@ -31,6 +32,18 @@ import torch
 # length (SmolLM2-135M: ~25 ms of launches for 1024 tokens against ~2 ms of GPU time), and a large
 # one's W4A16 GEMMs want large M (re-dequantizing the weights per short chunk costs ~50% at 4k).
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+
+# An eager forward costs the host ~1.2 ms per decoder layer on the lent H200 VM (~15 launches
+# through Python and the op wrappers). A chunk whose linears need at least that much GPU time per
+# layer (at the ~525 TFLOP/s W4A16 prefill reached there) runs eagerly: the GPU hides the host.
+# 7-8B models cross it at ~1400 tokens; SmolLM2-135M (3.5M linear weights a layer) never does.
+EAGER_MIN_LAYER_FLOP = 1.2e-3 * 525e12
+
+
+def _linear_flop_per_token(layer) -> float:
+    """2 x the weights of ``layer``'s linear modules (anything with in/out_features and no children)."""
+    return 2.0 * sum(m.in_features * m.out_features for m in layer.modules()
+                     if hasattr(m, "in_features") and hasattr(m, "out_features") and not any(m.children()))
 
 
 def _warm_then_capture(run, cache, graph: torch.cuda.CUDAGraph, pool=None):
@@ -161,16 +174,26 @@ class PrefillGraphs:
 
     A chunk whose bucket would pad more than ``split_waste`` rows runs as pieces instead
     (:meth:`pieces`): 1074 tokens as 1024 + 50 (padded to 64), not as 2048. Each piece costs a pass
-    over the weights (for a W4A16 model at M > 128, dequantizing each one again), worth about 256
-    tokens of compute on an 8B model: padding 974 rows cost 24 ms there, the extra piece ~4 ms.
+    over the weights (for a W4A16 model at M > 128, dequantizing each one again): on Qwen2-7B
+    shapes the 50-token piece took ~5 ms, the 974 padding rows ~18 ms.
+
+    A chunk long enough that its linears keep the GPU busier than an eager forward keeps the
+    host (:meth:`gpu_bound`) gets None: the caller's eager forward at the exact length then costs
+    GPU time only, with no padding and one pass over the weights (Qwen2-7B W4A16, 3122 tokens:
+    77.7 ms eager against 89.1 ms as graph pieces of 2048 + 1024 + 64).
     """
 
     def __init__(self, model, cache, buckets: Sequence[int] = PREFILL_BUCKETS, capture: bool = True,
-                 split_waste: int = 256):
+                 split_waste: int = 256, eager_min_layer_flop: float = EAGER_MIN_LAYER_FLOP):
         self.model, self.cache = model, cache
-        self.buckets = tuple(sorted(int(b) for b in buckets))
         self.capture = capture
         self.split_waste = split_waste
+        self.eager_min_layer_flop = eager_min_layer_flop
+        self.layer_flop_per_token = _linear_flop_per_token(model.model.layers[0])
+        # a bucket that only GPU-bound chunks would fill (at most split_waste padding rows) is never
+        # replayed: no capture, no memory for it
+        buckets = sorted(int(b) for b in buckets)
+        self.buckets = tuple(b for b in buckets if not self.gpu_bound(max(1, b - split_waste))) or (buckets[0],)
         hidden = model.config.hidden_size
         self.embeds = torch.zeros(1, self.buckets[-1], hidden, dtype=model.dtype, device=cache.device)
         self.valid = torch.zeros(1, dtype=torch.int32, device=cache.device)
@@ -186,6 +209,11 @@ class PrefillGraphs:
         if b is None or start + b > self.cache.max_seq_len:
             return None
         return b
+
+    def gpu_bound(self, n: int) -> bool:
+        """Whether an eager forward of ``n`` tokens is GPU-bound: its linears' work per layer is at
+        least ``eager_min_layer_flop``."""
+        return n * self.layer_flop_per_token >= self.eager_min_layer_flop
 
     def pieces(self, n: int) -> Optional[list]:
         """``[(real length, bucket), ...]`` that prefill ``n`` tokens from the fill level, or None
@@ -222,7 +250,11 @@ class PrefillGraphs:
         self.capture_s += time.perf_counter() - t0
 
     def run(self, embeds: torch.Tensor) -> Optional[torch.Tensor]:
+        """Prefill ``embeds [1, n, hidden]`` through the bucket graphs; returns the last real row's
+        logits, or None for the caller's eager forward (no fitting plan, or :meth:`gpu_bound`)."""
         n_all = embeds.shape[1]
+        if self.gpu_bound(n_all):
+            return None
         plan = self.pieces(n_all)
         if plan is None:  # a split that does not fit may still leave room for one padded bucket
             bucket = self.bucket_for(n_all)

@@ -119,27 +119,10 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
     if kind == "gemv":
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":
-        return _dequant_then_mm(x, qweight, scales, zeros, bias, y, **cfg)
+        k = x.shape[1]
+        w = scratch(n * k, x.dtype, x.device).view(n, k)
+        launch_w4a16_dequant(qweight, scales, zeros, w, **cfg)
+        return torch.addmm(bias, x, w.t(), out=y) if bias is not None else torch.mm(x, w.t(), out=y)
     if acc_fp16 is not None:
         cfg = dict(cfg, acc_fp16=acc_fp16)
     return launch_w4a16_gemm(x, qweight, scales, zeros, bias, y, **cfg)
-
-
-def _dequant_then_mm(x, qweight, scales, zeros, bias, y, *, chunk_n: int = 0, **cfg):
-    """``y = x @ W^T (+ bias)`` with W dequantized into the scratch buffer, ``chunk_n`` output rows of
-    W at a time (0: all at once). A chunk small enough for L2 (e.g. 4096 x 4096 fp16, 32 MB) is
-    read by cuBLAS soon after it is written, and the next chunk overwrites the same lines; each
-    chunk's product goes straight into its columns of ``y`` (cuBLAS takes the row stride N)."""
-    n, k = qweight.shape[0], x.shape[1]
-    step = n if chunk_n <= 0 or chunk_n >= n else chunk_n
-    buf = scratch(step * k, x.dtype, x.device)
-    for c0 in range(0, n, step):
-        c1 = min(n, c0 + step)
-        w = buf[: (c1 - c0) * k].view(c1 - c0, k)
-        launch_w4a16_dequant(qweight[c0:c1], scales[c0:c1], zeros[c0:c1], w, **cfg)
-        out = y if step == n else y[:, c0:c1]
-        if bias is not None:
-            torch.addmm(bias[c0:c1], x, w.t(), out=out)
-        else:
-            torch.mm(x, w.t(), out=out)
-    return y
