@@ -46,7 +46,7 @@ import tinyq.kernels as kernels_pkg  # noqa: E402
 from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
-from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant, w4a16_gemm  # noqa: E402
+from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant, w4a16_dequant, w4a16_gemm  # noqa: E402
 from tinyq.kernels.attention_configs import DECODE, FLASH  # noqa: E402
 from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
 from tinyq.kernels.w4a16_configs import PLANS  # noqa: E402
@@ -211,6 +211,14 @@ def _w4a16_gemm(m, n, k):
     return launch
 
 
+def _w4a16_dequant(n, k):
+    """The dequantize kernel of the large-M path, with the sm90 plan's launch shape."""
+    def launch():
+        cfg = next(c for max_m, kind, c in PLANS["sm90"] if kind == "dequant")
+        w4a16_dequant.launch_w4a16_dequant(*_w4(n, k, torch.float16), torch.zeros(n, k, dtype=torch.float16), **cfg)
+    return launch
+
+
 def _int8_linear(m, n, k):
     """The W8A8 linear at ``m`` tokens with the sm90 config of that M bucket."""
     def launch():
@@ -241,6 +249,7 @@ TARGETS = {
     "decode-attention-d128": _decode(),
     "decode-attention-chunk32-d128": _decode(tokens=32),  # a chat turn: split kernel + combine kernel
     "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
+    "gemv-llama3-8b-gate-up-bf16": _gemv(28672, 4096, torch.bfloat16),
     "gemv-llama3-8b-gate-up-fp16-warp-rows": _gemv(28672, 4096, torch.float16, warp_blocks=4),
     "gemv-silu-llama3-8b-fp16": _gemv_silu(4096, 14336, torch.float16, False),
     "gemv-silu-smollm2-prenorm-bf16": _gemv_silu(576, 1536, torch.bfloat16, True, group=64),
@@ -251,6 +260,7 @@ TARGETS = {
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
     "w4a16-gemm-m16-llama3-8b-gate-up": _w4a16_gemm(16, 28672, 4096),
     "w4a16-gemm-m64-llama3-8b-gate-up": _w4a16_gemm(64, 28672, 4096),
+    "w4a16-dequant-llama3-8b-gate-up": _w4a16_dequant(28672, 4096),
     # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
     "int8-tower-fc2": _int8_linear(17408, 1152, 4304),

@@ -2,17 +2,18 @@
 
 Math, per output column n and group g of G inputs (``W = (q - z) * s``)::
 
-    y[n] = sum_g s[n, g] * ( sum_{k in g} x[k] * q[n, k]  -  z[n, g] * sum_{k in g} x[k] )
+    y[n] = sum_g s[n, g] * sum_{k in g} x[k] * (q[n, k] - z[n, g])
 
-so the inner loop is one mask, one convert and one FMA per weight; scale and zero are applied
-once per 32-input block. Accumulation is fp32.
+so the inner loop is one unpack of ``q - z`` and one FMA per weight; the scale is applied once per
+32-input block. Accumulation is fp32.
 
 Unpacking follows tinyq's packing (:mod:`tinyq.quant.format`): a K step is a
 ``[BLOCK_N, BLOCK_K/32, 4]`` tile of words, 4 words (16 bytes, one load) per 32-input block.
 Nibble ``i`` of those 4 words holds inputs ``32b + 4i .. 32b + 4i + 3``, so it meets x in one
-contiguous 4-element load. ``words & (0xF << 4i)`` converts exactly to ``q * 16^i`` and x is
-pre-scaled by ``16^-i`` (exact), which saves the shift. Products add into a 3-D fp32 accumulator
-that is reduced once at the end: no reshape, no layout shuffle.
+contiguous 4-element load. Without the fp16 PTX path (bf16, the interpreter), nibble ``i`` becomes an
+exact float32 by a mask-and-OR into the mantissa of a power of two and one subtract
+minus its zero (:func:`_nibble_minus_zero`), no int-to-float convert. Products add into a 3-D fp32 accumulator that is
+reduced once at the end: no reshape, no layout shuffle.
 
 Measured on the H100 (four Llama-3-8B linears, M=1): the plain nibble order ``8c + i`` needed 4
 scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us); an
@@ -56,6 +57,18 @@ _DEQUANT_DOT_PTX = tl.constexpr(
     "add.f32 fa, fa, fb;\nadd.f32 fc, fc, fd;\nadd.f32 $0, fa, fc;\n}"
 )
 
+
+
+@triton.jit
+def _nibble_minus_zero(words, j: tl.constexpr, z):
+    """``q - z`` in exact float32 for nibble ``j`` (bits 4j..4j+3, j < 4) of uint32 ``words`` and
+    integer zeros ``z``, without an int-to-float convert (quarter rate on sm90): OR-ed into the
+    mantissa of ``2^(23 - 4j)``, whose last mantissa bit then weighs ``2^-4j``, the nibble reads as
+    ``2^(23 - 4j) + q``; one float subtract of ``2^(23 - 4j) + z`` (exact: an integer below 2^24)
+    leaves ``q - z``."""
+    magic: tl.constexpr = (150 - 4 * j) << 23
+    f = ((words & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
+    return f - (z + 2.0 ** (23 - 4 * j))
 
 
 @triton.jit
@@ -132,12 +145,11 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn
             acc += (16.0 * s)[:, :, :, None] * dots
         else:
             part = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
-            xsum = tl.zeros((NBO, 1, WARP_BLOCKS, 4), dtype=tl.float32)
+            high = words >> 16  # nibbles 4..7 at bits 0..15
             for i in tl.static_range(8):
                 xi = tl.load(x_blk + 4 * i, mask=x_ok, other=0.0).to(tl.float32)  # [NBO, 1, NBI, 4]
-                xsum += xi
-                part += (words & (0xF << (4 * i))).to(tl.float32) * (xi * (1.0 / (16**i)))
-            acc += s[:, :, :, None] * (part - z[:, :, :, None] * xsum)
+                part += _nibble_minus_zero(words if i < 4 else high, i % 4, z[:, :, :, None]) * xi
+            acc += s[:, :, :, None] * part
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
 
 
