@@ -10,10 +10,10 @@ so the inner loop is one unpack of ``q - z`` and one FMA per weight; the scale i
 Unpacking follows tinyq's packing (:mod:`tinyq.quant.format`): a K step is a
 ``[BLOCK_N, BLOCK_K/32, 4]`` tile of words, 4 words (16 bytes, one load) per 32-input block.
 Nibble ``i`` of those 4 words holds inputs ``32b + 4i .. 32b + 4i + 3``, so it meets x in one
-contiguous 4-element load. Without the fp16 PTX path (bf16, the interpreter), nibble ``i`` becomes an
-exact float32 by a mask-and-OR into the mantissa of a power of two and one subtract
-minus its zero (:func:`_nibble_minus_zero`), no int-to-float convert. Products add into a 3-D fp32 accumulator that is
-reduced once at the end: no reshape, no layout shuffle.
+contiguous 4-element load. Without the fp16 PTX path (bf16, the interpreter), each ``q - z`` becomes
+an exact float32 from a mask-and-OR into the mantissa of a power of two and one subtract
+(:func:`_nibble_minus_zero`), with no int-to-float convert. Products add into a 3-D fp32
+accumulator that is reduced once at the end: no reshape, no layout shuffle.
 
 Measured on the H100 (four Llama-3-8B linears, M=1): the plain nibble order ``8c + i`` needed 4
 scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us); an
