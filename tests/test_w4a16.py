@@ -5,13 +5,15 @@ TRITON_INTERPRET=1), on CUDA for the `gpu`-marked tests.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend, interpreting
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
-from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
+from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
 from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference
 from tinyq.quant.format import quantize_weight
@@ -83,6 +85,26 @@ def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dt
     launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab,
                       unpack=unpack, split_k=split_k, num_warps=4)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@triton.jit
+def _nibble_minus_zero_kernel(W, Z, OUT, J: tl.constexpr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    words = tl.load(W + offs).to(tl.uint32, bitcast=True)
+    tl.store(OUT + offs, _nibble_minus_zero(words, J, tl.load(Z + offs)))
+
+
+@pytest.mark.parametrize("j", [0, 1, 2, 3])
+def test_nibble_minus_zero_is_exact_for_every_code_and_zero(j):
+    """The convert-free unpack of the bf16 GEMV: every (q, z) pair in 0..15, with every other bit of
+    the word set (the mask must drop them), gives q - z exactly."""
+    q = torch.arange(256) % 16
+    z = (torch.arange(256) // 16).float()
+    words = (0xFFFFFFFF & ~(0xF << (4 * j))) | (q << (4 * j))
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(DEV)
+    out = torch.full((256,), float("nan"), device=DEV)
+    _nibble_minus_zero_kernel[(1,)](words, z.to(DEV), out, J=j, N=256)
+    assert torch.equal(out.cpu(), q.float() - z)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
