@@ -201,12 +201,11 @@ class PrefillGraphs:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.capture_s = 0.0  # seconds spent capturing, for stats that exclude first-use costs
 
-    def bucket_for(self, n: int, start: Optional[int] = None) -> Optional[int]:
-        """The bucket a chunk of ``n`` tokens at cache position ``start`` (default: the fill level)
-        pads to, or None (longer than every bucket, or no room for the padding)."""
-        start = self.cache.length if start is None else start
+    def bucket_for(self, n: int) -> Optional[int]:
+        """The bucket a chunk of ``n`` tokens at the fill level pads to, or None (longer than every
+        bucket, or no room for the padding)."""
         b = next((b for b in self.buckets if b >= n), None)
-        if b is None or start + b > self.cache.max_seq_len:
+        if b is None or self.cache.length + b > self.cache.max_seq_len:
             return None
         return b
 
