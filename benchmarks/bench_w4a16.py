@@ -4,6 +4,8 @@ Contenders on the Llama-3-8B linears of one layer (qkv 4096->6144, o 4096->4096,
 4096->28672, down 14336->4096; group 128), for M in {1, 2, 4, ..., 4096}, fp16 and bf16:
 
 - tinyq: ``W4A16Linear`` through its shipped launch plan (or the sweep's winners with ``--sweep``);
+  where that plan is the GEMV, also the GEMV reading x in the paired layout its producer writes in
+  the fused decode path (``paired-x``; :mod:`tinyq.kernels.paired`, pairing not timed);
 - cuBLAS: ``F.linear`` on the dense fp16/bf16 weight;
 - tinygemm: ``torch._weight_int4pack_mm`` (int4 g128; bf16 activations, so its fp16 row is nan);
 - dequant+cuBLAS: tinyq's dequantize kernel into a scratch buffer, then cuBLAS (vLLM's AWQ recipe
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, timed, write_json  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
+from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
+from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
 from tinyq.quant.format import quantize_weight, unpack_int4  # noqa: E402
@@ -239,7 +243,13 @@ def main():
                 t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rot_q[name], GRAPH_MAX_M)
                 t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name], GRAPH_MAX_M)
                 t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name], GRAPH_MAX_M)
-                t_tg = t_gl = float("nan")
+                t_tg = t_gl = t_p = float("nan")
+                if plan[0] == "gemv":  # the same GEMV reading x in the paired layout its producer would write
+                    xp, yp = pair_rows_reference(x), torch.empty(m, n, device="cuda", dtype=dtype)
+                    yq = launch_w4a16_gemv(xp, qw, s, z, None, yp, **plan[1])
+                    rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
+                    t_p = timed(m, lambda a, b, c: (lambda: launch_w4a16_gemv(xp, a, b, c, None, yp, **plan[1])),
+                                rot_q[name], GRAPH_MAX_M)
                 if dtype == torch.bfloat16 and rot_tg[name] is not None:
                     t_tg = timed(m, lambda wp, sz: (lambda: torch._weight_int4pack_mm(x, wp, G, sz)), rot_tg[name], GRAPH_MAX_M)
                 if rot_gl[name] is not None:
@@ -250,12 +260,12 @@ def main():
                 wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
                 rows.append(dict(dtype=str(dtype), m=m, shape=name, k=k, n=n, plan=list(plan), max_rel_err=rel,
                                  tinyq_us=t_q * 1e3, cublas_us=t_cb * 1e3, tinygemm_us=t_tg * 1e3, gemlite_us=t_gl * 1e3,
-                                 dequant_cublas_us=t_dq * 1e3,
+                                 dequant_cublas_us=t_dq * 1e3, tinyq_paired_us=t_p * 1e3,
                                  tinyq_gbps=(wbytes + (m * k + m * n) * 2) / t_q / 1e6,
                                  tinyq_tflops=2 * m * n * k / t_q / 1e9))
                 print(f"{str(dtype)[6:]:8s} M={m:5d} {name:8s} tinyq {t_q*1e3:8.1f} us ({plan[0]}) cuBLAS {t_cb*1e3:8.1f}"
                       f" tinygemm {t_tg*1e3:8.1f} gemlite {t_gl*1e3:8.1f} dq+cuBLAS {t_dq*1e3:8.1f} {rows[-1]['tinyq_gbps']:6.0f} GB/s"
-                      f" err {rel:.1e}", flush=True)
+                      f" paired-x {t_p*1e3:8.1f} err {rel:.1e}", flush=True)
 
     host = []
     for dtype in dtypes:
@@ -264,7 +274,7 @@ def main():
     sums = {}
     for r in rows:
         s = sums.setdefault((r["dtype"], r["m"]), dict(tinyq_us=0.0, cublas_us=0.0, tinygemm_us=0.0, gemlite_us=0.0,
-                                                       dequant_cublas_us=0.0))
+                                                       dequant_cublas_us=0.0, tinyq_paired_us=0.0))
         for key in s:
             s[key] += r[key]
     summary = build_summary(sums, host, dtypes)
@@ -278,11 +288,11 @@ def main():
         print(f"  {h['dtype'][6:]:8s} {h['op']:36s} eager {h['eager_us']:7.1f}  graph {h['graph_us']:7.1f}  {h['ratio']:5.2f}x")
     print(f"\n{env.get('gpu')} torch {env['torch']} triton {env['triton']}; sum over qkv+o+gate_up+down (us):")
     print(f"{'dtype':8s} {'M':>5} {'tinyq':>9} {'cuBLAS':>9} {'tinygemm':>9} {'gemlite':>9} {'dq+cuBLAS':>9} "
-          f"{'vs cuBLAS':>9} {'vs gemlite':>10}")
+          f"{'vs cuBLAS':>9} {'vs gemlite':>10} {'paired-x':>9}")
     for (d, m), s in sums.items():
         print(f"{d[6:]:8s} {m:5d} {s['tinyq_us']:9.1f} {s['cublas_us']:9.1f} {s['tinygemm_us']:9.1f} "
               f"{s['gemlite_us']:9.1f} {s['dequant_cublas_us']:9.1f} {s['cublas_us'] / s['tinyq_us']:8.2f}x "
-              f"{s['gemlite_us'] / s['tinyq_us']:9.2f}x")
+              f"{s['gemlite_us'] / s['tinyq_us']:9.2f}x {s['tinyq_paired_us']:9.1f}")
     print("\nsummary:")
     for r in summary:
         print(f"  {'MET ' if r['met'] else 'miss'} {r['what']}: {r['value']:.3g} (target {r['target']})")

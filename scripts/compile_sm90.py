@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tinyq.kernels as kernels_pkg  # noqa: E402
 from tinyq.kernels import (  # noqa: E402
-    argmax, decode_attention, flash_attention, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
+    argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
 from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant, w4a16_dequant, w4a16_gemm  # noqa: E402
 from tinyq.kernels.attention_configs import DECODE, FLASH  # noqa: E402
@@ -163,10 +163,11 @@ def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16, tokens=1):
     return launch
 
 
-def _gemv_silu(hidden, inter, dtype, prenorm, group=128):
+def _gemv_silu(hidden, inter, dtype, prenorm, group=128, pair=False):
     def launch():
         x = torch.zeros(1, hidden, dtype=dtype)
         y = torch.zeros(1, inter, dtype=dtype)
+        x, y = (paired.pair_rows_reference(x), paired.pair_rows_reference(y)) if pair else (x, y)
         pre = (torch.zeros(hidden, dtype=dtype), 1e-5) if prenorm else None
         w4a16_gemv_silu.launch_w4a16_gemv_silu(x, *_w4(2 * inter, hidden, dtype, group), None, y, prenorm=pre, **GEMV_M1)
     return launch
@@ -184,19 +185,23 @@ def _gemv_rope(hidden, hq, hkv, d, dtype, prenorm, group=128):
     return launch
 
 
-def _gemv_residual(n, k, dtype, norm, group=128):
+def _gemv_residual(n, k, dtype, norm, group=128, pair=False):
     def launch():
         x = torch.zeros(1, k, dtype=dtype)
         h = torch.zeros(1, n, dtype=dtype)
         w = torch.ones(n, dtype=dtype) if norm else None
+        hw = torch.empty_like(h) if norm else None
+        if pair:
+            x, hw = paired.pair_rows_reference(x), paired.pair_rows_reference(h)
         w4a16_gemv_residual.launch_w4a16_gemv_residual(x, *_w4(n, k, dtype, group), None, h, w, torch.empty_like(h),
-                                                       torch.empty_like(h) if norm else None, **GEMV_M1)
+                                                       hw, **GEMV_M1)
     return launch
 
 
-def _gemv(n, k, dtype, warp_blocks=None):
+def _gemv(n, k, dtype, warp_blocks=None, pair=False):
     def launch():
         x = torch.zeros(1, k, dtype=dtype)
+        x = paired.pair_rows_reference(x) if pair else x
         w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(1, n, dtype=dtype),
                                      **dict(GEMV_M1, warp_blocks=warp_blocks))
     return launch
@@ -251,11 +256,15 @@ TARGETS = {
     "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
     "gemv-llama3-8b-gate-up-bf16": _gemv(28672, 4096, torch.bfloat16),
     "gemv-llama3-8b-gate-up-fp16-warp-rows": _gemv(28672, 4096, torch.float16, warp_blocks=4),
+    "gemv-llama3-8b-gate-up-fp16-paired": _gemv(28672, 4096, torch.float16, pair=True),
+    "gemv-llama3-8b-gate-up-bf16-paired": _gemv(28672, 4096, torch.bfloat16, pair=True),
     "gemv-silu-llama3-8b-fp16": _gemv_silu(4096, 14336, torch.float16, False),
+    "gemv-silu-llama3-8b-fp16-paired": _gemv_silu(4096, 14336, torch.float16, False, pair=True),
     "gemv-silu-smollm2-prenorm-bf16": _gemv_silu(576, 1536, torch.bfloat16, True, group=64),
     "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),
     "gemv-rope-smollm2-prenorm-fp16": _gemv_rope(576, 9, 3, 64, torch.float16, True, group=64),
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),
+    "gemv-residual-llama3-8b-fp16-paired": _gemv_residual(4096, 14336, torch.float16, True, pair=True),
     "gemv-residual-smollm2-norm-bf16": _gemv_residual(576, 1536, torch.bfloat16, True, group=64),
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
     "w4a16-gemm-m16-llama3-8b-gate-up": _w4a16_gemm(16, 28672, 4096),

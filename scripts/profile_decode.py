@@ -1,9 +1,11 @@
 """Profile helper: the GPU kernels of one decode step (a CUDA-graph replay) of a random-weight model.
 
-    python3 scripts/profile_decode.py --models smollm2,llama3-8b --precision w4a16 --steps 50
+    python3 scripts/profile_decode.py --models smollm2,llama3-8b --precision w4a16 --steps 50 [--paired off,on]
 
 Prints, per model, each kernel name with its launches per token and mean time, sorted by total
 time; the sum over kernels against the wall time per token says how much is launch gaps.
+``--paired off,on`` runs each model with the decode GEMV inputs in their natural layout and paired
+(``PAIRED_DECODE``, :mod:`tinyq.kernels.paired`), one after the other in the same process.
 """
 import argparse
 import collections
@@ -18,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_e2e import GREEDY, GROUP_SIZE, SHAPES, rand_list  # noqa: E402
 from benchmarks.common import random_model  # noqa: E402
 from tinyq.generate import Generator  # noqa: E402
+from tinyq.kernels.w4a16_configs import PAIRED_DECODE, device_arch  # noqa: E402
 from tinyq.warmup import warm_up  # noqa: E402
 
 
@@ -36,10 +39,13 @@ def kernel_table(prof, steps):
     return sorted(rows, key=lambda r: -r[2])
 
 
-def profile_model(name, precision, steps):
+def profile_model(name, precision, steps, paired=None):
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
+    arch = device_arch(device)
+    if paired is not None:
+        PAIRED_DECODE[arch] = paired
     model = random_model(SHAPES[name], precision, device, GROUP_SIZE.get(name, 128))
     gen = Generator(model, None, max_seq_len=256)
     warm_up(gen)
@@ -62,14 +68,14 @@ def profile_model(name, precision, steps):
     rows = kernel_table(prof, steps)
     kernels_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
-    print(f"\n== {name} {precision}: {wall_us:.1f} us/token wall, {kernels_us:.1f} us of kernels, "
+    print(f"\n== {name} {precision} (paired GEMV inputs: {PAIRED_DECODE[arch]}): {wall_us:.1f} us/token wall, {kernels_us:.1f} us of kernels, "
           f"{launches:.0f} launches/token ({(wall_us - kernels_us) / max(launches, 1):.2f} us gap per launch)")
     print(f"{'kernel':70s} {'n/tok':>6s} {'us/tok':>8s} {'us/call':>8s}")
     for r in rows:
         print(f"{r[0]:70s} {r[1]:6.1f} {r[2]:8.1f} {r[3]:8.2f}")
     del gen, model
     torch.cuda.empty_cache()
-    return {"model": name, "precision": precision, "wall_us": wall_us, "kernels_us": kernels_us,
+    return {"model": name, "precision": precision, "paired": PAIRED_DECODE[arch], "wall_us": wall_us, "kernels_us": kernels_us,
             "launches": launches, "kernels": [dict(zip(("name", "per_token", "us_per_token", "us_per_call"), r))
                                               for r in rows]}
 
@@ -79,9 +85,14 @@ def main():
     ap.add_argument("--models", default="smollm2,llama3-8b")
     ap.add_argument("--precision", default="w4a16")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--paired", default="", help="off,on: each model with and without paired GEMV inputs")
     ap.add_argument("--out")
     args = ap.parse_args()
-    res = [profile_model(m, args.precision, args.steps) for m in args.models.split(",")]
+    modes = [{"off": False, "on": True}[v] for v in args.paired.split(",") if v] or [None]
+    res = [profile_model(m, args.precision, args.steps, p) for m in args.models.split(",") for p in modes]
+    print("\nmodel      paired  wall us/token  kernels us/token")
+    for r in res:
+        print(f"{r['model']:10s} {str(r['paired']):6s} {r['wall_us']:13.1f} {r['kernels_us']:17.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

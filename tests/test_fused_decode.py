@@ -9,7 +9,8 @@ from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
 from tinyq.cache import StaticKVCache
 from tinyq.kernels.rope import RopeConfig
-from tinyq.kernels.w4a16_configs import launch_plan
+from tinyq.kernels.w4a16_configs import PAIRED_DECODE, launch_plan
+from tinyq.kernels.paired import PairedRows, pair_rows_reference, paired_plane, unpair_rows_reference
 from tinyq.kernels.w4a16_gemv_residual import launch_w4a16_gemv_residual, w4a16_gemv_residual_reference
 from tinyq.kernels.w4a16_gemv_rope import launch_w4a16_gemv_rope, w4a16_gemv_rope_reference
 from tinyq.kernels.w4a16_gemv_silu import launch_w4a16_gemv_silu, w4a16_gemv_silu_reference
@@ -44,10 +45,34 @@ def test_gate_up_silu_matches_reference(inter, k, group, dtype, bias, warp_block
     assert_close_rel(y, w4a16_gemv_silu_reference(x, qw, s, z, b))
 
 
+def poisoned_paired(n, dtype):
+    return PairedRows(torch.full((1, 4 * paired_plane(n)), float("nan"), dtype=dtype, device=DEV), n)
+
+
+@pytest.mark.parametrize("inter,k,group", [(64, 192, 64), (32, 576, 64), (96, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("x_paired,y_paired", [(True, False), (False, True), (True, True)])
+def test_gate_up_silu_paired_in_and_out(inter, k, group, dtype, x_paired, y_paired):
+    """Paired x (as the residual GEMV writes it) and a paired output (as the down GEMV reads it):
+    the same numbers as the natural layout's, and nothing written outside the paired entries."""
+    qw, s, z, b = quantized(2 * inter, k, group, dtype, True)
+    x = torch.randn(1, k, device=DEV).to(dtype)
+    y = poisoned_paired(inter, dtype) if y_paired else torch.full((1, inter), float("nan"), dtype=dtype, device=DEV)
+    with force_backend("triton"):
+        launch_w4a16_gemv_silu(pair_rows_reference(x) if x_paired else x, qw, s, z, b, y, **plan(x))
+    ref = w4a16_gemv_silu_reference(x, qw, s, z, b)
+    if y_paired:
+        assert_close_rel(unpair_rows_reference(y), ref)
+        assert y.data.isnan().sum() == 4 * paired_plane(inter) - inter  # only the padding left
+    else:
+        assert_close_rel(y, ref)
+
+
 @pytest.mark.parametrize("hq,hkv,d", [(4, 2, 64), (9, 3, 64), (4, 1, 128), (3, 3, 32)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bias,warp_blocks", [(False, None), (True, None), (True, 4)])
-def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias, warp_blocks):
+@pytest.mark.parametrize("bias,warp_blocks,paired", [(False, None, False), (True, None, False), (True, 4, False),
+                                                     (True, None, True)])
+def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias, warp_blocks, paired):
     k, group, max_seq, pos = 192, 64, 40, 29
     qw, s, z, b = quantized((hq + 2 * hkv) * d, k, group, dtype, bias)
     x = torch.randn(1, k, device=DEV).to(dtype)
@@ -57,7 +82,8 @@ def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias, warp_bl
     q = torch.full((1, 1, hq, d), float("nan"), dtype=dtype, device=DEV)
     seq_pos = torch.tensor([pos], dtype=torch.int32, device=DEV)
     with force_backend("triton"):
-        launch_w4a16_gemv_rope(x, qw, s, z, b, q, kc, vc, seq_pos, inv_freq, hq, hkv, **plan(x, warp_blocks))
+        launch_w4a16_gemv_rope(pair_rows_reference(x) if paired else x, qw, s, z, b, q, kc, vc, seq_pos, inv_freq, hq,
+                               hkv, **plan(x, warp_blocks))
     kc_ref, vc_ref = kc.clone(), vc.clone()
     q_ref = w4a16_gemv_rope_reference(x, qw, s, z, b, kc_ref, vc_ref, pos, inv_freq, hq, hkv)
     assert_close_rel(q, q_ref)
@@ -84,6 +110,23 @@ def test_linear_residual_matches_reference(n, k, group, dtype, bias, norm, warp_
     assert_close_rel(h, h_ref.view(n).float())
     if norm:
         assert_close_rel(hw, hw_ref.view(n).float())
+
+
+@pytest.mark.parametrize("n,k,group", [(64, 192, 64), (576, 1536, 64)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_residual_paired_in_and_out(n, k, group, dtype):
+    """The down projection's form: x paired (the SiLU GEMV's output), h natural, h * w paired."""
+    qw, s, z, b = quantized(n, k, group, dtype, True)
+    x = torch.randn(1, k, device=DEV).to(dtype)
+    residual = torch.randn(n, device=DEV).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(n, device=DEV)).to(dtype)
+    h = torch.full((n,), float("nan"), dtype=dtype, device=DEV)
+    hw = poisoned_paired(n, dtype)
+    with force_backend("triton"):
+        launch_w4a16_gemv_residual(pair_rows_reference(x), qw, s, z, b, residual, norm_w, h, hw, **plan(x))
+    h_ref, hw_ref = w4a16_gemv_residual_reference(x, qw, s, z, b, residual.view(1, n), norm_w)
+    assert_close_rel(h, h_ref.view(n).float())
+    assert_close_rel(unpair_rows_reference(hw), hw_ref.float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -133,16 +176,19 @@ def test_qkv_attention_checks_its_arguments():
             w4a16_qkv_attention(x, qw, s, z, None, cache, 0, rope, 4, 2)
 
 
-@pytest.mark.parametrize("kind,prenorm_max", [("llama", 1024), ("qwen2", 1024), ("llama", 0)])
-def test_model_decode_fused_equals_unfused(tmp_path, kind, prenorm_max, monkeypatch):
+@pytest.mark.parametrize("kind,prenorm_max,paired", [("llama", 1024, False), ("qwen2", 1024, False),
+                                                     ("llama", 0, False), ("qwen2", 1024, True), ("llama", 0, True)])
+def test_model_decode_fused_equals_unfused(tmp_path, kind, prenorm_max, paired, monkeypatch):
     """A W4A16 model's prefill + decode logits on the Triton path are the same with the fused
     one-token ops as with the separate GEMV, RoPE/cache-write and SiLU launches; with the norms
-    finished inside the next GEMV (tiny hidden <= PRENORM_MAX_HIDDEN) and with norm kernels (0)."""
+    finished inside the next GEMV (tiny hidden <= PRENORM_MAX_HIDDEN) and with norm kernels (0);
+    with GEMV inputs in the natural layout and paired (``PAIRED_DECODE``)."""
     import tinyq.models.llama as llama
     from tests.tiny_models import make_model_dir
     from tinyq.models import load_model
 
     monkeypatch.setattr(llama, "PRENORM_MAX_HIDDEN", prenorm_max)
+    monkeypatch.setitem(PAIRED_DECODE, "sm90" if DEV == "cuda" else "default", paired)
     make_model_dir(tmp_path, kind, seed=3)
     model, tok = load_model(str(tmp_path), precision="w4a16", group_size=32, device=DEV, dtype=torch.float16)
     ids = torch.tensor([tok.encode("The quick brown fox jumps")], device=DEV)

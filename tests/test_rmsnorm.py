@@ -4,6 +4,7 @@ import torch
 
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
+from tinyq.kernels.paired import paired_plane, unpair_rows_reference
 from tinyq.kernels.rmsnorm import rmsnorm, rmsnorm_reference
 from tinyq.ops import add_rms_norm, rms_norm
 
@@ -31,6 +32,26 @@ def test_rmsnorm_matches_reference(shape, dtype, with_residual):
             assert torch.equal(h, ref_h)
     assert out.shape == x.shape and out.dtype == dtype
     assert_close_rel(out, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rmsnorm_paired_output(dtype, with_residual):
+    """The norm writing a decode GEMV's paired input: the same values, in the paired layout, nothing
+    written to the padding (K=576: 144 of 160 entries a plane)."""
+    x = torch.randn(3, 576).to(dtype)
+    res = torch.randn(3, 576).to(dtype) if with_residual else None
+    w = (torch.rand(576) + 0.5).to(dtype)
+    ref = rmsnorm_reference(x, w, 1e-5, res)
+    with force_backend("triton"):
+        out = rmsnorm(x, w, 1e-5, res, paired=True)
+    if with_residual:
+        (out, h), (ref, ref_h) = out, ref
+        assert_close_rel(h, ref_h)
+    assert out.k == 576 and out.data.shape == (3, 4 * paired_plane(576))
+    assert torch.equal(unpair_rows_reference(out), rmsnorm(x, w, 1e-5, res)[0] if with_residual else
+                       rmsnorm(x, w, 1e-5))
+    assert_close_rel(unpair_rows_reference(out), ref)
 
 
 def test_reference_matches_textbook_formula():

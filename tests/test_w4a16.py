@@ -13,6 +13,7 @@ from tinyq.backend import force_backend, interpreting
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
+from tinyq.kernels.paired import pair_rows_reference, paired_plane, unpair_rows_reference
 from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
 from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference
@@ -38,15 +39,40 @@ def poisoned(m, n, dtype, device=DEV):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
-@pytest.mark.parametrize("warp_blocks", [None, 2])
-def test_gemv(m, n, k, group_size, dtype, warp_blocks):
-    """One weight row per warp (None) and rows sharing a warp (2 blocks of 32 inputs a warp-row)."""
+@pytest.mark.parametrize("warp_blocks,paired", [(None, False), (2, False), (None, True), (2, True)])
+def test_gemv(m, n, k, group_size, dtype, warp_blocks, paired):
+    """One weight row per warp (None) and rows sharing a warp (2 blocks of 32 inputs a warp-row),
+    with x in its natural layout or the paired one (poisoned padding: it must never be read)."""
     if k % group_size:
         pytest.skip("group does not divide K")
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     y = poisoned(m, n, dtype)
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4, num_stages=2, warp_blocks=warp_blocks)
+    launch_w4a16_gemv(poisoned_pairs(x) if paired else x, qw, s, z, b, y, block_n=16, block_k=256, num_warps=4,
+                      num_stages=2, warp_blocks=warp_blocks)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+def poisoned_pairs(x):
+    """``x`` in the GEMV's paired layout with NaN in the plane padding (K=576: 144 of 160 entries used)."""
+    paired = pair_rows_reference(x)
+    planes = paired.data.view(x.shape[0], 4, -1)
+    planes[:, :, x.shape[1] // 4:] = float("nan")
+    return paired
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 32), (3, 576), (2, 4096)])
+def test_paired_layout_round_trip(m, k, dtype):
+    """The paired layout puts input 32b + 16h + 4j + w at j * plane + 8b + 2w + h, planes 64-byte aligned."""
+    x = torch.randn(m, k).to(dtype)
+    paired = pair_rows_reference(x)
+    plane = paired_plane(k)
+    assert plane % 32 == 0 and plane >= k // 4 and paired.data.shape == (m, 4 * plane)
+    assert torch.equal(unpair_rows_reference(paired), x)
+    n = torch.arange(k)
+    r = n % 32
+    where = ((r % 16) // 4) * plane + (n // 32) * 8 + (n % 4) * 2 + r // 16
+    assert torch.equal(paired.data[:, where], x)
 
 
 GEMM_CASES = [  # (group_size, block_k, unpack)
@@ -249,16 +275,17 @@ def test_gpu_cuda_graph_and_compile():
 @pytest.mark.parametrize("ptx_dequant", [True, False])
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 4096, 4096, 128), (3, 1000, 576, 64), (2, 333, 14336, 32)])
 @pytest.mark.parametrize("warp_blocks", [None, 4])
-def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_blocks):
-    """Both GEMV dequant paths, one row a warp and rows sharing a warp, including activations with
-    3000-sized outliers (Llama's massive activations): the fp16 PTX path must neither overflow nor
-    lose accuracy."""
+@pytest.mark.parametrize("paired", [False, True])
+def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_blocks, paired):
+    """Both GEMV dequant paths, one row a warp and rows sharing a warp, x natural or paired,
+    including activations with 3000-sized outliers (Llama's massive activations): the fp16 PTX path
+    must neither overflow nor lose accuracy."""
     x, qw, s, z, b = make_case(m, n, k, group_size, torch.float16, device="cuda")
     x[:, 7] = 3000.0
     x[:, k // 2] = -2500.0
     y = poisoned(m, n, torch.float16, device="cuda")
-    launch_w4a16_gemv(x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8, num_stages=2, ptx_dequant=ptx_dequant,
-                      warp_blocks=warp_blocks)
+    launch_w4a16_gemv(poisoned_pairs(x) if paired else x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8,
+                      num_stages=2, ptx_dequant=ptx_dequant, warp_blocks=warp_blocks)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 

@@ -2,8 +2,10 @@
 
 ``lop3 (w >> 4j) & 0x000F000F | MAGIC`` builds the pair (M + q_j, M + q_j+4) in one instruction,
 where M is a power of two whose last mantissa bit weighs 1: fp16 1024.0 (0x6400) or bf16 128.0
-(0x4300). Subtracting the pair (M + z, M + z) leaves ``q - z`` exactly. After these lines registers
-q0..q3 hold the pairs (nibble j, nibble j + 4) for j = 0..3.
+(0x4300). Subtracting the pair (M + z, M + z) leaves ``q - z`` exactly. Kind ``f16_div16`` uses fp16
+64.0 (0x5400), whose last mantissa bit weighs 1/16: with the pair (64 + z/16, 64 + z/16) it leaves
+``(q - z) / 16``, also exact, which keeps a product with x below |x| without scaling x. After these
+lines registers q0..q3 hold the pairs (nibble j, nibble j + 4) for j = 0..3.
 
 bf16 pair arithmetic uses ``fma.rn.bf16x2`` (sm_80+; ``sub``/``mul.bf16x2`` need sm_90):
 ``q - z = fma(zz, -1, q)`` and ``d * s = fma(d, s, -0.0)`` round exactly as sub/mul would. Its
@@ -12,7 +14,7 @@ asm declares and sets (:data:`BF16_CONSTANTS`).
 """
 
 KINDS = ("f16", "bf16")
-_MAGIC = {"f16": "0x64006400", "bf16": "0x43004300"}
+_MAGIC = {"f16": "0x64006400", "bf16": "0x43004300", "f16_div16": "0x54005400"}
 BF16_CONSTANTS = ".reg .b32 nonebf, nzerobf;\nmov.b32 nonebf, 0xBF80BF80;\nmov.b32 nzerobf, 0x80008000;\n"
 
 
@@ -22,7 +24,7 @@ def nibble_pairs_minus_zero(word: str, zero_pair: str, kind: str = "f16") -> str
     lines = [f"shr.u32 t{j}, {word}, {4 * j};" for j in (1, 2, 3)]
     srcs = [word, "t1", "t2", "t3"]
     lines += [f"lop3.b32 q{j}, {srcs[j]}, 0x000F000F, {_MAGIC[kind]}, 0xEA;" for j in range(4)]
-    if kind == "f16":
+    if kind != "bf16":
         lines += [f"sub.f16x2 q{j}, q{j}, {zero_pair};" for j in range(4)]
     else:
         lines += [f"fma.rn.bf16x2 q{j}, {zero_pair}, nonebf, q{j};" for j in range(4)]

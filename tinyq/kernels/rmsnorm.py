@@ -10,7 +10,8 @@ residual stream in fp16/bf16 does, so fused and unfused runs see the same residu
 
 Tensors: ``x`` and ``residual`` ``[M, N]`` (any leading dims are flattened by the launcher),
 fp16/bf16/fp32, last dim contiguous; ``weight`` ``[N]`` (any float dtype). Outputs ``out`` and
-``h`` are ``[M, N]`` in ``x.dtype``.
+``h`` are ``[M, N]`` in ``x.dtype``; ``out`` may instead be written in a W4A16 GEMV's paired layout
+(:mod:`tinyq.kernels.paired`), for the decode GEMV that reads it.
 
 One program normalizes one row in a single pass over a ``BLOCK_N = next_pow2(N)`` tile: rows of
 LLMs are at most 8192 wide (16 KB in fp16), which fits in registers, and a decode step has M = 1,
@@ -23,6 +24,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels.paired import empty_paired_rows, paired_offsets
 from tinyq.kernels.residual import as_rows, load_row_add_residual
 
 MAX_N = 65536  # one row per program must fit a register tile
@@ -31,9 +33,9 @@ MAX_N = 65536  # one row per program must fit a register tile
 @triton.jit
 def _rmsnorm_kernel(
     X, RES, W, OUT, H_OUT,
-    N, eps,
+    N, eps, out_plane,
     stride_x, stride_r, stride_o, stride_h,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED_OUT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -41,7 +43,8 @@ def _rmsnorm_kernel(
     hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
+    out_at = paired_offsets(cols, out_plane) if PAIRED_OUT else cols
+    tl.store(OUT + row * stride_o + out_at, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -67,29 +70,30 @@ def _check(x, residual, weight):
         raise ValueError(f"rmsnorm: rows of {x.shape[-1]} features exceed the supported {MAX_N}")
 
 
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None):
-    """Triton launcher. Returns ``out`` when ``residual`` is None, else ``(out, h)``."""
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None, paired: bool = False):
+    """Triton launcher. Returns ``out`` when ``residual`` is None, else ``(out, h)``; with ``paired``,
+    ``out`` is a :class:`tinyq.kernels.paired.PairedRows` of the ``[M, N]`` rows (N a multiple of 32)."""
     _check(x, residual, weight)
     check_kernel_device("rmsnorm", x, weight, *(() if residual is None else (residual,)))
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
-    out = torch.empty_like(x2)
-    h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
     m = x2.shape[0]
+    out_rows = empty_paired_rows(m, n, x.dtype, x.device) if paired else None
+    out = out_rows.data if paired else torch.empty_like(x2)
+    h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
     if m > 0:
         block = triton.next_power_of_2(n)
         _rmsnorm_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, out, h,
-            n, float(eps),
+            n, float(eps), out.shape[1] // 4 if paired else 0,
             x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block, PAIRED_OUT=paired,
             num_warps=min(max(block // 256, 1), 16),  # 8 elements per thread (16 B fp16 loads) up to N=4096
         )
-    if residual is None:
-        return out.reshape(shape)
-    return out.reshape(shape), h.reshape(shape)
+    out = out_rows if paired else out.reshape(shape)
+    return out if residual is None else (out, h.reshape(shape))
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None):

@@ -40,6 +40,12 @@ PLANS = {
 }
 
 
+# Whether the fused decode ops write each GEMV's input in the GEMV's paired layout
+# (tinyq.kernels.w4a16_gemv.PairedRows: 16-byte coalesced x loads instead of 8-byte ones at a 64-byte
+# lane stride). Off until a GPU run shows it faster (docs/perf_notes.md).
+PAIRED_DECODE = {"sm90": False, "default": False}
+
+
 def device_arch(device: torch.device) -> str:
     key = gpu_arch(device)
     return key if key in PLANS else "default"
@@ -64,6 +70,12 @@ def _resolve(m: int, dtype: torch.dtype, device: torch.device):
                 cfg["acc_fp16"] = dtype == torch.float16 and fp16_accumulate_default(device)
             return kind, cfg
     raise AssertionError("the last bucket must be open-ended")
+
+
+def paired_decode(device_index: int) -> bool:
+    """Whether the fused decode ops on CUDA device ``device_index`` (-1: the interpreter) pair GEMV inputs."""
+    device = torch.device("cpu") if device_index < 0 else torch.device("cuda", device_index)
+    return PAIRED_DECODE[device_arch(device)]
 
 
 _CACHE: dict = {}

@@ -38,25 +38,26 @@ import triton.language as tl
 
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import nibble_pairs_minus_zero
+from tinyq.kernels.paired import PairedRows, x_operand
 from tinyq.kernels.rmsnorm import inv_rms
 from tinyq.quant.format import dequantize_weight
 
 
 # One int32 word of 8 nibbles -> sum_i (q_i - z) * x_i, fp16 arithmetic inside, fp32 out.
-# The (q - z) fp16 pairs come from tinyq/kernels/int4_ptx.py. x arrives pre-scaled by 1/16 (exact), so a product
-# is at most 15/16 |x| and a sum of two at most 1.9 |x|: no fp16 overflow for |x| < 34,000. The two
-# fp16 pair sums are widened and added in fp32. 22 instructions per 8 weights instead of ~40.
+# The fp16 pairs of (q - z) / 16 come from tinyq/kernels/int4_ptx.py (kind f16_div16, exact), so a
+# product is at most 15/16 |x| and a sum of two at most 1.9 |x|: no fp16 overflow for |x| < 34,000,
+# and x needs no scaling. The two fp16 pair sums are widened and added in fp32; the caller multiplies
+# by 16 s. 22 instructions per 8 weights instead of ~40.
 _DEQUANT_DOT_PTX = tl.constexpr(
     "{\n.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz, h0, h1;\n.reg .f16 a, b, c, d;\n.reg .f32 fa, fb, fc, fd;\n"
     "mov.b32 zz, {$2, $2};\n"
-    + nibble_pairs_minus_zero("$1", "zz")
+    + nibble_pairs_minus_zero("$1", "zz", "f16_div16")
     + "\nmul.rn.f16x2 h0, q0, $3;\nfma.rn.f16x2 h0, q1, $4, h0;\n"
     "mul.rn.f16x2 h1, q2, $5;\nfma.rn.f16x2 h1, q3, $6, h1;\n"
     "mov.b32 {a, b}, h0;\nmov.b32 {c, d}, h1;\n"
     "cvt.f32.f16 fa, a;\ncvt.f32.f16 fb, b;\ncvt.f32.f16 fc, c;\ncvt.f32.f16 fd, d;\n"
     "add.f32 fa, fa, fb;\nadd.f32 fc, fc, fd;\nadd.f32 $0, fa, fc;\n}"
 )
-
 
 
 @triton.jit
@@ -95,9 +96,20 @@ def _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0, K, stride_wn
 
 
 @triton.jit
-def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn,
+def _half_pair_to_f32(pair, IS_BF16: tl.constexpr):
+    """The two fp16/bf16 halves of int32 ``pair`` as float32 (low half first), exactly."""
+    u = pair.to(tl.uint32, bitcast=True)
+    if IS_BF16:  # a bf16 is the top half of the float32 with the same value
+        return (u << 16).to(tl.float32, bitcast=True), ((u >> 16) << 16).to(tl.float32, bitcast=True)
+    lo = (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (u >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, stride_sn,
               GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WARP_BLOCKS: tl.constexpr):
+              WARP_BLOCKS: tl.constexpr, X_PAIRED: tl.constexpr):
     """float32 ``[BLOCK_N]``: the dot products of the activation row at ``x_row`` with weight rows
     ``rows`` (any ``BLOCK_N`` row indices; ``row_ok`` masks the rest to 0). The main loop of every
     W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue).
@@ -107,12 +119,18 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn
     dims first, so a warp covers ``32 / WARP_BLOCKS`` rows x ``WARP_BLOCKS`` blocks.
     ``WARP_BLOCKS = BLOCK_K / 32`` gives each warp one row and a whole step, and every warp then
     loads the same activations (32 sectors per x load instruction); a small ``WARP_BLOCKS`` lets the
-    rows of a warp share each x load (``WARP_BLOCKS`` sectors), for the same 16-byte weight loads."""
+    rows of a warp share each x load (``WARP_BLOCKS`` sectors), for the same 16-byte weight loads.
+
+    ``X_PAIRED``: ``x_row`` is an int32 pointer to the row in the paired layout
+    (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart). A lane's x for its 4 words then
+    comes as 4 coalesced 16-byte loads of ready (nibble j, nibble j + 4) pairs, where the natural
+    layout costs 8 loads of 8 bytes at a 64-byte lane stride and a pack per pair."""
     tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
     tl.static_assert(GROUP_SIZE % 32 == 0, "groups hold whole 32-input blocks")
     NB: tl.constexpr = BLOCK_K // 32
     tl.static_assert(NB % WARP_BLOCKS == 0, "WARP_BLOCKS divides the step's blocks")
     NBO: tl.constexpr = NB // WARP_BLOCKS
+    IS_BF16: tl.constexpr = s_ptr.dtype.element_ty == tl.bfloat16
     blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, None, :]  # [NBO, 1, NBI]
     offs_w = tl.arange(0, 4)
     acc = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
@@ -125,19 +143,23 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn
         words, s, z = words_n, s_n, z_n
         words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0 + BLOCK_K, K,
                                        stride_wn, stride_sn, GROUP_SIZE)
-        x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4]
+        if X_PAIRED:
+            x_blk = x_row + k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4] int32
+        else:
+            x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4]
         if PTX_DEQUANT:
-            # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]), pre-scaled by 1/16.
-            x0 = x_blk
-            xp0 = _pack_half2((tl.load(x0, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 16, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
-            xp1 = _pack_half2((tl.load(x0 + 4, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 20, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
-            xp2 = _pack_half2((tl.load(x0 + 8, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 24, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
-            xp3 = _pack_half2((tl.load(x0 + 12, mask=x_ok, other=0.0) * 0.0625).to(tl.float16),
-                              (tl.load(x0 + 28, mask=x_ok, other=0.0) * 0.0625).to(tl.float16))
-            z16 = (z + 1024.0).to(tl.float16)[:, :, :, None]  # exact: z is an integer 0..15
+            # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]).
+            if X_PAIRED:
+                xp0 = tl.load(x_blk, mask=x_ok, other=0)
+                xp1 = tl.load(x_blk + x_plane, mask=x_ok, other=0)
+                xp2 = tl.load(x_blk + 2 * x_plane, mask=x_ok, other=0)
+                xp3 = tl.load(x_blk + 3 * x_plane, mask=x_ok, other=0)
+            else:
+                xp0 = _pack_half2(tl.load(x_blk, mask=x_ok, other=0.0), tl.load(x_blk + 16, mask=x_ok, other=0.0))
+                xp1 = _pack_half2(tl.load(x_blk + 4, mask=x_ok, other=0.0), tl.load(x_blk + 20, mask=x_ok, other=0.0))
+                xp2 = _pack_half2(tl.load(x_blk + 8, mask=x_ok, other=0.0), tl.load(x_blk + 24, mask=x_ok, other=0.0))
+                xp3 = _pack_half2(tl.load(x_blk + 12, mask=x_ok, other=0.0), tl.load(x_blk + 28, mask=x_ok, other=0.0))
+            z16 = (z * 0.0625 + 64.0).to(tl.float16)[:, :, :, None]  # exact: z is an integer 0..15
             dots = tl.inline_asm_elementwise(
                 _DEQUANT_DOT_PTX, "=f,r,h,r,r,r,r", [words, z16, xp0, xp1, xp2, xp3],
                 dtype=tl.float32, is_pure=True, pack=1,
@@ -146,25 +168,32 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn
         else:
             part = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
             high = words >> 16  # nibbles 4..7 at bits 0..15
-            for i in tl.static_range(8):
-                xi = tl.load(x_blk + 4 * i, mask=x_ok, other=0.0).to(tl.float32)  # [NBO, 1, NBI, 4]
-                part += _nibble_minus_zero(words if i < 4 else high, i % 4, z[:, :, :, None]) * xi
+            zz = z[:, :, :, None]
+            for j in tl.static_range(4):
+                if X_PAIRED:
+                    lo, hi = _half_pair_to_f32(tl.load(x_blk + j * x_plane, mask=x_ok, other=0), IS_BF16)
+                else:
+                    lo = tl.load(x_blk + 4 * j, mask=x_ok, other=0.0).to(tl.float32)  # [NBO, 1, NBI, 4]
+                    hi = tl.load(x_blk + 4 * j + 16, mask=x_ok, other=0.0).to(tl.float32)
+                # two separate updates: one FFMA each, where a + b*lo + c*hi costs an FMUL and an FADD more
+                part += _nibble_minus_zero(words, j, zz) * lo
+                part += _nibble_minus_zero(high, j, zz) * hi
             acc += s[:, :, :, None] * part
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
 
 
 @triton.jit
-def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, eps, stride_wn, stride_sn,
-                        GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
+def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, x_plane, eps, stride_wn,
+                        stride_sn, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
                         PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr):
+                        WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr, X_PAIRED: tl.constexpr):
     """:func:`gemv_rows` plus the bias, for the fused GEMVs that may finish an RMSNorm: with
     ``PRENORM`` the row at ``x_row`` holds ``h * w`` of the norm and the dot products are scaled by
     ``1 / rms(h)`` of the row at ``h_row`` (``ROW`` = next_pow2(K) lanes)."""
     if PRENORM:
         rstd = inv_rms(h_row, K, eps, ROW)
-    dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS)
+    dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, stride_sn,
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED)
     if PRENORM:
         dots = dots * rstd
     if HAS_BIAS:
@@ -182,10 +211,11 @@ def gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias=None, prenorm=
     y = x @ dequantize_weight(qweight, scales, zeros).t()
     return y + bias.float() if bias is not None else y
 
+
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K,
+    M, N, K, x_plane,
     stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -193,6 +223,7 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WARP_BLOCKS: tl.constexpr,
+    X_PAIRED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     m = pid % M
@@ -202,8 +233,8 @@ def _w4a16_gemv_kernel(
     # Row strides come in as arguments (K // 8 and K // G computed on the host): Triton then knows
     # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
     # kernel they left the alignment unknown and every word was a separate 4-byte load.
-    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, stride_wn, stride_sn,
-                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS)
+    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, x_plane, stride_wn, stride_sn,
+                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -211,7 +242,8 @@ def _w4a16_gemv_kernel(
 
 def gemv_ptx(x) -> bool:
     """Whether the GEMV main loop may use its inline-PTX dequant: a real GPU (the interpreter runs no
-    PTX) and fp16 activations."""
+    PTX) and fp16 activations (``x`` a tensor or :class:`PairedRows`)."""
+    x = x.data if isinstance(x, PairedRows) else x
     return x.dtype == torch.float16 and not interpreting()
 
 
@@ -222,21 +254,24 @@ def warp_blocks_of(block_k: int, warp_blocks=None) -> int:
 
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
                       num_stages: int, ptx_dequant: bool = False, warp_blocks=None):
-    """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`)."""
-    m, k = x.shape
-    n = qweight.shape[0]
+    """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
+    ``x`` ``[M, K]`` or :class:`PairedRows` of M rows."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    x_arg, x_plane, paired = x_operand(x)
+    m = x_arg.shape[0]
     group_size = k // scales.shape[1]
     grid = (m * triton.cdiv(n, block_n),)
     _w4a16_gemv_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, y,
-        m, n, k,
-        x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
+        x_arg, qweight, scales, zeros, bias if bias is not None else y, y,
+        m, n, k, x_plane,
+        x_arg.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x),
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
+        X_PAIRED=paired,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -14,14 +14,16 @@ computes ``1 / rms(h)`` itself and scales its dot products by it (``PRENORM`` in
 and the norm cost no launch and no serialized tail. (A last-program norm, tried first, ran as long
 as a separate norm kernel: the tail is serial either way; docs/perf_notes.md.)
 
-Tensors: ``x`` ``[1, K]`` (fp16/bf16), weight ``[N, K/8]`` with scales/zeros, bias ``[N]`` or
-none; ``residual``, ``norm_weight`` ``[N]``; ``h`` and ``hw`` ``[N]`` in x's dtype.
+Tensors: ``x`` ``[1, K]`` (fp16/bf16) or its :class:`~tinyq.kernels.paired.PairedRows`, weight
+``[N, K/8]`` with scales/zeros, bias ``[N]`` or none; ``residual``, ``norm_weight`` ``[N]``; ``h``
+``[N]`` and ``hw`` ``[N]`` or paired (``[4 paired_plane(N)]``, for the next GEMV) in x's dtype.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from tinyq.kernels.paired import PairedRows, paired_offsets, x_operand
 from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows, warp_blocks_of
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 
@@ -29,14 +31,15 @@ from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 @triton.jit
 def _w4a16_gemv_residual_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, w_ptr, h_ptr, hw_ptr,
-    N, K, stride_wn, stride_sn,
+    N, K, x_plane, hw_plane, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, X_PAIRED: tl.constexpr,
+    HW_PAIRED: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
-    dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS)
+    dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, x_plane, stride_wn, stride_sn,
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED)
     if HAS_BIAS:
         dots += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     y = dots.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -44,7 +47,8 @@ def _w4a16_gemv_residual_kernel(
     tl.store(h_ptr + rows, h, mask=ok)
     if HAS_NORM:
         w = tl.load(w_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        tl.store(hw_ptr + rows, (h.to(tl.float32) * w).to(hw_ptr.dtype.element_ty), mask=ok)
+        hw_at = paired_offsets(rows, hw_plane) if HW_PAIRED else rows
+        tl.store(hw_ptr + hw_at, (h.to(tl.float32) * w).to(hw_ptr.dtype.element_ty), mask=ok)
 
 
 def w4a16_gemv_residual_reference(x, qweight, scales, zeros, bias, residual, norm_weight=None):
@@ -57,15 +61,19 @@ def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_w
                                block_k: int, num_warps: int, num_stages: int, ptx_dequant: bool = False,
                                warp_blocks=None):
     """Launch on arguments already checked (see :func:`tinyq.ops.fused.w4a16_linear_residual`);
-    writes ``h`` (and ``hw`` when ``norm_weight`` is given)."""
-    n, k = qweight.shape[0], x.shape[1]
+    writes ``h`` (and ``hw`` when ``norm_weight`` is given: a ``[N]`` tensor or
+    :class:`PairedRows`)."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    x_arg, x_plane, x_paired = x_operand(x)
+    hw_paired = isinstance(hw, PairedRows)
+    hw_arg = hw.data if hw_paired else hw
     _w4a16_gemv_residual_kernel[(triton.cdiv(n, block_n),)](
-        x, qweight, scales, zeros, bias if bias is not None else h, residual,
-        norm_weight if norm_weight is not None else h, h, hw if hw is not None else h,
-        n, k, qweight.stride(0), scales.stride(0),
+        x_arg, qweight, scales, zeros, bias if bias is not None else h, residual,
+        norm_weight if norm_weight is not None else h, h, hw_arg if hw is not None else h,
+        n, k, x_plane, hw_arg.shape[-1] // 4 if hw_paired else 0, qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
-        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), X_PAIRED=x_paired, HW_PAIRED=hw_paired,
         num_warps=num_warps, num_stages=num_stages,
     )
     return h, hw

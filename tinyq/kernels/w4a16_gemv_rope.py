@@ -20,7 +20,7 @@ launch goes away (one launch less per layer and token; the main loop is
 :func:`tinyq.kernels.w4a16_gemv.gemv_rows`). ``PRENORM`` folds in the RMSNorm before the
 projection as in :mod:`tinyq.kernels.w4a16_gemv_silu`.
 
-Tensors: ``x`` ``[1, K]`` (fp16/bf16), weight ``[(Hq + 2 Hkv) D, K/8]`` with scales/zeros, bias
+Tensors: ``x`` ``[1, K]`` (fp16/bf16) or its :class:`~tinyq.kernels.paired.PairedRows`, weight ``[(Hq + 2 Hkv) D, K/8]`` with scales/zeros, bias
 ``[(Hq + 2 Hkv) D]`` or none; ``q_out`` ``[Hq * D]`` (contiguous) in x's dtype; one cache layer
 ``k_cache``/``v_cache`` ``[1, Hkv, max_seq_len, D]`` (last dim contiguous); ``seq_pos`` int32 ``[1]``;
 ``inv_freq`` float32 ``[D/2]``; ``h`` ``[K]`` (PRENORM).
@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
+from tinyq.kernels.paired import x_operand
 from tinyq.kernels.w4a16_gemv import (
     gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
@@ -40,11 +41,11 @@ from tinyq.kernels.w4a16_gemv import (
 @triton.jit
 def _w4a16_gemv_rope_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, q_ptr, kc_ptr, vc_ptr, seq_pos_ptr, inv_freq_ptr, h_ptr,
-    HQ, HKV, K, MAX_SEQ, ROPE_PROGRAMS, eps,
+    HQ, HKV, K, x_plane, MAX_SEQ, ROPE_PROGRAMS, eps,
     stride_wn, stride_sn, stride_ch, stride_cn,
     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
     PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
-    ROW: tl.constexpr,
+    ROW: tl.constexpr, X_PAIRED: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
@@ -61,8 +62,9 @@ def _w4a16_gemv_rope_kernel(
     rows = tl.where(rotary, rows_rot, (HQ + HKV) * HEAD_DIM + v_r)
     ok = tl.where(rotary, (p_r < pairs).to(tl.int32), (v_r < HKV * HEAD_DIM).to(tl.int32)) != 0
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
-    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, eps, stride_wn, stride_sn,
-                               GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, ROW)
+    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, x_plane, eps, stride_wn,
+                               stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
+                               ROW, X_PAIRED)
     # the host checked the room; this only guards memory on a stale replay
     in_cache = (r * 0 + pos) < MAX_SEQ  # [BLOCK_N]
     if rotary:
@@ -89,18 +91,19 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
                            num_stages: int, ptx_dequant: bool = False, warp_blocks=None, prenorm=None):
     """Launch on arguments already checked (see :func:`tinyq.ops.fused.w4a16_qkv_attention`);
     ``prenorm = (h [K], eps)`` when x is ``h * w`` of an RMSNorm still to be normalized."""
-    h, eps = prenorm if prenorm is not None else (x, 0.0)
-    k = x.shape[1]
+    x_arg, x_plane, x_paired = x_operand(x)
+    h, eps = prenorm if prenorm is not None else (q_out, 0.0)
+    k = qweight.shape[1] * 8
     d = k_cache.shape[-1]
     rope_programs = triton.cdiv((num_heads + num_kv_heads) * (d // 2), block_n // 2)
     v_programs = triton.cdiv(num_kv_heads * d, block_n)
     _w4a16_gemv_rope_kernel[(rope_programs + v_programs,)](
-        x, qweight, scales, zeros, bias if bias is not None else q_out, q_out, k_cache, v_cache, seq_pos, inv_freq, h,
-        num_heads, num_kv_heads, k, k_cache.shape[2], rope_programs, float(eps),
+        x_arg, qweight, scales, zeros, bias if bias is not None else q_out, q_out, k_cache, v_cache, seq_pos, inv_freq,
+        h, num_heads, num_kv_heads, k, x_plane, k_cache.shape[2], rope_programs, float(eps),
         qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
-        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k), X_PAIRED=x_paired,
         num_warps=num_warps, num_stages=num_stages,
     )
     return q_out

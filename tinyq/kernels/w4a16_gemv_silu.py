@@ -16,9 +16,10 @@ token (the main loop is :func:`tinyq.kernels.w4a16_gemv.gemv_rows`).
 (an L2-resident read overlapping its weight loads) and scales its dot products by it, so the norm
 needs no kernel of its own.
 
-Tensors: ``x`` ``[1, K]`` (fp16/bf16, unit stride), ``qweight`` int32 ``[2I, K/8]``,
-``scales``/``zeros`` ``[2I, K/G]``, ``bias`` ``[2I]`` or none; ``h`` ``[K]`` (PRENORM); output
-``[1, I]`` in x's dtype.
+Tensors: ``x`` ``[1, K]`` (fp16/bf16, unit stride) or its
+:class:`~tinyq.kernels.paired.PairedRows`, ``qweight`` int32 ``[2I, K/8]``, ``scales``/``zeros``
+``[2I, K/G]``, ``bias`` ``[2I]`` or none; ``h`` ``[K]`` (PRENORM); output ``[1, I]`` or paired
+(for the down projection's GEMV) in x's dtype.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tinyq.kernels.paired import PairedRows, paired_offsets, x_operand
 from tinyq.kernels.w4a16_gemv import (
     gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
@@ -34,9 +36,10 @@ from tinyq.kernels.w4a16_gemv import (
 @triton.jit
 def _w4a16_gemv_silu_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, h_ptr,
-    I, K, eps, stride_wn, stride_sn,
+    I, K, x_plane, y_plane, eps, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr,
+    X_PAIRED: tl.constexpr, Y_PAIRED: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_N // 2
     r = tl.arange(0, BLOCK_N)
@@ -44,12 +47,14 @@ def _w4a16_gemv_silu_kernel(
     rows = i + (r % 2) * I  # gate row i, then up row I + i
     ok = i < I
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
-    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, eps, stride_wn, stride_sn,
-                               GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, ROW)
+    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, x_plane, eps, stride_wn,
+                               stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
+                               ROW, X_PAIRED)
     gate, up = tl.split(tl.reshape(dots, (HALF, 2)))
     out = gate / (1.0 + tl.exp(-gate)) * up
     i_out = tl.program_id(0) * HALF + tl.arange(0, HALF)
-    tl.store(y_ptr + i_out, out.to(y_ptr.dtype.element_ty), mask=i_out < I)
+    y_at = paired_offsets(i_out, y_plane) if Y_PAIRED else i_out
+    tl.store(y_ptr + y_at, out.to(y_ptr.dtype.element_ty), mask=i_out < I)
 
 
 def w4a16_gemv_silu_reference(x, qweight, scales, zeros, bias=None, prenorm=None):
@@ -61,17 +66,21 @@ def w4a16_gemv_silu_reference(x, qweight, scales, zeros, bias=None, prenorm=None
 
 def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
                            num_stages: int, ptx_dequant: bool = False, warp_blocks=None, prenorm=None):
-    """Launch on arguments already checked (x ``[1, K]``; the weight a checked W4A16 ``[2I, K]``;
-    ``prenorm = (h [K], eps)`` when x is ``h * w`` of an RMSNorm still to be normalized)."""
-    n, k = qweight.shape[0], x.shape[1]
+    """Launch on arguments already checked (x ``[1, K]`` or :class:`PairedRows`; the weight a
+    checked W4A16 ``[2I, K]``; ``prenorm = (h [K], eps)`` when x is ``h * w`` of an RMSNorm still to
+    be normalized); writes ``y``, a ``[1, I]`` tensor or :class:`PairedRows`."""
+    n, k = qweight.shape[0], qweight.shape[1] * 8
     inter = n // 2
-    h, eps = prenorm if prenorm is not None else (x, 0.0)
+    x_arg, x_plane, x_paired = x_operand(x)
+    y_paired = isinstance(y, PairedRows)
+    y_arg = y.data if y_paired else y
+    h, eps = prenorm if prenorm is not None else (y_arg, 0.0)
     _w4a16_gemv_silu_kernel[(triton.cdiv(inter, block_n // 2),)](
-        x, qweight, scales, zeros, bias if bias is not None else y, y, h,
-        inter, k, float(eps), qweight.stride(0), scales.stride(0),
+        x_arg, qweight, scales, zeros, bias if bias is not None else y_arg, y_arg, h,
+        inter, k, x_plane, y_arg.shape[-1] // 4 if y_paired else 0, float(eps), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
-        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
-        ROW=triton.next_power_of_2(k), num_warps=num_warps, num_stages=num_stages,
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
+        X_PAIRED=x_paired, Y_PAIRED=y_paired, num_warps=num_warps, num_stages=num_stages,
     )
     return y

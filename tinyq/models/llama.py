@@ -32,7 +32,9 @@ from tinyq.kernels.rope import RopeConfig, apply_rope_reference
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.ops.attention import attention_with_cache
-from tinyq.ops.fused import fused_decode, w4a16_gate_up_silu, w4a16_linear_residual, w4a16_qkv_attention
+from tinyq.ops.fused import (
+    fused_decode, gemv_paired, rms_norm_paired, w4a16_gate_up_silu, w4a16_linear_residual, w4a16_qkv_attention,
+)
 from tinyq.ops.norm import add_rms_norm, rms_norm, silu_mul
 
 # The one-token path finishes each RMSNorm inside the next GEMV (every program recomputes 1/rms of
@@ -312,23 +314,29 @@ class CausalLM(nn.Module):
         the GEMV after that norm divides by ``rms(h)`` itself (``prenorm``); above, a norm kernel runs."""
         layers = self.model.layers
         defer = h.shape[-1] <= PRENORM_MAX_HIDDEN
+        paired = gemv_paired(h)  # GEMV inputs written in the GEMV's paired layout (PAIRED_DECODE)
 
         def norm(h, hw, rms: RMSNorm):
             """The norm after a projection that wrote ``h`` (and ``hw = [h * w]`` when deferring): the
             next GEMV's input and prenorm."""
-            return (hw[0], (h, rms.eps)) if defer else (rms(h), None)
+            if defer:
+                return hw[0], (h, rms.eps)
+            return (rms_norm_paired(h, rms.weight, rms.eps) if paired else rms(h)), None
 
-        x, prenorm = layers[0].input_layernorm(h), None
+        first = layers[0].input_layernorm
+        x, prenorm = (rms_norm_paired(h, first.weight, first.eps) if paired else first(h)), None
         for i, layer in enumerate(layers):
             attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
             a = w4a16_qkv_attention(x, *attn.qkv_proj.checked_weights(), cache, i, attn.rope, attn.hq, attn.hkv,
                                     prenorm=prenorm)
-            h, *hw_next = w4a16_linear_residual(a, *attn.o_proj.checked_weights(), h, post.weight if defer else None)
+            h, *hw_next = w4a16_linear_residual(a, *attn.o_proj.checked_weights(), h, post.weight if defer else None,
+                                                paired_hw=paired)
             x, prenorm = norm(h, hw_next, post)
-            act = w4a16_gate_up_silu(x, *mlp.gate_up_proj.checked_weights(), prenorm=prenorm)
+            act = w4a16_gate_up_silu(x, *mlp.gate_up_proj.checked_weights(), prenorm=prenorm, paired_out=paired)
             nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
             h, *hw_next = w4a16_linear_residual(act, *mlp.down_proj.checked_weights(), h,
-                                                nxt.weight if defer and i + 1 < len(layers) else None)
+                                                nxt.weight if defer and i + 1 < len(layers) else None,
+                                                paired_hw=paired)
             if i + 1 < len(layers):
                 x, prenorm = norm(h, hw_next, nxt)
         return self.model.norm(h)

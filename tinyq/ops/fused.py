@@ -13,7 +13,9 @@ combine, o_proj, add + norm, gate_up, SiLU, down). With these ops it runs 5:
   (:mod:`tinyq.kernels.w4a16_gemv_silu`).
 
 The qkv and gate/up ops take ``prenorm=(h, eps)`` to finish the RMSNorm that the previous op
-started: they scale their dot products by ``1 / rms(h)``.
+started: they scale their dot products by ``1 / rms(h)``. Where ``PAIRED_DECODE`` of
+:mod:`tinyq.kernels.w4a16_configs` says so (:func:`gemv_paired`), the ops that feed a GEMV write its input in the GEMV's paired layout
+(:class:`~tinyq.kernels.paired.PairedRows`) and the GEMVs read it so.
 
 Each serves one token on the Triton path outside ``torch.compile`` (:func:`fused_decode`). The
 weights must have passed ``check_w4a16_weight`` (``W4A16Linear.checked_weights``).
@@ -21,19 +23,22 @@ weights must have passed ``check_w4a16_weight`` (``W4A16Linear.checked_weights``
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
 from tinyq.backend import use_triton
 from tinyq.cache.static_cache import StaticKVCache
-from tinyq.kernels.w4a16_configs import launch_plan
+from tinyq.kernels.w4a16_configs import launch_plan, paired_decode
+from tinyq.kernels.paired import PairedRows, empty_paired_rows, paired_plane
+from tinyq.kernels.rmsnorm import rmsnorm
 from tinyq.kernels.w4a16_gemv_residual import launch_w4a16_gemv_residual
 from tinyq.kernels.w4a16_gemv_rope import launch_w4a16_gemv_rope
 from tinyq.kernels.w4a16_gemv_silu import launch_w4a16_gemv_silu
 from tinyq.ops.attention import attend_cache
 
 Prenorm = Optional[Tuple[torch.Tensor, float]]  # (h, eps): the input is h * w, still to be divided by rms(h)
+Row = Union[torch.Tensor, PairedRows]  # a GEMV input: one natural row, or one row in the paired layout
 
 
 def fused_decode(x: torch.Tensor, scales: torch.Tensor) -> bool:
@@ -49,12 +54,32 @@ def _gemv_plan(x):
     return cfg
 
 
-def _row(x: torch.Tensor, k: int, qweight, where: str) -> torch.Tensor:
-    """One activation row ``[1, K]`` (any shape holding exactly K entries, e.g. ``[1, 1, Hq, D]``)."""
+def gemv_paired(x: torch.Tensor) -> bool:
+    """Whether the ops that feed a GEMV write its input paired on ``x``'s device (``PAIRED_DECODE``)."""
+    return paired_decode(x.get_device())
+
+
+def rms_norm_paired(h: torch.Tensor, weight: torch.Tensor, eps: float) -> PairedRows:
+    """``rms_norm(h) * weight`` of one row ``h [..., N]`` written paired, for the GEMV that reads it."""
+    return rmsnorm(h.reshape(1, h.shape[-1]), weight, eps, paired=True)
+
+
+def _row(x: Row, k: int, qweight, where: str) -> Row:
+    """One activation row ``[1, K]`` (any shape holding exactly K entries, e.g. ``[1, 1, Hq, D]``),
+    or a :class:`PairedRows` of one row of K inputs."""
+    if isinstance(x, PairedRows):
+        if x.k != k or x.data.shape != (1, 4 * paired_plane(k)) or not x.data.is_contiguous():
+            raise ValueError(f"{where}: paired x of {x.k} inputs, data {tuple(x.data.shape)}, is not one row of the "
+                             f"weight's K={k} (expected contiguous [1, {4 * paired_plane(k)}])")
+        return x
     if x.numel() != k:
         raise ValueError(f"{where}: x {tuple(x.shape)} is not one row of the weight's K={k}")
     x2 = x.reshape(1, k)
     return x2 if x2.stride(1) == 1 else x2.contiguous()
+
+
+def _tensor(x: Row) -> torch.Tensor:
+    return x.data if isinstance(x, PairedRows) else x
 
 
 def _prenorm(prenorm: Prenorm, k: int, where: str):
@@ -66,56 +91,67 @@ def _prenorm(prenorm: Prenorm, k: int, where: str):
     return h.reshape(k), float(eps)
 
 
-def w4a16_gate_up_silu(x, qweight, scales, zeros, bias=None, prenorm: Prenorm = None) -> torch.Tensor:
-    """``silu(x @ W_gate.T) * (x @ W_up.T)`` for one row ``x [..., K]`` (``fused_decode`` true) and
-    ``W = [W_gate; W_up]`` ``[2I, K]`` in tinyq int4; returns ``[..., I]``."""
+def w4a16_gate_up_silu(x: Row, qweight, scales, zeros, bias=None, prenorm: Prenorm = None,
+                       paired_out: bool = False) -> Row:
+    """``silu(x @ W_gate.T) * (x @ W_up.T)`` for one row ``x [..., K]`` or :class:`PairedRows`
+    (``fused_decode`` true) and ``W = [W_gate; W_up]`` ``[2I, K]`` in tinyq int4; returns
+    ``[..., I]`` (``[1, I]`` for paired x), or with ``paired_out`` the :class:`PairedRows` of it."""
     k = qweight.shape[1] * 8
     if qweight.shape[0] % 2:
         raise ValueError(f"w4a16_gate_up_silu: the weight has {qweight.shape[0]} rows, not [gate; up]")
     x2 = _row(x, k, qweight, "w4a16_gate_up_silu")
-    y = torch.empty((1, qweight.shape[0] // 2), dtype=x.dtype, device=x.device)
+    like = _tensor(x2)
+    inter = qweight.shape[0] // 2
+    y = empty_paired_rows(1, inter, like.dtype, like.device) if paired_out else torch.empty((1, inter), dtype=like.dtype, device=like.device)
     launch_w4a16_gemv_silu(x2, qweight, scales, zeros, bias, y, prenorm=_prenorm(prenorm, k, "w4a16_gate_up_silu"),
-                           **_gemv_plan(x))
-    return y.view(*x.shape[:-1], y.shape[1])
+                           **_gemv_plan(like))
+    if paired_out or isinstance(x, PairedRows):
+        return y
+    return y.view(*x.shape[:-1], inter)
 
 
-def w4a16_linear_residual(x, qweight, scales, zeros, bias, residual, norm_weight=None):
-    """``h = x @ W.T (+ b) + residual`` for one row (``fused_decode`` true); returns ``(h, h * w)``
-    with ``w = norm_weight`` (the next RMSNorm's weight; ``(h, None)`` without it)."""
+def w4a16_linear_residual(x: Row, qweight, scales, zeros, bias, residual, norm_weight=None, paired_hw: bool = False):
+    """``h = x @ W.T (+ b) + residual`` for one row or :class:`PairedRows` (``fused_decode`` true);
+    returns ``(h, h * w)`` with ``w = norm_weight`` (the next RMSNorm's weight; ``(h, None)``
+    without it), ``h * w`` as :class:`PairedRows` with ``paired_hw``. ``h`` has residual's shape."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     x2 = _row(x, k, qweight, "w4a16_linear_residual")
-    if residual.numel() != n or residual.dtype != x.dtype or (norm_weight is not None and norm_weight.shape != (n,)):
+    dtype = _tensor(x2).dtype
+    if residual.numel() != n or residual.dtype != dtype or (norm_weight is not None and norm_weight.shape != (n,)):
         raise ValueError(f"w4a16_linear_residual: residual {tuple(residual.shape)} {residual.dtype} and norm weight "
-                         f"{None if norm_weight is None else tuple(norm_weight.shape)} do not fit N={n}, {x.dtype}")
+                         f"{None if norm_weight is None else tuple(norm_weight.shape)} do not fit N={n}, {dtype}")
     h = torch.empty_like(residual)
-    hw = torch.empty_like(residual) if norm_weight is not None else None
+    hw = None
+    if norm_weight is not None:
+        hw = empty_paired_rows(1, n, residual.dtype, residual.device) if paired_hw else torch.empty_like(residual)
     launch_w4a16_gemv_residual(x2, qweight, scales, zeros, bias, residual.reshape(n).contiguous(), norm_weight,
-                               h.view(n), None if hw is None else hw.view(n), **_gemv_plan(x))
+                               h.view(n), hw if hw is None or paired_hw else hw.view(n), **_gemv_plan(residual))
     return h, hw
 
 
-def w4a16_qkv_attention(x, qweight, scales, zeros, bias, cache: StaticKVCache, layer_idx: int, rope,
+def w4a16_qkv_attention(x: Row, qweight, scales, zeros, bias, cache: StaticKVCache, layer_idx: int, rope,
                         num_heads: int, num_kv_heads: int, prenorm: Prenorm = None) -> torch.Tensor:
-    """One token's attention block up to the output projection: ``x [1, 1, K]`` (``fused_decode``
-    true) -> q/k/v (``qweight`` ``[(Hq + 2 Hkv) D, K/8]``), RoPE (``rope`` a
+    """One token's attention block up to the output projection: ``x [1, 1, K]`` or one
+    :class:`PairedRows` (``fused_decode`` true) -> q/k/v (``qweight`` ``[(Hq + 2 Hkv) D, K/8]``), RoPE (``rope`` a
     :class:`tinyq.kernels.rope.RopeConfig`) at ``cache.seq_pos``, k/v written into layer
     ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]``; like
     :func:`tinyq.ops.attention_with_cache` it does not advance the cache."""
     d, k = cache.head_dim, qweight.shape[1] * 8
-    if (x.shape[:-1] != (1, 1) or cache.batch_size != 1 or num_kv_heads != cache.num_kv_heads
-            or qweight.shape[0] != (num_heads + 2 * num_kv_heads) * d):
-        raise ValueError(f"w4a16_qkv_attention: x {tuple(x.shape)}, weight rows {qweight.shape[0]}, {num_heads} "
+    t = _tensor(x)
+    if ((not isinstance(x, PairedRows) and x.shape[:-1] != (1, 1)) or cache.batch_size != 1
+            or num_kv_heads != cache.num_kv_heads or qweight.shape[0] != (num_heads + 2 * num_kv_heads) * d):
+        raise ValueError(f"w4a16_qkv_attention: x {tuple(t.shape)}, weight rows {qweight.shape[0]}, {num_heads} "
                          f"heads and {num_kv_heads} kv heads do not fit the cache (batch {cache.batch_size}, "
                          f"{cache.num_kv_heads} kv heads, head_dim {d})")
-    if x.dtype != cache.dtype or x.device != cache.device:
-        raise ValueError(f"w4a16_qkv_attention: x is {x.dtype} on {x.device}, the cache {cache.dtype} on {cache.device}")
+    if t.dtype != cache.dtype or t.device != cache.device:
+        raise ValueError(f"w4a16_qkv_attention: x is {t.dtype} on {t.device}, the cache {cache.dtype} on {cache.device}")
     if not 0 <= layer_idx < cache.num_layers:
         raise ValueError(f"w4a16_qkv_attention: layer_idx {layer_idx} out of range [0, {cache.num_layers})")
     x2 = _row(x, k, qweight, "w4a16_qkv_attention")
     cache.check_room(1)
     kc, vc = cache.k[layer_idx], cache.v[layer_idx]
-    q = torch.empty((1, 1, num_heads, d), dtype=x.dtype, device=x.device)
-    launch_w4a16_gemv_rope(x2, qweight, scales, zeros, bias, q, kc, vc, cache.seq_pos, rope.inv_freq(x.device),
+    q = torch.empty((1, 1, num_heads, d), dtype=t.dtype, device=t.device)
+    launch_w4a16_gemv_rope(x2, qweight, scales, zeros, bias, q, kc, vc, cache.seq_pos, rope.inv_freq(t.device),
                            num_heads, num_kv_heads, prenorm=_prenorm(prenorm, k, "w4a16_qkv_attention"),
-                           **_gemv_plan(x))
+                           **_gemv_plan(t))
     return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d))

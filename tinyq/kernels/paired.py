@@ -1,0 +1,77 @@
+"""The paired activation layout: how kernels that produce a W4A16 GEMV's input write it so that the
+GEMV loads it in 16-byte coalesced pieces, ready to multiply.
+
+A GEMV lane handles one 32-input block of a weight row: 4 words, whose nibble ``j`` and ``j + 4``
+meet inputs ``32b + 4j + w`` and ``32b + 4j + 16 + w`` (word ``w``; :mod:`tinyq.quant.format`).
+In the natural layout its activations are the block's 64 contiguous bytes, which the lanes of a
+warp, each on its own block, fetch 8 bytes at a time 64 bytes apart, and pack into pairs. The
+paired layout stores those pairs where the lanes read them side by side:
+
+    input n = 32 b + 16 h + 4 j + w   (j, w < 4; h < 2)   sits at   j * PLANE + 8 b + 2 w + h
+
+so plane ``j`` holds, block after block, the 4 pairs ``(x[32b + 4j + w], x[32b + 4j + 16 + w])``
+that nibbles ``j`` and ``j + 4`` of the block's words need. ``PLANE`` (:func:`paired_plane`) is
+K/4 rounded up to 32 entries, so every plane starts 64-byte aligned; the entries past K/4 are
+padding and never read.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl  # noqa: F401  (a jit function's module must import it)
+
+
+@triton.jit
+def paired_offsets(n, PLANE):
+    """Where input ``n`` of a row sits in the paired layout with planes ``PLANE`` entries apart:
+    ``n = 32 b + 16 h + 4 j + w`` goes to ``j PLANE + 8 b + 2 w + h``."""
+    r = n % 32
+    return ((r % 16) // 4) * PLANE + (n // 32) * 8 + (n % 4) * 2 + r // 16
+
+
+def paired_plane(k: int) -> int:
+    """Entries per plane of a paired row of ``k`` inputs: K/4 rounded up to 32, so every plane starts
+    64-byte aligned and its stride in int32 words is a multiple of 16 (Triton emits 16-byte loads
+    only for strides it knows are)."""
+    return -(-k // 128) * 32
+
+
+class PairedRows(NamedTuple):
+    """Rows of ``k`` activations in the paired layout: ``data [M, 4 * paired_plane(k)]``
+    (fp16/bf16, contiguous). Kernels write it through :func:`paired_offsets`."""
+    data: torch.Tensor
+    k: int
+
+
+def empty_paired_rows(m: int, k: int, dtype: torch.dtype, device) -> PairedRows:
+    """Uninitialized :class:`PairedRows` for ``m`` rows of ``k`` inputs (a multiple of 32)."""
+    if k % 32:
+        raise ValueError(f"a paired GEMV input needs a multiple of 32 entries per row, this one has {k}")
+    return PairedRows(torch.empty((m, 4 * paired_plane(k)), dtype=dtype, device=device), k)
+
+
+def pair_rows_reference(x: torch.Tensor) -> PairedRows:
+    """``x [M, K]`` (K a multiple of 32) in the paired layout; the padding is zero."""
+    m, k = x.shape
+    if k % 32:
+        raise ValueError(f"pair_rows_reference: K={k} is not a multiple of 32")
+    data = x.new_zeros(m, 4, paired_plane(k))
+    data[:, :, :k // 4] = x.reshape(m, k // 32, 2, 4, 4).permute(0, 3, 1, 4, 2).reshape(m, 4, k // 4)
+    return PairedRows(data.view(m, -1), k)
+
+
+def unpair_rows_reference(x: PairedRows) -> torch.Tensor:
+    """The ``[M, K]`` rows of a :class:`PairedRows` (the inverse of :func:`pair_rows_reference`)."""
+    m, k = x.data.shape[0], x.k
+    planes = x.data.view(m, 4, -1)[:, :, :k // 4]
+    return planes.reshape(m, 4, k // 32, 4, 2).permute(0, 2, 4, 1, 3).reshape(m, k)
+
+
+def x_operand(x):
+    """``(tensor, plane, paired)`` for a GEMV kernel's activation arguments: a natural ``[M, K]``
+    tensor as is, a :class:`PairedRows` as int32 pairs with its plane stride in words."""
+    if isinstance(x, PairedRows):
+        return x.data.view(torch.int32), x.data.shape[1] // 8, True
+    return x, 0, False
