@@ -6,6 +6,7 @@ from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
 from tinyq.cache import StaticKVCache
 from tinyq.kernels.decode_attention import decode_attention, decode_attention_reference
+from tinyq.kernels.paired import PairedRows, paired_plane, unpair_rows_reference
 from tinyq.kernels.rope import RopeConfig
 from tinyq.ops import attention_with_cache
 
@@ -52,6 +53,26 @@ def test_decode_splits_dims_dtypes(dtype, D, num_splits):
     q = torch.randn(B, L, HQ, D, dtype=dtype, device=DEV)
     ref = decode_attention_reference(q, kc, vc, kv_len)
     assert_close_rel(run(q, kc, vc, kv_len, num_splits=num_splits), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,D,num_splits", [(4, 64, 1), (4, 72, 3), (32, 64, 3)])
+def test_decode_paired_output(dtype, group, D, num_splits):
+    """One token's output written in the o_proj GEMV's paired layout, from the single slice, the
+    in-kernel merge and (32-head groups) the combine kernel; the plane padding stays untouched."""
+    HKV, S, kv_len = 1, 96, 90  # 16-key blocks: 1 slice, or 3 slices of 32 keys, all used
+    kc, vc = make_cache(1, HKV, S, D, kv_len, dtype)
+    q = torch.randn(1, 1, HKV * group, D, dtype=dtype, device=DEV)
+    n = HKV * group * D
+    out = PairedRows(torch.full((1, 4 * paired_plane(n)), float("nan"), dtype=dtype, device=DEV), n)
+    seq_pos = torch.tensor([kv_len - 1], dtype=torch.int32, device=DEV)
+    with force_backend("triton"):
+        decode_attention(q, kc, vc, seq_pos, num_splits=num_splits, block_n=16, out=out)
+    assert_close_rel(unpair_rows_reference(out), decode_attention_reference(q, kc, vc, kv_len).reshape(1, n))
+    assert out.data.isnan().sum() == 4 * paired_plane(n) - n
+    with pytest.raises(ValueError, match="paired output"):
+        decode_attention(q.expand(2, 1, -1, -1).contiguous(), kc.expand(2, -1, -1, -1).contiguous(),
+                         vc.expand(2, -1, -1, -1).contiguous(), seq_pos, out=out)
 
 
 @pytest.mark.parametrize("L,group", [(32, 4), (16, 8), (127, 1)])

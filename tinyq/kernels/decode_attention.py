@@ -46,6 +46,7 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device, interpreting
 from tinyq.kernels.attention_configs import decode_config, sm_count
+from tinyq.kernels.paired import PairedRows, paired_offsets, paired_plane
 from tinyq.kernels.flash_attention import (
     LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
 )
@@ -84,9 +85,10 @@ def _decode_attention_kernel(
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_ol, stride_oh,
+    stride_ob, stride_ol, stride_oh, out_plane,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_UNROLL: tl.constexpr, DOT_FP32: tl.constexpr,
+    PAIRED_OUT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -130,7 +132,10 @@ def _decode_attention_kernel(
         # A row can have no visible key in this slice (token t < L-1 near the end): the update keeps it at 0.
         acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
 
-    out_ptr = OUT + b * stride_ob + t[:, None] * stride_ol + h[:, None] * stride_oh + offs_d[None, :]
+    if PAIRED_OUT:  # one token of one sequence, as the o_proj GEMV reads it (tinyq.kernels.paired)
+        out_ptr = OUT + paired_offsets(h[:, None] * HEAD_DIM + offs_d[None, :], out_plane)
+    else:
+        out_ptr = OUT + b * stride_ob + t[:, None] * stride_ol + h[:, None] * stride_oh + offs_d[None, :]
     out_mask = row_ok[:, None] & mask_d[None, :]
     used = tl.minimum(tl.cdiv(kv_len, SPLIT), NUM_SPLITS)  # the slices that run
     if used == 1:
@@ -179,8 +184,8 @@ def _merge_splits(O_PART, M_PART, L_PART, base, row_ok, offs_d, used, HEAD_DIM_P
 def _decode_combine_kernel(
     O_PART, M_PART, L_PART, OUT, SEQ_POS,
     LQ, HQ, NUM_SPLITS, SPLIT,
-    stride_ob, stride_ol, stride_oh,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    stride_ob, stride_ol, stride_oh, out_plane,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PAIRED_OUT: tl.constexpr,
 ):
     """The merge as a second launch, one program per (batch, q head, token) row: for query
     chunks, whose partials (``L * G`` rows x slices x D) are too much for one program per kv head."""
@@ -201,8 +206,11 @@ def _decode_combine_kernel(
     m_max = tl.max(m, 0)  # finite: slice 0 always holds position 0, visible to every row
     w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-    tl.store(OUT + b * stride_ob + t * stride_ol + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    if PAIRED_OUT:
+        out_at = paired_offsets(h * HEAD_DIM + offs_d, out_plane)
+    else:
+        out_at = b * stride_ob + t * stride_ol + h * stride_oh + offs_d
+    tl.store(OUT + out_at, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 def _partials(shape, device) -> torch.Tensor:
@@ -215,14 +223,16 @@ def _partials(shape, device) -> torch.Tensor:
 
 def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None,
                      num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None) -> torch.Tensor:
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None):
     """Attention of ``L`` queries (``L * Hq / Hkv <= MAX_DECODE_ROWS``), already written to the
     cache, over ``[0, seq_pos + L)``.
 
     q ``[B, L, Hq, D]`` fp16/bf16; k_cache/v_cache one layer ``[B, Hkv, max_seq_len, D]``;
     seq_pos int32 ``[1]``. The keyword overrides (splits, tile, warps, stages) are for tests and the
     benchmark sweep; by default they come from :mod:`tinyq.kernels.attention_configs`.
-    Returns ``out`` (allocated if None) ``[B, L, Hq, D]`` in q's dtype.
+    Returns ``out`` (allocated if None) ``[B, L, Hq, D]`` in q's dtype; for one token of one sequence
+    ``out`` may be a :class:`~tinyq.kernels.paired.PairedRows` of ``Hq * D`` inputs, written for the
+    o_proj GEMV.
     """
     check_kernel_device("decode_attention", q, k_cache, v_cache, seq_pos)
     check_attention_args("decode_attention", q, k_cache, v_cache)
@@ -248,23 +258,29 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     if out is None:
         out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
     merge = block_m <= MERGE_MAX_ROWS
+    paired = isinstance(out, PairedRows)
+    if paired and (B != 1 or LQ != 1 or out.k != HQ * D or out.data.shape != (1, 4 * paired_plane(HQ * D))
+                   or out.data.dtype != q.dtype):
+        raise ValueError(f"decode_attention: a paired output holds one token of one sequence (q {tuple(q.shape)}), "
+                         f"got one of {out.k} {out.data.dtype} inputs")
+    out_t = out.data if paired else out
+    out_strides = (0, 0, 0, out_t.shape[1] // 4) if paired else (out.stride(0), out.stride(1), out.stride(2), 0)
     splits_pad = max(2, triton.next_power_of_2(num_splits))
     _decode_attention_kernel[(B * HKV, num_splits)](
-        q, k_cache, v_cache, o_part, m_part, l_part, out, counters(q.device, B * HKV), seq_pos,
+        q, k_cache, v_cache, o_part, m_part, l_part, out_t, counters(q.device, B * HKV), seq_pos,
         scale * LOG2E, LQ, HKV, group, split, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *out_strides,
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE=merge, SPLITS_PAD=splits_pad, MERGE_UNROLL=8,
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, PAIRED_OUT=paired,
         num_warps=warps, num_stages=num_stages or cfg_stages,
     )
     if not merge:
         _decode_combine_kernel[(B * HQ * LQ,)](
-            o_part, m_part, l_part, out, seq_pos, LQ, HQ, num_splits, split,
-            out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=splits_pad, num_warps=4,
+            o_part, m_part, l_part, out_t, seq_pos, LQ, HQ, num_splits, split, *out_strides,
+            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=splits_pad, PAIRED_OUT=paired, num_warps=4,
         )
     return out

@@ -328,7 +328,7 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(layers):
             attn, mlp, post = layer.self_attn, layer.mlp, layer.post_attention_layernorm
             a = w4a16_qkv_attention(x, *attn.qkv_proj.checked_weights(), cache, i, attn.rope, attn.hq, attn.hkv,
-                                    prenorm=prenorm)
+                                    prenorm=prenorm, paired_out=paired)
             h, *hw_next = w4a16_linear_residual(a, *attn.o_proj.checked_weights(), h, post.weight if defer else None,
                                                 paired_hw=paired)
             x, prenorm = norm(h, hw_next, post)

@@ -130,12 +130,13 @@ def w4a16_linear_residual(x: Row, qweight, scales, zeros, bias, residual, norm_w
 
 
 def w4a16_qkv_attention(x: Row, qweight, scales, zeros, bias, cache: StaticKVCache, layer_idx: int, rope,
-                        num_heads: int, num_kv_heads: int, prenorm: Prenorm = None) -> torch.Tensor:
+                        num_heads: int, num_kv_heads: int, prenorm: Prenorm = None, paired_out: bool = False) -> Row:
     """One token's attention block up to the output projection: ``x [1, 1, K]`` or one
     :class:`PairedRows` (``fused_decode`` true) -> q/k/v (``qweight`` ``[(Hq + 2 Hkv) D, K/8]``), RoPE (``rope`` a
     :class:`tinyq.kernels.rope.RopeConfig`) at ``cache.seq_pos``, k/v written into layer
-    ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]``; like
-    :func:`tinyq.ops.attention_with_cache` it does not advance the cache."""
+    ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]`` (with ``paired_out``
+    its :class:`PairedRows`, for the o_proj GEMV); like :func:`tinyq.ops.attention_with_cache` it
+    does not advance the cache."""
     d, k = cache.head_dim, qweight.shape[1] * 8
     t = _tensor(x)
     if ((not isinstance(x, PairedRows) and x.shape[:-1] != (1, 1)) or cache.batch_size != 1
@@ -154,4 +155,5 @@ def w4a16_qkv_attention(x: Row, qweight, scales, zeros, bias, cache: StaticKVCac
     launch_w4a16_gemv_rope(x2, qweight, scales, zeros, bias, q, kc, vc, cache.seq_pos, rope.inv_freq(t.device),
                            num_heads, num_kv_heads, prenorm=_prenorm(prenorm, k, "w4a16_qkv_attention"),
                            **_gemv_plan(t))
-    return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d))
+    out = empty_paired_rows(1, num_heads * d, t.dtype, t.device) if paired_out else None
+    return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d), out=out)
