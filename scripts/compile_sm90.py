@@ -208,12 +208,12 @@ def _gemv(n, k, dtype, warp_blocks=None, pair=False):
     return launch
 
 
-def _w4a16_gemm(m, n, k):
-    """The fused W4A16 GEMM (and its split-K reduce) with the sm90 plan of M's bucket."""
+def _w4a16_gemm(m, n, k, cfg=None):
+    """The fused W4A16 GEMM (and its split-K reduce) with the sm90 plan of M's bucket, or ``cfg``."""
     def launch():
-        cfg = next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and m <= max_m)
+        plan = cfg or next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and m <= max_m)
         w4a16_gemm.launch_w4a16_gemm(torch.zeros(m, k, dtype=torch.float16), *_w4(n, k, torch.float16), None,
-                                     torch.zeros(m, n, dtype=torch.float16), **cfg)
+                                     torch.zeros(m, n, dtype=torch.float16), **plan)
     return launch
 
 
@@ -271,6 +271,9 @@ TARGETS = {
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
     "w4a16-gemm-m16-llama3-8b-gate-up": _w4a16_gemm(16, 28672, 4096),
     "w4a16-gemm-m64-llama3-8b-gate-up": _w4a16_gemm(64, 28672, 4096),
+    "w4a16-gemm-frag-x-m256-llama3-8b-gate-up": _w4a16_gemm(256, 28672, 4096, dict(
+        block_m=128, block_n=128, block_k=128, swap_ab=True, unpack="frag_x", ptx_dequant=True, split_k=1,
+        num_warps=4, num_stages=3)),
     "w4a16-dequant-llama3-8b-gate-up": _w4a16_dequant(28672, 4096),
     # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),

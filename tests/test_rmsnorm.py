@@ -52,6 +52,8 @@ def test_rmsnorm_paired_output(dtype, with_residual):
     assert torch.equal(unpair_rows_reference(out), rmsnorm(x, w, 1e-5, res)[0] if with_residual else
                        rmsnorm(x, w, 1e-5))
     assert_close_rel(unpair_rows_reference(out), ref)
+    with pytest.raises(ValueError, match="fp16 or bf16"), force_backend("triton"):
+        rmsnorm(x.float(), w, 1e-5, paired=True)
 
 
 def test_reference_matches_textbook_formula():

@@ -260,9 +260,10 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     merge = block_m <= MERGE_MAX_ROWS
     paired = isinstance(out, PairedRows)
     if paired and (B != 1 or LQ != 1 or out.k != HQ * D or out.data.shape != (1, 4 * paired_plane(HQ * D))
-                   or out.data.dtype != q.dtype):
-        raise ValueError(f"decode_attention: a paired output holds one token of one sequence (q {tuple(q.shape)}), "
-                         f"got one of {out.k} {out.data.dtype} inputs")
+                   or out.data.dtype != q.dtype or out.data.device != q.device or not out.data.is_contiguous()):
+        raise ValueError(f"decode_attention: a paired output holds one token of one sequence (q {tuple(q.shape)}, "
+                         f"{q.dtype} on {q.device}), got one of {out.k} {out.data.dtype} inputs on {out.data.device}, "
+                         f"data {tuple(out.data.shape)}")
     out_t = out.data if paired else out
     out_strides = (0, 0, 0, out_t.shape[1] // 4) if paired else (out.stride(0), out.stride(1), out.stride(2), 0)
     splits_pad = max(2, triton.next_power_of_2(num_splits))

@@ -46,7 +46,9 @@ class PairedRows(NamedTuple):
 
 
 def empty_paired_rows(m: int, k: int, dtype: torch.dtype, device) -> PairedRows:
-    """Uninitialized :class:`PairedRows` for ``m`` rows of ``k`` inputs (a multiple of 32)."""
+    """Uninitialized :class:`PairedRows` for ``m`` rows of ``k`` inputs (a multiple of 32), fp16/bf16."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"a paired GEMV input holds fp16 or bf16 pairs, not {dtype}")
     if k % 32:
         raise ValueError(f"a paired GEMV input needs a multiple of 32 entries per row, this one has {k}")
     return PairedRows(torch.empty((m, 4 * paired_plane(k)), dtype=dtype, device=device), k)
