@@ -84,9 +84,9 @@ def gemlite_layers(qw, s, z, copies, dtype):
 
 # ------------------------------------------------------------------------------------------ sweep
 
-def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag"):
+def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False):
     return "gemm", dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
-                        split_k=split_k, num_warps=warps, num_stages=stages)
+                        split_k=split_k, fused_reduce=fused_reduce, num_warps=warps, num_stages=stages)
 
 
 def candidates(m):
@@ -111,6 +111,8 @@ def candidates(m):
                                                 (64, 128) if bm < 128 else (64,),
                                                 (2, 4, 8) if m <= 32 else (1, 2, 4)):
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack)
+            # the same with the split-K sum in the GEMM's last program per tile (no second launch)
+            yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack, fused_reduce=True)
     if 64 <= m <= 256:
         # 64-input steps: the dequantized tile crosses lanes through shared memory in one round (2
         # barriers a step) where 128-input steps take four (9 barriers; 3.6 compile, docs/perf_notes.md)
@@ -121,7 +123,7 @@ def candidates(m):
         # in the 3.6 compile no weight tile crosses warps through shared memory at 128-row tiles
         bm = min(128, max(16, 1 << (m - 1).bit_length()))
         for sk in (1, 2, 4) if m <= 256 else (1,):
-            yield frag(bm, 128, 128, True, sk, 4, 3 if bm == 128 else 4, "frag_x")
+            yield frag(bm, 128, 128, True, sk, 4, 3 if bm == 128 else 4, "frag_x", fused_reduce=sk > 1)
     if 65 <= m <= 256:
         # not swapped: the dequantized tile is the MMA's shared-memory operand, read in place (no
         # ldmatrix back into registers); 8 warps keep the 128 x 128 tile free of spills (3.6 compile)

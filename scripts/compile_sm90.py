@@ -271,6 +271,8 @@ TARGETS = {
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
     "w4a16-gemm-m16-llama3-8b-gate-up": _w4a16_gemm(16, 28672, 4096),
     "w4a16-gemm-m64-llama3-8b-gate-up": _w4a16_gemm(64, 28672, 4096),
+    "w4a16-gemm-m16-fused-reduce-llama3-8b-o": _w4a16_gemm(16, 4096, 4096, dict(
+        next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm"), fused_reduce=True)),
     "w4a16-gemm-frag-x-m256-llama3-8b-gate-up": _w4a16_gemm(256, 28672, 4096, dict(
         block_m=128, block_n=128, block_k=128, swap_ab=True, unpack="frag_x", ptx_dequant=True, split_k=1,
         num_warps=4, num_stages=3)),

@@ -10,10 +10,11 @@ import triton.language as tl
 
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend, interpreting
+from tinyq.kernels.paired import pair_rows_reference, paired_plane, unpair_rows_reference
+from tinyq.kernels.semaphore import counters
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
-from tinyq.kernels.paired import pair_rows_reference, paired_plane, unpair_rows_reference
 from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
 from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference
@@ -106,12 +107,21 @@ def test_gemm(m, n, k, group_size, block_k, unpack, swap_ab, dtype):
     (257, 67, 576, 64, 64, "frag_x"),
 ])
 def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dtype):
-    """Split-K writes fp32 partials and a second kernel sums them, adds the bias and casts."""
+    """Split-K writes fp32 partials and a second kernel sums them, adds the bias and casts; with
+    ``fused_reduce`` the tile's last program does it, bit for bit the same, and leaves the arrival
+    counters at zero."""
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype, bias=(split_k != 3))
     y = poisoned(m, n, dtype)
     launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab,
                       unpack=unpack, split_k=split_k, num_warps=4)
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+    if dtype != torch.float16:  # the reduction does not depend on the dtype; the CPU suite's time does
+        return
+    y_fused = poisoned(m, n, dtype)
+    launch_w4a16_gemm(x, qw, s, z, b, y_fused, block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab,
+                      unpack=unpack, split_k=split_k, fused_reduce=True, num_warps=4)
+    assert torch.equal(y_fused, y)
+    assert not counters(y.device, 1).any()
 
 
 @triton.jit
@@ -306,3 +316,10 @@ def test_gpu_gemm_ptx_dequant(m, n, k, group_size, swap_ab, block_m, split_k, un
                       unpack=unpack, ptx_dequant=True, split_k=split_k, num_warps=4, num_stages=3)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+    if split_k > 1:  # the last program per tile reduces: the same sum, and the counters back at zero
+        y_fused = poisoned(m, n, dtype, device="cuda")
+        launch_w4a16_gemm(x, qw, s, z, b, y_fused, block_m=block_m, block_n=64, block_k=min(128, group_size),
+                          swap_ab=swap_ab, unpack=unpack, ptx_dequant=True, split_k=split_k, fused_reduce=True,
+                          num_warps=4, num_stages=3)
+        torch.cuda.synchronize()
+        assert torch.equal(y_fused, y) and not counters(y.device, 1).any()

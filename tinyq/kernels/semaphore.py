@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 _COUNTERS = {}
+MIN_COUNTERS = 4096  # the first buffer's size: launches needing no more never grow it (safe under graph capture)
 
 
 def counters(device: torch.device, n: int) -> torch.Tensor:
@@ -26,7 +27,7 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     key = torch.device(device)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        size = max(n, 4096, 2 * (buf.numel() if buf is not None else 0))
+        size = max(n, MIN_COUNTERS, 2 * (buf.numel() if buf is not None else 0))
         buf = torch.zeros(size, dtype=torch.int32, device=key)
         _COUNTERS[key] = buf
     return buf

@@ -26,7 +26,9 @@ Flags:
 - ``SWAP_AB``: compute ``y.T = W @ x.T`` so the dequantized weight tile is the MMA's first operand,
   which on Hopper comes from registers, and for skinny M puts N, not M, on the MMA's 64-row side.
 - ``SPLIT_K`` (> 1): program ``(tile, s)`` reduces inputs ``[s * K_SPLIT, (s + 1) * K_SPLIT)`` and
-  writes its fp32 partial to ``partials[s]`` ([SPLIT_K, M, N]); :func:`_splitk_reduce_kernel` then
+  writes its fp32 partial to ``partials[s]`` ([SPLIT_K, M, N]). With ``FUSED_REDUCE`` the tile's
+  last program to finish sums the partials (still in L2) and writes ``y``
+  (:mod:`tinyq.kernels.semaphore`); otherwise :func:`_splitk_reduce_kernel` then
   sums the partials, adds the bias and casts. For skinny M the tile count alone (N / BLOCK_N) is too
   small to fill the GPU at N = 4096, and every program streams a long K loop one tile at a time.
 - ``ACC_FP16``: the MMA accumulates each K step in fp16 (twice the tensor rate of fp32
@@ -46,6 +48,7 @@ import triton.language as tl
 
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import dequant8
+from tinyq.kernels.semaphore import MIN_COUNTERS, arrive, counters
 from tinyq.kernels.tiling import grouped_pid
 
 
@@ -147,12 +150,13 @@ UNPACK_MODES = {"frag": 0, "natural": 1, "frag_x": 2}
 
 @triton.jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, out_ptr, counters_ptr,
     M, N, K, K_SPLIT, K_SPLIT_WORDS,
     stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
     SWAP_AB: tl.constexpr,
     ACC_FP16: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -217,8 +221,17 @@ def _w4a16_gemm_kernel(
     else:
         rows, cols = offs_m[:, None], offs_n[None, :]
         mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K > 1:  # y_ptr holds the fp32 partials [SPLIT_K, M, N]
+    if SPLIT_K > 1:  # y_ptr holds the fp32 partials [SPLIT_K, M, N]; out_ptr the output
         tl.store(y_ptr + pid_k * M * N + rows * N + cols, acc, mask=mask)
+        if FUSED_REDUCE:
+            if arrive(counters_ptr + tl.program_id(0), SPLIT_K):
+                total = tl.zeros_like(acc)
+                for s in tl.static_range(SPLIT_K):  # in split order: the sum of the two-launch path
+                    total += tl.load(y_ptr + s * M * N + rows * N + cols, mask=mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+                tl.store(out_ptr + rows * stride_ym + cols, total.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
@@ -250,10 +263,11 @@ def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
     swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "frag", ptx_dequant: bool = False,
-    split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
+    split_k: int = 1, fused_reduce: bool = False, num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
-    ``unpack="frag_x"`` permutes x into a new buffer first."""
+    ``unpack="frag_x"`` permutes x into a new buffer first; ``fused_reduce`` sums split-K partials in
+    the GEMM's last program per tile instead of a second launch."""
     m, k = x.shape
     n = qweight.shape[0]
     group_size = k // scales.shape[1]
@@ -270,13 +284,17 @@ def launch_w4a16_gemm(
     if unpack == "frag_x":
         x = frag_order_reference(x)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
+    # more tiles than the first counter buffer holds would grow it, which a captured graph must not see
+    fused_reduce = fused_reduce and split_k > 1 and grid[0] <= MIN_COUNTERS
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, out,
+        x, qweight, scales, zeros, bias if bias is not None else y, out, y,
+        counters(y.device, grid[0]) if fused_reduce else y,
         m, n, k, k_split, k_split // 8,
         x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         SPLIT_K=split_k,
+        FUSED_REDUCE=fused_reduce,
         SWAP_AB=swap_ab,
         ACC_FP16=acc_fp16,
         DOT_FP32=interpreting() and x.dtype == torch.bfloat16,
@@ -289,7 +307,7 @@ def launch_w4a16_gemm(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if split_k > 1:
+    if split_k > 1 and not fused_reduce:
         reduce_block = 1024
         _splitk_reduce_kernel[(triton.cdiv(m * n, reduce_block),)](
             out, bias if bias is not None else y, y, m, n, y.stride(0),
