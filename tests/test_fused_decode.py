@@ -49,7 +49,7 @@ def poisoned_paired(n, dtype):
     return PairedRows(torch.full((1, 4 * paired_plane(n)), float("nan"), dtype=dtype, device=DEV), n)
 
 
-@pytest.mark.parametrize("inter,k,group", [(64, 192, 64), (32, 576, 64), (96, 96, 32)])
+@pytest.mark.parametrize("inter,k,group", [(64, 192, 64), (32, 576, 64), (96, 96, 32), (32, 1024, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_paired,y_paired", [(True, False), (False, True), (True, True)])
 def test_gate_up_silu_paired_in_and_out(inter, k, group, dtype, x_paired, y_paired):
@@ -73,7 +73,8 @@ def test_gate_up_silu_paired_in_and_out(inter, k, group, dtype, x_paired, y_pair
 @pytest.mark.parametrize("bias,warp_blocks,paired", [(False, None, False), (True, None, False), (True, 4, False),
                                                      (True, None, True)])
 def test_qkv_rope_cache_write_matches_reference(hq, hkv, d, dtype, bias, warp_blocks, paired):
-    k, group, max_seq, pos = 192, 64, 40, 29
+    # K = 1024 with the paired input: whole steps (EVEN_K); 192 otherwise
+    k, group, max_seq, pos = (1024, 128, 40, 29) if paired else (192, 64, 40, 29)
     qw, s, z, b = quantized((hq + 2 * hkv) * d, k, group, dtype, bias)
     x = torch.randn(1, k, device=DEV).to(dtype)
     inv_freq = RopeConfig(head_dim=d, theta=10000.0).inv_freq(DEV)
@@ -112,10 +113,11 @@ def test_linear_residual_matches_reference(n, k, group, dtype, bias, norm, warp_
         assert_close_rel(hw, hw_ref.view(n).float())
 
 
-@pytest.mark.parametrize("n,k,group", [(64, 192, 64), (576, 1536, 64)])
+@pytest.mark.parametrize("n,k,group", [(64, 192, 64), (576, 1536, 64), (96, 2048, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_linear_residual_paired_in_and_out(n, k, group, dtype):
-    """The down projection's form: x paired (the SiLU GEMV's output), h natural, h * w paired."""
+    """The down projection's form: x paired (the SiLU GEMV's output), h natural, h * w paired; at
+    K = 2048 with whole 1024-input steps (the unmasked x loads of ``EVEN_K``)."""
     qw, s, z, b = quantized(n, k, group, dtype, True)
     x = torch.randn(1, k, device=DEV).to(dtype)
     residual = torch.randn(n, device=DEV).to(dtype)

@@ -39,7 +39,7 @@ def poisoned(m, n, dtype, device=DEV):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
-@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128)])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 256), (3, 67, 384), (4, 16, 576), (2, 9, 128), (2, 33, 512)])
 @pytest.mark.parametrize("warp_blocks,paired", [(None, False), (2, False), (None, True), (2, True)])
 def test_gemv(m, n, k, group_size, dtype, warp_blocks, paired):
     """One weight row per warp (None) and rows sharing a warp (2 blocks of 32 inputs a warp-row),

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from tinyq.kernels.paired import PairedRows, paired_offsets, x_operand
-from tinyq.kernels.w4a16_gemv import gemv_ptx, gemv_rows, warp_blocks_of
+from tinyq.kernels.w4a16_gemv import even_k, gemv_ptx, gemv_rows, warp_blocks_of
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 
 
@@ -34,12 +34,12 @@ def _w4a16_gemv_residual_kernel(
     N, K, x_plane, hw_plane, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, X_PAIRED: tl.constexpr,
-    HW_PAIRED: tl.constexpr,
+    HW_PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, x_plane, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED)
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED, EVEN_K)
     if HAS_BIAS:
         dots += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     y = dots.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -74,6 +74,7 @@ def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_w
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), X_PAIRED=x_paired, HW_PAIRED=hw_paired,
+        EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,
     )
     return h, hw

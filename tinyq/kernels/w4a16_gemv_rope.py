@@ -34,7 +34,7 @@ import triton.language as tl
 from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
 from tinyq.kernels.paired import x_operand
 from tinyq.kernels.w4a16_gemv import (
-    gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
+    even_k, gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
 
 
@@ -45,7 +45,7 @@ def _w4a16_gemv_rope_kernel(
     stride_wn, stride_sn, stride_ch, stride_cn,
     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
     PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
-    ROW: tl.constexpr, X_PAIRED: tl.constexpr,
+    ROW: tl.constexpr, X_PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
@@ -64,7 +64,7 @@ def _w4a16_gemv_rope_kernel(
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, x_plane, eps, stride_wn,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
-                               ROW, X_PAIRED)
+                               ROW, X_PAIRED, EVEN_K)
     # the host checked the room; this only guards memory on a stale replay
     in_cache = (r * 0 + pos) < MAX_SEQ  # [BLOCK_N]
     if rotary:
@@ -104,6 +104,7 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k), X_PAIRED=x_paired,
+        EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,
     )
     return q_out

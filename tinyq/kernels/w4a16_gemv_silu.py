@@ -29,7 +29,7 @@ import triton.language as tl
 
 from tinyq.kernels.paired import PairedRows, paired_offsets, x_operand
 from tinyq.kernels.w4a16_gemv import (
-    gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
+    even_k, gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
 
 
@@ -39,7 +39,7 @@ def _w4a16_gemv_silu_kernel(
     I, K, x_plane, y_plane, eps, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr,
-    X_PAIRED: tl.constexpr, Y_PAIRED: tl.constexpr,
+    X_PAIRED: tl.constexpr, Y_PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_N // 2
     r = tl.arange(0, BLOCK_N)
@@ -49,7 +49,7 @@ def _w4a16_gemv_silu_kernel(
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, x_plane, eps, stride_wn,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
-                               ROW, X_PAIRED)
+                               ROW, X_PAIRED, EVEN_K)
     gate, up = tl.split(tl.reshape(dots, (HALF, 2)))
     out = gate / (1.0 + tl.exp(-gate)) * up
     i_out = tl.program_id(0) * HALF + tl.arange(0, HALF)
@@ -81,6 +81,6 @@ def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, 
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
-        X_PAIRED=x_paired, Y_PAIRED=y_paired, num_warps=num_warps, num_stages=num_stages,
+        X_PAIRED=x_paired, Y_PAIRED=y_paired, EVEN_K=even_k(k, block_k), num_warps=num_warps, num_stages=num_stages,
     )
     return y
