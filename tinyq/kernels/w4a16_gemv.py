@@ -131,7 +131,8 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
     rows of a warp share each x load (``WARP_BLOCKS`` sectors), for the same 16-byte weight loads.
 
     ``X_PAIRED``: ``x_row`` is an int32 pointer to the row in the paired layout
-    (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart). A lane's x for its 4 words then
+    (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart, a constexpr so the
+    four plane loads share one address). A lane's x for its 4 words then
     comes as 4 coalesced 16-byte loads of ready (nibble j, nibble j + 4) pairs, where the natural
     layout costs 8 loads of 8 bytes at a 64-byte lane stride and a pack per pair.
 
@@ -227,7 +228,7 @@ def gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias=None, prenorm=
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
-    M, N, K, x_plane,
+    M, N, K,
     stride_xm, stride_ym, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -236,6 +237,7 @@ def _w4a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     WARP_BLOCKS: tl.constexpr,
     X_PAIRED: tl.constexpr,
+    X_PLANE: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -246,7 +248,7 @@ def _w4a16_gemv_kernel(
     # Row strides come in as arguments (K // 8 and K // G computed on the host): Triton then knows
     # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
     # kernel they left the alignment unknown and every word was a separate 4-byte load.
-    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, x_plane, stride_wn, stride_sn,
+    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_wn, stride_sn,
                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED, EVEN_K)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -281,7 +283,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
     grid = (m * triton.cdiv(n, block_n),)
     _w4a16_gemv_kernel[grid](
         x_arg, qweight, scales, zeros, bias if bias is not None else y, y,
-        m, n, k, x_plane,
+        m, n, k,
         x_arg.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
@@ -290,6 +292,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
         X_PAIRED=paired,
+        X_PLANE=x_plane,
         EVEN_K=even_k(k, block_k),
         num_warps=num_warps,
         num_stages=num_stages,

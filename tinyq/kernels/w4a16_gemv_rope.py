@@ -41,11 +41,11 @@ from tinyq.kernels.w4a16_gemv import (
 @triton.jit
 def _w4a16_gemv_rope_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, q_ptr, kc_ptr, vc_ptr, seq_pos_ptr, inv_freq_ptr, h_ptr,
-    HQ, HKV, K, x_plane, MAX_SEQ, ROPE_PROGRAMS, eps,
+    HQ, HKV, K, MAX_SEQ, ROPE_PROGRAMS, eps,
     stride_wn, stride_sn, stride_ch, stride_cn,
     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
     PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
-    ROW: tl.constexpr, X_PAIRED: tl.constexpr, EVEN_K: tl.constexpr,
+    ROW: tl.constexpr, X_PAIRED: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
@@ -62,7 +62,7 @@ def _w4a16_gemv_rope_kernel(
     rows = tl.where(rotary, rows_rot, (HQ + HKV) * HEAD_DIM + v_r)
     ok = tl.where(rotary, (p_r < pairs).to(tl.int32), (v_r < HKV * HEAD_DIM).to(tl.int32)) != 0
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
-    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, x_plane, eps, stride_wn,
+    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_wn,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
                                ROW, X_PAIRED, EVEN_K)
     # the host checked the room; this only guards memory on a stale replay
@@ -99,12 +99,12 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
     v_programs = triton.cdiv(num_kv_heads * d, block_n)
     _w4a16_gemv_rope_kernel[(rope_programs + v_programs,)](
         x_arg, qweight, scales, zeros, bias if bias is not None else q_out, q_out, k_cache, v_cache, seq_pos, inv_freq,
-        h, num_heads, num_kv_heads, k, x_plane, k_cache.shape[2], rope_programs, float(eps),
+        h, num_heads, num_kv_heads, k, k_cache.shape[2], rope_programs, float(eps),
         qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k), X_PAIRED=x_paired,
-        EVEN_K=even_k(k, block_k),
+        X_PLANE=x_plane, EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,
     )
     return q_out
