@@ -125,22 +125,24 @@ def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dt
 
 
 @triton.jit
-def _nibble_minus_zero_kernel(W, Z, OUT, J: tl.constexpr, N: tl.constexpr):
+def _nibble_minus_zero_kernel(W, Z, OUT, J: tl.constexpr, N: tl.constexpr, PTX: tl.constexpr):
     offs = tl.arange(0, N)
     words = tl.load(W + offs).to(tl.uint32, bitcast=True)
-    tl.store(OUT + offs, _nibble_minus_zero(words, J, tl.load(Z + offs)))
+    tl.store(OUT + offs, _nibble_minus_zero(words, J, tl.load(Z + offs), PTX))
 
 
+@pytest.mark.parametrize("ptx", [False, pytest.param(True, marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("j", [0, 1, 2, 3])
-def test_nibble_minus_zero_is_exact_for_every_code_and_zero(j):
-    """The convert-free unpack of the bf16 GEMV: every (q, z) pair in 0..15, with every other bit of
-    the word set (the mask must drop them), gives q - z exactly."""
+def test_nibble_minus_zero_is_exact_for_every_code_and_zero(j, ptx):
+    """The convert-free unpack of the bf16 GEMV, in Triton and as one PTX ``lop3`` (GPU): every
+    (q, z) pair in 0..15, with every other bit of the word set (the mask must drop them), gives q - z
+    exactly."""
     q = torch.arange(256) % 16
     z = (torch.arange(256) // 16).float()
     words = (0xFFFFFFFF & ~(0xF << (4 * j))) | (q << (4 * j))
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(DEV)
     out = torch.full((256,), float("nan"), device=DEV)
-    _nibble_minus_zero_kernel[(1,)](words, z.to(DEV), out, J=j, N=256)
+    _nibble_minus_zero_kernel[(1,)](words, z.to(DEV), out, J=j, N=256, PTX=ptx)
     assert torch.equal(out.cpu(), q.float() - z)
 
 
@@ -283,18 +285,20 @@ def test_gpu_cuda_graph_and_compile():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ptx_dequant", [True, False])
 @pytest.mark.parametrize("m,n,k,group_size", [(1, 4096, 4096, 128), (3, 1000, 576, 64), (2, 333, 14336, 32)])
 @pytest.mark.parametrize("warp_blocks", [None, 4])
 @pytest.mark.parametrize("paired", [False, True])
-def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_blocks, paired):
-    """Both GEMV dequant paths, one row a warp and rows sharing a warp, x natural or paired,
-    including activations with 3000-sized outliers (Llama's massive activations): the fp16 PTX path
-    must neither overflow nor lose accuracy."""
-    x, qw, s, z, b = make_case(m, n, k, group_size, torch.float16, device="cuda")
+def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_blocks, paired, dtype):
+    """Both GEMV dequant paths of each dtype (fp16: the PTX dot or plain Triton; bf16: the one-lop3
+    unpack or plain Triton), one row a warp and rows sharing a warp, x natural or paired, including
+    activations with 3000-sized outliers (Llama's massive activations): the fp16 PTX path must
+    neither overflow nor lose accuracy."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
     x[:, 7] = 3000.0
     x[:, k // 2] = -2500.0
-    y = poisoned(m, n, torch.float16, device="cuda")
+    y = poisoned(m, n, dtype, device="cuda")
     launch_w4a16_gemv(poisoned_pairs(x) if paired else x, qw, s, z, b, y, block_n=4, block_k=1024, num_warps=8,
                       num_stages=2, ptx_dequant=ptx_dequant, warp_blocks=warp_blocks)
     torch.cuda.synchronize()

@@ -60,16 +60,42 @@ _DEQUANT_DOT_PTX = tl.constexpr(
 )
 
 
+# ``lop3 (w & 0xF << 4j) | magic_j`` in one instruction: written as and + or, the compiler emits two
+# LOP3s (SASS takes one immediate; the two-immediate PTX form gets its magic hoisted into a register).
+def _nibble_float_ptx(j: int) -> tl.constexpr:
+    return tl.constexpr(f"lop3.b32 $0, $1, {0xF << (4 * j):#x}, {(150 - 4 * j) << 23:#x}, 0xEA;")
+
+
+_NIBBLE_FLOAT_PTX0 = _nibble_float_ptx(0)
+_NIBBLE_FLOAT_PTX1 = _nibble_float_ptx(1)
+_NIBBLE_FLOAT_PTX2 = _nibble_float_ptx(2)
+_NIBBLE_FLOAT_PTX3 = _nibble_float_ptx(3)
+
+
 @triton.jit
-def _nibble_minus_zero(words, j: tl.constexpr, z):
+def _lop3(words, asm: tl.constexpr):
+    return tl.inline_asm_elementwise(asm, "=r,r", [words], dtype=tl.uint32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _nibble_minus_zero(words, j: tl.constexpr, z, PTX: tl.constexpr = False):
     """``q - z`` in exact float32 for nibble ``j`` (bits 4j..4j+3, j < 4) of uint32 ``words`` and
     integer zeros ``z``, without an int-to-float convert (quarter rate on sm90): OR-ed into the
     mantissa of ``2^(23 - 4j)``, whose last mantissa bit then weighs ``2^-4j``, the nibble reads as
     ``2^(23 - 4j) + q``; one float subtract of ``2^(23 - 4j) + z`` (exact: an integer below 2^24)
-    leaves ``q - z``."""
+    leaves ``q - z``. ``PTX``: the mask-and-OR as one ``lop3`` (a real NVIDIA GPU only)."""
     magic: tl.constexpr = (150 - 4 * j) << 23
-    f = ((words & (0xF << (4 * j))) | magic).to(tl.float32, bitcast=True)
-    return f - (z + 2.0 ** (23 - 4 * j))
+    if PTX and j == 0:
+        bits = _lop3(words, _NIBBLE_FLOAT_PTX0)
+    elif PTX and j == 1:
+        bits = _lop3(words, _NIBBLE_FLOAT_PTX1)
+    elif PTX and j == 2:
+        bits = _lop3(words, _NIBBLE_FLOAT_PTX2)
+    elif PTX:
+        bits = _lop3(words, _NIBBLE_FLOAT_PTX3)
+    else:
+        bits = (words & (0xF << (4 * j))) | magic
+    return bits.to(tl.float32, bitcast=True) - (z + 2.0 ** (23 - 4 * j))
 
 
 @triton.jit
@@ -159,7 +185,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
             x_blk = x_row + k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4] int32
         else:
             x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4]
-        if PTX_DEQUANT:
+        if PTX_DEQUANT == 2:
             # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]).
             if X_PAIRED:
                 xp0 = _x_load(x_blk, x_ok, EVEN_K)
@@ -188,8 +214,8 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
                     lo = _x_load(x_blk + 4 * j, x_ok, EVEN_K).to(tl.float32)  # [NBO, 1, NBI, 4]
                     hi = _x_load(x_blk + 4 * j + 16, x_ok, EVEN_K).to(tl.float32)
                 # two separate updates: one FFMA each, where a + b*lo + c*hi costs an FMUL and an FADD more
-                part += _nibble_minus_zero(words, j, zz) * lo
-                part += _nibble_minus_zero(high, j, zz) * hi
+                part += _nibble_minus_zero(words, j, zz, PTX_DEQUANT == 1) * lo
+                part += _nibble_minus_zero(high, j, zz, PTX_DEQUANT == 1) * hi
             acc += s[:, :, :, None] * part
     return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
 
@@ -255,11 +281,14 @@ def _w4a16_gemv_kernel(
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
-def gemv_ptx(x) -> bool:
-    """Whether the GEMV main loop may use its inline-PTX dequant: a real GPU (the interpreter runs no
-    PTX) and fp16 activations (``x`` a tensor or :class:`PairedRows`)."""
+def gemv_ptx(x) -> int:
+    """The ``PTX_DEQUANT`` level of the GEMV main loop for activations ``x`` (a tensor or
+    :class:`PairedRows`): 2, the fp16 PTX dot (fp16 on a real GPU); 1, the portable unpack with its
+    mask-and-OR as one PTX ``lop3`` (bf16 on a real GPU); 0, plain Triton (the interpreter runs no PTX)."""
+    if interpreting():
+        return 0
     x = x.data if isinstance(x, PairedRows) else x
-    return x.dtype == torch.float16 and not interpreting()
+    return 2 if x.dtype == torch.float16 else 1
 
 
 def even_k(k: int, block_k: int) -> bool:
@@ -287,7 +316,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         x_arg.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
-        PTX_DEQUANT=ptx_dequant and gemv_ptx(x),
+        PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),

@@ -72,7 +72,7 @@ def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_w
         norm_weight if norm_weight is not None else h, h, hw_arg if hw is not None else h,
         n, k, hw_arg.shape[-1] // 4 if hw_paired else 0, qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
-        PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
+        PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), X_PAIRED=x_paired, HW_PAIRED=hw_paired,
         X_PLANE=x_plane, EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,

@@ -102,7 +102,7 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
         h, num_heads, num_kv_heads, k, k_cache.shape[2], rope_programs, float(eps),
         qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
-        PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
+        PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k), X_PAIRED=x_paired,
         X_PLANE=x_plane, EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,

@@ -79,7 +79,7 @@ def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, 
         x_arg, qweight, scales, zeros, bias if bias is not None else y_arg, y_arg, h,
         inter, k, y_arg.shape[-1] // 4 if y_paired else 0, float(eps), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
-        PTX_DEQUANT=ptx_dequant and gemv_ptx(x), BLOCK_N=block_n, BLOCK_K=block_k,
+        PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
         X_PAIRED=x_paired, Y_PAIRED=y_paired, X_PLANE=x_plane, EVEN_K=even_k(k, block_k), num_warps=num_warps, num_stages=num_stages,
     )
