@@ -46,10 +46,10 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device, interpreting
 from tinyq.kernels.attention_configs import decode_config, sm_count
-from tinyq.kernels.paired import PairedRows, paired_offsets, paired_plane
 from tinyq.kernels.flash_attention import (
     LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
 )
+from tinyq.kernels.paired import PairedRows, out_operand, paired_offsets, paired_plane
 from tinyq.kernels.semaphore import arrive, counters
 
 MAX_DECODE_ROWS = 128  # L * G rows in one MMA tile (e.g. a 32-token chunk of Llama-3's 4-head groups)
@@ -85,10 +85,10 @@ def _decode_attention_kernel(
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_ol, stride_oh, out_plane,
+    stride_ob, stride_ol, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_UNROLL: tl.constexpr, DOT_FP32: tl.constexpr,
-    PAIRED_OUT: tl.constexpr,
+    OUT_PLANE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -132,8 +132,8 @@ def _decode_attention_kernel(
         # A row can have no visible key in this slice (token t < L-1 near the end): the update keeps it at 0.
         acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, qk, v)
 
-    if PAIRED_OUT:  # one token of one sequence, as the o_proj GEMV reads it (tinyq.kernels.paired)
-        out_ptr = OUT + paired_offsets(h[:, None] * HEAD_DIM + offs_d[None, :], out_plane)
+    if OUT_PLANE:  # paired: one token of one sequence, as the o_proj GEMV reads it (tinyq.kernels.paired)
+        out_ptr = OUT + paired_offsets(h[:, None] * HEAD_DIM + offs_d[None, :], OUT_PLANE)
     else:
         out_ptr = OUT + b * stride_ob + t[:, None] * stride_ol + h[:, None] * stride_oh + offs_d[None, :]
     out_mask = row_ok[:, None] & mask_d[None, :]
@@ -184,8 +184,8 @@ def _merge_splits(O_PART, M_PART, L_PART, base, row_ok, offs_d, used, HEAD_DIM_P
 def _decode_combine_kernel(
     O_PART, M_PART, L_PART, OUT, SEQ_POS,
     LQ, HQ, NUM_SPLITS, SPLIT,
-    stride_ob, stride_ol, stride_oh, out_plane,
-    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, PAIRED_OUT: tl.constexpr,
+    stride_ob, stride_ol, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, OUT_PLANE: tl.constexpr,
 ):
     """The merge as a second launch, one program per (batch, q head, token) row: for query
     chunks, whose partials (``L * G`` rows x slices x D) are too much for one program per kv head."""
@@ -206,8 +206,8 @@ def _decode_combine_kernel(
     m_max = tl.max(m, 0)  # finite: slice 0 always holds position 0, visible to every row
     w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_max))
     out = tl.sum(w[:, None] * o, 0) / tl.sum(w * l, 0)
-    if PAIRED_OUT:
-        out_at = paired_offsets(h * HEAD_DIM + offs_d, out_plane)
+    if OUT_PLANE:
+        out_at = paired_offsets(h * HEAD_DIM + offs_d, OUT_PLANE)
     else:
         out_at = b * stride_ob + t * stride_ol + h * stride_oh + offs_d
     tl.store(OUT + out_at, out.to(OUT.dtype.element_ty), mask=offs_d < HEAD_DIM)
@@ -264,8 +264,8 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
         raise ValueError(f"decode_attention: a paired output holds one token of one sequence (q {tuple(q.shape)}, "
                          f"{q.dtype} on {q.device}), got one of {out.k} {out.data.dtype} inputs on {out.data.device}, "
                          f"data {tuple(out.data.shape)}")
-    out_t = out.data if paired else out
-    out_strides = (0, 0, 0, out_t.shape[1] // 4) if paired else (out.stride(0), out.stride(1), out.stride(2), 0)
+    out_t, out_plane = out_operand(out)
+    out_strides = (0, 0, 0) if paired else (out.stride(0), out.stride(1), out.stride(2))
     splits_pad = max(2, triton.next_power_of_2(num_splits))
     _decode_attention_kernel[(B * HKV, num_splits)](
         q, k_cache, v_cache, o_part, m_part, l_part, out_t, counters(q.device, B * HKV), seq_pos,
@@ -276,12 +276,12 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
         *out_strides,
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE=merge, SPLITS_PAD=splits_pad, MERGE_UNROLL=8,
-        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, PAIRED_OUT=paired,
+        DOT_FP32=interpreting() and q.dtype == torch.bfloat16, OUT_PLANE=out_plane,
         num_warps=warps, num_stages=num_stages or cfg_stages,
     )
     if not merge:
         _decode_combine_kernel[(B * HQ * LQ,)](
             o_part, m_part, l_part, out_t, seq_pos, LQ, HQ, num_splits, split, *out_strides,
-            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=splits_pad, PAIRED_OUT=paired, num_warps=4,
+            HEAD_DIM=D, HEAD_DIM_PAD=d_pad, SPLITS_PAD=splits_pad, OUT_PLANE=out_plane, num_warps=4,
         )
     return out

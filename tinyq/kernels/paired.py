@@ -72,8 +72,16 @@ def unpair_rows_reference(x: PairedRows) -> torch.Tensor:
 
 
 def x_operand(x):
-    """``(tensor, plane, paired)`` for a GEMV kernel's activation arguments: a natural ``[M, K]``
-    tensor as is, a :class:`PairedRows` as int32 pairs with its plane stride in words."""
+    """``(tensor, plane)`` for a GEMV kernel's activation arguments: a natural ``[M, K]`` tensor as
+    is with plane 0, a :class:`PairedRows` as int32 pairs with its plane stride in words."""
     if isinstance(x, PairedRows):
-        return x.data.view(torch.int32), x.data.shape[1] // 8, True
-    return x, 0, False
+        return x.data.view(torch.int32), x.data.shape[1] // 8
+    return x, 0
+
+
+def out_operand(out):
+    """``(tensor, plane)`` for a kernel that writes a GEMV's input: a natural tensor as is with plane
+    0, a :class:`PairedRows` as its data with the plane stride in entries (:func:`paired_offsets`)."""
+    if isinstance(out, PairedRows):
+        return out.data, out.data.shape[1] // 4
+    return out, 0

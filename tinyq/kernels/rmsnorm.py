@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.paired import empty_paired_rows, paired_offsets
+from tinyq.kernels.paired import empty_paired_rows, out_operand, paired_offsets
 from tinyq.kernels.residual import as_rows, load_row_add_residual
 
 MAX_N = 65536  # one row per program must fit a register tile
@@ -33,9 +33,9 @@ MAX_N = 65536  # one row per program must fit a register tile
 @triton.jit
 def _rmsnorm_kernel(
     X, RES, W, OUT, H_OUT,
-    N, eps, out_plane,
+    N, eps,
     stride_x, stride_r, stride_o, stride_h,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, PAIRED_OUT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, OUT_PLANE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -43,7 +43,7 @@ def _rmsnorm_kernel(
     hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    out_at = paired_offsets(cols, out_plane) if PAIRED_OUT else cols
+    out_at = paired_offsets(cols, OUT_PLANE) if OUT_PLANE else cols  # OUT_PLANE > 0: paired
     tl.store(OUT + row * stride_o + out_at, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -80,16 +80,16 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     x2 = as_rows(x, n)
     r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    out_rows = empty_paired_rows(m, n, x.dtype, x.device) if paired else None
-    out = out_rows.data if paired else torch.empty_like(x2)
+    out_rows = empty_paired_rows(m, n, x.dtype, x.device) if paired else torch.empty_like(x2)
+    out, out_plane = out_operand(out_rows)
     h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
     if m > 0:
         block = triton.next_power_of_2(n)
         _rmsnorm_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, out, h,
-            n, float(eps), out.shape[1] // 4 if paired else 0,
+            n, float(eps),
             x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block, PAIRED_OUT=paired,
+            HAS_RESIDUAL=residual is not None, BLOCK_N=block, OUT_PLANE=out_plane,
             num_warps=min(max(block // 256, 1), 16),  # 8 elements per thread (16 B fp16 loads) up to N=4096
         )
     out = out_rows if paired else out.reshape(shape)

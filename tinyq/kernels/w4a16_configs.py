@@ -41,7 +41,7 @@ PLANS = {
 
 
 # Whether the fused decode ops write each GEMV's input in the GEMV's paired layout
-# (tinyq.kernels.w4a16_gemv.PairedRows: 16-byte coalesced x loads instead of 8-byte ones at a 64-byte
+# (tinyq.kernels.paired: 16-byte coalesced x loads instead of 8-byte ones at a 64-byte
 # lane stride). Off until a GPU run shows it faster (docs/perf_notes.md).
 PAIRED_DECODE = {"sm90": False, "default": False}
 

@@ -144,7 +144,7 @@ def _half_pair_to_f32(pair, IS_BF16: tl.constexpr):
 @triton.jit
 def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, stride_sn,
               GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WARP_BLOCKS: tl.constexpr, X_PAIRED: tl.constexpr, EVEN_K: tl.constexpr):
+              WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr):
     """float32 ``[BLOCK_N]``: the dot products of the activation row at ``x_row`` with weight rows
     ``rows`` (any ``BLOCK_N`` row indices; ``row_ok`` masks the rest to 0). The main loop of every
     W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue).
@@ -156,11 +156,11 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
     loads the same activations (32 sectors per x load instruction); a small ``WARP_BLOCKS`` lets the
     rows of a warp share each x load (``WARP_BLOCKS`` sectors), for the same 16-byte weight loads.
 
-    ``X_PAIRED``: ``x_row`` is an int32 pointer to the row in the paired layout
-    (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart, a constexpr so the
-    four plane loads share one address). A lane's x for its 4 words then
-    comes as 4 coalesced 16-byte loads of ready (nibble j, nibble j + 4) pairs, where the natural
-    layout costs 8 loads of 8 bytes at a 64-byte lane stride and a pack per pair.
+    ``x_plane`` (a constexpr) > 0: ``x_row`` is an int32 pointer to the row in the paired layout
+    (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart; a constant, so the
+    four plane loads share one address). A lane's x for its 4 words then comes as 4 coalesced
+    16-byte loads of ready (nibble j, nibble j + 4) pairs, where the natural layout (``x_plane`` 0)
+    costs 8 loads of 8 bytes at a 64-byte lane stride and a pack per pair.
 
     ``EVEN_K``: ``K`` is a multiple of ``BLOCK_K``, so the x loads need no mask (:func:`even_k`)."""
     tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
@@ -169,6 +169,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
     tl.static_assert(NB % WARP_BLOCKS == 0, "WARP_BLOCKS divides the step's blocks")
     NBO: tl.constexpr = NB // WARP_BLOCKS
     IS_BF16: tl.constexpr = s_ptr.dtype.element_ty == tl.bfloat16
+    X_PAIRED: tl.constexpr = x_plane > 0
     blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, None, :]  # [NBO, 1, NBI]
     offs_w = tl.arange(0, 4)
     acc = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
@@ -224,15 +225,14 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
 def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, x_plane, eps, stride_wn,
                         stride_sn, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
                         PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr, X_PAIRED: tl.constexpr,
-                        EVEN_K: tl.constexpr):
+                        WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr, EVEN_K: tl.constexpr):
     """:func:`gemv_rows` plus the bias, for the fused GEMVs that may finish an RMSNorm: with
     ``PRENORM`` the row at ``x_row`` holds ``h * w`` of the norm and the dot products are scaled by
     ``1 / rms(h)`` of the row at ``h_row`` (``ROW`` = next_pow2(K) lanes)."""
     if PRENORM:
         rstd = inv_rms(h_row, K, eps, ROW)
     dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED, EVEN_K)
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
     if PRENORM:
         dots = dots * rstd
     if HAS_BIAS:
@@ -262,7 +262,6 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WARP_BLOCKS: tl.constexpr,
-    X_PAIRED: tl.constexpr,
     X_PLANE: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
@@ -275,7 +274,7 @@ def _w4a16_gemv_kernel(
     # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
     # kernel they left the alignment unknown and every word was a separate 4-byte load.
     out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_wn, stride_sn,
-                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED, EVEN_K)
+                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
@@ -306,7 +305,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
     ``x`` ``[M, K]`` or :class:`PairedRows` of M rows."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    x_arg, x_plane, paired = x_operand(x)
+    x_arg, x_plane = x_operand(x)
     m = x_arg.shape[0]
     group_size = k // scales.shape[1]
     grid = (m * triton.cdiv(n, block_n),)
@@ -320,7 +319,6 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
-        X_PAIRED=paired,
         X_PLANE=x_plane,
         EVEN_K=even_k(k, block_k),
         num_warps=num_warps,

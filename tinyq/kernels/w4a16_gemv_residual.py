@@ -23,7 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from tinyq.kernels.paired import PairedRows, paired_offsets, x_operand
+from tinyq.kernels.paired import out_operand, paired_offsets, x_operand
 from tinyq.kernels.w4a16_gemv import even_k, gemv_ptx, gemv_rows, warp_blocks_of
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 
@@ -31,15 +31,15 @@ from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 @triton.jit
 def _w4a16_gemv_residual_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, w_ptr, h_ptr, hw_ptr,
-    N, K, hw_plane, stride_wn, stride_sn,
+    N, K, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, X_PAIRED: tl.constexpr,
-    HW_PAIRED: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, X_PLANE: tl.constexpr,
+    HW_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
     dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, X_PLANE, stride_wn, stride_sn,
-                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, X_PAIRED, EVEN_K)
+                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
     if HAS_BIAS:
         dots += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     y = dots.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -47,7 +47,7 @@ def _w4a16_gemv_residual_kernel(
     tl.store(h_ptr + rows, h, mask=ok)
     if HAS_NORM:
         w = tl.load(w_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        hw_at = paired_offsets(rows, hw_plane) if HW_PAIRED else rows
+        hw_at = paired_offsets(rows, HW_PLANE) if HW_PLANE else rows  # HW_PLANE > 0: paired
         tl.store(hw_ptr + hw_at, (h.to(tl.float32) * w).to(hw_ptr.dtype.element_ty), mask=ok)
 
 
@@ -64,17 +64,16 @@ def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_w
     writes ``h`` (and ``hw`` when ``norm_weight`` is given: a ``[N]`` tensor or
     :class:`PairedRows`)."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    x_arg, x_plane, x_paired = x_operand(x)
-    hw_paired = isinstance(hw, PairedRows)
-    hw_arg = hw.data if hw_paired else hw
+    x_arg, x_plane = x_operand(x)
+    hw_arg, hw_plane = out_operand(hw)
     _w4a16_gemv_residual_kernel[(triton.cdiv(n, block_n),)](
         x_arg, qweight, scales, zeros, bias if bias is not None else h, residual,
         norm_weight if norm_weight is not None else h, h, hw_arg if hw is not None else h,
-        n, k, hw_arg.shape[-1] // 4 if hw_paired else 0, qweight.stride(0), scales.stride(0),
+        n, k, qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
-        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), X_PAIRED=x_paired, HW_PAIRED=hw_paired,
-        X_PLANE=x_plane, EVEN_K=even_k(k, block_k),
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), X_PLANE=x_plane, HW_PLANE=hw_plane,
+        EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,
     )
     return h, hw

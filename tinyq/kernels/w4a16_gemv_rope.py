@@ -20,8 +20,8 @@ launch goes away (one launch less per layer and token; the main loop is
 :func:`tinyq.kernels.w4a16_gemv.gemv_rows`). ``PRENORM`` folds in the RMSNorm before the
 projection as in :mod:`tinyq.kernels.w4a16_gemv_silu`.
 
-Tensors: ``x`` ``[1, K]`` (fp16/bf16) or its :class:`~tinyq.kernels.paired.PairedRows`, weight ``[(Hq + 2 Hkv) D, K/8]`` with scales/zeros, bias
-``[(Hq + 2 Hkv) D]`` or none; ``q_out`` ``[Hq * D]`` (contiguous) in x's dtype; one cache layer
+Tensors: ``x`` ``[1, K]`` (fp16/bf16) or its :class:`~tinyq.kernels.paired.PairedRows`, weight
+``[(Hq + 2 Hkv) D, K/8]`` with scales/zeros, bias ``[(Hq + 2 Hkv) D]`` or none; ``q_out`` ``[Hq * D]`` (contiguous) in x's dtype; one cache layer
 ``k_cache``/``v_cache`` ``[1, Hkv, max_seq_len, D]`` (last dim contiguous); ``seq_pos`` int32 ``[1]``;
 ``inv_freq`` float32 ``[D/2]``; ``h`` ``[K]`` (PRENORM).
 """
@@ -31,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
 from tinyq.kernels.paired import x_operand
+from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
 from tinyq.kernels.w4a16_gemv import (
     even_k, gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
@@ -45,7 +45,7 @@ def _w4a16_gemv_rope_kernel(
     stride_wn, stride_sn, stride_ch, stride_cn,
     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
     PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
-    ROW: tl.constexpr, X_PAIRED: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
+    ROW: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
     PAIRS: tl.constexpr = BLOCK_N // 2
@@ -64,7 +64,7 @@ def _w4a16_gemv_rope_kernel(
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_wn,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
-                               ROW, X_PAIRED, EVEN_K)
+                               ROW, EVEN_K)
     # the host checked the room; this only guards memory on a stale replay
     in_cache = (r * 0 + pos) < MAX_SEQ  # [BLOCK_N]
     if rotary:
@@ -91,7 +91,7 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
                            num_stages: int, ptx_dequant: bool = False, warp_blocks=None, prenorm=None):
     """Launch on arguments already checked (see :func:`tinyq.ops.fused.w4a16_qkv_attention`);
     ``prenorm = (h [K], eps)`` when x is ``h * w`` of an RMSNorm still to be normalized."""
-    x_arg, x_plane, x_paired = x_operand(x)
+    x_arg, x_plane = x_operand(x)
     h, eps = prenorm if prenorm is not None else (q_out, 0.0)
     k = qweight.shape[1] * 8
     d = k_cache.shape[-1]
@@ -103,7 +103,7 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
         qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
-        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k), X_PAIRED=x_paired,
+        WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
         X_PLANE=x_plane, EVEN_K=even_k(k, block_k),
         num_warps=num_warps, num_stages=num_stages,
     )

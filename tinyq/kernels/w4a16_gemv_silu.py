@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tinyq.kernels.paired import PairedRows, paired_offsets, x_operand
+from tinyq.kernels.paired import out_operand, paired_offsets, x_operand
 from tinyq.kernels.w4a16_gemv import (
     even_k, gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
@@ -36,10 +36,10 @@ from tinyq.kernels.w4a16_gemv import (
 @triton.jit
 def _w4a16_gemv_silu_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, h_ptr,
-    I, K, y_plane, eps, stride_wn, stride_sn,
+    I, K, eps, stride_wn, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr,
-    X_PAIRED: tl.constexpr, Y_PAIRED: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
+    X_PLANE: tl.constexpr, Y_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     HALF: tl.constexpr = BLOCK_N // 2
     r = tl.arange(0, BLOCK_N)
@@ -49,11 +49,11 @@ def _w4a16_gemv_silu_kernel(
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_wn,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
-                               ROW, X_PAIRED, EVEN_K)
+                               ROW, EVEN_K)
     gate, up = tl.split(tl.reshape(dots, (HALF, 2)))
     out = gate / (1.0 + tl.exp(-gate)) * up
     i_out = tl.program_id(0) * HALF + tl.arange(0, HALF)
-    y_at = paired_offsets(i_out, y_plane) if Y_PAIRED else i_out
+    y_at = paired_offsets(i_out, Y_PLANE) if Y_PLANE else i_out  # Y_PLANE > 0: paired
     tl.store(y_ptr + y_at, out.to(y_ptr.dtype.element_ty), mask=i_out < I)
 
 
@@ -71,16 +71,16 @@ def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, 
     be normalized); writes ``y``, a ``[1, I]`` tensor or :class:`PairedRows`."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     inter = n // 2
-    x_arg, x_plane, x_paired = x_operand(x)
-    y_paired = isinstance(y, PairedRows)
-    y_arg = y.data if y_paired else y
+    x_arg, x_plane = x_operand(x)
+    y_arg, y_plane = out_operand(y)
     h, eps = prenorm if prenorm is not None else (y_arg, 0.0)
     _w4a16_gemv_silu_kernel[(triton.cdiv(inter, block_n // 2),)](
         x_arg, qweight, scales, zeros, bias if bias is not None else y_arg, y_arg, h,
-        inter, k, y_arg.shape[-1] // 4 if y_paired else 0, float(eps), qweight.stride(0), scales.stride(0),
+        inter, k, float(eps), qweight.stride(0), scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
-        X_PAIRED=x_paired, Y_PAIRED=y_paired, X_PLANE=x_plane, EVEN_K=even_k(k, block_k), num_warps=num_warps, num_stages=num_stages,
+        X_PLANE=x_plane, Y_PLANE=y_plane, EVEN_K=even_k(k, block_k),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return y

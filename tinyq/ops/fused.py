@@ -14,8 +14,9 @@ combine, o_proj, add + norm, gate_up, SiLU, down). With these ops it runs 5:
 
 The qkv and gate/up ops take ``prenorm=(h, eps)`` to finish the RMSNorm that the previous op
 started: they scale their dot products by ``1 / rms(h)``. Where ``PAIRED_DECODE`` of
-:mod:`tinyq.kernels.w4a16_configs` says so (:func:`gemv_paired`), the ops that feed a GEMV write its input in the GEMV's paired layout
-(:class:`~tinyq.kernels.paired.PairedRows`) and the GEMVs read it so.
+:mod:`tinyq.kernels.w4a16_configs` says so (:func:`gemv_paired`), the ops that feed a GEMV write
+its input in the GEMV's paired layout (:class:`~tinyq.kernels.paired.PairedRows`) and the GEMVs
+read it so.
 
 Each serves one token on the Triton path outside ``torch.compile`` (:func:`fused_decode`). The
 weights must have passed ``check_w4a16_weight`` (``W4A16Linear.checked_weights``).
@@ -29,9 +30,9 @@ import torch
 
 from tinyq.backend import use_triton
 from tinyq.cache.static_cache import StaticKVCache
-from tinyq.kernels.w4a16_configs import launch_plan, paired_decode
 from tinyq.kernels.paired import PairedRows, empty_paired_rows, paired_plane
 from tinyq.kernels.rmsnorm import rmsnorm
+from tinyq.kernels.w4a16_configs import launch_plan, paired_decode
 from tinyq.kernels.w4a16_gemv_residual import launch_w4a16_gemv_residual
 from tinyq.kernels.w4a16_gemv_rope import launch_w4a16_gemv_rope
 from tinyq.kernels.w4a16_gemv_silu import launch_w4a16_gemv_silu
@@ -102,7 +103,10 @@ def w4a16_gate_up_silu(x: Row, qweight, scales, zeros, bias=None, prenorm: Preno
     x2 = _row(x, k, qweight, "w4a16_gate_up_silu")
     like = _tensor(x2)
     inter = qweight.shape[0] // 2
-    y = empty_paired_rows(1, inter, like.dtype, like.device) if paired_out else torch.empty((1, inter), dtype=like.dtype, device=like.device)
+    if paired_out:
+        y = empty_paired_rows(1, inter, like.dtype, like.device)
+    else:
+        y = torch.empty((1, inter), dtype=like.dtype, device=like.device)
     launch_w4a16_gemv_silu(x2, qweight, scales, zeros, bias, y, prenorm=_prenorm(prenorm, k, "w4a16_gate_up_silu"),
                            **_gemv_plan(like))
     if paired_out or isinstance(x, PairedRows):
