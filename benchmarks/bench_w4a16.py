@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, timed, write_json  # noqa: E402
-from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
+from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
