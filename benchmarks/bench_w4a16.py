@@ -93,8 +93,9 @@ def candidates(m):
     """Launch plans worth measuring for bucket ``m`` (tinyq.kernels.w4a16_configs format): the GEMV
     at M=1 (each tile with one row per warp and with rows sharing a warp); the fused GEMM with the dequantized weights as the MMA's register operand (swap-AB),
     activations in fragment order ('frag', up to M=64: its per-tile x permutation cost 2.5-3x at
-    M=128; 'frag_x', x permuted in memory first, up to M=4096) or natural order ('natural'), up to
-    M=256, with split-K where N alone leaves SMs idle; dequantize + cuBLAS from M=128."""
+    M=128) or natural order ('natural'), up to M=256, with split-K where N alone leaves SMs idle;
+    dequantize + cuBLAS from M=128. (Permuting x once in memory instead, 64-input K steps, lost at
+    every M on the H200: docs/perf_notes.md.)"""
     if m == 1:
         # warp_blocks: None = one weight row per warp; 4 or 8 = a warp spans 8 or 4 rows that share
         # each activation load (tinyq.kernels.w4a16_gemv.gemv_rows). The last four tiles are larger
@@ -115,17 +116,6 @@ def candidates(m):
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack)
             # the same with the split-K sum in the GEMM's last program per tile (no second launch)
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack, fused_reduce=True)
-    if 64 <= m <= 256:
-        # 64-input steps: the dequantized tile crosses lanes through shared memory in one round (2
-        # barriers a step) where 128-input steps take four (9 barriers; 3.6 compile, docs/perf_notes.md)
-        for bn, sk in itertools.product((64, 128), (1, 2)):
-            yield frag(min(128, m), bn, 64, True, sk, 4, 4, "natural")
-    if 16 <= m <= 4096:
-        # x permuted into fragment order once (w4a16_gemm.frag_order_reference, timed with the GEMM):
-        # in the 3.6 compile no weight tile crosses warps through shared memory at 128-row tiles
-        bm = min(128, max(16, 1 << (m - 1).bit_length()))
-        for sk in (1, 2, 4) if m <= 256 else (1,):
-            yield frag(bm, 128, 128, True, sk, 4, 3 if bm == 128 else 4, "frag_x", fused_reduce=sk > 1)
     if 65 <= m <= 256:
         # not swapped: the dequantized tile is the MMA's shared-memory operand, read in place (no
         # ldmatrix back into registers); 8 warps keep the 128 x 128 tile free of spills (3.6 compile)

@@ -46,8 +46,10 @@ import tinyq.kernels as kernels_pkg  # noqa: E402
 from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
-from tinyq.kernels import gelu_quant, int8_matmul, layernorm_quant, w4a16_dequant, w4a16_gemm  # noqa: E402
-from tinyq.kernels.attention_configs import DECODE, FLASH  # noqa: E402
+from tinyq.kernels import (  # noqa: E402
+    gelu_quant, int8_matmul, int8_quant, layernorm, layernorm_quant, silu_mul_quant, w4a16_dequant, w4a16_gemm,
+)
+from tinyq.kernels.attention_configs import FLASH  # noqa: E402
 from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
 from tinyq.kernels.w4a16_configs import PLANS  # noqa: E402
 
@@ -239,6 +241,20 @@ def _layernorm_quant(m, k):
                                                    torch.zeros(k, dtype=torch.float16), 1e-6)
 
 
+def _layernorm(m, k):
+    x = torch.zeros(m, k, dtype=torch.float16)
+    return lambda: layernorm.layernorm(x, torch.ones(k, dtype=torch.float16), torch.zeros(k, dtype=torch.float16),
+                                       1e-6, residual=x)
+
+
+def _quant_rows(m, k):
+    return lambda: int8_quant.quantize_per_token(torch.zeros(m, k, dtype=torch.float16))
+
+
+def _silu_mul_quant(m, i):
+    return lambda: silu_mul_quant.silu_mul_quant(torch.zeros(m, 2 * i, dtype=torch.float16))
+
+
 def _gelu_quant(m, k):
     return lambda: gelu_quant.gelu_quant(torch.zeros(m, k, dtype=torch.float16), "tanh")
 
@@ -273,9 +289,6 @@ TARGETS = {
     "w4a16-gemm-m64-llama3-8b-gate-up": _w4a16_gemm(64, 28672, 4096),
     "w4a16-gemm-m16-fused-reduce-llama3-8b-o": _w4a16_gemm(16, 4096, 4096, dict(
         next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm"), fused_reduce=True)),
-    "w4a16-gemm-frag-x-m256-llama3-8b-gate-up": _w4a16_gemm(256, 28672, 4096, dict(
-        block_m=128, block_n=128, block_k=128, swap_ab=True, unpack="frag_x", ptx_dequant=True, split_k=1,
-        num_warps=4, num_stages=3)),
     "w4a16-dequant-llama3-8b-gate-up": _w4a16_dequant(28672, 4096),
     # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
@@ -283,6 +296,9 @@ TARGETS = {
     "int8-llama3-8b-gate-up-m16": _int8_linear(16, 28672, 4096),
     "layernorm-quant-tower": _layernorm_quant(17408, 1152),
     "gelu-quant-tower": _gelu_quant(17408, 4304),
+    "layernorm-residual-tower": _layernorm(17408, 1152),
+    "quant-rows-tower": _quant_rows(17408, 1152),
+    "silu-mul-quant-qwen2-7b-m4096": _silu_mul_quant(4096, 18944),
 }
 
 

@@ -2,9 +2,9 @@
 # Everything that needs a GPU, in one call (the lent H100/H200 machines have torch 2.11 + triton 3.6 preinstalled):
 # the `gpu`-marked tests, then the benchmarks, each against its baseline in the same run.
 #   bash scripts/gpu_check.sh [tests] [w4a16] [w4a16-sweep] [w8a8] [attention] [e2e] [warm-start] [vlm] [awq]
-#                             [profile] [heads] [prefill] [paired] [tower]
+#                             [profile] [heads] [prefill] [paired] [tower] [w8a8-tower]
 #   (default: all but the sweep, the decode profile, the output-head sweep, the prefill plans, the
-#   paired-input comparison and the tower profile)
+#   paired-input comparison, the tower profile and the tower's int8 GEMM sweep)
 # Results: $OUT (default ./out): <part>.json per benchmark, gpu_check.log with every log; each
 # part's summary table is printed again at the end.
 set -uo pipefail
@@ -51,6 +51,9 @@ for part in "${parts[@]}"; do
       run paired 8 $PY scripts/profile_decode.py --models llama3-8b,smollm2 --precision w4a16 --steps 50 \
         --paired off,on --out "$OUT/paired.json" || status=1 ;;
     tower) run tower 60 $PY scripts/profile_tower.py --out "$OUT/tower_profile.json" || status=1 ;;
+    w8a8-tower)  # the int8 GEMM configs swept on the SigLIP tower's linears at 17 tiles
+      run w8a8-tower 16 $PY benchmarks/bench_w8a8.py --shapes siglip-so400m --ms 17408 --sweep \
+        --sweep-buckets none --out "$OUT/w8a8_tower.json" || status=1 ;;
     heads) run heads 12 $PY benchmarks/bench_dense_gemv.py --sweep-heads --out "$OUT/heads.json" || status=1 ;;
     prefill) run prefill 12 $PY scripts/profile_prefill.py --lengths 1074,2048,3122,4096 \
       --plans 2048:256,4096:256:auto --out "$OUT/prefill.json" || status=1 ;;

@@ -9,6 +9,8 @@ from tinyq.backend import force_backend
 from tinyq.kernels.gelu_quant import gelu_quant, gelu_quant_reference
 from tinyq.kernels.int8_quant import quantize_per_token, quantize_per_token_reference
 from tinyq.kernels.layernorm_quant import layernorm_quant, layernorm_quant_reference
+from tinyq.kernels import residual
+from tinyq.kernels.residual import row_blocks
 from tinyq.kernels.rmsnorm import rmsnorm_reference
 from tinyq.kernels.rmsnorm_quant import rmsnorm_quant, rmsnorm_quant_reference
 from tinyq.kernels.silu_mul_quant import silu_mul_quant, silu_mul_quant_reference
@@ -46,6 +48,16 @@ def test_per_token_exact(shape, dtype, static):
         err = (q.float() * scale[..., None] - x.float()).abs().amax(-1)
         assert (err <= scale * 0.5 * 1.0001).all()
         assert (q.abs().amax(-1) == 127).all()
+
+
+def test_row_blocks():
+    """A row as a power-of-two head and tail: no more lanes than one next_pow2 block, often far fewer."""
+    assert row_blocks(1152) == (1024, 128) and row_blocks(4304) == (4096, 256)
+    assert row_blocks(4096) == (4096, 0) and row_blocks(257) == (256, 1) and row_blocks(1) == (1, 0)
+    for width in range(1, 5000):
+        head, tail = row_blocks(width)
+        assert head & (head - 1) == 0 and tail & (tail - 1) == 0
+        assert width <= head + tail <= 1 << (width - 1).bit_length()
 
 
 def test_reference_rounding_rule():
@@ -129,7 +141,7 @@ def test_silu_mul_quant(shape, dtype, static):
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES[:3])
+@pytest.mark.parametrize("shape", SHAPES[:3] + [(2, 4304)])  # SigLIP's MLP width: a 4096 + 256 row
 def test_gelu_quant(shape, dtype, approximate):
     x = (torch.randn(shape) * 3).to(dtype).to(DEV)
     x.view(-1)[0] = 30.0  # tanh form's tails: exp overflow must give tanh = 1, not NaN
@@ -137,6 +149,21 @@ def test_gelu_quant(shape, dtype, approximate):
     with force_backend("triton"):
         q, scale = gelu_quant(x, approximate)
     close_quant(q, scale, *gelu_quant_reference(x, approximate))
+
+
+def test_many_rows(monkeypatch):
+    """From MANY_ROWS rows the row kernels take fewer, fatter threads (residual.row_warps): same
+    results (the threshold lowered, so the interpreter runs a few rows, not a thousand)."""
+    monkeypatch.setattr(residual, "MANY_ROWS", 4)
+    assert residual.row_warps(1024, 128, 4) == 2 and residual.row_warps(1024, 128, 3) == 4
+    x = (torch.randn(5, 1154) * 2 + 0.5).to(DEV)
+    w, b = (torch.rand(1154) + 0.5).to(DEV), torch.randn(1154).to(DEV)
+    with force_backend("triton"):
+        outs = [quantize_per_token(x), gelu_quant(x, "tanh"), layernorm_quant(x, w, b, 1e-5)]
+    refs = [quantize_per_token_reference(x), gelu_quant_reference(x, "tanh"), layernorm_quant_reference(x, w, b, 1e-5)]
+    assert torch.equal(outs[0][0].cpu(), refs[0][0].cpu()) and torch.equal(outs[0][1].cpu(), refs[0][1].cpu())
+    for (q, scale), (q_ref, scale_ref) in zip(outs[1:], refs[1:]):
+        close_quant(q, scale, q_ref, scale_ref)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

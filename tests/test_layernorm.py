@@ -4,6 +4,7 @@ import torch
 
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
+from tinyq.kernels import residual
 from tinyq.kernels.layernorm import layernorm, layernorm_reference
 from tinyq.ops.layer_norm import add_layer_norm, layer_norm
 
@@ -25,6 +26,18 @@ def test_layernorm_matches_reference(shape, dtype, with_residual):
         (out, h), (ref, ref_h) = out, ref
         assert_close_rel(h, ref_h)
     assert out.shape == x.shape and out.dtype == dtype
+    assert_close_rel(out, ref)
+
+
+def test_layernorm_many_rows(monkeypatch):
+    """From residual.MANY_ROWS rows the kernel runs fewer, fatter threads (threshold lowered here)."""
+    monkeypatch.setattr(residual, "MANY_ROWS", 4)
+    x, res = torch.randn(6, 1152) * 3 + 1, torch.randn(6, 1152)
+    w, b = torch.rand(1152) + 0.5, torch.randn(1152)
+    with force_backend("triton"):
+        out, h = layernorm(x, w, b, 1e-6, res)
+    ref, ref_h = layernorm_reference(x, w, b, 1e-6, res)
+    assert_close_rel(h, ref_h)
     assert_close_rel(out, ref)
 
 

@@ -78,7 +78,7 @@ def test_paired_layout_round_trip(m, k, dtype):
 
 GEMM_CASES = [  # (group_size, block_k, unpack)
     (g, bk, u) for g, bk in [(32, 32), (64, 64), (128, 64), (128, 128)] for u in ("frag", "natural")
-] + [(64, 64, "frag_x"), (128, 128, "frag_x")]
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,7 +104,6 @@ def test_gemm(m, n, k, group_size, block_k, unpack, swap_ab, dtype):
     (2, 33, 384, 32, 32, "natural"),
     (257, 40, 576, 64, 64, "frag"),
     (3, 72, 384, 128, 128, "frag"),
-    (257, 67, 576, 64, 64, "frag_x"),
 ])
 def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dtype):
     """Split-K writes fp32 partials and a second kernel sums them, adds the bias and casts; with
@@ -307,7 +306,7 @@ def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_bloc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("unpack", ["frag", "natural", "frag_x"])
+@pytest.mark.parametrize("unpack", ["frag", "natural"])
 @pytest.mark.parametrize("swap_ab,block_m,split_k", [(True, 16, 4), (True, 64, 2), (True, 128, 1), (False, 128, 1)])
 @pytest.mark.parametrize("m,n,k,group_size", [(16, 4096, 4096, 128), (300, 1000, 1024, 64), (1, 4096, 14336, 128),
                                               (57, 333, 576, 32)])

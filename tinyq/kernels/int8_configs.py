@@ -65,7 +65,7 @@ def sweep_candidates(max_m):
         space = itertools.product((16, 32, 64) if max_m <= 16 else (32, 64), (32, 64, 128), (128, 256), (False, True),
                                   (4,), (3, 4, 5))
     else:
-        space = itertools.product((64, 128), (128, 256), (128, 256), (False,), (4, 8), (3, 4))
+        space = itertools.product((64, 128, 256), (128, 256), (128, 256), (False,), (4, 8), (3, 4))
     for bm, bn, bk, swap, w, s in space:
         if max_m is not None and bm > max_m:
             continue

@@ -13,10 +13,10 @@ Non-finite input: ``sum_k x[k] * 0`` is 0 for a finite row and NaN otherwise; it
 scale, so a row holding inf/NaN gets a NaN scale and every product using it is NaN (not a silent
 wrong number). One multiply-add per element and one reduction; no host synchronization.
 
-:func:`quantize_row` and :func:`quantize_with_absmax` are the ``@triton.jit`` building blocks the
+:func:`quantize_store_row` and :func:`quantize_with_absmax` are the ``@triton.jit`` building blocks the
 fused norm/activation + quant kernels share. Tensors: ``x`` fp16/bf16/fp32 ``[M, K]`` (leading dims flattened), last dim contiguous;
-``static_scale`` float32 ``[1]`` or None. One program per row, the whole row in registers
-(``BLOCK = next_pow2(K)``, K <= 65536).
+``static_scale`` float32 ``[1]`` or None. One program per row, the whole row in registers as two
+power-of-two blocks (:func:`tinyq.kernels.residual.row_blocks`; K <= 65536).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.residual import as_rows
+from tinyq.kernels.residual import as_rows, row_blocks, row_columns, row_warps
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 MAX_K = 65536  # one row per program must fit a register tile
@@ -47,19 +47,35 @@ def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AM
     t = v * inv
     t = t + tl.where(t >= 0, 0.5, -0.5)
     t = tl.minimum(tl.maximum(t, -127.0), 127.0)
-    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_row)
+    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_store_row)
     return t.to(tl.int32).to(tl.int8), scale
 
 
 @triton.jit
-def quantize_row(v, mask, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
-    """float32 row ``v`` (masked lanes ignored) -> (int8 row, float32 scale); see the module doc."""
+def nan_probe_and_absmax(v, mask):
+    """``(sum(v * 0), max|v|)`` over the lanes of ``mask``, in one block reduction (each reduction is
+    a cross-warp round trip through shared memory). The first is 0 for finite values and NaN when
+    any is inf/NaN: added to a scale, it marks the row."""
     v = tl.where(mask, v, 0.0)
-    amax = 0.0
-    if not STATIC:
-        amax = tl.max(tl.abs(v), axis=0)
-    q, scale = quantize_with_absmax(v, amax, static_scale_ptr, STATIC, MIN_AMAX)
-    return q, scale + tl.sum(v * 0.0, axis=0)  # NaN iff the row holds inf/NaN
+    return tl.reduce((v * 0.0, tl.abs(v)), 0, sum_and_max)
+
+
+@triton.jit
+def quantize_store_row(va, ca, ma, vb, cb, mb, q_row_ptr, static_scale_ptr,
+                       STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, TAIL: tl.constexpr):
+    """A float32 row held as two register blocks (head ``va`` at columns ``ca`` where ``ma``; tail
+    ``vb`` at ``cb`` where ``mb``, used only when ``TAIL > 0``; masked lanes hold 0): store its int8
+    values at ``q_row_ptr + column`` and return its float32 scale, NaN when the row holds inf/NaN."""
+    probe, amax = nan_probe_and_absmax(va, ma)
+    if TAIL > 0:
+        probe_b, amax_b = nan_probe_and_absmax(vb, mb)
+        probe += probe_b
+        amax = tl.maximum(amax, amax_b)
+        qb, _ = quantize_with_absmax(vb, amax, static_scale_ptr, STATIC, MIN_AMAX)
+        tl.store(q_row_ptr + cb, qb, mask=mb)
+    qa, scale = quantize_with_absmax(va, amax, static_scale_ptr, STATIC, MIN_AMAX)
+    tl.store(q_row_ptr + ca, qa, mask=ma)
+    return scale + probe
 
 
 @triton.jit
@@ -70,24 +86,21 @@ def sum_and_max(s1, m1, s2, m2):
 
 @triton.jit
 def _quant_rows_kernel(X, Q, SCALE, STATIC_S, K, stride_x, stride_q,
-                       STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
+                       STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    # the row as two register blocks, [0, HEAD) and [HEAD, HEAD + TAIL) (residual.row_blocks)
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    v = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    q, scale = quantize_row(v, mask, STATIC_S, STATIC, MIN_AMAX)
-    tl.store(Q + row * stride_q + cols, q, mask=mask)
+    ca, ma, cb, mb = row_columns(K, HEAD, TAIL)
+    va = tl.load(X + row * stride_x + ca, mask=ma, other=0.0).to(tl.float32)
+    vb = va
+    if TAIL > 0:
+        vb = tl.load(X + row * stride_x + cb, mask=mb, other=0.0).to(tl.float32)
+    scale = quantize_store_row(va, ca, ma, vb, cb, mb, Q + row * stride_q, STATIC_S, STATIC, MIN_AMAX, TAIL)
     tl.store(SCALE + row, scale)
 
 
 def int8_row_outputs(m: int, k: int, device):
     """The outputs of a row quantizer: int8 rows ``[m, k]`` and their float32 scales ``[m]``."""
     return torch.empty((m, k), dtype=torch.int8, device=device), torch.empty((m,), dtype=torch.float32, device=device)
-
-
-def row_num_warps(block: int) -> int:
-    """Warps for a one-row-per-program kernel: 8 elements per thread, 1..16 warps."""
-    return min(max(block // 256, 1), 16)
 
 
 def check_static_scale(static_scale, device) -> None:
@@ -117,10 +130,11 @@ def quantize_per_token(x: torch.Tensor, static_scale: torch.Tensor | None = None
     m = x2.shape[0]
     q, scale = int8_row_outputs(m, k, x.device)
     if m > 0 and k > 0:
-        block = triton.next_power_of_2(k)
+        head, tail = row_blocks(k)
         _quant_rows_kernel[(m,)](
             x2, q, scale, static_scale if static_scale is not None else scale, k, x2.stride(0), q.stride(0),
-            STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX, BLOCK=block, num_warps=row_num_warps(block),
+            STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX, HEAD=head, TAIL=tail,
+            num_warps=row_warps(head, tail, m),
         )
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 

@@ -14,9 +14,10 @@ Tensors: ``x`` and ``residual`` ``[M, N]`` (leading dims flattened by the launch
 fp16/bf16/fp32, last dim contiguous; ``weight`` and ``bias`` ``[N]`` (any float dtype). Outputs
 ``out`` and ``h`` are ``[M, N]`` in ``x.dtype``.
 
-One program normalizes one row in a single pass over a ``BLOCK_N = next_pow2(N)`` register tile:
-vision rows are 768-1152 wide (SigLIP so400m: 1152) and projector rows at most 13824 (NVILA's
-``LayerNorm(4 x 3456)``), 27 KB in fp16, which still fits one program's registers at 16 warps.
+One program normalizes one row held in registers as two power-of-two blocks
+(:func:`tinyq.kernels.residual.row_blocks`: SigLIP so400m's 1152 is 1024 + 128): vision rows are
+768-1152 wide and projector rows at most 13824 (NVILA's ``LayerNorm(4 x 3456)``, 8192 + 8192),
+27 KB in fp16, which still fits one program's registers at 16 warps.
 A tower runs 2 norms per layer over ~1k tokens, so the fused add saves one read + write of the
 residual stream per layer.
 """
@@ -27,9 +28,39 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.residual import as_rows, load_row_add_residual
+from tinyq.kernels.residual import as_rows, load_row_add_residual, row_blocks, row_columns, row_warps
 
 MAX_N = 32768  # one row per program must fit a register tile
+
+
+@triton.jit
+def load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
+                   HAS_RESIDUAL: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """Row ``row`` of ``x`` (+ the residual, stored as the next one) as two float32 register blocks,
+    head ``[0, HEAD)`` and tail ``[HEAD, HEAD + TAIL)`` (:func:`tinyq.kernels.residual.row_blocks`;
+    masked lanes hold 0; with ``TAIL == 0`` the tail repeats the head and must not be used), with
+    its mean and ``1/sqrt(var + eps)`` in two passes: ``(ha, ca, ma, hb, cb, mb, mean, rstd)``."""
+    ca, ma, cb, mb = row_columns(N, HEAD, TAIL)
+    ha = load_row_add_residual(X, RES, H_OUT, row, ca, ma, stride_x, stride_r, stride_h, HAS_RESIDUAL)
+    total = tl.sum(ha, axis=0)
+    hb = ha
+    if TAIL > 0:
+        hb = load_row_add_residual(X, RES, H_OUT, row, cb, mb, stride_x, stride_r, stride_h, HAS_RESIDUAL)
+        total += tl.sum(hb, axis=0)
+    mean = total / N
+    da = tl.where(ma, ha - mean, 0.0)
+    sq = tl.sum(da * da, axis=0)
+    if TAIL > 0:
+        db = tl.where(mb, hb - mean, 0.0)
+        sq += tl.sum(db * db, axis=0)
+    return ha, ca, ma, hb, cb, mb, mean, 1.0 / tl.sqrt(sq / N + eps)
+
+
+@triton.jit
+def _normalize_store(h, cols, mask, mean, rstd, W, B, OUT, row, stride_o):
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, ((h - mean) * rstd * w + b).to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -37,18 +68,14 @@ def _layernorm_kernel(
     X, RES, W, B, OUT, H_OUT,
     N, eps,
     stride_x, stride_r, stride_o, stride_h,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
-    mean = tl.sum(hf, axis=0) / N
-    centered = tl.where(mask, hf - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, (centered * rstd * w + b).to(OUT.dtype.element_ty), mask=mask)
+    ha, ca, ma, hb, cb, mb, mean, rstd = load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
+                                                        HAS_RESIDUAL, HEAD, TAIL)
+    _normalize_store(ha, ca, ma, mean, rstd, W, B, OUT, row, stride_o)
+    if TAIL > 0:
+        _normalize_store(hb, cb, mb, mean, rstd, W, B, OUT, row, stride_o)
 
 
 def _check(x, weight, bias, residual):
@@ -79,13 +106,12 @@ def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: fl
     h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
     m = x2.shape[0]
     if m > 0:
-        block = triton.next_power_of_2(n)
+        head, tail = row_blocks(n)
         _layernorm_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, bias, out, h,
             n, float(eps),
             x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, BLOCK_N=block,
-            num_warps=min(max(block // 256, 1), 16),  # 8 elements per thread up to N = 4096
+            HAS_RESIDUAL=residual is not None, HEAD=head, TAIL=tail, num_warps=row_warps(head, tail, m),
         )
     if residual is None:
         return out.reshape(shape)

@@ -6,12 +6,13 @@ Math, per row of ``K`` features (float32)::
     h   = x (+ residual, rounded to x's dtype and stored: the next residual)
     mu  = mean(h);  var = mean((h - mu)^2)
     v   = (h - mu) / sqrt(var + eps) * weight + bias
-    xq, scale = quantize_row(v)           (dynamic per token, or one static scale; int8_quant.py)
+    xq, scale = quantize(v)               (dynamic per token, or one static scale; int8_quant.py)
 
 Tensors: ``x`` (and ``residual``) ``[M, K]`` (leading dims flattened) fp16/bf16/fp32, last dim
 contiguous; ``weight`` and ``bias`` ``[K]`` (bias optional); ``static_scale`` float32 ``[1]`` or
 None. Outputs ``xq`` int8 ``[M, K]``, ``scale`` float32 ``[M]`` and, with a residual, ``h`` like
-``x``. One program per row, two passes over registers.
+``x``. One program per row, two passes over registers holding the row as two power-of-two blocks
+(:func:`tinyq.kernels.residual.row_blocks`).
 """
 from __future__ import annotations
 
@@ -20,10 +21,19 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_row, row_num_warps
-from tinyq.kernels.residual import as_rows, load_row_add_residual
+from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_store_row
+from tinyq.kernels.layernorm import load_row_stats
+from tinyq.kernels.residual import as_rows, row_blocks, row_warps
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
+
+
+@triton.jit
+def _normalize_part(h, cols, mask, mean, rstd, W, B, HAS_BIAS: tl.constexpr):
+    v = tl.where(mask, h - mean, 0.0) * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -32,20 +42,16 @@ def _layernorm_quant_kernel(
     N, eps,
     stride_x, stride_r, stride_q, stride_h,
     HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
-    mean = tl.sum(x, axis=0) / N
-    d = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-    v = d * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    q, scale = quantize_row(v, mask, STATIC_S, STATIC, MIN_AMAX)
-    tl.store(Q + row * stride_q + cols, q, mask=mask)
+    ha, ca, ma, hb, cb, mb, mean, rstd = load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
+                                                        HAS_RESIDUAL, HEAD, TAIL)
+    va = _normalize_part(ha, ca, ma, mean, rstd, W, B, HAS_BIAS)
+    vb = va
+    if TAIL > 0:
+        vb = _normalize_part(hb, cb, mb, mean, rstd, W, B, HAS_BIAS)
+    scale = quantize_store_row(va, ca, ma, vb, cb, mb, Q + row * stride_q, STATIC_S, STATIC, MIN_AMAX, TAIL)
     tl.store(SCALE + row, scale)
 
 
@@ -77,13 +83,13 @@ def layernorm_quant(x, weight, bias, eps: float, static_scale=None, residual=Non
     q, scale = int8_row_outputs(m, n, x.device)
     h = torch.empty_like(x2) if residual is not None else x2  # unused without a residual
     if m > 0:
-        block = triton.next_power_of_2(n)
+        head, tail = row_blocks(n)
         _layernorm_quant_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, q, scale, h,
             static_scale if static_scale is not None else scale,
             n, float(eps), x2.stride(0), r2.stride(0) if r2 is not None else 0, q.stride(0), h.stride(0),
             HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STATIC=static_scale is not None,
-            MIN_AMAX=MIN_ABSMAX, BLOCK_N=block, num_warps=row_num_warps(block),
+            MIN_AMAX=MIN_ABSMAX, HEAD=head, TAIL=tail, num_warps=row_warps(head, tail, m),
         )
     out = (q.reshape(shape), scale.reshape(shape[:-1]))
     return out if residual is None else out + (h.reshape(shape),)

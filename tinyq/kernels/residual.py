@@ -1,5 +1,6 @@
 """Row helpers shared by the one-row-per-program kernels (norms, SiLU/GELU, int8 quantizers): the
-launchers' flattening to rows and the fused norms' residual-add prologue."""
+launchers' flattening to rows, the split of a row into register blocks, and the fused norms'
+residual-add prologue."""
 import torch
 import triton
 import triton.language as tl
@@ -9,6 +10,46 @@ def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t [..., width]`` as a 2-D ``[rows, width]`` with unit stride along the row (a view when possible)."""
     rows = t.reshape(-1, width)
     return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def row_blocks(width: int) -> tuple[int, int]:
+    """A row of ``width`` features as two power-of-two register blocks, ``head + tail >= width``:
+    the largest power of two not above ``width``, then the rest rounded up (0 when ``width`` is a
+    power of two). SigLIP's 1152 is 1024 + 128 and its MLP's 4304 is 4096 + 256, where one
+    ``next_pow2`` block (2048, 8192) would be 44-47% padding, and these kernels are issue-bound:
+    every lane of a block runs every instruction, masked or not (docs/perf_notes.md)."""
+    head = 1 << (width.bit_length() - 1)
+    rest = width - head
+    return head, (triton.next_power_of_2(rest) if rest else 0)
+
+
+MANY_ROWS = 1024  # from here a row kernel has programs enough to fill the GPU many times over
+
+
+def row_warps(head: int, tail: int = 0, rows: int = 0) -> int:
+    """Warps for a one-row-per-program kernel over ``head + tail`` lanes. A few rows (decode) are
+    latency-bound: spread each over many threads (~8 elements a thread, 1..16 warps). Many rows are
+    issue-bound: every thread repeats the row's fixed work (the cross-warp reductions, the scalar
+    math), so fatter threads issue fewer instructions per row (~32 elements a thread, 2..16 warps;
+    the sm90 instruction counts are in docs/perf_notes.md)."""
+    if rows >= MANY_ROWS:
+        return min(max((head + tail) // 1024, 2), 16)
+    return min(max((head + tail) // 256, 1), 16)
+
+
+@triton.jit
+def row_columns(width, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    """Columns and masks of a row's two register blocks (:func:`row_blocks`): ``(ca, ma, cb, mb)``
+    for ``[0, HEAD)`` and ``[HEAD, HEAD + TAIL)``; with ``TAIL == 0`` the tail repeats the head and
+    must not be used."""
+    ca = tl.arange(0, HEAD)
+    ma = ca < width
+    if TAIL > 0:
+        cb = HEAD + tl.arange(0, TAIL)
+        mb = cb < width
+    else:
+        cb, mb = ca, ma
+    return ca, ma, cb, mb
 
 
 @triton.jit

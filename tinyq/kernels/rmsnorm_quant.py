@@ -5,7 +5,7 @@ output)::
 
     h   = x + residual                    (when a residual is given; stored back in x.dtype)
     v   = (h * weight) / sqrt(mean(h^2) + eps)
-    xq, scale = quantize_row(v)           (dynamic per token, or one static scale; int8_quant.py)
+    xq, scale = quantize(v)               (dynamic per token, or one static scale; int8_quant.py)
 
 The normalized row is quantized straight from float32 registers: it never goes to memory in fp16,
 so a decoder layer's norm writes K int8 + 4 bytes per row instead of 2K and the next linear reads
@@ -26,10 +26,9 @@ from tinyq.kernels.int8_quant import (
     check_static_scale,
     int8_row_outputs,
     quantize_with_absmax,
-    row_num_warps,
     sum_and_max,
 )
-from tinyq.kernels.residual import as_rows, load_row_add_residual
+from tinyq.kernels.residual import as_rows, load_row_add_residual, row_warps
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -86,7 +85,7 @@ def rmsnorm_quant(x, weight, eps: float, residual=None, static_scale=None):
             n, float(eps),
             x2.stride(0), r2.stride(0) if r2 is not None else 0, q.stride(0), h.stride(0),
             HAS_RESIDUAL=residual is not None, STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX,
-            BLOCK_N=block, num_warps=row_num_warps(block),
+            BLOCK_N=block, num_warps=row_warps(block),
         )
     out = (q.reshape(shape), scale.reshape(shape[:-1]))
     return out if residual is None else out + (h.reshape(shape),)

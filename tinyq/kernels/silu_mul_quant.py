@@ -3,10 +3,11 @@
 Math (float32), for ``x = [gate | up]`` of ``2I`` features per row (:mod:`tinyq.kernels.silu_mul`)::
 
     v[i] = gate[i] / (1 + exp(-gate[i])) * up[i],   i < I
-    xq, scale = quantize_row(v)           (dynamic per token, or one static scale; int8_quant.py)
+    xq, scale = quantize(v)               (dynamic per token, or one static scale; int8_quant.py)
 
-The per-token scale needs the whole row's max, so one program handles one row (``BLOCK =
-next_pow2(I)``; I = 14336 for Llama-3-8B is 16384 lanes, 32 per thread at 16 warps).
+The per-token scale needs the whole row's max, so one program handles one row, held as two
+power-of-two register blocks (:func:`tinyq.kernels.residual.row_blocks`; Llama-3-8B's I = 14336 is
+8192 + 8192, Qwen2-7B's 18944 is 16384 + 4096 instead of 32768 lanes).
 
 Tensors: ``x`` ``[M, 2I]`` (leading dims flattened) fp16/bf16/fp32, last dim contiguous;
 ``static_scale`` float32 ``[1]`` or None. Outputs ``xq`` int8 ``[M, I]``, ``scale`` float32 ``[M]``.
@@ -18,21 +19,29 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import MAX_K, check_static_scale, int8_row_outputs, quantize_row, row_num_warps
-from tinyq.kernels.residual import as_rows
+from tinyq.kernels.int8_quant import MAX_K, check_static_scale, int8_row_outputs, quantize_store_row
+from tinyq.kernels.residual import as_rows, row_blocks, row_columns, row_warps
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 
 @triton.jit
-def _silu_mul_quant_kernel(X, Q, SCALE, STATIC_S, I, stride_x, stride_q,
-                           STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < I
+def _silu_mul_part(X, row, stride_x, I, cols, mask):
     gate = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
-    q, scale = quantize_row(gate / (1.0 + tl.exp(-gate)) * up, mask, STATIC_S, STATIC, MIN_AMAX)
-    tl.store(Q + row * stride_q + cols, q, mask=mask)
+    return gate / (1.0 + tl.exp(-gate)) * up  # 0 on masked lanes
+
+
+@triton.jit
+def _silu_mul_quant_kernel(X, Q, SCALE, STATIC_S, I, stride_x, stride_q,
+                           STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr):
+    # the row of I products as two register blocks, [0, HEAD) and [HEAD, HEAD + TAIL) (residual.row_blocks)
+    row = tl.program_id(0).to(tl.int64)
+    ca, ma, cb, mb = row_columns(I, HEAD, TAIL)
+    va = _silu_mul_part(X, row, stride_x, I, ca, ma)
+    vb = va
+    if TAIL > 0:
+        vb = _silu_mul_part(X, row, stride_x, I, cb, mb)
+    scale = quantize_store_row(va, ca, ma, vb, cb, mb, Q + row * stride_q, STATIC_S, STATIC, MIN_AMAX, TAIL)
     tl.store(SCALE + row, scale)
 
 
@@ -53,10 +62,11 @@ def silu_mul_quant(x: torch.Tensor, static_scale=None):
     m = x2.shape[0]
     q, scale = int8_row_outputs(m, i, x.device)
     if m > 0 and i > 0:
-        block = triton.next_power_of_2(i)
+        head, tail = row_blocks(i)
         _silu_mul_quant_kernel[(m,)](
             x2, q, scale, static_scale if static_scale is not None else scale, i, x2.stride(0), q.stride(0),
-            STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX, BLOCK=block, num_warps=row_num_warps(block),
+            STATIC=static_scale is not None, MIN_AMAX=MIN_ABSMAX, HEAD=head, TAIL=tail,
+            num_warps=row_warps(head, tail, m),
         )
     return q.reshape(*x.shape[:-1], i), scale.reshape(x.shape[:-1])
 

@@ -12,11 +12,6 @@ Unpack orders (``UNPACK``), made of register-local joins and permutes:
 - ``frag``: the weights land in the order the MMA's register operand wants them
   (:func:`_frag_weights`), so Triton loads every word straight into the thread that feeds its
   nibbles to the MMA; the activations are permuted to match (through shared memory).
-- ``frag_x``: ``frag`` with the activations permuted once in memory beforehand
-  (:func:`frag_order_reference`, done by the launcher), so the x tile goes from its asynchronous copy
-  straight to the MMA as well. In the sm90 compile a 128 x 128 tile then moves no weight through
-  shared memory, where ``natural`` converts every dequantized tile in 4 fenced rounds
-  (docs/perf_notes.md); the permutation costs one read and write of x.
 - ``natural``: the weights are put back in input order, so the activation tile goes from its
   asynchronous copy straight to the MMA and one MMA stays in flight while the next step
   dequantizes; the weights cross lanes instead.
@@ -144,8 +139,7 @@ def _frag_x(x, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
 
 UNPACK_FRAG: tl.constexpr = tl.constexpr(0)
 UNPACK_NATURAL: tl.constexpr = tl.constexpr(1)
-UNPACK_FRAG_X: tl.constexpr = tl.constexpr(2)
-UNPACK_MODES = {"frag": 0, "natural": 1, "frag_x": 2}
+UNPACK_MODES = {"frag": 0, "natural": 1}
 
 
 @triton.jit
@@ -202,8 +196,6 @@ def _w4a16_gemm_kernel(
         x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         if UNPACK == UNPACK_NATURAL:
             w = _natural_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)
-        elif UNPACK == UNPACK_FRAG_X:  # x arrives with its inputs in fragment order already
-            w = _frag_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)
         else:
             w = _frag_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)
             x = _frag_x(x, BLOCK_M, BLOCK_K)
@@ -252,13 +244,6 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-def frag_order_reference(x: torch.Tensor) -> torch.Tensor:
-    """``x [M, K]`` with the inputs of every 32-block in fragment order (a copy): position
-    ``32b + 16 s2 + 8 s1 + 2w + s0`` takes input ``32b + 16 s0 + 8 s1 + 4 s2 + w``, as in :func:`_frag_x`."""
-    m, k = x.shape
-    return x.reshape(m, k // 32, 2, 2, 2, 4).permute(0, 1, 4, 3, 5, 2).reshape(m, k)
-
-
 def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
@@ -266,7 +251,7 @@ def launch_w4a16_gemm(
     split_k: int = 1, fused_reduce: bool = False, num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
-    ``unpack="frag_x"`` permutes x into a new buffer first; ``fused_reduce`` sums split-K partials in
+    ``fused_reduce`` sums split-K partials in
     the GEMM's last program per tile instead of a second launch."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -281,8 +266,6 @@ def launch_w4a16_gemm(
     k_split = triton.cdiv(steps, split_k) * block_k
     split_k = triton.cdiv(k, k_split)  # no empty split
     out = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=y.device)
-    if unpack == "frag_x":
-        x = frag_order_reference(x)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     # more tiles than the first counter buffer holds would grow it, which a captured graph must not see
     fused_reduce = fused_reduce and split_k > 1 and grid[0] <= MIN_COUNTERS

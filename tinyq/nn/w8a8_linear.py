@@ -1,8 +1,6 @@
 """``W8A8Linear``: a drop-in ``nn.Linear`` with int8 weights and int8 activations (SmoothQuant W8A8)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
