@@ -50,7 +50,10 @@ for part in "${parts[@]}"; do
         tests/test_decode_attention.py -k "gemv or fused or paired or decode" || status=1
       run paired 8 $PY scripts/profile_decode.py --models llama3-8b,smollm2 --precision w4a16 --steps 50 \
         --paired off,on --out "$OUT/paired.json" || status=1 ;;
-    tower) run tower 60 $PY scripts/profile_tower.py --out "$OUT/tower_profile.json" || status=1 ;;
+    tower)  # the row kernels and the W8A8 tower on the GPU, then the tower's kernel table
+      run tower-tests 4 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_int8_quant.py \
+        tests/test_vision_w8a8.py || status=1
+      run tower 60 $PY scripts/profile_tower.py --out "$OUT/tower_profile.json" || status=1 ;;
     w8a8-tower)  # the int8 GEMM configs swept on the SigLIP tower's linears at 17 tiles
       run w8a8-tower 16 $PY benchmarks/bench_w8a8.py --shapes siglip-so400m --ms 17408 --sweep \
         --sweep-buckets none --out "$OUT/w8a8_tower.json" || status=1 ;;

@@ -8,6 +8,7 @@ from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
 from tinyq.kernels.gelu_quant import gelu_quant, gelu_quant_reference
 from tinyq.kernels.int8_quant import quantize_per_token, quantize_per_token_reference
+from tinyq.kernels.layernorm import layernorm, layernorm_reference
 from tinyq.kernels.layernorm_quant import layernorm_quant, layernorm_quant_reference
 from tinyq.kernels import residual
 from tinyq.kernels.residual import row_blocks
@@ -164,6 +165,27 @@ def test_many_rows(monkeypatch):
     assert torch.equal(outs[0][0].cpu(), refs[0][0].cpu()) and torch.equal(outs[0][1].cpu(), refs[0][1].cpu())
     for (q, scale), (q_ref, scale_ref) in zip(outs[1:], refs[1:]):
         close_quant(q, scale, q_ref, scale_ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,k", [(1, 1152), (2048, 1152), (2048, 4304), (1030, 18944)])
+def test_gpu_row_kernels_real_widths(m, k):
+    """The row kernels compiled for the GPU at SigLIP's (1152 = 1024 + 128, 4304 = 4096 + 256) and
+    Qwen2-7B's MLP (18944 = 16384 + 4096) widths, with few rows and with the many-rows warp rule."""
+    torch.manual_seed(0)
+    x = (torch.randn(m, k, device="cuda") * 2 + 0.3).half()
+    w, b = torch.rand(k, device="cuda") + 0.5, torch.randn(k, device="cuda")
+    q, scale = quantize_per_token(x)
+    q_ref, scale_ref = quantize_per_token_reference(x)
+    assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+    close_quant(*gelu_quant(x, "tanh"), *gelu_quant_reference(x, "tanh"))
+    close_quant(*layernorm_quant(x, w, b, 1e-6), *layernorm_quant_reference(x, w, b, 1e-6))
+    out, h = layernorm(x, w, b, 1e-6, residual=x)
+    ref, ref_h = layernorm_reference(x, w, b, 1e-6, residual=x)
+    assert_close_rel(h, ref_h)
+    assert_close_rel(out, ref)
+    gate_up = torch.cat([x, x.flip(0)], dim=1)
+    close_quant(*silu_mul_quant(gate_up), *silu_mul_quant_reference(gate_up))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
