@@ -47,7 +47,8 @@ from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
 from tinyq.kernels import (  # noqa: E402
-    gelu_quant, int8_matmul, int8_quant, layernorm, layernorm_quant, silu_mul_quant, w4a16_dequant, w4a16_gemm,
+    gelu_quant, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, silu_mul_quant, w4a16_dequant,
+    w4a16_gemm,
 )
 from tinyq.kernels.attention_configs import FLASH  # noqa: E402
 from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
@@ -251,6 +252,11 @@ def _quant_rows(m, k):
     return lambda: int8_quant.quantize_per_token(torch.zeros(m, k, dtype=torch.float16))
 
 
+def _rmsnorm(n, paired):
+    x = torch.zeros(1, n, dtype=torch.float16)
+    return lambda: rmsnorm.rmsnorm(x, torch.ones(n, dtype=torch.float16), 1e-5, residual=x, paired=paired)
+
+
 def _silu_mul_quant(m, i):
     return lambda: silu_mul_quant.silu_mul_quant(torch.zeros(m, 2 * i, dtype=torch.float16))
 
@@ -299,6 +305,8 @@ TARGETS = {
     "layernorm-residual-tower": _layernorm(17408, 1152),
     "quant-rows-tower": _quant_rows(17408, 1152),
     "silu-mul-quant-qwen2-7b-m4096": _silu_mul_quant(4096, 18944),
+    "rmsnorm-llama3-8b-decode": _rmsnorm(4096, False),
+    "rmsnorm-paired-llama3-8b-decode": _rmsnorm(4096, True),
 }
 
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 import triton
-import triton.language as tl  # noqa: F401  (a jit function's module must import it)
+import triton.language as tl
 
 
 @triton.jit
@@ -29,6 +29,18 @@ def paired_offsets(n, PLANE):
     ``n = 32 b + 16 h + 4 j + w`` goes to ``j PLANE + 8 b + 2 w + h``."""
     r = n % 32
     return ((r % 16) // 4) * PLANE + (n // 32) * 8 + (n % 4) * 2 + r // 16
+
+
+@triton.jit
+def store_paired_row(row_ptr, v, n_valid, BLOCK: tl.constexpr, PLANE: tl.constexpr):
+    """Store a row ``v [BLOCK]`` held in input order (``BLOCK`` a multiple of 32; inputs from
+    ``n_valid`` on, a multiple of 32, are padding) in the paired layout at ``row_ptr``. The values
+    are permuted in registers (one pass through shared memory) so that each plane is written in
+    contiguous 16-byte pieces; stored through :func:`paired_offsets` they would be 2-byte stores
+    scattered over 4 planes."""
+    vp = tl.reshape(tl.permute(tl.reshape(v, (BLOCK // 32, 2, 4, 4)), (2, 0, 3, 1)), (4, BLOCK // 4))  # [j, 8b+2w+h]
+    o = tl.arange(0, BLOCK // 4)
+    tl.store(row_ptr + tl.arange(0, 4)[:, None] * PLANE + o[None, :], vp, mask=(o < n_valid // 4)[None, :])
 
 
 def paired_plane(k: int) -> int:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.paired import empty_paired_rows, out_operand, paired_offsets
+from tinyq.kernels.paired import empty_paired_rows, out_operand, store_paired_row
 from tinyq.kernels.residual import as_rows, load_row_add_residual
 
 MAX_N = 65536  # one row per program must fit a register tile
@@ -43,8 +43,11 @@ def _rmsnorm_kernel(
     hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    out_at = paired_offsets(cols, OUT_PLANE) if OUT_PLANE else cols  # OUT_PLANE > 0: paired
-    tl.store(OUT + row * stride_o + out_at, (hf * rstd * w).to(OUT.dtype.element_ty), mask=mask)
+    out = (hf * rstd * w).to(OUT.dtype.element_ty)
+    if OUT_PLANE:  # a decode GEMV's paired input
+        store_paired_row(OUT + row * stride_o, out, N, BLOCK_N, OUT_PLANE)
+    else:
+        tl.store(OUT + row * stride_o + cols, out, mask=mask)
 
 
 @triton.jit
