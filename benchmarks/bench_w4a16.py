@@ -27,13 +27,14 @@ import argparse
 import itertools
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, timed, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    best_config, copies_of, eager_vs_graph, environment, timed, write_json,
+)
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
@@ -146,24 +147,6 @@ def sweep(weights, rotations, m):
 
 
 # ------------------------------------------------------------------------------------ host cost
-
-def eager_vs_graph(fn, calls=200):
-    """(eager us/call, graph us/call) of ``fn``: wall time of a loop of calls synchronized once at
-    the end (what an eager model pays: launch-bound calls are as slow as the host), against the
-    replay of the same calls captured in one CUDA graph."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    eager = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        eager.append((time.perf_counter() - t0) / calls * 1e6)
-    graph_us = graph_ms_rotating([fn] * calls) * 1e3
-    return sorted(eager)[len(eager) // 2], graph_us
-
 
 def host_cost_rows(dtype):
     from tinyq.cache import StaticKVCache

@@ -12,7 +12,8 @@ M = 17408). Per shape and M, one run:
 M <= 256 is timed from CUDA-graph replays over rotating weight copies (> 3x L2, so weights come from
 HBM, and no Python launch cost, which a decode step never pays); larger M with ``do_bench`` medians
 (L2 flushed). Also: RMSNorm(+residual) fused with the quantization vs the RMSNorm alone, K = 4096,
-graph-timed at every M.
+graph-timed at every M, and each ``W8A8Linear`` at M=1 called from an eager loop against its graph
+replay (the host cost an eager model pays).
 ``--sweep`` first measures :func:`tinyq.kernels.int8_configs.sweep_candidates` per M bucket and uses
 the winners (printed in the format of ``tinyq/kernels/int8_configs.py``).
 
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, timed, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    best_config, copies_of, eager_vs_graph, environment, graph_ms_rotating, timed, write_json,
+)
 from tinyq.kernels.int8_configs import BUCKETS, select_config, sweep_candidates  # noqa: E402
 from tinyq.kernels.int8_matmul import int8_matmul  # noqa: E402
 from tinyq.kernels.int8_quant import quantize_per_token  # noqa: E402
@@ -129,6 +132,20 @@ def norm_rows(ms, rounds: int = 5):
     return rows
 
 
+def host_cost_rows(shapes):
+    """A ``W8A8Linear`` call at M=1 (the activation quantization and the int8 GEMV) per shape, as an
+    eager loop pays it against its CUDA-graph replay."""
+    from tinyq.nn import W8A8Linear
+
+    rows = []
+    for name, (k, n) in shapes.items():
+        lin = W8A8Linear.from_linear(torch.nn.Linear(k, n, bias=False).to("cuda", torch.float16))
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        eager, graph = eager_vs_graph(lambda: lin(x))
+        rows.append(dict(op=f"W8A8Linear {name} M=1", eager_us=eager, graph_us=graph, ratio=eager / graph))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -174,6 +191,11 @@ def main():
             print(f"M={m:5d} {name:8s} w8a8 {t_w8a8*1e3:9.1f} us  gemm {t_gemm*1e3:9.1f}  fp16 {t_fp16*1e3:9.1f}  "
                   f"_int_mm {t_int_mm*1e3:9.1f}  {rows[-1]['w8a8_tops']:6.1f} TOPS  err {rel:.1e}", flush=True)
 
+    host = host_cost_rows(shapes)
+    print("\nhost cost (eager wall us/call vs graph replay us/call):")
+    for h in host:
+        print(f"  {h['op']:28s} eager {h['eager_us']:7.1f}  graph {h['graph_us']:7.1f}  {h['ratio']:5.2f}x")
+
     print("\nfused add+RMSNorm+quant vs add+RMSNorm (K = 4096):")
     norms = norm_rows(ms)
     sums, summary = {}, []
@@ -189,10 +211,14 @@ def main():
     for r in norms:
         summary.append(dict(what=f"M={r['m']}: fused add+RMSNorm+quant / add+RMSNorm time", value=round(r["ratio"], 3),
                             target=f"<= {NORM_TARGET}", met=r["ratio"] <= NORM_TARGET))
+    for h in host:
+        summary.append(dict(what=f"eager/graph {h['op']} float16", value=round(h["ratio"], 3), target="report",
+                            met=None))
     write_json(args.out, dict(env=env, shapes={"set": args.shapes, **shapes},
                               timing=f"M <= {GRAPH_MAX_M}: CUDA-graph replays over weight copies > "
                               f"{ROTATE_BYTES / 1e6:.0f} MB; larger M: do_bench median, L2 flushed",
-                              rows=rows, norm=norms, tuned={str(k): v for k, v in tuned.items()}, sums=sums,
+                              rows=rows, norm=norms, host_cost=host, tuned={str(k): v for k, v in tuned.items()},
+                              sums=sums,
                               summary=summary))
     if tuned:
         print("\ntuned configs (int8_configs.py format):")

@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import statistics
+import time
 
 import torch
 
@@ -43,6 +44,24 @@ def graph_ms_rotating(fns, reps: int = 20) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / len(fns))
     return statistics.median(times)
+
+
+def eager_vs_graph(fn, calls=200):
+    """(eager us/call, graph us/call) of ``fn``: wall time of a loop of calls synchronized once at
+    the end (what an eager model pays: launch-bound calls are as slow as the host), against the
+    replay of the same calls captured in one CUDA graph."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    eager = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        eager.append((time.perf_counter() - t0) / calls * 1e6)
+    graph_us = graph_ms_rotating([fn] * calls) * 1e3
+    return sorted(eager)[len(eager) // 2], graph_us
 
 
 def copies_of(tensors, nbytes, rotate_bytes=200e6):

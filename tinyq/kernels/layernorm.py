@@ -57,10 +57,13 @@ def load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
 
 
 @triton.jit
-def _normalize_store(h, cols, mask, mean, rstd, W, B, OUT, row, stride_o):
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, ((h - mean) * rstd * w + b).to(OUT.dtype.element_ty), mask=mask)
+def normalize(h, cols, mask, mean, rstd, W, B, HAS_BIAS: tl.constexpr):
+    """``(h - mean) * rstd * weight (+ bias)`` in float32 for one register block (masked lanes: weight
+    and bias load as 0, so 0 for a finite row; the quantizer masks them anyway)."""
+    v = (h - mean) * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -73,9 +76,10 @@ def _layernorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     ha, ca, ma, hb, cb, mb, mean, rstd = load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
                                                         HAS_RESIDUAL, HEAD, TAIL)
-    _normalize_store(ha, ca, ma, mean, rstd, W, B, OUT, row, stride_o)
+    out = OUT + row * stride_o
+    tl.store(out + ca, normalize(ha, ca, ma, mean, rstd, W, B, True).to(OUT.dtype.element_ty), mask=ma)
     if TAIL > 0:
-        _normalize_store(hb, cb, mb, mean, rstd, W, B, OUT, row, stride_o)
+        tl.store(out + cb, normalize(hb, cb, mb, mean, rstd, W, B, True).to(OUT.dtype.element_ty), mask=mb)
 
 
 def _check(x, weight, bias, residual):

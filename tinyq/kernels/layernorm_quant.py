@@ -22,18 +22,10 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_store_row
-from tinyq.kernels.layernorm import load_row_stats
+from tinyq.kernels.layernorm import load_row_stats, normalize
 from tinyq.kernels.residual import as_rows, row_blocks, row_warps
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
-
-
-@triton.jit
-def _normalize_part(h, cols, mask, mean, rstd, W, B, HAS_BIAS: tl.constexpr):
-    v = tl.where(mask, h - mean, 0.0) * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    return v
 
 
 @triton.jit
@@ -47,10 +39,10 @@ def _layernorm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     ha, ca, ma, hb, cb, mb, mean, rstd = load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
                                                         HAS_RESIDUAL, HEAD, TAIL)
-    va = _normalize_part(ha, ca, ma, mean, rstd, W, B, HAS_BIAS)
+    va = normalize(ha, ca, ma, mean, rstd, W, B, HAS_BIAS)
     vb = va
     if TAIL > 0:
-        vb = _normalize_part(hb, cb, mb, mean, rstd, W, B, HAS_BIAS)
+        vb = normalize(hb, cb, mb, mean, rstd, W, B, HAS_BIAS)
     scale = quantize_store_row(va, ca, ma, vb, cb, mb, Q + row * stride_q, STATIC_S, STATIC, MIN_AMAX, TAIL)
     tl.store(SCALE + row, scale)
 

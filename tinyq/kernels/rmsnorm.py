@@ -25,7 +25,7 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.paired import empty_paired_rows, out_operand, store_paired_row
-from tinyq.kernels.residual import as_rows, load_row_add_residual
+from tinyq.kernels.residual import as_rows, load_row_add_residual, row_warps
 
 MAX_N = 65536  # one row per program must fit a register tile
 
@@ -93,7 +93,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
             n, float(eps),
             x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), h.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK_N=block, OUT_PLANE=out_plane,
-            num_warps=min(max(block // 256, 1), 16),  # 8 elements per thread (16 B fp16 loads) up to N=4096
+            num_warps=row_warps(block),  # 8 elements per thread (16 B fp16 loads) up to N=4096
         )
     out = out_rows if paired else out.reshape(shape)
     return out if residual is None else (out, h.reshape(shape))
