@@ -186,7 +186,7 @@ def test_model_decode_fused_equals_unfused(tmp_path, kind, prenorm_max, paired, 
     finished inside the next GEMV (tiny hidden <= PRENORM_MAX_HIDDEN) and with norm kernels (0);
     with GEMV inputs in the natural layout and paired (``PAIRED_DECODE``)."""
     import tinyq.models.llama as llama
-    from tests.tiny_models import make_model_dir
+    from tests.tiny_models import make_model_dir, prefill_then_decode
     from tinyq.models import load_model
 
     monkeypatch.setattr(llama, "PRENORM_MAX_HIDDEN", prenorm_max)
@@ -196,13 +196,7 @@ def test_model_decode_fused_equals_unfused(tmp_path, kind, prenorm_max, paired, 
     ids = torch.tensor([tok.encode("The quick brown fox jumps")], device=DEV)
 
     def run():
-        cache = model.new_cache(32)
-        out = [model(ids, cache, last_only=True)]
-        tok_id = out[-1][:, -1:].argmax(-1)
-        for _ in range(3):
-            out.append(model(tok_id, cache))
-            tok_id = out[-1].argmax(-1)
-        return torch.cat(out, 1).float(), cache
+        return prefill_then_decode(model, ids)
 
     calls = []
     for name in ("w4a16_qkv_attention", "w4a16_gate_up_silu", "w4a16_linear_residual"):

@@ -80,3 +80,15 @@ def hf_greedy(model, ids, n: int):
             out.append(nxt)
             ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
     return out
+
+
+def prefill_then_decode(model, ids, steps: int = 3, max_seq_len: int = 32):
+    """A tinyq model's last prefill logits and ``steps`` greedy one-token steps over a fresh cache:
+    ``(float32 logits [1, 1 + steps, vocab], cache)``."""
+    cache = model.new_cache(max_seq_len)
+    out = [model(ids, cache, last_only=True)]
+    tok_id = out[-1][:, -1:].argmax(-1)
+    for _ in range(steps):
+        out.append(model(tok_id, cache))
+        tok_id = out[-1].argmax(-1)
+    return torch.cat(out, 1).float(), cache

@@ -27,24 +27,13 @@ from tinyq.backend import interpreting
 
 
 @triton.jit
-def _int8_gemv_kernel(
-    xq_ptr, wq_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr,
-    RAW_INT32: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    DP4A: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    m = pid % M
-    offs_n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+def int8_row_dots(x_row_ptr, wq_ptr, rows, K, stride_wn, EVEN_K: tl.constexpr, DP4A: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 ``x . wq[rows[i]]`` ``[BLOCK_N]`` for the int8 row at ``x_row_ptr`` (``rows`` in range:
+    the caller maps rows it does not need to a valid one and masks their results)."""
     offs_k = tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    x_ptrs = xq_ptr + m.to(tl.int64) * stride_xm + offs_k
-    w_ptrs = wq_ptr + tl.where(n_mask, offs_n, 0).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    x_ptrs = x_row_ptr + offs_k
+    w_ptrs = wq_ptr + rows.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
@@ -61,7 +50,27 @@ def _int8_gemv_kernel(
             acc += w.to(tl.int32) * x.to(tl.int32)[None, :]
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
-    dot = tl.sum(acc, axis=1)  # [BN] int32
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    xq_ptr, wq_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr,
+    RAW_INT32: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DP4A: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m = pid % M
+    offs_n = (pid // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    dot = int8_row_dots(xq_ptr + m.to(tl.int64) * stride_xm, wq_ptr, tl.where(n_mask, offs_n, 0), K, stride_wn,
+                        EVEN_K, DP4A, BLOCK_N, BLOCK_K)
     y_ptrs = y_ptr + m.to(tl.int64) * stride_ym + offs_n
     if RAW_INT32:
         tl.store(y_ptrs, dot, mask=n_mask)
@@ -77,14 +86,20 @@ def _word_aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 4 == 0 and t.stride(0) % 4 == 0 and t.shape[1] % 4 == 0
 
 
+def dp4a_operands(xq, wq, block_k: int, dp4a: bool):
+    """``(xq, wq, K, block_k, DP4A)`` as the kernels take them: with dp4a (GPU, word-aligned rows)
+    int32 views holding 4 int8 each, K and block_k then counted in words."""
+    k = xq.shape[-1]
+    if dp4a and not interpreting() and block_k % 4 == 0 and _word_aligned(xq) and _word_aligned(wq):
+        return xq.view(torch.int32), wq.view(torch.int32), k // 4, block_k // 4, True
+    return xq, wq, k, block_k, False
+
+
 def launch_int8_gemv(xq, wq, s_x, s_w, bias, y, *, block_n: int, block_k: int, num_warps: int = 4,
                      num_stages: int = 3, dp4a: bool = True):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.int8_matmul.int8_matmul`)."""
-    m, k = xq.shape
-    n = wq.shape[0]
-    use_dp4a = dp4a and not interpreting() and block_k % 4 == 0 and _word_aligned(xq) and _word_aligned(wq)
-    if use_dp4a:  # 4 int8 per int32 word: K, block_k and the row strides in words
-        xq, wq, k, block_k = xq.view(torch.int32), wq.view(torch.int32), k // 4, block_k // 4
+    m, n = xq.shape[0], wq.shape[0]
+    xq, wq, k, block_k, use_dp4a = dp4a_operands(xq, wq, block_k, dp4a)
     grid = (m * triton.cdiv(n, block_n),)
     _int8_gemv_kernel[grid](
         xq, wq, s_x, s_w, bias if bias is not None else s_w, y,

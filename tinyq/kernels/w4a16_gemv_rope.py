@@ -1,24 +1,11 @@
 """W4A16 GEMV of a fused q/k/v projection with RoPE and the KV-cache write in its epilogue (decode).
 
-Math, for one token ``x [K]`` at position ``p = seq_pos[0]`` and ``W = [W_q; W_k; W_v]``
-(``[(Hq + 2 Hkv) D, K]``, tinyq int4, the order of the fused ``qkv_proj``)::
-
-    qkv = x @ W.T (+ b)                           float32, never rounded
-    q_out[h]       = rope(qkv_q[h], p)            h < Hq         (:mod:`tinyq.kernels.rope`)
-    k_cache[j, p]  = rope(qkv_k[j], p)            j < Hkv
-    v_cache[j, p]  = qkv_v[j]
-
-Rows are assigned to programs in two regions:
-
-- rotary (q and k heads): a program takes ``BLOCK_N / 2`` rotation pairs, and its weight rows
-  interleave the pair partners ``h D + i`` and ``h D + i + D/2``, so both halves of a rotation
-  end in the same program;
-- v: plain consecutive rows, written to the cache.
-
+For one token ``x [K]`` at position ``seq_pos[0]`` and ``W = [W_q; W_k; W_v]`` (``[(Hq + 2 Hkv) D,
+K]``, tinyq int4): the math and the rows each program takes are those of
+:mod:`tinyq.kernels.qkv_rope`; the dot products are :func:`tinyq.kernels.w4a16_gemv.gemv_rows`.
 So the ``[(Hq + 2 Hkv) D]`` projection never reaches memory and the separate RoPE + cache-write
-launch goes away (one launch less per layer and token; the main loop is
-:func:`tinyq.kernels.w4a16_gemv.gemv_rows`). ``PRENORM`` folds in the RMSNorm before the
-projection as in :mod:`tinyq.kernels.w4a16_gemv_silu`.
+launch goes away (one launch less per layer and token). ``PRENORM`` folds in the RMSNorm before
+the projection as in :mod:`tinyq.kernels.w4a16_gemv_silu`.
 
 Tensors: ``x`` ``[1, K]`` (fp16/bf16) or its :class:`~tinyq.kernels.paired.PairedRows`, weight
 ``[(Hq + 2 Hkv) D, K/8]`` with scales/zeros, bias ``[(Hq + 2 Hkv) D]`` or none; ``q_out`` ``[Hq * D]`` (contiguous) in x's dtype; one cache layer
@@ -27,12 +14,11 @@ Tensors: ``x`` ``[1, K]`` (fp16/bf16) or its :class:`~tinyq.kernels.paired.Paire
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from tinyq.kernels.paired import x_operand
-from tinyq.kernels.rope import apply_rope_reference, cos_sin, rotate
+from tinyq.kernels.qkv_rope import qkv_programs, qkv_rope_reference, qkv_rows, store_qkv_rope
 from tinyq.kernels.w4a16_gemv import (
     even_k, gemv_ptx, gemv_rows_prenormed, gemv_rows_prenormed_reference, warp_blocks_of,
 )
@@ -47,43 +33,15 @@ def _w4a16_gemv_rope_kernel(
     PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
     ROW: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    HALF: tl.constexpr = HEAD_DIM // 2
-    PAIRS: tl.constexpr = BLOCK_N // 2
     pid = tl.program_id(0)
     pos = tl.load(seq_pos_ptr)
-    r = tl.arange(0, BLOCK_N)
-    pairs = (HQ + HKV) * HALF
-    rotary = pid < ROPE_PROGRAMS
-    # rotary region: pair P = (head, i) -> rows head*D + i and head*D + i + D/2, interleaved
-    p_r = pid * PAIRS + r // 2
-    rows_rot = (p_r // HALF) * HEAD_DIM + p_r % HALF + (r % 2) * HALF
-    # v region: consecutive rows after the q and k heads
-    v_r = (pid - ROPE_PROGRAMS) * BLOCK_N + r
-    rows = tl.where(rotary, rows_rot, (HQ + HKV) * HEAD_DIM + v_r)
-    ok = tl.where(rotary, (p_r < pairs).to(tl.int32), (v_r < HKV * HEAD_DIM).to(tl.int32)) != 0
+    rows, ok = qkv_rows(pid, ROPE_PROGRAMS, HQ, HKV, HEAD_DIM, BLOCK_N)
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
     dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_wn,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
                                ROW, EVEN_K)
-    # the host checked the room; this only guards memory on a stale replay
-    in_cache = (r * 0 + pos) < MAX_SEQ  # [BLOCK_N]
-    if rotary:
-        x1, x2 = tl.split(tl.reshape(dots, (PAIRS, 2)))
-        p = pid * PAIRS + tl.arange(0, PAIRS)
-        head, i = p // HALF, p % HALF
-        cos, sin = cos_sin(pos, tl.load(inv_freq_ptr + i))
-        r1, r2 = rotate(x1, x2, cos, sin)
-        is_q = head < HQ
-        q_off = head * HEAD_DIM + i
-        tl.store(q_ptr + q_off, r1.to(q_ptr.dtype.element_ty), mask=is_q)
-        tl.store(q_ptr + q_off + HALF, r2.to(q_ptr.dtype.element_ty), mask=is_q)
-        is_k = (head >= HQ) & (p < pairs) & ((i * 0 + pos) < MAX_SEQ)
-        k_off = (head - HQ) * stride_ch + pos * stride_cn + i
-        tl.store(kc_ptr + k_off, r1.to(kc_ptr.dtype.element_ty), mask=is_k)
-        tl.store(kc_ptr + k_off + HALF, r2.to(kc_ptr.dtype.element_ty), mask=is_k)
-    else:
-        v_off = (v_r // HEAD_DIM) * stride_ch + pos * stride_cn + v_r % HEAD_DIM
-        tl.store(vc_ptr + v_off, dots.to(vc_ptr.dtype.element_ty), mask=ok & in_cache)
+    store_qkv_rope(dots, ok, pid, ROPE_PROGRAMS, pos, q_ptr, kc_ptr, vc_ptr, inv_freq_ptr, HQ, HKV, MAX_SEQ,
+                   stride_ch, stride_cn, HEAD_DIM, BLOCK_N)
 
 
 def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_cache, seq_pos, inv_freq,
@@ -95,9 +53,8 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
     h, eps = prenorm if prenorm is not None else (q_out, 0.0)
     k = qweight.shape[1] * 8
     d = k_cache.shape[-1]
-    rope_programs = triton.cdiv((num_heads + num_kv_heads) * (d // 2), block_n // 2)
-    v_programs = triton.cdiv(num_kv_heads * d, block_n)
-    _w4a16_gemv_rope_kernel[(rope_programs + v_programs,)](
+    rope_programs, programs = qkv_programs(num_heads, num_kv_heads, d, block_n)
+    _w4a16_gemv_rope_kernel[(programs,)](
         x_arg, qweight, scales, zeros, bias if bias is not None else q_out, q_out, k_cache, v_cache, seq_pos, inv_freq,
         h, num_heads, num_kv_heads, k, k_cache.shape[2], rope_programs, float(eps),
         qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -115,10 +72,5 @@ def w4a16_gemv_rope_reference(x, qweight, scales, zeros, bias, k_cache, v_cache,
     """Float32 math on a ``[1, K]`` row, nothing rounded before the outputs: the W4A16 linear, RoPE of
     q and k at ``pos``; writes k and v into the cache at ``pos``; returns rotated q ``[1, 1, Hq, D]``.
     ``prenorm = (h, eps)``: ``x`` is ``h * w`` of an RMSNorm, normalized by ``1 / rms(h)`` first."""
-    d = k_cache.shape[-1]
-    qkv = gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias, prenorm).view(1, 1, num_heads + 2 * num_kv_heads, d)
-    q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=2)
-    positions = torch.tensor([pos], device=x.device)
-    k_cache[0, :, pos] = apply_rope_reference(k, positions, inv_freq)[0, 0].to(k_cache.dtype)
-    v_cache[0, :, pos] = v[0, 0].to(v_cache.dtype)
-    return apply_rope_reference(q, positions, inv_freq)
+    qkv = gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias, prenorm)
+    return qkv_rope_reference(qkv, k_cache, v_cache, pos, inv_freq, num_heads, num_kv_heads)

@@ -6,6 +6,9 @@ Per layer, with W8A8 linears (:class:`tinyq.W8A8Linear`)::
     h, residual -> add+RMSNorm+quant -> int8 rows + scales -> qkv_proj (int8 GEMM) -> attention -> o_proj
                 -> add+RMSNorm+quant -> int8 rows + scales -> gate_up_proj -> silu*up+quant -> down_proj
 
+One token with a cache (decode) takes the int8 qkv GEMV with RoPE and the cache write in its
+epilogue (:func:`tinyq.ops.fused_w8a8.w8a8_qkv_attention`): one launch less a layer.
+
 Each norm quantizes once and its int8 rows feed the fused qkv (or gate_up) GEMM directly; the MLP's
 activation quantizes inside the SiLU·mul kernel. o_proj quantizes its own input (per-token kernel).
 With static activation scales (``act_quant="tensor"``) a norm uses the ``input_scale`` of the linear it
@@ -17,8 +20,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tinyq.models.llama import Attention
 from tinyq.nn.w8a8_linear import W8A8Linear
-from tinyq.ops.w8a8 import add_rms_norm_quant, rms_norm_quant, silu_mul_quant
+from tinyq.ops.fused_w8a8 import fused_w8a8_decode, w8a8_qkv_attention
+from tinyq.ops.w8a8 import QuantizedActivation, add_rms_norm_quant, rms_norm_quant, silu_mul_quant
 
 
 class W8A8RMSNorm(nn.Module):
@@ -39,6 +44,24 @@ class W8A8RMSNorm(nn.Module):
         return add_rms_norm_quant(x, residual, self.weight, self.eps, self.input_scale)
 
 
+class W8A8Attention(Attention):
+    """The attention sublayer of a W8A8 layer (same parameters): one token with a cache runs the
+    fused int8 qkv GEMV + RoPE + cache write, anything else :class:`Attention`'s path."""
+
+    def __init__(self, attn: Attention):
+        nn.Module.__init__(self)
+        self.layer_idx, self.hq, self.hkv, self.d, self.rope = attn.layer_idx, attn.hq, attn.hkv, attn.d, attn.rope
+        self.qkv_proj, self.o_proj = attn.qkv_proj, attn.o_proj
+
+    def forward(self, x, cache=None):
+        if cache is not None and isinstance(x, QuantizedActivation) and fused_w8a8_decode(x.q):
+            qkv = self.qkv_proj
+            out = w8a8_qkv_attention(x, qkv.qweight, qkv.weight_scale, qkv.bias, cache, self.layer_idx, self.rope,
+                                     self.hq, self.hkv)
+            return self.o_proj(out.reshape(1, 1, self.hq * self.d))
+        return super().forward(x, cache)
+
+
 class W8A8MLP(nn.Module):
     def __init__(self, mlp: nn.Module):
         super().__init__()
@@ -50,7 +73,7 @@ class W8A8MLP(nn.Module):
 
 def use_w8a8_layers(model: nn.Module) -> nn.Module:
     """Switch every decoder layer of a tinyq ``CausalLM`` whose linears are W8A8 to the fused-quant
-    norms and MLP above, in place (parameter names are unchanged)."""
+    norms, attention and MLP above, in place (parameter names are unchanged)."""
     for i, layer in enumerate(model.model.layers):
         qkv, gate_up, down = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
         for name, lin in (("qkv_proj", qkv), ("gate_up_proj", gate_up), ("down_proj", down)):
@@ -59,6 +82,7 @@ def use_w8a8_layers(model: nn.Module) -> nn.Module:
         layer.input_layernorm = W8A8RMSNorm(layer.input_layernorm, qkv)
         layer.post_attention_layernorm = W8A8RMSNorm(layer.post_attention_layernorm, gate_up)
         layer.mlp = W8A8MLP(layer.mlp)
+        layer.self_attn = W8A8Attention(layer.self_attn)
     return model
 
 

@@ -40,6 +40,24 @@ def attend_cache(q_rot, kc, vc, seq_pos, scale: float, out=None):
     return flash_attention_fwd(q_rot, kc, vc, causal=True, scale=scale, seq_pos=seq_pos)
 
 
+def check_token_qkv(where: str, x_desc: str, one_token: bool, dtype, device, qkv_rows: int, cache, layer_idx: int,
+                    num_heads: int, num_kv_heads: int) -> None:
+    """The checks of a fused one-token q/k/v projection into layer ``layer_idx`` of ``cache``: one
+    token (``x_desc`` names the input in the error), a weight of ``(Hq + 2 Hkv) D`` rows, the cache's
+    kv heads, dtype and device, and room for the token."""
+    d = cache.head_dim
+    if (not one_token or cache.batch_size != 1 or num_kv_heads != cache.num_kv_heads
+            or qkv_rows != (num_heads + 2 * num_kv_heads) * d):
+        raise ValueError(f"{where}: x {x_desc}, weight rows {qkv_rows}, {num_heads} heads and {num_kv_heads} kv heads "
+                         f"do not fit one token and the cache (batch {cache.batch_size}, {cache.num_kv_heads} kv heads, "
+                         f"head_dim {d})")
+    if dtype != cache.dtype or device != cache.device:
+        raise ValueError(f"{where}: x is {dtype} on {device}, the cache {cache.dtype} on {cache.device}")
+    if not 0 <= layer_idx < cache.num_layers:
+        raise ValueError(f"{where}: layer_idx {layer_idx} out of range [0, {cache.num_layers})")
+    cache.check_room(1)
+
+
 def _check_qkv(where, q, k, v):
     """q ``[B, L, Hq, D]``, k/v ``[B, L, Hkv, D]`` on one device; the rest is the kernels' shared check."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:

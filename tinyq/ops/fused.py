@@ -36,7 +36,7 @@ from tinyq.kernels.w4a16_configs import launch_plan, paired_decode
 from tinyq.kernels.w4a16_gemv_residual import launch_w4a16_gemv_residual
 from tinyq.kernels.w4a16_gemv_rope import launch_w4a16_gemv_rope
 from tinyq.kernels.w4a16_gemv_silu import launch_w4a16_gemv_silu
-from tinyq.ops.attention import attend_cache
+from tinyq.ops.attention import attend_cache, check_token_qkv
 
 Prenorm = Optional[Tuple[torch.Tensor, float]]  # (h, eps): the input is h * w, still to be divided by rms(h)
 Row = Union[torch.Tensor, PairedRows]  # a GEMV input: one natural row, or one row in the paired layout
@@ -143,17 +143,9 @@ def w4a16_qkv_attention(x: Row, qweight, scales, zeros, bias, cache: StaticKVCac
     does not advance the cache."""
     d, k = cache.head_dim, qweight.shape[1] * 8
     t = _tensor(x)
-    if ((not isinstance(x, PairedRows) and x.shape[:-1] != (1, 1)) or cache.batch_size != 1
-            or num_kv_heads != cache.num_kv_heads or qweight.shape[0] != (num_heads + 2 * num_kv_heads) * d):
-        raise ValueError(f"w4a16_qkv_attention: x {tuple(t.shape)}, weight rows {qweight.shape[0]}, {num_heads} "
-                         f"heads and {num_kv_heads} kv heads do not fit the cache (batch {cache.batch_size}, "
-                         f"{cache.num_kv_heads} kv heads, head_dim {d})")
-    if t.dtype != cache.dtype or t.device != cache.device:
-        raise ValueError(f"w4a16_qkv_attention: x is {t.dtype} on {t.device}, the cache {cache.dtype} on {cache.device}")
-    if not 0 <= layer_idx < cache.num_layers:
-        raise ValueError(f"w4a16_qkv_attention: layer_idx {layer_idx} out of range [0, {cache.num_layers})")
+    check_token_qkv("w4a16_qkv_attention", str(tuple(t.shape)), isinstance(x, PairedRows) or x.shape[:-1] == (1, 1),
+                    t.dtype, t.device, qweight.shape[0], cache, layer_idx, num_heads, num_kv_heads)
     x2 = _row(x, k, qweight, "w4a16_qkv_attention")
-    cache.check_room(1)
     kc, vc = cache.k[layer_idx], cache.v[layer_idx]
     q = torch.empty((1, 1, num_heads, d), dtype=t.dtype, device=t.device)
     launch_w4a16_gemv_rope(x2, qweight, scales, zeros, bias, q, kc, vc, cache.seq_pos, rope.inv_freq(t.device),
