@@ -47,7 +47,7 @@ from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
 from tinyq.kernels import (  # noqa: E402
-    gelu_quant, int8_gemv_rope, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, silu_mul_quant, w4a16_dequant,
+    gelu_quant, int8_gemv_rope, int8_gemv_silu_quant, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, silu_mul_quant, w4a16_dequant,
     w4a16_gemm,
 )
 from tinyq.kernels.attention_configs import FLASH  # noqa: E402
@@ -251,6 +251,17 @@ def _int8_gemv_rope(hidden, hq, hkv, d, bias):
     return launch
 
 
+def _int8_gemv_silu_quant(hidden, inter):
+    """The W8A8 decode's gate/up GEMV + SiLU·mul + quant (last-program quantization), sm90 M=1 config."""
+    def launch():
+        cfg = dict(INT8_CONFIGS["sm90"][0][1])
+        assert cfg.pop("kernel") == "gemv"
+        int8_gemv_silu_quant.launch_int8_gemv_silu_quant(
+            torch.zeros(1, hidden, dtype=torch.int8), torch.ones(1), torch.zeros(2 * inter, hidden, dtype=torch.int8),
+            torch.ones(2 * inter), None, torch.float16, **cfg)
+    return launch
+
+
 def _layernorm_quant(m, k):
     return lambda: layernorm_quant.layernorm_quant(torch.zeros(m, k, dtype=torch.float16), torch.ones(k, dtype=torch.float16),
                                                    torch.zeros(k, dtype=torch.float16), 1e-6)
@@ -317,6 +328,7 @@ TARGETS = {
     "int8-llama3-8b-gate-up-m1": _int8_linear(1, 28672, 4096),
     "int8-gemv-rope-llama3-8b": _int8_gemv_rope(4096, 32, 8, 128, False),
     "int8-gemv-rope-qwen2-7b-bias": _int8_gemv_rope(3584, 28, 4, 128, True),
+    "int8-gemv-silu-quant-llama3-8b": _int8_gemv_silu_quant(4096, 14336),
     "layernorm-quant-tower": _layernorm_quant(17408, 1152),
     "gelu-quant-tower": _gelu_quant(17408, 4304),
     "layernorm-residual-tower": _layernorm(17408, 1152),

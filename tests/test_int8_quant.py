@@ -4,7 +4,7 @@ different (but equally valid) float32 op order, so an int there may differ by on
 import pytest
 import torch
 
-from tests.tolerances import assert_close_rel
+from tests.tolerances import assert_close_rel, close_quant
 from tinyq.backend import force_backend
 from tinyq.kernels.gelu_quant import gelu_quant, gelu_quant_reference
 from tinyq.kernels.int8_quant import quantize_per_token, quantize_per_token_reference
@@ -20,13 +20,6 @@ from tinyq.quant.int8_format import quantize_rows_reference
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 SHAPES = [(1, 64), (3, 100), (17, 576), (2, 3, 257)]
-
-
-def close_quant(q, s, q_ref, s_ref):
-    """Scales within float32 rounding; ints equal except a rare +-1 at a rounding tie."""
-    torch.testing.assert_close(s.cpu(), s_ref.cpu(), rtol=2e-6, atol=0)
-    diff = (q.cpu().int() - q_ref.cpu().int()).abs()
-    assert diff.max() <= 1 and diff.float().mean() < 0.01, f"max {diff.max()}, mean {diff.float().mean()}"
 
 
 def static_of(x):

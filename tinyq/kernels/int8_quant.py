@@ -33,22 +33,32 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
-    """float32 row ``v`` whose ``max|v|`` is ``amax`` (unused when STATIC) -> (int8 row, float32 scale).
-    A kernel that finds ``amax`` in a reduction it runs anyway (a norm's) saves one block reduction."""
+def quant_factors(amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """``(inv, scale)`` of a row whose ``max|v|`` is ``amax`` (unused when STATIC)."""
     if STATIC:
         s = tl.load(static_scale_ptr).to(tl.float32)
-        inv = tl.math.div_rn(1.0, s)
-        scale = s
-    else:
-        amax = tl.maximum(amax, MIN_AMAX)
-        inv = tl.math.div_rn(127.0, amax)
-        scale = tl.math.div_rn(amax, 127.0)
+        return tl.math.div_rn(1.0, s), s
+    amax = tl.maximum(amax, MIN_AMAX)
+    return tl.math.div_rn(127.0, amax), tl.math.div_rn(amax, 127.0)
+
+
+@triton.jit
+def quantize_values(v, inv):
+    """int8 ``clamp(round_half_away(v * inv), -127, 127)`` of float32 ``v``; NaN -> 0 (its row's
+    scale is NaN, see :func:`quantize_store_row`)."""
     t = v * inv
     t = t + tl.where(t >= 0, 0.5, -0.5)
     t = tl.minimum(tl.maximum(t, -127.0), 127.0)
-    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_store_row)
-    return t.to(tl.int32).to(tl.int8), scale
+    t = tl.where(t == t, t, 0.0)
+    return t.to(tl.int32).to(tl.int8)
+
+
+@triton.jit
+def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
+    """float32 row ``v`` whose ``max|v|`` is ``amax`` (unused when STATIC) -> (int8 row, float32 scale).
+    A kernel that finds ``amax`` in a reduction it runs anyway (a norm's) saves one block reduction."""
+    inv, scale = quant_factors(amax, static_scale_ptr, STATIC, MIN_AMAX)
+    return quantize_values(v, inv), scale
 
 
 @triton.jit
@@ -75,6 +85,29 @@ def quantize_store_row(va, ca, ma, vb, cb, mb, q_row_ptr, static_scale_ptr,
         tl.store(q_row_ptr + cb, qb, mask=mb)
     qa, scale = quantize_with_absmax(va, amax, static_scale_ptr, STATIC, MIN_AMAX)
     tl.store(q_row_ptr + ca, qa, mask=ma)
+    return scale + probe
+
+
+@triton.jit
+def quantize_store_chunks(src_ptr, n, q_ptr, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr,
+                          CHUNK: tl.constexpr):
+    """:func:`quantize_store_row` for a float32 row of ``n`` values in memory at ``src_ptr``, written
+    by other programs of the launch (read past L1), in ``CHUNK``-wide passes: one for the max and
+    the NaN probe, one to quantize. For a program that has other work and must keep its registers
+    (the last program of a GEMV); the integers and the scale are those of the one-block kernels."""
+    cols = tl.arange(0, CHUNK)
+    probe = tl.zeros([], dtype=tl.float32)
+    amax = tl.zeros([], dtype=tl.float32)
+    for c0 in range(0, n, CHUNK):
+        mask = c0 + cols < n
+        p, a = nan_probe_and_absmax(tl.load(src_ptr + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg"), mask)
+        probe += p
+        amax = tl.maximum(amax, a)
+    inv, scale = quant_factors(amax, static_scale_ptr, STATIC, MIN_AMAX)
+    for c0 in range(0, n, CHUNK):
+        mask = c0 + cols < n
+        v = tl.load(src_ptr + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(q_ptr + c0 + cols, quantize_values(v, inv), mask=mask)
     return scale + probe
 
 
