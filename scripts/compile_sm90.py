@@ -158,12 +158,13 @@ def _flash(d, causal, hq=16, hkv=16, s=1024, dtype=torch.float16):
     return launch
 
 
-def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16, tokens=1, pair=False):
+def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16, tokens=1, pair=False, quant=False):
     def launch():
         q = torch.zeros(1, tokens, hq, d, dtype=dtype)
         kv = torch.zeros(1, hkv, s, d, dtype=dtype)
         out = paired.empty_paired_rows(1, hq * d, dtype, "cpu") if pair else None
-        decode_attention.decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32), out=out)
+        quant_out = (torch.zeros(1, hq * d, dtype=torch.int8), torch.zeros(1), None) if quant else None
+        decode_attention.decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32), out=out, quant_out=quant_out)
     return launch
 
 
@@ -301,6 +302,7 @@ TARGETS = {
     "flash-d80": _flash(80, False),
     "decode-attention-d128": _decode(),
     "decode-attention-d128-paired": _decode(pair=True),  # the fused decode path's o_proj input
+    "decode-attention-d128-quant": _decode(quant=True),  # the W8A8 decode path: o_proj's int8 input too
     "decode-attention-chunk32-d128": _decode(tokens=32),  # a chat turn: split kernel + combine kernel
     "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
     "gemv-llama3-8b-gate-up-bf16": _gemv(28672, 4096, torch.bfloat16),

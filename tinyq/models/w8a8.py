@@ -7,8 +7,8 @@ Per layer, with W8A8 linears (:class:`tinyq.W8A8Linear`)::
                 -> add+RMSNorm+quant -> int8 rows + scales -> gate_up_proj -> silu*up+quant -> down_proj
 
 One token (decode) takes the fused ops of :mod:`tinyq.ops.fused_w8a8`: the int8 qkv GEMV with RoPE
-and the cache write in its epilogue, and the gate/up GEMV with SiLU·mul + quant in it: two launches
-less a layer.
+and the cache write in its epilogue, the attention quantizing o_proj's input, and the gate/up GEMV
+with SiLU·mul + quant in it: three launches less a layer.
 
 Each norm quantizes once and its int8 rows feed the fused qkv (or gate_up) GEMM directly; the MLP's
 activation quantizes inside the SiLU·mul kernel. o_proj quantizes its own input (per-token kernel).
@@ -56,10 +56,12 @@ class W8A8Attention(Attention):
 
     def forward(self, x, cache=None):
         if cache is not None and isinstance(x, QuantizedActivation) and fused_w8a8_decode(x.q):
-            qkv = self.qkv_proj
+            qkv, o_proj = self.qkv_proj, self.o_proj
+            quantized = isinstance(o_proj, W8A8Linear)  # then the attention writes o_proj's int8 input too
             out = w8a8_qkv_attention(x, qkv.qweight, qkv.weight_scale, qkv.bias, cache, self.layer_idx, self.rope,
-                                     self.hq, self.hkv)
-            return self.o_proj(out.reshape(1, 1, self.hq * self.d))
+                                     self.hq, self.hkv, quantize_out=quantized,
+                                     static_scale=o_proj.input_scale if quantized else None)
+            return o_proj(out if quantized else out.reshape(1, 1, self.hq * self.d))
         return super().forward(x, cache)
 
 

@@ -2,7 +2,8 @@
 (the kernels round each projection as the linear would before using it):
 
 - :func:`w8a8_qkv_attention`: the int8 q/k/v GEMV with RoPE and the KV-cache write in its epilogue
-  (:mod:`tinyq.kernels.int8_gemv_rope`), then the one-launch split-KV attention;
+  (:mod:`tinyq.kernels.int8_gemv_rope`), then the one-launch split-KV attention, which also
+  quantizes its output row for the int8 ``o_proj`` (its last program);
 - :func:`w8a8_gate_up_silu_quant`: the int8 gate/up GEMV with the SiLU-gated product and its int8
   quantization (:mod:`tinyq.kernels.int8_gemv_silu_quant`), the input of ``down_proj``.
 
@@ -40,12 +41,14 @@ def _gemv_config(device) -> dict:
 
 
 def w8a8_qkv_attention(x: QuantizedActivation, qweight, weight_scale, bias, cache: StaticKVCache, layer_idx: int,
-                       rope, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                       rope, num_heads: int, num_kv_heads: int, quantize_out: bool = False, static_scale=None):
     """One token's attention block up to the output projection: the int8 row ``x`` (``[1, 1, K]``,
     from a fused norm+quant) -> q/k/v (``qweight`` int8 ``[(Hq + 2 Hkv) D, K]``), RoPE (``rope`` a
     :class:`tinyq.kernels.rope.RopeConfig`) at ``cache.seq_pos``, k/v written into layer
-    ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]`` in ``x.dtype``; like
-    :func:`tinyq.ops.attention_with_cache` it does not advance the cache."""
+    ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]`` in ``x.dtype``, or with
+    ``quantize_out`` its int8 row ``[1, 1, Hq * D]`` as a :class:`QuantizedActivation` (per token, or
+    with the o_proj's ``static_scale``); like :func:`tinyq.ops.attention_with_cache` it does not
+    advance the cache."""
     d, k = cache.head_dim, qweight.shape[1]
     xq = x.q
     check_token_qkv("w8a8_qkv_attention", f"{tuple(xq.shape)} {xq.dtype}",
@@ -55,7 +58,12 @@ def w8a8_qkv_attention(x: QuantizedActivation, qweight, weight_scale, bias, cach
     q = torch.empty((1, 1, num_heads, d), dtype=x.dtype, device=xq.device)
     launch_int8_gemv_rope(xq.reshape(1, k), x.scale.reshape(1), qweight, weight_scale, bias, q, kc, vc, cache.seq_pos,
                           rope.inv_freq(xq.device), num_heads, num_kv_heads, **_gemv_config(xq.device))
-    return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d))
+    if not quantize_out:
+        return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d))
+    out_q = torch.empty((1, 1, num_heads * d), dtype=torch.int8, device=xq.device)
+    out_scale = torch.empty((1, 1), dtype=torch.float32, device=xq.device)
+    attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d), quant_out=(out_q, out_scale, static_scale))
+    return QuantizedActivation(out_q, out_scale, x.dtype)
 
 
 def w8a8_gate_up_silu_quant(x: QuantizedActivation, qweight, weight_scale, bias,
