@@ -212,12 +212,12 @@ def _gemv(n, k, dtype, warp_blocks=None, pair=False):
     return launch
 
 
-def _w4a16_gemm(m, n, k, cfg=None):
+def _w4a16_gemm(m, n, k, cfg=None, dtype=torch.float16):
     """The fused W4A16 GEMM (and its split-K reduce) with the sm90 plan of M's bucket, or ``cfg``."""
     def launch():
         plan = cfg or next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and m <= max_m)
-        w4a16_gemm.launch_w4a16_gemm(torch.zeros(m, k, dtype=torch.float16), *_w4(n, k, torch.float16), None,
-                                     torch.zeros(m, n, dtype=torch.float16), **plan)
+        w4a16_gemm.launch_w4a16_gemm(torch.zeros(m, k, dtype=dtype), *_w4(n, k, dtype), None,
+                                     torch.zeros(m, n, dtype=dtype), **plan)
     return launch
 
 
@@ -320,6 +320,10 @@ TARGETS = {
     "argmax-llama3-vocab-fp32": _argmax(128256, torch.float32),
     "w4a16-gemm-m16-llama3-8b-gate-up": _w4a16_gemm(16, 28672, 4096),
     "w4a16-gemm-m64-llama3-8b-gate-up": _w4a16_gemm(64, 28672, 4096),
+    "w4a16-gemm-m32-llama3-8b-gate-up": _w4a16_gemm(32, 28672, 4096),
+    "w4a16-gemm-m32-llama3-8b-gate-up-bf16": _w4a16_gemm(32, 28672, 4096, dtype=torch.bfloat16),
+    "w4a16-gemm-m128-llama3-8b-gate-up": _w4a16_gemm(128, 28672, 4096),
+    "w4a16-gemm-m128-llama3-8b-gate-up-bf16": _w4a16_gemm(128, 28672, 4096, dtype=torch.bfloat16),
     "w4a16-gemm-m16-fused-reduce-llama3-8b-o": _w4a16_gemm(16, 4096, 4096, dict(
         next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm"), fused_reduce=True)),
     "w4a16-dequant-llama3-8b-gate-up": _w4a16_dequant(28672, 4096),
