@@ -54,6 +54,16 @@ def test_row_blocks():
         assert width <= head + tail <= 1 << (width - 1).bit_length()
 
 
+def test_row_warps_is_a_power_of_two():
+    """The GPU compiler takes only power-of-two warp counts (the interpreter takes any): a row of
+    1536 (SmolLM2's MLP: 1024 + 512) asked for 6 warps and failed to compile on the H200."""
+    assert residual.row_warps(1024, 512, 1) == 4 and residual.row_warps(2048, 1024, 1) == 8
+    for width in range(1, 70000, 7):
+        for rows in (1, residual.MANY_ROWS):
+            warps = residual.row_warps(*row_blocks(width), rows)
+            assert 1 <= warps <= 16 and warps & (warps - 1) == 0, (width, rows, warps)
+
+
 def test_reference_rounding_rule():
     q, s = quantize_rows_reference(torch.tensor([[127.0, 0.5, -0.5, 1.5, -2.5, 0.49, 0.0]]))
     assert s.item() == 1.0
@@ -161,10 +171,12 @@ def test_many_rows(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,k", [(1, 1152), (2048, 1152), (2048, 4304), (1030, 18944)])
+@pytest.mark.parametrize("m,k", [(1, 1152), (2048, 1152), (2048, 4304), (1030, 18944), (1, 1536), (3, 3072),
+                                 (1100, 5120)])
 def test_gpu_row_kernels_real_widths(m, k):
-    """The row kernels compiled for the GPU at SigLIP's (1152 = 1024 + 128, 4304 = 4096 + 256) and
-    Qwen2-7B's MLP (18944 = 16384 + 4096) widths, with few rows and with the many-rows warp rule."""
+    """The row kernels compiled for the GPU at SigLIP's (1152 = 1024 + 128, 4304 = 4096 + 256),
+    Qwen2-7B's MLP (18944 = 16384 + 4096), SmolLM2's MLP (1536), Llama-3.2-3B's (3072) and 13-14B
+    models' (5120) widths, with few rows and with the many-rows warp rule."""
     torch.manual_seed(0)
     x = (torch.randn(m, k, device="cuda") * 2 + 0.3).half()
     w, b = torch.rand(k, device="cuda") + 0.5, torch.randn(k, device="cuda")

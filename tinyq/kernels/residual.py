@@ -33,8 +33,10 @@ def row_warps(head: int, tail: int = 0, rows: int = 0) -> int:
     math), so fatter threads issue fewer instructions per row (~32 elements a thread, 2..16 warps;
     the sm90 instruction counts are in docs/perf_notes.md)."""
     if rows >= MANY_ROWS:
-        return min(max((head + tail) // 1024, 2), 16)
-    return min(max((head + tail) // 256, 1), 16)
+        warps = min(max((head + tail) // 1024, 2), 16)
+    else:
+        warps = min(max((head + tail) // 256, 1), 16)
+    return 1 << (warps.bit_length() - 1)  # a power of two: the GPU compiler takes nothing else (1536 -> 4)
 
 
 @triton.jit
