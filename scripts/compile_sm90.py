@@ -47,7 +47,7 @@ from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
 from tinyq.kernels import (  # noqa: E402
-    gelu_quant, int8_gemv_rope, int8_gemv_silu_quant, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, silu_mul_quant, w4a16_dequant,
+    gelu_quant, int8_gemv_rope, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, silu_mul_quant, w4a16_dequant,
     w4a16_gemm,
 )
 from tinyq.kernels.attention_configs import FLASH  # noqa: E402
@@ -158,13 +158,12 @@ def _flash(d, causal, hq=16, hkv=16, s=1024, dtype=torch.float16):
     return launch
 
 
-def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16, tokens=1, pair=False, quant=False):
+def _decode(d=128, hq=32, hkv=8, s=4096, dtype=torch.float16, tokens=1, pair=False):
     def launch():
         q = torch.zeros(1, tokens, hq, d, dtype=dtype)
         kv = torch.zeros(1, hkv, s, d, dtype=dtype)
         out = paired.empty_paired_rows(1, hq * d, dtype, "cpu") if pair else None
-        quant_out = (torch.zeros(1, hq * d, dtype=torch.int8), torch.zeros(1), None) if quant else None
-        decode_attention.decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32), out=out, quant_out=quant_out)
+        decode_attention.decode_attention(q, kv, kv, torch.zeros(1, dtype=torch.int32), out=out)
     return launch
 
 
@@ -252,17 +251,6 @@ def _int8_gemv_rope(hidden, hq, hkv, d, bias):
     return launch
 
 
-def _int8_gemv_silu_quant(hidden, inter):
-    """The W8A8 decode's gate/up GEMV + SiLU·mul + quant (last-program quantization), sm90 M=1 config."""
-    def launch():
-        cfg = dict(INT8_CONFIGS["sm90"][0][1])
-        assert cfg.pop("kernel") == "gemv"
-        int8_gemv_silu_quant.launch_int8_gemv_silu_quant(
-            torch.zeros(1, hidden, dtype=torch.int8), torch.ones(1), torch.zeros(2 * inter, hidden, dtype=torch.int8),
-            torch.ones(2 * inter), None, torch.float16, **cfg)
-    return launch
-
-
 def _layernorm_quant(m, k):
     return lambda: layernorm_quant.layernorm_quant(torch.zeros(m, k, dtype=torch.float16), torch.ones(k, dtype=torch.float16),
                                                    torch.zeros(k, dtype=torch.float16), 1e-6)
@@ -302,7 +290,6 @@ TARGETS = {
     "flash-d80": _flash(80, False),
     "decode-attention-d128": _decode(),
     "decode-attention-d128-paired": _decode(pair=True),  # the fused decode path's o_proj input
-    "decode-attention-d128-quant": _decode(quant=True),  # the W8A8 decode path: o_proj's int8 input too
     "decode-attention-chunk32-d128": _decode(tokens=32),  # a chat turn: split kernel + combine kernel
     "gemv-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16),
     "gemv-llama3-8b-gate-up-bf16": _gemv(28672, 4096, torch.bfloat16),
@@ -334,7 +321,6 @@ TARGETS = {
     "int8-llama3-8b-gate-up-m1": _int8_linear(1, 28672, 4096),
     "int8-gemv-rope-llama3-8b": _int8_gemv_rope(4096, 32, 8, 128, False),
     "int8-gemv-rope-qwen2-7b-bias": _int8_gemv_rope(3584, 28, 4, 128, True),
-    "int8-gemv-silu-quant-llama3-8b": _int8_gemv_silu_quant(4096, 14336),
     "layernorm-quant-tower": _layernorm_quant(17408, 1152),
     "gelu-quant-tower": _gelu_quant(17408, 4304),
     "layernorm-residual-tower": _layernorm(17408, 1152),

@@ -55,38 +55,6 @@ def test_decode_splits_dims_dtypes(dtype, D, num_splits):
     assert_close_rel(run(q, kc, vc, kv_len, num_splits=num_splits), ref)
 
 
-@pytest.mark.parametrize("hq,hkv,D,kv_len,num_splits", [(4, 1, 64, 50, 1), (8, 2, 72, 50, 3), (6, 3, 64, 129, 64),
-                                                       (32, 8, 128, 7, 3)])
-@pytest.mark.parametrize("dtype,static", [(torch.float16, False), (torch.bfloat16, False), (torch.float16, True)])
-def test_decode_quantized_output(hq, hkv, D, kv_len, num_splits, dtype, static):
-    """The int8 row and scale written by the last kv group are the per-token quantizer's over the
-    output row, bit for bit: one slice (each group writes its rows itself), several merged slices,
-    more slices than blocks; a row of 8192 (32 x 128) takes several quantization passes."""
-    from tinyq.kernels.int8_quant import quantize_per_token
-
-    kc, vc = make_cache(1, hkv, 160, D, kv_len, dtype)
-    q = torch.randn(1, 1, hq, D, dtype=dtype, device=DEV)
-    xq = torch.full((1, hq * D), -128, dtype=torch.int8, device=DEV)  # -128: never written by a quantizer
-    x_scale = torch.full((1,), float("nan"), device=DEV)
-    static_scale = torch.tensor([0.002], device=DEV) if static else None  # some outputs clip
-    out = run(q, kc, vc, kv_len, num_splits=num_splits, quant_out=(xq, x_scale, static_scale))
-    assert_close_rel(out, decode_attention_reference(q, kc, vc, kv_len))
-    with force_backend("triton"):
-        want_q, want_scale = quantize_per_token(out.reshape(1, hq * D), static_scale)
-    assert torch.equal(xq, want_q) and torch.equal(x_scale, want_scale)
-    assert xq.abs().max() == 127
-
-
-def test_decode_quantized_output_needs_one_natural_token():
-    kc, vc = make_cache(1, 2, 32, 64, 5, torch.float16)
-    q = torch.randn(1, 2, 4, 64, dtype=torch.float16, device=DEV)
-    quant = (torch.empty(1, 256, dtype=torch.int8, device=DEV), torch.empty(1, device=DEV), None)
-    with pytest.raises(ValueError, match="quantized output holds one token"):
-        run(q, kc, vc, 5, quant_out=quant)
-    with pytest.raises(ValueError, match="quantized output holds one token"):
-        run(q[:, :1], kc, vc, 5, quant_out=(quant[0].float(),) + quant[1:])
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,D,num_splits", [(4, 64, 1), (4, 72, 3), (32, 64, 3)])
 def test_decode_paired_output(dtype, group, D, num_splits):

@@ -1,7 +1,6 @@
-"""The fused one-token W8A8 ops: int8 q/k/v GEMV + RoPE + KV-cache write, and int8 gate/up GEMV +
-SiLU·mul + quantization. Kernel outputs and the cache start poisoned; results are compared with the
-unfused math on exact int32 products (the quantized integers exactly), and a whole W8A8 model's
-decode logits with the unfused path's (separate GEMV, RoPE and SiLU·mul+quant launches)."""
+"""The fused one-token W8A8 op: int8 q/k/v GEMV + RoPE + KV-cache write. Kernel outputs and the cache
+start poisoned (NaN); results are compared with the unfused math on exact int32 products, and a
+whole W8A8 model's decode logits with the unfused path's (separate GEMV and RoPE launches)."""
 import pytest
 import torch
 
@@ -9,12 +8,9 @@ from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
 from tinyq.cache import StaticKVCache
 from tinyq.kernels.int8_configs import select_config
-from tinyq.kernels import int8_gemv_silu_quant as silu_q
 from tinyq.kernels.int8_gemv_rope import int8_gemv_rope_reference, launch_int8_gemv_rope
-from tinyq.kernels.int8_matmul import int8_matmul
-from tinyq.kernels.silu_mul_quant import silu_mul_quant
 from tinyq.kernels.rope import RopeConfig
-from tinyq.ops.fused_w8a8 import w8a8_gate_up_silu_quant, w8a8_qkv_attention
+from tinyq.ops.fused_w8a8 import w8a8_qkv_attention
 from tinyq.ops.w8a8 import QuantizedActivation
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,68 +89,10 @@ def test_qkv_attention_checks_its_arguments():
             w8a8_qkv_attention(x, wq, s_w, None, cache, 0, rope, 4, 2)
 
 
-def gate_up_case(inter, k, dtype, bias, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    xq = torch.randint(-127, 128, (1, k), dtype=torch.int8, generator=g)
-    wq = torch.randint(-127, 128, (2 * inter, k), dtype=torch.int8, generator=g)
-    s_x = torch.rand(1, generator=g) * 0.02 + 1e-3
-    s_w = torch.rand(2 * inter, generator=g) * 1e-3 + 1e-4
-    b = (torch.randn(2 * inter, generator=g) * 0.3).to(dtype) if bias else None
-    return [None if t is None else t.to(DEV) for t in (xq, s_x, wq, s_w, b)]
-
-
-def check_gate_up(inter, k, dtype, bias, static, cfg):
-    xq, s_x, wq, s_w, b = gate_up_case(inter, k, dtype, bias)
-    static_scale = torch.tensor([0.002], device=DEV) if static else None
-    with force_backend("triton"):
-        vq, scale = silu_q.launch_int8_gemv_silu_quant(xq, s_x, wq, s_w, b, dtype, static_scale, **cfg)
-        # the unfused kernels: the int8 GEMV's output in the activation dtype, then SiLU·mul + quant
-        vq_unfused, scale_unfused = silu_mul_quant(int8_matmul(xq, wq, s_x, s_w, b, dtype), static_scale)
-    assert torch.equal(vq, vq_unfused) and torch.equal(scale, scale_unfused)
-    if DEV == "cpu" and dtype == torch.bfloat16:
-        return  # Triton's interpreter truncates float32 -> bf16 (the GPU rounds to nearest, as torch does)
-    # against float32 torch (its silu rounds differently from the kernels' g / (1 + exp(-g))): the
-    # scale to float32 rounding, each integer within 1
-    vq_ref, scale_ref = silu_q.int8_gemv_silu_quant_reference(xq, s_x, wq, s_w, b, dtype, static_scale)
-    torch.testing.assert_close(scale.cpu(), scale_ref.reshape(1).cpu(), rtol=2e-6, atol=0)
-    assert (vq.cpu().int() - vq_ref.cpu().int()).abs().max() <= 1
-    assert vq.abs().max() >= (127 if static else 100)  # a real range (static: some values clip)
-
-
-@pytest.mark.parametrize("inter,k,block_n,block_k", [(37, 192, 8, 64), (300, 100, 16, 64), (64, 256, 4, 128)])
-@pytest.mark.parametrize("dtype,bias,static", [(torch.float16, False, False), (torch.bfloat16, True, False),
-                                               (torch.float16, True, True)])
-def test_gate_up_silu_quant_matches_unfused(inter, k, block_n, block_k, dtype, bias, static, monkeypatch):
-    """Outputs not a multiple of a program's (37, 300), a masked last K step (100), the last
-    program's quantization in several passes (a 64-wide chunk), static and dynamic scales."""
-    monkeypatch.setattr(silu_q, "QUANT_CHUNK", 64)
-    check_gate_up(inter, k, dtype, bias, static, dict(block_n=block_n, block_k=block_k, num_warps=4))
-
-
-def test_gate_up_silu_quant_marks_non_finite_rows():
-    xq, s_x, wq, s_w, _ = gate_up_case(40, 64, torch.float16, False)
-    s_w[3] = float("inf")
-    with force_backend("triton"):
-        vq, scale = silu_q.launch_int8_gemv_silu_quant(xq, s_x, wq, s_w, None, torch.float16, block_n=8, block_k=64)
-    assert scale.isnan().all()
-    act = QuantizedActivation(xq.view(1, 1, 64), s_x.view(1, 1), torch.float16)
-    with force_backend("triton"), pytest.raises(ValueError, match="one int8 token"):
-        w8a8_gate_up_silu_quant(act, wq[:-1], s_w[:-1], None)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("inter,k,static", [(14336, 4096, False), (18944, 3584, True), (1536, 576, False)])
-def test_gpu_gate_up_silu_quant_shipped_config(inter, k, static):
-    """The shipped M=1 config (dp4a) at Llama-3-8B, Qwen2-7B and SmolLM2 widths."""
-    cfg = select_config(1, torch.device(DEV))
-    assert cfg.pop("kernel") == "gemv"
-    check_gate_up(inter, k, torch.float16, False, static, cfg)
-
-
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_model_decode_fused_equals_unfused(tmp_path, kind, monkeypatch):
     """A W8A8 model's prefill + decode logits and cache on the Triton path are the same with the
-    fused ops as with the separate GEMV, RoPE/cache-write and SiLU·mul+quant launches."""
+    fused qkv op as with the separate GEMV and RoPE/cache-write launches."""
     import tinyq.models.w8a8 as w8a8
     from tests.tiny_models import make_model_dir, prefill_then_decode
     from tinyq.models import load_model
@@ -167,16 +105,14 @@ def test_model_decode_fused_equals_unfused(tmp_path, kind, monkeypatch):
         return prefill_then_decode(model, ids)
 
     calls = []
-    for name in ("w8a8_qkv_attention", "w8a8_gate_up_silu_quant"):
-        fn = getattr(w8a8, name)
-        monkeypatch.setattr(w8a8, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
-    decode_calls = 3 * model.config.num_layers
+    fn = w8a8.w8a8_qkv_attention
+    monkeypatch.setattr(w8a8, "w8a8_qkv_attention", lambda *a, **kw: calls.append(1) or fn(*a, **kw))
     with force_backend("triton"), torch.inference_mode():
         fused, cache_f = run()
-        assert calls.count("w8a8_qkv_attention") == calls.count("w8a8_gate_up_silu_quant") == decode_calls
+        assert len(calls) == 3 * model.config.num_layers  # decode only
         monkeypatch.setattr(w8a8, "fused_w8a8_decode", lambda x: False)
         plain, cache_p = run()
-    assert len(calls) == 2 * decode_calls
+    assert len(calls) == 3 * model.config.num_layers
     n = cache_p.length
     pairs = [(fused, plain), (cache_f.k[:, :, :, :n], cache_p.k[:, :, :, :n]),
              (cache_f.v[:, :, :, :n], cache_p.v[:, :, :, :n])]

@@ -30,11 +30,6 @@ q head), 32 programs for Llama-3-8B, each streaming the whole history: at 4k his
 4.5x its time at 16 (H200, docs/perf_notes.md). Split-KV with GQA-packed rows reads K/V once per
 kv group and fills every SM.
 
-For a W8A8 model's o_proj (``quant_out``, one token of one sequence): after the output row is
-written, each kv-head group counts in once more, and the last of the ``Hkv`` quantizes the whole
-``Hq * D`` row to int8 per token (:func:`tinyq.kernels.int8_quant.quantize_store_chunks`: the
-integers and scale of the per-token quantizer over the written row), which saves that launch.
-
 Tensors: q ``[B, L, Hq, D]`` (rotated), k/v cache layer ``[B, Hkv, max_seq_len, D]`` (last dim
 contiguous), seq_pos int32 ``[1]``; partials float32 ``[B, Hq, L, NUM_SPLITS, D]`` and
 ``[B, Hq, L, NUM_SPLITS]``; one arrival counter per (batch, kv head); output ``[B, L, Hq, D]`` in
@@ -55,9 +50,7 @@ from tinyq.kernels.flash_attention import (
     LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
 )
 from tinyq.kernels.paired import PairedRows, out_operand, paired_offsets, paired_plane
-from tinyq.kernels.int8_quant import check_static_scale, quantize_store_chunks
 from tinyq.kernels.semaphore import arrive, counters
-from tinyq.quant.int8_format import MIN_ABSMAX
 
 MAX_DECODE_ROWS = 128  # L * G rows in one MMA tile (e.g. a 32-token chunk of Llama-3's 4-head groups)
 # Slices per (batch, kv head): about 2 programs per SM, each at least 256 keys long. The H200
@@ -69,7 +62,6 @@ MIN_SPLIT = 256  # shorter slices: the partial writes and the merge cost more th
 # a chunk's 128 rows x 33 slices x D (2 MB at a 4k history) would go through one SM per kv head,
 # so chunks merge in a second launch with a program per row (H200: 82 vs 26 us, docs/perf_notes.md).
 MERGE_MAX_ROWS = 16
-QUANT_CHUNK = 2048  # the quantized output's pass width (int8_quant.quantize_store_chunks)
 
 
 def decode_attention_reference(q, k_cache, v_cache, kv_len: int, scale: Optional[float] = None):
@@ -88,7 +80,7 @@ def num_splits_for(batch_heads: int, max_seq_len: int, block_n: int, device: tor
 
 @triton.jit
 def _decode_attention_kernel(
-    Q, K, V, O_PART, M_PART, L_PART, OUT, COUNTERS, SEQ_POS, XQ, X_SCALE, STATIC_S,
+    Q, K, V, O_PART, M_PART, L_PART, OUT, COUNTERS, SEQ_POS,
     qk_scale, LQ, HKV, GROUP, SPLIT, NUM_SPLITS,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kh, stride_kn,
@@ -96,8 +88,7 @@ def _decode_attention_kernel(
     stride_ob, stride_ol, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MERGE: tl.constexpr, SPLITS_PAD: tl.constexpr, MERGE_UNROLL: tl.constexpr, DOT_FP32: tl.constexpr,
-    OUT_PLANE: tl.constexpr, QUANT: tl.constexpr, QUANT_STATIC: tl.constexpr, QUANT_CHUNK: tl.constexpr,
-    MIN_AMAX: tl.constexpr,
+    OUT_PLANE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -149,9 +140,6 @@ def _decode_attention_kernel(
     used = tl.minimum(tl.cdiv(kv_len, SPLIT), NUM_SPLITS)  # the slices that run
     if used == 1:
         tl.store(out_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=out_mask)
-        if QUANT:
-            _quantize_row_when_done(OUT, XQ, X_SCALE, STATIC_S, COUNTERS + HKV, HKV, GROUP, HEAD_DIM,
-                                    QUANT_STATIC, MIN_AMAX, QUANT_CHUNK)
     else:
         # partial index ((b * HQ + h) * LQ + t) * NUM_SPLITS + split, HQ = HKV * GROUP
         base = ((b * HKV * GROUP + h) * LQ + t) * NUM_SPLITS
@@ -163,18 +151,6 @@ def _decode_attention_kernel(
                 out = _merge_splits(O_PART, M_PART, L_PART, base, row_ok, offs_d, used, HEAD_DIM_PAD, BLOCK_M,
                                     SPLITS_PAD, MERGE_UNROLL)
                 tl.store(out_ptr, out.to(OUT.dtype.element_ty), mask=out_mask)
-                if QUANT:
-                    _quantize_row_when_done(OUT, XQ, X_SCALE, STATIC_S, COUNTERS + HKV, HKV, GROUP, HEAD_DIM,
-                                            QUANT_STATIC, MIN_AMAX, QUANT_CHUNK)
-
-
-@triton.jit
-def _quantize_row_when_done(OUT, XQ, X_SCALE, STATIC_S, row_counter, HKV, GROUP, HEAD_DIM: tl.constexpr,
-                            STATIC: tl.constexpr, MIN_AMAX: tl.constexpr, CHUNK: tl.constexpr):
-    """Called by the program that wrote one kv group's output row: the last of the ``HKV`` to get
-    here quantizes the token's ``HKV * GROUP * HEAD_DIM`` outputs (natural layout) to ``XQ``, ``X_SCALE``."""
-    if arrive(row_counter, HKV):
-        tl.store(X_SCALE, quantize_store_chunks(OUT, HKV * GROUP * HEAD_DIM, XQ, STATIC_S, STATIC, MIN_AMAX, CHUNK))
 
 
 @triton.jit
@@ -247,7 +223,7 @@ def _partials(shape, device) -> torch.Tensor:
 
 def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None,
                      num_splits: Optional[int] = None, block_n: Optional[int] = None,
-                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None, quant_out=None):
+                     num_warps: Optional[int] = None, num_stages: Optional[int] = None, out=None):
     """Attention of ``L`` queries (``L * Hq / Hkv <= MAX_DECODE_ROWS``), already written to the
     cache, over ``[0, seq_pos + L)``.
 
@@ -256,9 +232,7 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     benchmark sweep; by default they come from :mod:`tinyq.kernels.attention_configs`.
     Returns ``out`` (allocated if None) ``[B, L, Hq, D]`` in q's dtype; for one token of one sequence
     ``out`` may be a :class:`~tinyq.kernels.paired.PairedRows` of ``Hq * D`` inputs, written for the
-    o_proj GEMV. ``quant_out = (xq, x_scale, static_scale)`` (one token of one sequence, natural
-    ``out``): also the int8 row ``xq [1, Hq * D]`` and its float32 scale ``x_scale [1]`` of the
-    output, per token (``static_scale`` None) or with one static float32 scale.
+    o_proj GEMV.
     """
     check_kernel_device("decode_attention", q, k_cache, v_cache, seq_pos)
     check_attention_args("decode_attention", q, k_cache, v_cache)
@@ -290,24 +264,11 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
         raise ValueError(f"decode_attention: a paired output holds one token of one sequence (q {tuple(q.shape)}, "
                          f"{q.dtype} on {q.device}), got one of {out.k} {out.data.dtype} inputs on {out.data.device}, "
                          f"data {tuple(out.data.shape)}")
-    if quant_out is not None:
-        xq, x_scale, static_scale = quant_out
-        if (B != 1 or LQ != 1 or paired or not merge or not out.is_contiguous() or xq.dtype != torch.int8
-                or xq.numel() != HQ * D or not xq.is_contiguous() or x_scale.dtype != torch.float32
-                or x_scale.numel() != 1):
-            raise ValueError(f"decode_attention: a quantized output holds one token of one sequence in the natural "
-                             f"layout (q {tuple(q.shape)}) as int8 [1, {HQ * D}] and one float32 scale, got "
-                             f"{xq.dtype} {tuple(xq.shape)} and {x_scale.dtype} {tuple(x_scale.shape)}")
-        check_static_scale(static_scale, q.device)
-    else:
-        xq = x_scale = static_scale = None
     out_t, out_plane = out_operand(out)
     out_strides = (0, 0, 0) if paired else (out.stride(0), out.stride(1), out.stride(2))
     splits_pad = max(2, triton.next_power_of_2(num_splits))
     _decode_attention_kernel[(B * HKV, num_splits)](
-        q, k_cache, v_cache, o_part, m_part, l_part, out_t, counters(q.device, B * HKV + 1), seq_pos,
-        m_part if xq is None else xq, m_part if x_scale is None else x_scale,
-        m_part if static_scale is None else static_scale,
+        q, k_cache, v_cache, o_part, m_part, l_part, out_t, counters(q.device, B * HKV), seq_pos,
         scale * LOG2E, LQ, HKV, group, split, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -316,7 +277,6 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
         HEAD_DIM=D, HEAD_DIM_PAD=d_pad, BLOCK_M=block_m, BLOCK_N=block_n,
         MERGE=merge, SPLITS_PAD=splits_pad, MERGE_UNROLL=8,
         DOT_FP32=interpreting() and q.dtype == torch.bfloat16, OUT_PLANE=out_plane,
-        QUANT=xq is not None, QUANT_STATIC=static_scale is not None, QUANT_CHUNK=QUANT_CHUNK, MIN_AMAX=MIN_ABSMAX,
         num_warps=warps, num_stages=num_stages or cfg_stages,
     )
     if not merge:

@@ -89,30 +89,6 @@ def quantize_store_row(va, ca, ma, vb, cb, mb, q_row_ptr, static_scale_ptr,
 
 
 @triton.jit
-def quantize_store_chunks(src_ptr, n, q_ptr, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr,
-                          CHUNK: tl.constexpr):
-    """:func:`quantize_store_row` for a row of ``n`` values in memory at ``src_ptr`` (any float dtype), written
-    by other programs of the launch (read past L1), in ``CHUNK``-wide passes: one for the max and
-    the NaN probe, one to quantize. For a program that has other work and must keep its registers
-    (the last program of a GEMV); the integers and the scale are those of the one-block kernels."""
-    cols = tl.arange(0, CHUNK)
-    probe = tl.zeros([], dtype=tl.float32)
-    amax = tl.zeros([], dtype=tl.float32)
-    for c0 in range(0, n, CHUNK):
-        mask = c0 + cols < n
-        v = tl.load(src_ptr + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        p, a = nan_probe_and_absmax(v, mask)
-        probe += p
-        amax = tl.maximum(amax, a)
-    inv, scale = quant_factors(amax, static_scale_ptr, STATIC, MIN_AMAX)
-    for c0 in range(0, n, CHUNK):
-        mask = c0 + cols < n
-        v = tl.load(src_ptr + c0 + cols, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        tl.store(q_ptr + c0 + cols, quantize_values(v, inv), mask=mask)
-    return scale + probe
-
-
-@triton.jit
 def sum_and_max(s1, m1, s2, m2):
     """Combine function of a ``tl.reduce`` computing a sum and a max in one pass."""
     return s1 + s2, tl.maximum(m1, m2)

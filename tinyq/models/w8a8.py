@@ -6,9 +6,8 @@ Per layer, with W8A8 linears (:class:`tinyq.W8A8Linear`)::
     h, residual -> add+RMSNorm+quant -> int8 rows + scales -> qkv_proj (int8 GEMM) -> attention -> o_proj
                 -> add+RMSNorm+quant -> int8 rows + scales -> gate_up_proj -> silu*up+quant -> down_proj
 
-One token (decode) takes the fused ops of :mod:`tinyq.ops.fused_w8a8`: the int8 qkv GEMV with RoPE
-and the cache write in its epilogue, the attention quantizing o_proj's input, and the gate/up GEMV
-with SiLU·mul + quant in it: three launches less a layer.
+One token with a cache (decode) takes the int8 qkv GEMV with RoPE and the cache write in its
+epilogue (:func:`tinyq.ops.fused_w8a8.w8a8_qkv_attention`): one launch less a layer.
 
 Each norm quantizes once and its int8 rows feed the fused qkv (or gate_up) GEMM directly; the MLP's
 activation quantizes inside the SiLU·mul kernel. o_proj quantizes its own input (per-token kernel).
@@ -23,7 +22,7 @@ from torch import nn
 
 from tinyq.models.llama import Attention
 from tinyq.nn.w8a8_linear import W8A8Linear
-from tinyq.ops.fused_w8a8 import fused_w8a8_decode, w8a8_gate_up_silu_quant, w8a8_qkv_attention
+from tinyq.ops.fused_w8a8 import fused_w8a8_decode, w8a8_qkv_attention
 from tinyq.ops.w8a8 import QuantizedActivation, add_rms_norm_quant, rms_norm_quant, silu_mul_quant
 
 
@@ -56,12 +55,10 @@ class W8A8Attention(Attention):
 
     def forward(self, x, cache=None):
         if cache is not None and isinstance(x, QuantizedActivation) and fused_w8a8_decode(x.q):
-            qkv, o_proj = self.qkv_proj, self.o_proj
-            quantized = isinstance(o_proj, W8A8Linear)  # then the attention writes o_proj's int8 input too
+            qkv = self.qkv_proj
             out = w8a8_qkv_attention(x, qkv.qweight, qkv.weight_scale, qkv.bias, cache, self.layer_idx, self.rope,
-                                     self.hq, self.hkv, quantize_out=quantized,
-                                     static_scale=o_proj.input_scale if quantized else None)
-            return o_proj(out if quantized else out.reshape(1, 1, self.hq * self.d))
+                                     self.hq, self.hkv)
+            return self.o_proj(out.reshape(1, 1, self.hq * self.d))
         return super().forward(x, cache)
 
 
@@ -71,12 +68,7 @@ class W8A8MLP(nn.Module):
         self.gate_up_proj, self.down_proj = mlp.gate_up_proj, mlp.down_proj
 
     def forward(self, x):
-        gate_up, static = self.gate_up_proj, self.down_proj.input_scale
-        if isinstance(x, QuantizedActivation) and fused_w8a8_decode(x.q):
-            act = w8a8_gate_up_silu_quant(x, gate_up.qweight, gate_up.weight_scale, gate_up.bias, static)
-        else:
-            act = silu_mul_quant(gate_up(x), static)
-        return self.down_proj(act)
+        return self.down_proj(silu_mul_quant(self.gate_up_proj(x), self.down_proj.input_scale))
 
 
 def use_w8a8_layers(model: nn.Module) -> nn.Module:

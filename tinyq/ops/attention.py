@@ -27,16 +27,14 @@ from tinyq.kernels.flash_attention import KERNEL_DTYPES, check_attention_args, f
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference, rope_cache_write
 
 
-def attend_cache(q_rot, kc, vc, seq_pos, scale: float, out=None, quant_out=None):
+def attend_cache(q_rot, kc, vc, seq_pos, scale: float, out=None):
     """Causal attention of ``L`` rotated queries ``[B, L, Hq, D]`` whose keys/values are already in
     the cache layer ``kc, vc [B, Hkv, max_seq_len, D]`` at ``seq_pos .. seq_pos + L``: the kernel
     choice of :func:`attention_with_cache` (Triton tensors). ``out``: where the decode kernel writes
-    (a :class:`~tinyq.kernels.paired.PairedRows` for one token); ``quant_out``: the int8 row, scale
-    and static scale the decode kernel also writes (one token, see
-    :func:`tinyq.kernels.decode_attention.decode_attention`)."""
+    (a :class:`~tinyq.kernels.paired.PairedRows` for one token)."""
     if q_rot.shape[1] * (q_rot.shape[2] // kc.shape[1]) <= MAX_DECODE_ROWS:
-        return decode_attention(q_rot, kc, vc, seq_pos, scale, out=out, quant_out=quant_out)
-    if out is not None or quant_out is not None:
+        return decode_attention(q_rot, kc, vc, seq_pos, scale, out=out)
+    if out is not None:
         raise ValueError(f"attend_cache: {q_rot.shape[1]} tokens of {q_rot.shape[2]} heads take the flash kernel, "
                          "which writes no given output")
     return flash_attention_fwd(q_rot, kc, vc, causal=True, scale=scale, seq_pos=seq_pos)

@@ -1,15 +1,8 @@
-"""Fused one-token ops for W8A8 decoder layers, each one launch less a layer with the unfused numbers
-(the kernels round each projection as the linear would before using it):
-
-- :func:`w8a8_qkv_attention`: the int8 q/k/v GEMV with RoPE and the KV-cache write in its epilogue
-  (:mod:`tinyq.kernels.int8_gemv_rope`), then the one-launch split-KV attention, which also
-  quantizes its output row for the int8 ``o_proj`` (its last program);
-- :func:`w8a8_gate_up_silu_quant`: the int8 gate/up GEMV with the SiLU-gated product and its int8
-  quantization (:mod:`tinyq.kernels.int8_gemv_silu_quant`), the input of ``down_proj``.
-
-They serve one token on the Triton path
-outside ``torch.compile`` (:func:`fused_w8a8_decode`); the weights are a W8A8 linear's, already
-validated when it was built.
+"""Fused one-token op for W8A8 decoder layers: the int8 q/k/v GEMV with RoPE and the KV-cache write
+in its epilogue (:mod:`tinyq.kernels.int8_gemv_rope`), then the one-launch split-KV attention. One
+launch less a layer, with the unfused numbers (the kernel rounds the projection as the linear
+would before rotating it). It serves one token on the Triton path outside ``torch.compile``
+(:func:`fused_w8a8_decode`); the weights are a W8A8 linear's, already validated when it was built.
 """
 from __future__ import annotations
 
@@ -21,8 +14,6 @@ from tinyq.backend import use_triton
 from tinyq.cache.static_cache import StaticKVCache
 from tinyq.kernels.int8_configs import select_config
 from tinyq.kernels.int8_gemv_rope import launch_int8_gemv_rope
-from tinyq.kernels.int8_gemv_silu_quant import launch_int8_gemv_silu_quant
-from tinyq.kernels.int8_quant import check_static_scale
 from tinyq.ops.attention import attend_cache, check_token_qkv
 from tinyq.ops.w8a8 import QuantizedActivation
 
@@ -41,14 +32,12 @@ def _gemv_config(device) -> dict:
 
 
 def w8a8_qkv_attention(x: QuantizedActivation, qweight, weight_scale, bias, cache: StaticKVCache, layer_idx: int,
-                       rope, num_heads: int, num_kv_heads: int, quantize_out: bool = False, static_scale=None):
+                       rope, num_heads: int, num_kv_heads: int) -> torch.Tensor:
     """One token's attention block up to the output projection: the int8 row ``x`` (``[1, 1, K]``,
     from a fused norm+quant) -> q/k/v (``qweight`` int8 ``[(Hq + 2 Hkv) D, K]``), RoPE (``rope`` a
     :class:`tinyq.kernels.rope.RopeConfig`) at ``cache.seq_pos``, k/v written into layer
-    ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]`` in ``x.dtype``, or with
-    ``quantize_out`` its int8 row ``[1, 1, Hq * D]`` as a :class:`QuantizedActivation` (per token, or
-    with the o_proj's ``static_scale``); like :func:`tinyq.ops.attention_with_cache` it does not
-    advance the cache."""
+    ``layer_idx``, causal attention over the cache. Returns ``[1, 1, Hq, D]`` in ``x.dtype``; like
+    :func:`tinyq.ops.attention_with_cache` it does not advance the cache."""
     d, k = cache.head_dim, qweight.shape[1]
     xq = x.q
     check_token_qkv("w8a8_qkv_attention", f"{tuple(xq.shape)} {xq.dtype}",
@@ -58,24 +47,5 @@ def w8a8_qkv_attention(x: QuantizedActivation, qweight, weight_scale, bias, cach
     q = torch.empty((1, 1, num_heads, d), dtype=x.dtype, device=xq.device)
     launch_int8_gemv_rope(xq.reshape(1, k), x.scale.reshape(1), qweight, weight_scale, bias, q, kc, vc, cache.seq_pos,
                           rope.inv_freq(xq.device), num_heads, num_kv_heads, **_gemv_config(xq.device))
-    if not quantize_out:
-        return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d))
-    out_q = torch.empty((1, 1, num_heads * d), dtype=torch.int8, device=xq.device)
-    out_scale = torch.empty((1, 1), dtype=torch.float32, device=xq.device)
-    attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d), quant_out=(out_q, out_scale, static_scale))
-    return QuantizedActivation(out_q, out_scale, x.dtype)
+    return attend_cache(q, kc, vc, cache.seq_pos, 1.0 / math.sqrt(d))
 
-
-def w8a8_gate_up_silu_quant(x: QuantizedActivation, qweight, weight_scale, bias,
-                            static_scale=None) -> QuantizedActivation:
-    """``quantize(silu(x @ W_gate.T) * (x @ W_up.T))`` for one token's int8 row ``x`` (``[1, 1, K]``)
-    and ``W = [W_gate; W_up]`` int8 ``[2I, K]``: the int8 ``[1, 1, I]`` row and its scale
-    (``static_scale``: the down projection's calibrated one), for ``down_proj``."""
-    xq, k = x.q, qweight.shape[1]
-    if xq.numel() != k or xq.dtype != torch.int8 or x.scale.numel() != 1 or qweight.shape[0] % 2:
-        raise ValueError(f"w8a8_gate_up_silu_quant: x {tuple(xq.shape)} {xq.dtype} is not one int8 token of the "
-                         f"[gate; up] weight {tuple(qweight.shape)}")
-    check_static_scale(static_scale, xq.device)
-    q, scale = launch_int8_gemv_silu_quant(xq.reshape(1, k), x.scale.reshape(1), qweight, weight_scale, bias, x.dtype,
-                                           static_scale, **_gemv_config(xq.device))
-    return QuantizedActivation(q.view(*xq.shape[:-1], -1), scale.view(xq.shape[:-1]), x.dtype)
