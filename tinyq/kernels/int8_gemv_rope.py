@@ -52,7 +52,7 @@ def _int8_gemv_rope_kernel(
 
 def launch_int8_gemv_rope(xq, s_x, wq, s_w, bias, q_out, k_cache, v_cache, seq_pos, inv_freq, num_heads: int,
                           num_kv_heads: int, *, block_n: int, block_k: int, num_warps: int = 4, num_stages: int = 3,
-                          dp4a: bool = True, **_gemm_only):
+                          dp4a: bool = True):
     """Launch on arguments already checked (see :func:`tinyq.ops.fused_w8a8.w8a8_qkv_attention`);
     takes the int8 GEMV's M=1 config (:mod:`tinyq.kernels.int8_configs`)."""
     d = k_cache.shape[-1]

@@ -33,32 +33,22 @@ ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def quant_factors(amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
-    """``(inv, scale)`` of a row whose ``max|v|`` is ``amax`` (unused when STATIC)."""
-    if STATIC:
-        s = tl.load(static_scale_ptr).to(tl.float32)
-        return tl.math.div_rn(1.0, s), s
-    amax = tl.maximum(amax, MIN_AMAX)
-    return tl.math.div_rn(127.0, amax), tl.math.div_rn(amax, 127.0)
-
-
-@triton.jit
-def quantize_values(v, inv):
-    """int8 ``clamp(round_half_away(v * inv), -127, 127)`` of float32 ``v``; NaN -> 0 (its row's
-    scale is NaN, see :func:`quantize_store_row`)."""
-    t = v * inv
-    t = t + tl.where(t >= 0, 0.5, -0.5)
-    t = tl.minimum(tl.maximum(t, -127.0), 127.0)
-    t = tl.where(t == t, t, 0.0)
-    return t.to(tl.int32).to(tl.int8)
-
-
-@triton.jit
 def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AMAX: tl.constexpr):
     """float32 row ``v`` whose ``max|v|`` is ``amax`` (unused when STATIC) -> (int8 row, float32 scale).
     A kernel that finds ``amax`` in a reduction it runs anyway (a norm's) saves one block reduction."""
-    inv, scale = quant_factors(amax, static_scale_ptr, STATIC, MIN_AMAX)
-    return quantize_values(v, inv), scale
+    if STATIC:
+        s = tl.load(static_scale_ptr).to(tl.float32)
+        inv = tl.math.div_rn(1.0, s)
+        scale = s
+    else:
+        amax = tl.maximum(amax, MIN_AMAX)
+        inv = tl.math.div_rn(127.0, amax)
+        scale = tl.math.div_rn(amax, 127.0)
+    t = v * inv
+    t = t + tl.where(t >= 0, 0.5, -0.5)
+    t = tl.minimum(tl.maximum(t, -127.0), 127.0)
+    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_store_row)
+    return t.to(tl.int32).to(tl.int8), scale
 
 
 @triton.jit
