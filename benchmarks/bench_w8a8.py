@@ -84,9 +84,11 @@ def w8a8(x, q, s, cfg):
     return int8_matmul(xq, q, sx, s, config=cfg)
 
 
-def sweep(weights, rotations, max_m, shapes, open_m=4096):
+def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm")):
     m = max_m if max_m is not None else open_m  # the open-ended bucket at the largest M asked for
     names = ["o", "gate_up"] if m > 256 and "gate_up" in shapes else list(shapes)  # Llama at large M: two of four
+
+    per_shape = {name: (float("inf"), None) for name in names}  # each linear's own best, for the record
 
     def total_ms(cfg):
         total = 0.0
@@ -96,11 +98,16 @@ def sweep(weights, rotations, max_m, shapes, open_m=4096):
             xq, sx = quantize_per_token(x)
             if check(x, *weights[name][1:], cfg) > 1e-2:
                 raise RuntimeError("wrong result")
-            total += timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name], GRAPH_MAX_M)
+            t = timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name], GRAPH_MAX_M)
+            per_shape[name] = min(per_shape[name], (t, cfg), key=lambda p: p[0])
+            total += t
         return total
 
-    ms, cfg = best_config(sweep_candidates(max_m), total_ms, f"M={m}")
+    candidates = [c for c in sweep_candidates(max_m) if c["kernel"] in kernels]
+    ms, cfg = best_config(candidates, total_ms, f"M={m}")
     print(f"  bucket {max_m}: best {cfg} ({ms * 1e3:.1f} us at M={m} over {names})", flush=True)
+    for name, (t, c) in per_shape.items():
+        print(f"    {name:8s} alone: best {t * 1e3:.1f} us with {c}", flush=True)
     return cfg
 
 
@@ -154,6 +161,7 @@ def main():
     ap.add_argument("--shapes", default="llama3-8b", choices=sorted(SHAPE_SETS))
     ap.add_argument("--sweep-buckets", default=None,
                     help="comma-separated bucket ends to sweep (e.g. 4,16,64,256,none); default: those of --ms")
+    ap.add_argument("--sweep-kernels", default="gemv,gemm", help="the candidate kernels to sweep")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     torch.manual_seed(0)
@@ -170,7 +178,7 @@ def main():
         if args.sweep_buckets:
             buckets = {None if b == "none" else int(b) for b in args.sweep_buckets.split(",")}
         for b in sorted(buckets, key=lambda v: v or 1 << 30):
-            tuned[b] = sweep(weights, rotations, b, shapes, max(max(ms), 257))
+            tuned[b] = sweep(weights, rotations, b, shapes, max(max(ms), 257), args.sweep_kernels.split(","))
 
     rows = []
     for m in ms:

@@ -193,6 +193,43 @@ def test_gpu_row_kernels_real_widths(m, k):
     close_quant(*silu_mul_quant(gate_up), *silu_mul_quant_reference(gate_up))
 
 
+def near_tie_rows(n_rows: int = 8):
+    """float32 rows ``[a, v]`` (``a = max|row|``) where rounding ``v * 127 / a`` to an int depends on the
+    last bit of ``127 / a``: the correctly rounded quotient and ``reciprocal(a) * 127`` give different
+    ints. Found by stepping ``v`` a few ulps around each half-way point."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    rows = []
+    while len(rows) < n_rows:
+        a = np.float32(rng.uniform(0.5, 8.0))
+        exact, recip = np.float32(127) / a, (np.float32(1) / a) * np.float32(127)
+        if exact == recip:
+            continue
+        k = int(rng.integers(1, 126))
+        v0 = np.float32((k + 0.5) / float(exact))
+        for step in range(-3, 4):
+            v = np.nextafter(v0, np.float32(np.inf if step > 0 else -np.inf)) if step else v0
+            for _ in range(abs(step) - 1):
+                v = np.nextafter(v, np.float32(np.inf if step > 0 else -np.inf))
+            r = [np.trunc(np.float32(v * inv) + np.float32(0.5)) for inv in (exact, recip)]
+            if r[0] != r[1] and v < a:
+                rows.append([float(a), float(v)])
+                break
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def test_reference_uses_the_correctly_rounded_quotient():
+    """The reference divides 127 by the row's absmax exactly as the kernels do (``div_rn``); torch's
+    ``127 / tensor`` is a reciprocal times 127, one bit off in ~1 row in 4, which on real widths turns
+    some half-way values to the other int."""
+    x = near_tie_rows().to(DEV)
+    with force_backend("triton"):
+        q, scale = quantize_per_token(x)
+    q_ref, scale_ref = quantize_per_token_reference(x)
+    assert torch.equal(q.cpu(), q_ref.cpu()) and torch.equal(scale.cpu(), scale_ref.cpu())
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_rows_get_nan_scale(bad):
     x = torch.randn(3, 40).to(DEV)

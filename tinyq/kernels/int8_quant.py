@@ -45,9 +45,12 @@ def quantize_with_absmax(v, amax, static_scale_ptr, STATIC: tl.constexpr, MIN_AM
         inv = tl.math.div_rn(127.0, amax)
         scale = tl.math.div_rn(amax, 127.0)
     t = v * inv
-    t = t + tl.where(t >= 0, 0.5, -0.5)
+    # NaN -> 0 (its row's scale is NaN, see quantize_store_row). The select and the clamp also stand
+    # between the product and the +-0.5: added to the product itself, the GPU compiler contracts the
+    # two into one fma that rounds once, and ties then break unlike the float32 reference.
+    t = tl.where(t == t, t, 0.0)
     t = tl.minimum(tl.maximum(t, -127.0), 127.0)
-    t = tl.where(t == t, t, 0.0)  # NaN -> 0 (its row's scale is NaN, see quantize_store_row)
+    t = t + tl.where(t >= 0, 0.5, -0.5)
     return t.to(tl.int32).to(tl.int8), scale
 
 

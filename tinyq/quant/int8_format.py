@@ -67,9 +67,10 @@ def quantize_rows_reference(v: torch.Tensor, static_scale: torch.Tensor | None =
     row_ok = finite.all(dim=-1)
     if static_scale is None:
         absmax = torch.where(finite, v.abs(), torch.zeros_like(v)).amax(dim=-1).clamp(min=MIN_ABSMAX)
-        inv = QMAX / absmax
-        # a tensor divisor: CUDA torch turns division by a Python scalar into a multiply by its
-        # reciprocal, which is not the correctly rounded quotient the kernels compute
+        # tensor by tensor, both ways: torch computes ``127 / absmax`` as ``absmax.reciprocal() * 127``
+        # and (on CUDA) ``absmax / 127`` as a multiply by the reciprocal; either differs from the
+        # kernels' correctly rounded quotient in the last bit for about one row in four
+        inv = torch.full_like(absmax, QMAX) / absmax
         scale = absmax / torch.full_like(absmax, QMAX)
     else:
         s = static_scale.float().reshape(())
