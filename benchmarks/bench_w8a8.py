@@ -91,7 +91,7 @@ def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm
     per_shape = {name: (float("inf"), None) for name in names}  # each linear's own best, for the record
 
     def total_ms(cfg):
-        total = 0.0
+        total, alone = 0.0, []
         for name in names:
             k, _ = shapes[name]
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -100,7 +100,9 @@ def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm
                 raise RuntimeError("wrong result")
             t = timed(m, lambda q, s: (lambda: int8_matmul(xq, q, sx, s, config=cfg)), rotations[name], GRAPH_MAX_M)
             per_shape[name] = min(per_shape[name], (t, cfg), key=lambda p: p[0])
+            alone.append(f"{name} {t * 1e3:.1f}")
             total += t
+        print("    per linear (us): " + ", ".join(alone), end="")  # best_config's line for this config follows
         return total
 
     candidates = [c for c in sweep_candidates(max_m) if c["kernel"] in kernels]
