@@ -6,6 +6,9 @@ Prints, per model, each kernel name with its launches per token and mean time, s
 time; the sum over kernels against the wall time per token says how much is launch gaps.
 ``--paired off,on`` runs each model with the decode GEMV inputs in their natural layout and paired
 (``PAIRED_DECODE``, :mod:`tinyq.kernels.paired`), one after the other in the same process.
+``--int8-gemv 8x512x8x3,4x1024x4x1`` (W8A8) runs each model once per M=1 int8 GEMV config
+(block_n x block_k x warps x stages, in place of the shipped one), a sweep inside the model:
+the GEMVs there follow other kernels' tails, which a benchmark of one GEMV does not see.
 """
 import argparse
 import collections
@@ -20,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_e2e import GREEDY, GROUP_SIZE, SHAPES, rand_list  # noqa: E402
 from benchmarks.common import random_model  # noqa: E402
 from tinyq.generate import Generator  # noqa: E402
+from tinyq.kernels import int8_configs  # noqa: E402
 from tinyq.kernels.w4a16_configs import PAIRED_DECODE, device_arch  # noqa: E402
 from tinyq.warmup import warm_up  # noqa: E402
 
@@ -39,13 +43,23 @@ def kernel_table(prof, steps):
     return sorted(rows, key=lambda r: -r[2])
 
 
-def profile_model(name, precision, steps, paired=None):
+def int8_gemv_config(spec: str) -> dict:
+    """``"8x512x8x3"`` -> the M=1 GEMV config with block_n 8, block_k 512, 8 warps, 3 stages."""
+    bn, bk, warps, stages = (int(v) for v in spec.split("x"))
+    return dict(kernel="gemv", block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, dp4a=True)
+
+
+def profile_model(name, precision, steps, paired=None, int8_gemv=None):
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device("cuda")
     arch = device_arch(device)
     if paired is not None:
         PAIRED_DECODE[arch] = paired
+    table = int8_configs.CONFIGS[int8_configs.device_arch(device)]
+    if int8_gemv is not None:
+        table[0] = (table[0][0], int8_gemv_config(int8_gemv))
+    gemv_cfg = {k: v for k, v in table[0][1].items() if k != "kernel"}
     model = random_model(SHAPES[name], precision, device, GROUP_SIZE.get(name, 128))
     gen = Generator(model, None, max_seq_len=256)
     warm_up(gen)
@@ -68,14 +82,16 @@ def profile_model(name, precision, steps, paired=None):
     rows = kernel_table(prof, steps)
     kernels_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
-    print(f"\n== {name} {precision} (paired GEMV inputs: {PAIRED_DECODE[arch]}): {wall_us:.1f} us/token wall, {kernels_us:.1f} us of kernels, "
+    print(f"\n== {name} {precision} (paired GEMV inputs: {PAIRED_DECODE[arch]}; int8 GEMV {gemv_cfg}): "
+          f"{wall_us:.1f} us/token wall, {kernels_us:.1f} us of kernels, "
           f"{launches:.0f} launches/token ({(wall_us - kernels_us) / max(launches, 1):.2f} us gap per launch)")
     print(f"{'kernel':70s} {'n/tok':>6s} {'us/tok':>8s} {'us/call':>8s}")
     for r in rows:
         print(f"{r[0]:70s} {r[1]:6.1f} {r[2]:8.1f} {r[3]:8.2f}")
     del gen, model
     torch.cuda.empty_cache()
-    return {"model": name, "precision": precision, "paired": PAIRED_DECODE[arch], "wall_us": wall_us, "kernels_us": kernels_us,
+    return {"model": name, "precision": precision, "paired": PAIRED_DECODE[arch], "int8_gemv": gemv_cfg,
+            "wall_us": wall_us, "kernels_us": kernels_us,
             "launches": launches, "kernels": [dict(zip(("name", "per_token", "us_per_token", "us_per_call"), r))
                                               for r in rows]}
 
@@ -86,13 +102,19 @@ def main():
     ap.add_argument("--precision", default="w4a16")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--paired", default="", help="off,on: each model with and without paired GEMV inputs")
+    ap.add_argument("--int8-gemv", default="", help="M=1 int8 GEMV configs to run in turn, e.g. 8x512x8x3,4x1024x4x1")
     ap.add_argument("--out")
     args = ap.parse_args()
     modes = [{"off": False, "on": True}[v] for v in args.paired.split(",") if v] or [None]
-    res = [profile_model(m, args.precision, args.steps, p) for m in args.models.split(",") for p in modes]
-    print("\nmodel      paired  wall us/token  kernels us/token")
+    gemvs = [v for v in args.int8_gemv.split(",") if v] or [None]
+    res = [profile_model(m, args.precision, args.steps, p, g) for m in args.models.split(",") for p in modes
+           for g in gemvs]
+    print("\nmodel      paired  int8 GEMV                 wall us/token  kernels us/token  int8 GEMVs us/token")
     for r in res:
-        print(f"{r['model']:10s} {str(r['paired']):6s} {r['wall_us']:13.1f} {r['kernels_us']:17.1f}")
+        gemv = sum(k["us_per_token"] for k in r["kernels"] if k["name"].startswith("_int8_gemv"))
+        cfg = "x".join(str(r["int8_gemv"].get(k)) for k in ("block_n", "block_k", "num_warps", "num_stages"))
+        print(f"{r['model']:10s} {str(r['paired']):6s}  {cfg:24s} {r['wall_us']:13.1f} {r['kernels_us']:17.1f} "
+              f"{gemv:20.1f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)
