@@ -106,11 +106,24 @@ def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm
         return total
 
     candidates = [c for c in sweep_candidates(max_m) if c["kernel"] in kernels]
-    ms, cfg = best_config(candidates, total_ms, f"M={m}")
+    best = best_config(candidates, total_ms, f"M={m}")
+    if best is None:  # no candidate of these kernels for this bucket, or every one failed
+        print(f"  bucket {max_m}: nothing measured ({len(candidates)} candidates of {list(kernels)}); "
+              "the shipped config stays", flush=True)
+        return None
+    ms, cfg = best
     print(f"  bucket {max_m}: best {cfg} ({ms * 1e3:.1f} us at M={m} over {names})", flush=True)
     for name, (t, c) in per_shape.items():
-        print(f"    {name:8s} alone: best {t * 1e3:.1f} us with {c}", flush=True)
+        if c is not None:
+            print(f"    {name:8s} alone: best {t * 1e3:.1f} us with {c}", flush=True)
     return cfg
+
+
+def sweep_kernels(value: str) -> tuple:
+    kinds = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not kinds or not set(kinds) <= {"gemv", "gemm"}:
+        raise argparse.ArgumentTypeError(f"expected gemv, gemm or both, got {value!r}")
+    return kinds
 
 
 def bucket_of(m):
@@ -163,7 +176,8 @@ def main():
     ap.add_argument("--shapes", default="llama3-8b", choices=sorted(SHAPE_SETS))
     ap.add_argument("--sweep-buckets", default=None,
                     help="comma-separated bucket ends to sweep (e.g. 4,16,64,256,none); default: those of --ms")
-    ap.add_argument("--sweep-kernels", default="gemv,gemm", help="the candidate kernels to sweep")
+    ap.add_argument("--sweep-kernels", default="gemv,gemm", type=sweep_kernels,
+                    help="the candidate kernels to sweep: gemv, gemm or both (comma-separated)")
     args = ap.parse_args()
     ms = [int(v) for v in args.ms.split(",")]
     torch.manual_seed(0)
@@ -180,7 +194,9 @@ def main():
         if args.sweep_buckets:
             buckets = {None if b == "none" else int(b) for b in args.sweep_buckets.split(",")}
         for b in sorted(buckets, key=lambda v: v or 1 << 30):
-            tuned[b] = sweep(weights, rotations, b, shapes, max(max(ms), 257), args.sweep_kernels.split(","))
+            cfg = sweep(weights, rotations, b, shapes, max(max(ms), 257), args.sweep_kernels)
+            if cfg is not None:
+                tuned[b] = cfg
 
     rows = []
     for m in ms:

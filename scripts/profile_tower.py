@@ -6,7 +6,9 @@ Builds the SigLIP so400m-448 tower of ``benchmarks/bench_vlm.py`` with random we
 ``--tiles`` random 448 tiles through it as the VLMs do (CUDA graphs, ``BatchGraphs``), first in
 fp16 and then W8A8 (calibrated on 4 tiles), and prints each kernel's launches and time per forward,
 sorted by time, with the wall time per forward: the table that says which kernels keep the W8A8
-tower from its int8 speed.
+tower from its int8 speed. ``--int8-gemm 128x128x128x4x3,256x128x128x8x4`` profiles the W8A8 tower
+once per config of the int8 GEMM's open-ended M bucket (block_m x block_n x block_k x warps x
+stages, in place of the shipped one): the tower's chunks of 8 tiles are M = 8192 rows, of 1 tile 1024.
 """
 import argparse
 import copy
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_vlm import TOWERS, hf_tower  # noqa: E402
 from scripts.profile_decode import kernel_table  # noqa: E402
 from tinyq.graphs import BatchGraphs  # noqa: E402
+from tinyq.kernels import int8_configs  # noqa: E402
 from tinyq.models.loader import TensorSource  # noqa: E402
 from tinyq.models.vision import VisionConfig, load_vision_tower  # noqa: E402
 from tinyq.models.vision_w8a8 import quantize_tower_w8a8_  # noqa: E402
@@ -56,6 +59,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=17)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--int8-gemm", default="", help="open-bucket int8 GEMM configs to run in turn, e.g. 128x128x128x4x3")
     ap.add_argument("--out")
     args = ap.parse_args()
     device, dtype = torch.device("cuda"), torch.float16
@@ -68,9 +72,17 @@ def main():
     w8 = copy.deepcopy(tower)
     with torch.inference_mode():
         quantize_tower_w8a8_(w8, lambda: w8.last_hidden_state(px[:4]))
-    res.append(profile_forward("W8A8 tower", BatchGraphs(w8.last_hidden_state), px, args.steps))
-    print(f"\nW8A8 / fp16 wall: {res[1]['wall_ms'] / res[0]['wall_ms']:.3f}, "
-          f"kernels: {res[1]['kernels_ms'] / res[0]['kernels_ms']:.3f}")
+    table = int8_configs.CONFIGS[int8_configs.device_arch(device)]
+    for spec in [v for v in args.int8_gemm.split(",") if v] or [None]:
+        label = "W8A8 tower"
+        if spec is not None:
+            bm, bn, bk, warps, stages = (int(v) for v in spec.split("x"))
+            table[-1] = (None, dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=False,
+                                    num_warps=warps, num_stages=stages, group_m=8))
+            label += f" (int8 GEMM {spec})"
+        res.append(profile_forward(label, BatchGraphs(w8.last_hidden_state), px, args.steps))
+        print(f"\n{label} / fp16 wall: {res[-1]['wall_ms'] / res[0]['wall_ms']:.3f}, "
+              f"kernels: {res[-1]['kernels_ms'] / res[0]['kernels_ms']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

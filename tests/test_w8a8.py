@@ -1,4 +1,6 @@
 """W8A8Linear, the functional ops, quantize_(W8A8Config) and safetensors I/O."""
+import pickle
+
 import pytest
 import torch
 from torch import nn
@@ -7,6 +9,8 @@ from tests.tolerances import assert_close_rel
 from tinyq import W8A8Config, W8A8Linear, quantize_
 from tinyq.backend import force_backend
 from tinyq.nn import load_safetensors, save_safetensors
+from tinyq.nn import w8a8_linear as w8a8_linear_mod
+from tinyq.ops import w8a8 as w8a8_ops
 from tinyq.ops.w8a8 import QuantizedActivation, add_rms_norm_quant, quantize_activation, silu_mul_quant, w8a8_linear
 from tinyq.quant.int8_format import quantize_rows_reference
 
@@ -160,3 +164,32 @@ def test_custom_ops_pass_opcheck():
     for op, args in cases:
         args = tuple(a.to(dev) if torch.is_tensor(a) else a for a in args)
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_weights_validated_once_and_again_when_replaced():
+    """``W8A8Linear`` checks its weight tensors once, not on every call (host cost), and again when
+    a buffer is replaced: a bad replacement is named, never launched."""
+    mod = W8A8Linear.from_linear(linear(48, 16))
+    x = torch.randn(3, 48)
+    with force_backend("triton"):
+        y = mod(x)
+        assert torch.equal(y, w8a8_linear(x, mod.qweight, mod.weight_scale, mod.bias))
+        calls = []
+        real_check = w8a8_ops.check_w8a8_weight
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(w8a8_linear_mod, "check_w8a8_weight", lambda *a: calls.append(a) or real_check(*a))
+            mod(x)
+            assert calls == []  # the same tensors: no new validation
+            mod.bias = mod.bias.clone()
+            mod(x)
+            assert len(calls) == 1  # a replaced tensor is checked, even where it reuses a freed one's id
+        # pickling or copying forgets what was checked; the copy checks its own tensors
+        copied = pickle.loads(pickle.dumps(mod))
+        assert torch.equal(copied(x), mod(x))
+        mod.weight_scale = mod.weight_scale[:8].clone()
+        with pytest.raises(ValueError, match=r"weight scale must be float32 \[16\]"):
+            mod(x)
+        mod.weight_scale = torch.ones(16)
+        mod.qweight = mod.qweight.to(torch.int16)
+        with pytest.raises(ValueError, match="weight must be a 2-D int8 tensor"):
+            mod(x)

@@ -20,25 +20,35 @@ from tinyq.quant.int8_format import MAX_K
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 
 
-def check_int8_matmul_args(xq, wq, s_x, s_w, bias, out_dtype) -> None:
-    """Validate every argument, naming the offending one (never a device fault later)."""
+def check_int8_weight_args(wq, s_w, bias) -> None:
+    """Validate the weight side of an int8 matmul: int8 ``wq [N, K]`` with ``K <= MAX_K``, float32
+    ``s_w [N]``, a float ``bias [N]`` or none, all on one device."""
     if wq.dtype != torch.int8 or wq.dim() != 2:
         raise ValueError(f"int8 matmul: weight must be a 2-D int8 tensor [N, K], got {wq.dtype} {tuple(wq.shape)}")
+    n, k = wq.shape
+    if k > MAX_K:
+        raise ValueError(f"int8 matmul: K={k} exceeds {MAX_K}, where the int32 accumulator could overflow")
+    if s_w.dtype != torch.float32 or tuple(s_w.shape) != (n,):
+        raise ValueError(f"weight scale must be float32 [{n}], got {s_w.dtype} {tuple(s_w.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    devs = {t.device for t in (wq, s_w) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"int8 matmul: weight tensors on different devices: {sorted(map(str, devs))}")
+
+
+def check_int8_matmul_args(xq, wq, s_x, s_w, bias, out_dtype) -> None:
+    """Validate every argument, naming the offending one (never a device fault later)."""
+    check_int8_weight_args(wq, s_w, bias)
     n, k = wq.shape
     if xq.dtype != torch.int8:
         raise ValueError(f"int8 matmul: activations must be int8 (quantize them first), got {xq.dtype}")
     if xq.shape[-1] != k:
         raise ValueError(f"int8 matmul: input has {xq.shape[-1]} features but the weight expects K={k} "
                          f"(x {tuple(xq.shape)}, weight {tuple(wq.shape)})")
-    if k > MAX_K:
-        raise ValueError(f"int8 matmul: K={k} exceeds {MAX_K}, where the int32 accumulator could overflow")
-    if s_w.dtype != torch.float32 or tuple(s_w.shape) != (n,):
-        raise ValueError(f"weight scale must be float32 [{n}], got {s_w.dtype} {tuple(s_w.shape)}")
     if s_x.dtype != torch.float32 or tuple(s_x.shape) != tuple(xq.shape[:-1]):
         raise ValueError(f"activation scale must be float32 {list(xq.shape[:-1])} (one per row), got "
                          f"{s_x.dtype} {tuple(s_x.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
-        raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"int8 matmul: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     devs = {t.device for t in (xq, wq, s_x, s_w) + ((bias,) if bias is not None else ())}

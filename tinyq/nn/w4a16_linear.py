@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from tinyq.backend import use_triton
+from tinyq.nn.checked import CheckedTensors
 from tinyq.ops.linear import check_w4a16_weight, w4a16_linear_prechecked
 from tinyq.quant.format import PACK, check_group_size, dequantize_weight, quantize_weight
 
@@ -37,7 +38,7 @@ class W4A16Linear(nn.Module):
         else:
             self.bias = None
         self._dense = None  # (key, tensor) cache for the CPU path
-        self._checked = None  # ids of the weight tensors last validated
+        self._checked = CheckedTensors()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, dtype=None) -> "W4A16Linear":
@@ -74,7 +75,7 @@ class W4A16Linear(nn.Module):
         else:
             mod.bias = None
         mod._dense = None
-        mod._checked = None
+        mod._checked = CheckedTensors()
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -98,10 +99,10 @@ class W4A16Linear(nn.Module):
     def checked_weights(self):
         """``(qweight, scales, zeros, bias)``, validated once per tensor object (for the fused ops
         that take the weights directly)."""
-        key = (id(self.qweight), id(self.scales), id(self.zeros), id(self.bias))
-        if self._checked != key:
-            check_w4a16_weight(self.qweight, self.scales, self.zeros, self.bias)
-            self._checked = key
+        tensors = (self.qweight, self.scales, self.zeros, self.bias)
+        if not self._checked.same(tensors):
+            check_w4a16_weight(*tensors)
+            self._checked.remember(tensors)
         return self.qweight, self.scales, self.zeros, self.bias
 
     def _apply(self, fn, *args, **kwargs):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinyq.ops.w8a8 import QuantizedActivation, w8a8_linear
+from tinyq.nn.checked import CheckedTensors
+from tinyq.ops.w8a8 import QuantizedActivation, check_w8a8_weight, w8a8_linear_prechecked
 from tinyq.quant.int8_format import MAX_K, dequantize_weight_int8, quantize_weight_int8
 
 ACT_QUANT = ("token", "tensor")
@@ -35,6 +36,7 @@ class W8A8Linear(nn.Module):
         if in_features > MAX_K:
             raise ValueError(f"in_features={in_features} exceeds {MAX_K}, where the int32 accumulator could overflow")
         self.in_features, self.out_features, self.act_quant = in_features, out_features, act_quant
+        self._checked = CheckedTensors()
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         if act_quant == "tensor":
@@ -84,13 +86,22 @@ class W8A8Linear(nn.Module):
         return dequantize_weight_int8(self.qweight, self.weight_scale)
 
     def forward(self, x) -> torch.Tensor:
-        bias = self.bias
+        qweight, weight_scale, bias = self.checked_weights()
         out_dtype = x.dtype
         if bias is not None and bias.dtype != out_dtype and out_dtype in (torch.float16, torch.bfloat16, torch.float32):
             bias = bias.to(out_dtype)
         if isinstance(x, QuantizedActivation) and x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
-        return w8a8_linear(x, self.qweight, self.weight_scale, bias, self.input_scale)
+        return w8a8_linear_prechecked(x, qweight, weight_scale, bias, self.input_scale)
+
+    def checked_weights(self):
+        """``(qweight, weight_scale, bias)``, validated once per tensor object: an eager call then
+        checks only its input (the host cost of a decode-sized linear is mostly such Python)."""
+        tensors = (self.qweight, self.weight_scale, self.bias, self.input_scale)
+        if not self._checked.same(tensors):
+            check_w8a8_weight(*tensors)
+            self._checked.remember(tensors)
+        return self.qweight, self.weight_scale, self.bias
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the scales; ``.half()`` / ``.to(dtype)`` leave them float32 (the

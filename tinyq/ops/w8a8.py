@@ -28,7 +28,7 @@ from tinyq.kernels import int8_quant as _iq
 from tinyq.kernels import layernorm_quant as _lq
 from tinyq.kernels import rmsnorm_quant as _rq
 from tinyq.kernels import silu_mul_quant as _sq
-from tinyq.kernels.int8_matmul import check_int8_matmul_args, int8_matmul_reference
+from tinyq.kernels.int8_matmul import check_int8_matmul_args, check_int8_weight_args, int8_matmul_reference
 from tinyq.quant.int8_format import check_finite_scales
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -191,6 +191,27 @@ _int8_linear = _custom_op(
     "int8_linear", _int8_linear_impl,
     lambda xq, s, qw, ws, b, dt: xq.new_empty(*xq.shape[:-1], qw.shape[0], dtype=dt),
 )
+
+
+def check_w8a8_weight(qweight, weight_scale, bias=None, input_scale=None) -> None:
+    """Validate a W8A8 linear's weight side once (``W8A8Linear.checked_weights``): the int8 matmul's
+    weight arguments and the static activation scale, if any, on the weight's device."""
+    check_int8_weight_args(qweight, weight_scale, bias)
+    _iq.check_static_scale(input_scale, qweight.device)
+
+
+def w8a8_linear_prechecked(x, qweight, weight_scale, bias=None, input_scale=None) -> torch.Tensor:
+    """:func:`w8a8_linear` for weights that passed ``check_int8_weight_args`` once (``W8A8Linear``).
+    A float input on the Triton path is quantized and multiplied without validating again what
+    the quantizer just produced; anything else takes :func:`w8a8_linear`'s checks."""
+    if isinstance(x, QuantizedActivation) or not torch.is_tensor(x) or x.dtype not in OUT_DTYPES or not use_triton(x):
+        return w8a8_linear(x, qweight, weight_scale, bias, input_scale)
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"w8a8_linear: input has {x.shape[-1]} features but the weight expects "
+                         f"K={qweight.shape[1]} (x {tuple(x.shape)})")
+    q, scale = _quantize(x, input_scale)
+    _checked(q, scale, x.dtype, "quantize_activation")  # TINYQ_CHECK_FINITE's check, when asked for
+    return _int8_linear(q, scale, qweight, weight_scale, bias, x.dtype)
 
 
 def w8a8_linear(x, qweight, weight_scale, bias=None, input_scale=None) -> torch.Tensor:
