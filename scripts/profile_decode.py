@@ -59,7 +59,7 @@ def profile_model(name, precision, steps, paired=None, int8_gemv=None):
     table = int8_configs.CONFIGS[int8_configs.device_arch(device)]
     if int8_gemv is not None:
         table[0] = (table[0][0], int8_gemv_config(int8_gemv))
-    gemv_cfg = {k: v for k, v in table[0][1].items() if k != "kernel"}
+    gemv_cfg = {k: v for k, v in table[0][1].items() if k != "kernel"} if precision == "w8a8" else {}
     model = random_model(SHAPES[name], precision, device, GROUP_SIZE.get(name, 128))
     gen = Generator(model, None, max_seq_len=256)
     warm_up(gen)
@@ -82,7 +82,8 @@ def profile_model(name, precision, steps, paired=None, int8_gemv=None):
     rows = kernel_table(prof, steps)
     kernels_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
-    print(f"\n== {name} {precision} (paired GEMV inputs: {PAIRED_DECODE[arch]}; int8 GEMV {gemv_cfg}): "
+    gemv_note = f"; int8 GEMV {gemv_cfg}" if gemv_cfg else ""
+    print(f"\n== {name} {precision} (paired GEMV inputs: {PAIRED_DECODE[arch]}{gemv_note}): "
           f"{wall_us:.1f} us/token wall, {kernels_us:.1f} us of kernels, "
           f"{launches:.0f} launches/token ({(wall_us - kernels_us) / max(launches, 1):.2f} us gap per launch)")
     print(f"{'kernel':70s} {'n/tok':>6s} {'us/tok':>8s} {'us/call':>8s}")
@@ -112,7 +113,8 @@ def main():
     print("\nmodel      paired  int8 GEMV                 wall us/token  kernels us/token  int8 GEMVs us/token")
     for r in res:
         gemv = sum(k["us_per_token"] for k in r["kernels"] if k["name"].startswith("_int8_gemv"))
-        cfg = "x".join(str(r["int8_gemv"].get(k)) for k in ("block_n", "block_k", "num_warps", "num_stages"))
+        cfg = "x".join(str(r["int8_gemv"][k]) for k in ("block_n", "block_k", "num_warps", "num_stages")) \
+            if r["int8_gemv"] else "-"
         print(f"{r['model']:10s} {str(r['paired']):6s}  {cfg:24s} {r['wall_us']:13.1f} {r['kernels_us']:17.1f} "
               f"{gemv:20.1f}")
     if args.out:

@@ -27,8 +27,5 @@ class CheckedTensors:
     def remember(self, tensors) -> None:
         self._refs = tuple(None if t is None else weakref.ref(t) for t in tensors)
 
-    def forget(self) -> None:
-        self._refs = None
-
     def __reduce__(self):  # pickling or copying a module forgets: its tensors are checked again
         return (CheckedTensors, ())
