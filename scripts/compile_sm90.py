@@ -39,6 +39,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -74,6 +75,8 @@ def _arg_type(value):
     """(signature type, constexpr value or None, 16-divisible) as the JIT would specialize."""
     if isinstance(value, torch.Tensor):
         return "*" + POINTER_TYPES[value.dtype], None, value.data_ptr() % 16 == 0
+    if isinstance(value, TensorDescriptor):
+        return f"tensordesc<{POINTER_TYPES[value.base.dtype]}{list(value.block_shape)}>", None, False
     if value is None:
         return "constexpr", None, False
     if isinstance(value, bool):
@@ -228,12 +231,12 @@ def _w4a16_dequant(n, k):
     return launch
 
 
-def _int8_linear(m, n, k):
-    """The W8A8 linear at ``m`` tokens with the sm90 config of that M bucket."""
+def _int8_linear(m, n, k, cfg=None):
+    """The W8A8 linear at ``m`` tokens with the sm90 config of that M bucket, or ``cfg``."""
     def launch():
-        cfg = next(c for max_m, c in INT8_CONFIGS["sm90"] if max_m is None or m <= max_m)
+        cfg_ = cfg or next(c for max_m, c in INT8_CONFIGS["sm90"] if max_m is None or m <= max_m)
         int8_matmul.int8_matmul_checked(torch.zeros(m, k, dtype=torch.int8), torch.zeros(n, k, dtype=torch.int8),
-                                        torch.ones(m, 1), torch.ones(n), None, torch.float16, config=cfg)
+                                        torch.ones(m, 1), torch.ones(n), None, torch.float16, config=cfg_)
     return launch
 
 
@@ -318,6 +321,13 @@ TARGETS = {
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
     "int8-tower-fc2": _int8_linear(17408, 1152, 4304),
     "int8-llama3-8b-gate-up-m16": _int8_linear(16, 28672, 4096),
+    # the persistent tensor-descriptor GEMM (int8_gemm_tma.py) in the sweeps' tile shapes
+    "int8-tma-llama3-8b-down-m256": _int8_linear(256, 4096, 14336, dict(
+        kernel="tma", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, group_m=8)),
+    "int8-tma-tower-fc2": _int8_linear(8192, 1152, 4304, dict(
+        kernel="tma", block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3, group_m=8)),
+    "int8-tma-llama3-8b-gate-up-m16-swap": _int8_linear(16, 28672, 4096, dict(
+        kernel="tma", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
     "int8-llama3-8b-gate-up-m1": _int8_linear(1, 28672, 4096),
     "int8-gemv-rope-llama3-8b": _int8_gemv_rope(4096, 32, 8, 128, False),
     "int8-gemv-rope-qwen2-7b-bias": _int8_gemv_rope(3584, 28, 4, 128, True),

@@ -8,7 +8,8 @@ fp16 and then W8A8 (calibrated on 4 tiles), and prints each kernel's launches an
 sorted by time, with the wall time per forward: the table that says which kernels keep the W8A8
 tower from its int8 speed. ``--int8-gemm 128x128x128x4x3,256x128x128x8x4`` profiles the W8A8 tower
 once per config of the int8 GEMM's open-ended M bucket (block_m x block_n x block_k x warps x
-stages, in place of the shipped one): the tower's chunks of 8 tiles are M = 8192 rows, of 1 tile 1024.
+stages, in place of the shipped one; ``tma:...x2`` names the tensor-descriptor GEMM with its programs per
+SM): the tower's chunks of 8 tiles are M = 8192 rows, of 1 tile 1024.
 """
 import argparse
 import copy
@@ -55,11 +56,22 @@ def profile_forward(name, forward, px, steps):
             "kernels": [dict(zip(("name", "per_forward", "us_per_forward", "us_per_call"), r)) for r in rows]}
 
 
+def int8_gemm_spec(spec: str) -> dict:
+    """``BMxBNxBKxWARPSxSTAGES`` -> a pointer-GEMM config; ``tma:BMxBNxBKxWARPSxSTAGESxPROGRAMS_PER_SM``
+    -> a tensor-descriptor GEMM config (tinyq.kernels.int8_configs format)."""
+    kind, _, dims = spec.rpartition(":")
+    vals = [int(v) for v in dims.split("x")]
+    cfg = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), vals[:5]))
+    if kind == "tma":
+        return dict(kernel="tma", **cfg, swap_ab=False, group_m=8, programs_per_sm=vals[5] if len(vals) > 5 else 2)
+    return dict(kernel="gemm", **cfg, swap_ab=False, group_m=8)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiles", type=int, default=17)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--int8-gemm", default="", help="open-bucket int8 GEMM configs to run in turn, e.g. 128x128x128x4x3")
+    ap.add_argument("--int8-gemm", default="", help="open-bucket int8 GEMM configs to run in turn, e.g. 128x128x128x4x3,tma:128x256x128x8x3x1")
     ap.add_argument("--out")
     args = ap.parse_args()
     device, dtype = torch.device("cuda"), torch.float16
@@ -76,9 +88,7 @@ def main():
     for spec in [v for v in args.int8_gemm.split(",") if v] or [None]:
         label = "W8A8 tower"
         if spec is not None:
-            bm, bn, bk, warps, stages = (int(v) for v in spec.split("x"))
-            table[-1] = (None, dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=False,
-                                    num_warps=warps, num_stages=stages, group_m=8))
+            table[-1] = (None, int8_gemm_spec(spec))
             label += f" (int8 GEMM {spec})"
         res.append(profile_forward(label, BatchGraphs(w8.last_hidden_state), px, args.steps))
         print(f"\n{label} / fp16 wall: {res[-1]['wall_ms'] / res[0]['wall_ms']:.3f}, "

@@ -6,6 +6,7 @@ import torch
 from tests.tolerances import assert_close_rel
 from tinyq.kernels.int8_configs import CONFIGS, select_config
 from tinyq.kernels.int8_gemm import launch_int8_gemm
+from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma, tma_eligible
 from tinyq.kernels.int8_gemv import launch_int8_gemv
 from tinyq.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from tinyq.quant.int8_format import MAX_K
@@ -24,7 +25,9 @@ def make_case(m, n, k, bias=True, device=DEV, bias_dtype=torch.float16):
 
 
 def exact(xq, wq):
-    return (xq.cpu().long() @ wq.cpu().long().t()).to(torch.int32)
+    if xq.is_cuda:  # float64 is exact here (|acc| < 2^53) and fast on the GPU, where int64 matmuls do not run
+        return (xq.double() @ wq.double().t()).to(torch.int32).cpu()
+    return (xq.long() @ wq.long().t()).to(torch.int32)
 
 
 def poisoned(m, n, dtype, device=DEV):
@@ -55,6 +58,33 @@ def test_gemm_exact_and_scaled(m, n, k, swap_ab):
     y = poisoned(m, n, torch.bfloat16)
     launch_int8_gemm(xq, wq, s_x, s_w, b, y, block_m=16, block_n=16, block_k=32, swap_ab=swap_ab)
     assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.bfloat16)
+
+
+@pytest.mark.parametrize("programs_per_sm", [0, 1])
+@pytest.mark.parametrize("swap_ab", [False, True])
+@pytest.mark.parametrize("m,n,k", [(17, 67, 112), (3, 40, 256), (70, 33, 48)])
+def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm):
+    # K = 112 and 48 end inside a K step (the descriptor's zero fill); 70 x 67 tiles leave ragged edges; on
+    # the interpreter an SM count of 4 makes each persistent program walk several tiles
+    xq, wq, s_x, s_w, b = make_case(m, n, k)
+    assert tma_eligible(xq, wq)
+    acc = poisoned(m, n, torch.int32)
+    launch_int8_gemm_tma(xq, wq, s_x, s_w, None, acc, block_m=16, block_n=32, block_k=64, swap_ab=swap_ab,
+                         programs_per_sm=programs_per_sm)
+    assert torch.equal(acc.cpu(), exact(xq, wq))
+    y = poisoned(m, n, torch.float16)
+    launch_int8_gemm_tma(xq, wq, s_x, s_w, b, y, block_m=16, block_n=16, block_k=32, swap_ab=swap_ab,
+                         programs_per_sm=programs_per_sm)
+    assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
+
+
+def test_tma_config_falls_back_on_unaligned_rows():
+    # K = 100: rows 100 bytes apart cannot be described to the copy engine; the pointer GEMM runs instead
+    xq, wq, s_x, s_w, _ = make_case(5, 24, 100)
+    assert not tma_eligible(xq, wq)
+    cfg = dict(kernel="tma", block_m=16, block_n=16, block_k=64, num_warps=4, num_stages=2, programs_per_sm=1)
+    assert torch.equal(int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg).cpu(), exact(xq, wq))
+    assert not tma_eligible(xq[:, 1:], wq[:, 1:])  # a 16-byte-aligned stride but a misaligned base
 
 
 @pytest.mark.parametrize("m", [1, 3, 17, 257])
@@ -113,3 +143,20 @@ def test_every_shipped_config_on_gpu(arch):
             assert torch.equal(acc.cpu(), exact(xq, wq)), (arch, max_m, cfg)
             y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16, config=cfg)
             assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs_per_sm", [0, 1, 2])
+def test_tma_gemm_on_gpu(programs_per_sm):
+    # 17 x 18 tiles of 128 x 128: more than 2 programs on each of 132 SMs, so persistent programs loop
+    for m, n, k in ((300, 200, 4160), (2048 + 17, 2304, 1152), (1, 72, 4160)):
+        xq, wq, s_x, s_w, b = make_case(m, n, k)
+        want, ref = exact(xq, wq), int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32)
+        # (the int32 output's 128 x 256 tile crosses shared memory on its way out: BK 64 leaves room)
+        for bm, bn, bk, warps in ((128, 128, 128, 4), (128, 256, 64, 8), (64, 128, 256, 4)):
+            cfg = dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, num_warps=warps, num_stages=3,
+                       programs_per_sm=programs_per_sm)
+            acc = int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc.cpu(), want), cfg
+            y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.bfloat16, config=cfg)
+            assert_close_rel(y, ref, torch.bfloat16)

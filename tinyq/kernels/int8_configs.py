@@ -1,8 +1,9 @@
 """Shipped launch configs for the int8 (W8A8) kernels, bucketed by M, so nobody waits for autotuning.
 
 ``CONFIGS[arch]`` is a list of ``(max_m, config)`` in increasing ``max_m``; the first bucket with
-``m <= max_m`` wins (``None``: open-ended). ``kernel`` is ``"gemv"`` (:mod:`tinyq.kernels.int8_gemv`)
-or ``"gemm"`` (:mod:`tinyq.kernels.int8_gemm`). ``benchmarks/bench_w8a8.py --sweep`` measures the
+``m <= max_m`` wins (``None``: open-ended). ``kernel`` is ``"gemv"`` (:mod:`tinyq.kernels.int8_gemv`),
+``"gemm"`` (:mod:`tinyq.kernels.int8_gemm`) or ``"tma"`` (:mod:`tinyq.kernels.int8_gemm_tma`, sm90 and
+later; the pointer GEMM where an operand is not 16-byte aligned). ``benchmarks/bench_w8a8.py --sweep`` measures the
 candidates of :func:`sweep_candidates` per bucket on the four Llama-3-8B linears and prints the
 winners in this format.
 """
@@ -25,16 +26,31 @@ _SM90 = [
     (1, dict(kernel="gemv", block_n=8, block_k=512, num_warps=8, num_stages=3, dp4a=True)),
     (16, dict(kernel="gemm", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
     (64, dict(kernel="gemm", block_m=64, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
-    (256, dict(kernel="gemm", block_m=64, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=4,
-               group_m=8)),
-    (None, dict(kernel="gemm", block_m=128, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=3,
-                group_m=8)),
+    # M = 65..: tensor-descriptor tiles (H100 sweeps, 2026-12-05: 139.0 against 157.5 us at M = 256 for
+    # the pointer GEMM's best; the SigLIP tower's four linears at M = 8192: 310.4 against 339.1 us)
+    (256, dict(kernel="tma", block_m=64, block_n=128, block_k=256, swap_ab=False, num_warps=4, num_stages=4,
+               group_m=8, programs_per_sm=1)),
+    (None, dict(kernel="tma", block_m=128, block_n=128, block_k=128, swap_ab=False, num_warps=4, num_stages=3,
+                group_m=8, programs_per_sm=2)),
 ]
+
+def _portable(cfg: dict) -> dict:
+    """An sm90 config for GPUs without tuned entries: at most 3 pipeline stages and ~100 KB of shared
+    memory (K steps halved until the tiles fit), and no tensor descriptors (the pointer GEMM)."""
+    out = dict(cfg, num_stages=min(cfg["num_stages"], 3))
+    if out["kernel"] == "gemv":
+        return out
+    while (out["block_m"] + out["block_n"]) * out["block_k"] * out["num_stages"] > 100 * 1024 and out["block_k"] > 64:
+        out["block_k"] //= 2
+    if out["kernel"] == "tma":
+        out["kernel"] = "gemm"
+        del out["programs_per_sm"]
+    return out
+
 
 CONFIGS = {
     "sm90": _SM90,
-    # Elsewhere (untuned): at most 3 pipeline stages, to fit ~100 KB of shared memory.
-    "default": [(m, dict(cfg, num_stages=min(cfg["num_stages"], 3))) for m, cfg in _SM90],
+    "default": [(m, _portable(cfg)) for m, cfg in _SM90],
 }
 
 BUCKETS = (1, GEMV_MAX_M, 16, 64, 256, None)  # the --sweep buckets (the shipped list may merge some)
@@ -73,4 +89,11 @@ def sweep_candidates(max_m):
             continue
         out.append(dict(kernel="gemm", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=w, num_stages=s,
                         group_m=8))
+        # from M = 65 the same tiles through tensor descriptors: one program per tile, or 1-2 persistent
+        # programs per SM (two fit in shared memory up to ~110 KB each)
+        if max_m is not None and max_m <= 64:
+            continue
+        for pps in (0, 1, 2) if (bm + bn) * bk * s <= 110 * 1024 else (0, 1):
+            out.append(dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=w,
+                            num_stages=s, group_m=8, programs_per_sm=pps))
     return out

@@ -71,6 +71,16 @@ def _int8_gemm_kernel(
 
     if SWAP_AB:
         acc = tl.trans(acc)  # [BM, BN]
+    store_scaled(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, RAW_INT32)
+
+
+@triton.jit
+def store_scaled(acc, offs_m, offs_n, M, N, sx_ptr, sw_ptr, bias_ptr, y_ptr, stride_ym,
+                 HAS_BIAS: tl.constexpr, RAW_INT32: tl.constexpr):
+    """The epilogue of an int32 tile ``acc`` [BM, BN] at rows ``offs_m``, columns ``offs_n``:
+    ``acc * s_x * s_w (+ bias)`` in float32, stored in y's dtype, or ``acc`` itself when RAW_INT32."""
+    m_mask = offs_m < M
+    n_mask = offs_n < N
     out_mask = m_mask[:, None] & n_mask[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
     if RAW_INT32:

@@ -2,8 +2,9 @@
 
 ``y = (xq @ wq.T) * s_x[:, None] * s_w[None, :] (+ bias)`` with int8 ``xq`` [M, K] and ``wq`` [N, K]
 (:mod:`tinyq.quant.int8_format`). The shipped configs (:mod:`tinyq.kernels.int8_configs`) pick the
-kernel by M: one row runs the GEMV (:mod:`tinyq.kernels.int8_gemv`), more rows the tensor-core GEMM
-(:mod:`tinyq.kernels.int8_gemm`). ``out_dtype=torch.int32`` returns the exact integer product.
+kernel by M: one row runs the GEMV (:mod:`tinyq.kernels.int8_gemv`), more rows the tensor-core GEMM,
+with pointer loads (:mod:`tinyq.kernels.int8_gemm`) or, where the operands are 16-byte aligned,
+tensor descriptors (:mod:`tinyq.kernels.int8_gemm_tma`). ``out_dtype=torch.int32`` returns the exact integer product.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_configs import select_config
 from tinyq.kernels.int8_gemm import launch_int8_gemm
+from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma, tma_eligible
 from tinyq.kernels.int8_gemv import launch_int8_gemv
 from tinyq.quant.int8_format import MAX_K
 
@@ -84,6 +86,10 @@ def int8_matmul_checked(xq, wq, s_x, s_w, bias=None, out_dtype=torch.float16, *,
     kind = cfg.pop("kernel")
     if kind == "gemv":
         return launch_int8_gemv(xq, wq, s_x, s_w, bias, y, **cfg)
+    if kind == "tma":
+        if tma_eligible(xq, wq):
+            return launch_int8_gemm_tma(xq, wq, s_x, s_w, bias, y, **cfg)
+        cfg.pop("programs_per_sm", None)  # misaligned operands: the pointer GEMM with the same tiles
     return launch_int8_gemm(xq, wq, s_x, s_w, bias, y, **cfg)
 
 
