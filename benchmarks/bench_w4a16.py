@@ -14,8 +14,8 @@ Contenders on the Llama-3-8B linears of one layer (qkv 4096->6144, o 4096->4096,
   group 128) with gemlite's shipped H100 configs (same sm90 architecture; its own lookup finds no
   file for an H200 and would autotune), when ``import gemlite`` works (``--gemlite-dtypes``).
 
-Timing: M <= 128 from CUDA-graph replays over weight copies that exceed L2 (no launch cost, every
-call reads HBM); larger M with ``triton.testing.do_bench`` (median, L2 flushed). Then host cost:
+Timing: every M from CUDA-graph replays over weight copies that exceed L2 (no launch cost, every
+call reads HBM: the GPU time of each contender alike). Then host cost:
 eager wall time per call of ``W4A16Linear`` and the norm / SiLU / attention wrappers against their
 graph-replay time.
 
@@ -45,7 +45,11 @@ from tinyq.quant.format import quantize_weight, unpack_int4  # noqa: E402
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}  # (K, N)
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 G = 128
-GRAPH_MAX_M = 128
+# Every M is timed from CUDA-graph replays: with do_bench, a call whose GPU time is under its Python
+# launch cost (~70-100 us for a W4A16 call on the lent H100's host, ~15 for cuBLAS) measures the host,
+# and at M = 256 qkv and o took 84 and 75 us that way against ~25-35 of GPU time. Host cost is
+# reported separately (host_cost rows).
+GRAPH_MAX_M = 1 << 30
 ROTATE_BYTES = 200e6  # weight copies in rotation per shape: > 3x the H200's 60 MB L2
 
 
@@ -85,9 +89,9 @@ def gemlite_layers(qw, s, z, copies, dtype):
 
 # ------------------------------------------------------------------------------------------ sweep
 
-def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False):
+def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False, tma=False):
     return "gemm", dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
-                        split_k=split_k, fused_reduce=fused_reduce, num_warps=warps, num_stages=stages)
+                        split_k=split_k, fused_reduce=fused_reduce, tma=tma, num_warps=warps, num_stages=stages)
 
 
 def candidates(m):
@@ -95,8 +99,9 @@ def candidates(m):
     at M=1 (each tile with one row per warp and with rows sharing a warp); the fused GEMM with the dequantized weights as the MMA's register operand (swap-AB),
     activations in fragment order ('frag', up to M=64: its per-tile x permutation cost 2.5-3x at
     M=128) or natural order ('natural'), up to M=256, with split-K where N alone leaves SMs idle;
-    dequantize + cuBLAS from M=128. (Permuting x once in memory instead, 64-input K steps, lost at
-    every M on the H200: docs/perf_notes.md.)"""
+    dequantize + cuBLAS from M=128; ``natural`` plans also with x and the words through tensor
+    descriptors (``tma``). (Permuting x once in memory instead, 64-input K steps, lost at every M on
+    the H200: docs/perf_notes.md.)"""
     if m == 1:
         # warp_blocks: None = one weight row per warp; 4 or 8 = a warp spans 8 or 4 rows that share
         # each activation load (tinyq.kernels.w4a16_gemv.gemv_rows). The last four tiles are larger
@@ -117,11 +122,14 @@ def candidates(m):
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack)
             # the same with the split-K sum in the GEMM's last program per tile (no second launch)
             yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack, fused_reduce=True)
+            if unpack == "natural":  # x and the words through tensor descriptors (sm90)
+                yield frag(bm, bn, 128, True, sk, 4, 4 if bm < 128 else 3, unpack, tma=True)
     if 65 <= m <= 256:
         # not swapped: the dequantized tile is the MMA's shared-memory operand, read in place (no
         # ldmatrix back into registers); 8 warps keep the 128 x 128 tile free of spills (3.6 compile)
         for sk in (1, 2, 4):
             yield frag(128, 128, 128, False, sk, 8, 3, "natural")
+            yield frag(128, 128, 128, False, sk, 8, 3, "natural", tma=True)
     if m >= 128:
         yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
 
@@ -267,8 +275,8 @@ def main():
             s[key] += r[key]
     summary = build_summary(sums, host, dtypes)
     write_json(args.out, dict(env=env, group_size=G, shapes=SHAPES,
-                              timing=f"M <= {GRAPH_MAX_M}: CUDA-graph replays over weight copies > "
-                                     f"{ROTATE_BYTES / 1e6:.0f} MB; larger M: do_bench median, L2 flushed",
+                              timing="every M: CUDA-graph replays over weight copies > "
+                                     f"{ROTATE_BYTES / 1e6:.0f} MB",
                               rows=rows, sums={f"{d} M={m}": v for (d, m), v in sums.items()}, host_cost=host,
                               tuned={str(m): p for m, p in tuned.items()}, summary=summary))
     print("\nhost cost (eager wall us/call vs graph replay us/call):")

@@ -317,10 +317,16 @@ TARGETS = {
     "w4a16-gemm-m16-fused-reduce-llama3-8b-o": _w4a16_gemm(16, 4096, 4096, dict(
         next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm"), fused_reduce=True)),
     "w4a16-dequant-llama3-8b-gate-up": _w4a16_dequant(28672, 4096),
+    # x and the packed words through tensor descriptors (the sweep's `tma` plans)
+    "w4a16-gemm-m256-tma-llama3-8b-gate-up": _w4a16_gemm(256, 28672, 4096, dict(
+        next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and 256 <= max_m), tma=True)),
+    "w4a16-gemm-m32-tma-llama3-8b-gate-up": _w4a16_gemm(32, 28672, 4096, dict(
+        next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and 32 <= max_m), tma=True)),
     # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
     "int8-tower-fc2": _int8_linear(17408, 1152, 4304),
     "int8-llama3-8b-gate-up-m16": _int8_linear(16, 28672, 4096),
+    "int8-llama3-8b-down-m256": _int8_linear(256, 4096, 14336),  # the shipped M <= 256 config
     # the persistent tensor-descriptor GEMM (int8_gemm_tma.py) in the sweeps' tile shapes
     "int8-tma-llama3-8b-down-m256": _int8_linear(256, 4096, 14336, dict(
         kernel="tma", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, group_m=8)),

@@ -14,7 +14,7 @@ from tinyq.kernels.paired import pair_rows_reference, paired_plane, unpair_rows_
 from tinyq.kernels.semaphore import counters
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
-from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
+from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm, tma_eligible
 from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
 from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference
@@ -121,6 +121,25 @@ def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dt
                       unpack=unpack, split_k=split_k, fused_reduce=True, num_warps=4)
     assert torch.equal(y_fused, y)
     assert not counters(y.device, 1).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,group_size,block_k,swap_ab,split_k", [
+    (3, 67, 640, 64, 64, True, 3),  # N and M past the tiles (zero-filled rows), splits of 4, 4 and 2 steps
+    (17, 40, 512, 128, 128, True, 1),
+    (257, 33, 384, 32, 32, False, 2),
+])
+def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k, dtype):
+    """x and the packed words through tensor descriptors: the same result as the pointer loads."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
+    cfg = dict(block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab, unpack="natural", split_k=split_k,
+               num_warps=4)
+    assert tma_eligible(x, qw)  # so the descriptors, not the pointer fallback, produce y_tma
+    y_ptr, y_tma = poisoned(m, n, dtype), poisoned(m, n, dtype)
+    launch_w4a16_gemm(x, qw, s, z, b, y_ptr, **cfg)
+    launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, **cfg)
+    assert_close_rel(y_tma, w4a16_linear_reference(x, qw, s, z, b))
+    assert torch.equal(y_tma, y_ptr)
 
 
 @triton.jit
@@ -302,6 +321,26 @@ def test_gpu_gemv_paths_and_outliers(m, n, k, group_size, ptx_dequant, warp_bloc
                       num_stages=2, ptx_dequant=ptx_dequant, warp_blocks=warp_blocks)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("swap_ab,block_m,block_n,split_k,stages", [(True, 32, 64, 4, 4), (True, 128, 64, 1, 3),
+                                                                    (False, 128, 128, 1, 3)])
+@pytest.mark.parametrize("m,n,k,group_size", [(256, 4096, 4096, 128), (300, 1000, 1024, 64), (57, 333, 576, 32)])
+def test_gpu_gemm_tensor_descriptors(m, n, k, group_size, swap_ab, block_m, block_n, split_k, stages, dtype):
+    """The descriptor-fed GEMM with the PTX dequant equals the pointer-fed one, outliers included."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
+    x[:, 5] = 3000.0
+    cfg = dict(block_m=block_m, block_n=block_n, block_k=min(128, group_size), swap_ab=swap_ab, unpack="natural",
+               ptx_dequant=True, split_k=split_k, num_warps=4 if swap_ab else 8, num_stages=stages)
+    assert tma_eligible(x, qw)
+    y_ptr, y_tma = poisoned(m, n, dtype, device="cuda"), poisoned(m, n, dtype, device="cuda")
+    launch_w4a16_gemm(x, qw, s, z, b, y_ptr, **cfg)
+    launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, **cfg)
+    torch.cuda.synchronize()
+    assert_close_rel(y_tma, w4a16_linear_reference(x, qw, s, z, b))
+    assert torch.equal(y_tma, y_ptr)
 
 
 @pytest.mark.gpu

@@ -34,6 +34,7 @@ _SM90 = [
                 group_m=8, programs_per_sm=2)),
 ]
 
+
 def _portable(cfg: dict) -> dict:
     """An sm90 config for GPUs without tuned entries: at most 3 pipeline stages and ~100 KB of shared
     memory (K steps halved until the tiles fit), and no tensor descriptors (the pointer GEMM)."""
@@ -44,7 +45,7 @@ def _portable(cfg: dict) -> dict:
         out["block_k"] //= 2
     if out["kernel"] == "tma":
         out["kernel"] = "gemm"
-        del out["programs_per_sm"]
+        out.pop("programs_per_sm", None)
     return out
 
 

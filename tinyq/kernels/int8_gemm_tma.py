@@ -10,7 +10,8 @@ What differs is how the tiles get there:
   computes the addresses, so the warps' issue slots go to the MMAs and the epilogue instead of
   per-thread address arithmetic and ``cp.async``. Rows past M or N and the K tail read as zeros,
   which add nothing to ``acc``, so no step is masked.
-- **Persistent programs.** ``num_programs`` programs (at most one per SM) stride over the tiles in
+- **Persistent programs.** ``programs_per_sm`` x SMs programs (1-2 shipped; 0 launches one per tile)
+  stride over the tiles in
   the grouped order of :func:`tinyq.kernels.tiling.grouped_pid`, and the tile loop is flattened
   into the K loop, so the next tile's first copies are in flight during this tile's epilogue. That
   matters where K is short (a vision tower's K = 1152 is 9 steps of 128).
@@ -47,8 +48,9 @@ def _int8_gemm_tma_kernel(
     tl.static_assert(BLOCK_K >= 32, "int8 MMA consumes K in steps of 32")
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_steps = tl.cdiv(K, BLOCK_K)
-    # The epilogue recomputes its tile from its own counter rather than reusing the loads' indices:
-    # with the loops flattened, the compiler may already be issuing the next tile's copies.
+    # The epilogue recomputes its tile from its own counter (as Triton's persistent-matmul tutorial does)
+    # rather than reusing the loads' indices, which would keep them live across the flattened, pipelined
+    # loop: a register-pressure choice, not a correctness one.
     epilogue_tile = tl.program_id(0) - num_programs
     for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         pid_m, pid_n = grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)

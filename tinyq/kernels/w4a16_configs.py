@@ -17,17 +17,18 @@ import torch
 
 from tinyq.backend import gpu_arch, ptx_supported
 
-def _gemm(block_m, block_n, unpack, split_k, num_stages=4):
+def _gemm(block_m, block_n, unpack, split_k, num_stages=4, tma=False):
     return dict(block_m=block_m, block_n=block_n, block_k=128, swap_ab=True, unpack=unpack, ptx_dequant=True,
-                split_k=split_k, num_warps=4, num_stages=num_stages)
+                split_k=split_k, tma=tma, num_warps=4, num_stages=num_stages)
 
 
-_SM90 = [  # the H200 sweep's winners (bench_w4a16.py --sweep; docs/perf_notes.md)
+_SM90 = [  # the sweeps' winners (bench_w4a16.py --sweep; H200, the M <= 128 entry H100; docs/perf_notes.md)
     (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
     (16, "gemm", _gemm(16, 128, "frag", 8)),
     (32, "gemm", _gemm(32, 64, "natural", 4)),
     (64, "gemm", _gemm(64, 64, "natural", 4)),
-    (128, "gemm", _gemm(128, 64, "natural", 4, num_stages=3)),
+    # x and the words through tensor descriptors: 220.2 against 231.6 us (H100, graph-timed sweep)
+    (128, "gemm", _gemm(128, 64, "natural", 4, num_stages=3, tma=True)),
     (256, "gemm", _gemm(128, 64, "natural", 1, num_stages=3)),
     # from M = 257 dequantize + cuBLAS beats the fused GEMM (the measured crossover: docs/perf_notes.md)
     (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
@@ -35,15 +36,18 @@ _SM90 = [  # the H200 sweep's winners (bench_w4a16.py --sweep; docs/perf_notes.m
 
 PLANS = {
     "sm90": _SM90,
-    "default": [(m, kind, dict(cfg, num_stages=min(cfg["num_stages"], 3)) if "num_stages" in cfg else cfg)
+    # elsewhere: fewer stages, and pointer loads (tensor descriptors need sm90's copy engine to pay)
+    "default": [(m, kind, dict(cfg, num_stages=min(cfg["num_stages"], 3), **({"tma": False} if "tma" in cfg else {}))
+                 if "num_stages" in cfg else cfg)
                 for m, kind, cfg in _SM90],
 }
 
 
 # Whether the fused decode ops write each GEMV's input in the GEMV's paired layout
 # (tinyq.kernels.paired: 16-byte coalesced x loads instead of 8-byte ones at a 64-byte
-# lane stride). Off until a GPU run shows it faster (docs/perf_notes.md).
-PAIRED_DECODE = {"sm90": False, "default": False}
+# lane stride). On for sm90: Llama-3-8B W4A16 decode 2.834 / 2.803 ms/token against 2.913 / 2.905
+# unpaired (H100, alternating runs; docs/perf_notes.md).
+PAIRED_DECODE = {"sm90": True, "default": False}
 
 
 def device_arch(device: torch.device) -> str:

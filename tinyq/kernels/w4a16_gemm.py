@@ -26,6 +26,11 @@ Flags:
   (:mod:`tinyq.kernels.semaphore`); otherwise :func:`_splitk_reduce_kernel` then
   sums the partials, adds the bias and casts. For skinny M the tile count alone (N / BLOCK_N) is too
   small to fill the GPU at N = 4096, and every program streams a long K loop one tile at a time.
+- ``TMA``: ``x_ptr`` and ``qw_ptr`` are tensor descriptors of ``x`` [M, K] and ``qweight`` [N, K/8]:
+  one thread issues each tile's copy (Hopper's tensor memory accelerator) instead of every thread
+  computing addresses and issuing 16-byte ``cp.async``; rows past M or N arrive as zeros. A flag here,
+  not a kernel of its own: only the two loads differ, and the dequantization, split-K and epilogue
+  must stay the same code. Used with ``natural`` unpacking (x goes from the copy to the MMA).
 - ``ACC_FP16``: the MMA accumulates each K step in fp16 (twice the tensor rate of fp32
   accumulation on GeForce/RTX parts, equal on H100/A100); the step's partial is then added into
   an fp32 accumulator. Overflow can only come from one step's partial sum of ``BLOCK_K`` products
@@ -40,6 +45,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import dequant8
@@ -160,6 +166,7 @@ def _w4a16_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide the quantization group")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole 32-input packing blocks")
@@ -173,11 +180,12 @@ def _w4a16_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
-    # row strides come in as arguments (not K // 8 here): Triton can then prove 16-byte alignment
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + tl.arange(0, BLOCK_K))[None, :]  # [BM, BK]
-    # the split's first word from its own argument (K_SPLIT // 8): the compiler sees 16-divisibility
-    # there and issues 16-byte copies, where k_lo // 8 would only be known to be even (8-byte copies)
-    w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + (pid_k * K_SPLIT_WORDS + tl.arange(0, BLOCK_K // 8))[None, :]
+    if not TMA:
+        # row strides come in as arguments (not K // 8 here): Triton can then prove 16-byte alignment
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo + tl.arange(0, BLOCK_K))[None, :]  # [BM, BK]
+        # the split's first word from its own argument (K_SPLIT // 8): the compiler sees 16-divisibility
+        # there and issues 16-byte copies, where k_lo // 8 would only be known to be even (8-byte copies)
+        w_ptrs = qw_ptr + offs_n[:, None] * stride_wn + (pid_k * K_SPLIT_WORDS + tl.arange(0, BLOCK_K // 8))[None, :]
     sz_ptrs = offs_n * stride_sn  # [BN]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -188,12 +196,18 @@ def _w4a16_gemm_kernel(
     s_next = tl.load(s_ptr + sz_ptrs + k_lo // GROUP_SIZE, mask=n_mask, other=0.0)
     z_next = tl.load(z_ptr + sz_ptrs + k_lo // GROUP_SIZE, mask=n_mask, other=0.0)
     for k0 in range(k_lo, k_hi, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
-        words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
+        if TMA:  # descriptors: rows past N and M read as zeros
+            words = qw_ptr.load([pid_n * BLOCK_N, k0 // 8])
+        else:
+            words = tl.load(w_ptrs, mask=n_mask[:, None], other=0)
         s, z = s_next, z_next
         g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE  # the last step re-reads its own group
         s_next = tl.load(s_ptr + sz_ptrs + g_next, mask=n_mask, other=0.0)
         z_next = tl.load(z_ptr + sz_ptrs + g_next, mask=n_mask, other=0.0)
-        x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+        if TMA:
+            x = x_ptr.load([pid_m * BLOCK_M, k0])
+        else:
+            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
         if UNPACK == UNPACK_NATURAL:
             w = _natural_weights(words, s, z, BLOCK_N, BLOCK_K, PTX_DEQUANT)
         else:
@@ -203,8 +217,9 @@ def _w4a16_gemm_kernel(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = _mma(acc, x, w, SWAP_AB, ACC_FP16)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K // 8
+        if not TMA:
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K // 8
 
     # acc is [BM, BN], or [BN, BM] when SWAP_AB: index the output accordingly instead of transposing
     if SWAP_AB:
@@ -244,15 +259,23 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
+def tma_eligible(x, qweight) -> bool:
+    """Whether ``x`` and ``qweight`` meet the tensor descriptors' alignment rules: 16-byte bases and row
+    strides. (Unit column strides, a contiguous ``qweight`` and K % 32 == 0, so 16-byte weight rows,
+    are the op's own checks.)"""
+    return x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 and qweight.data_ptr() % 16 == 0
+
+
 def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
     swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "frag", ptx_dequant: bool = False,
-    split_k: int = 1, fused_reduce: bool = False, num_warps: int = 4, num_stages: int = 3,
+    split_k: int = 1, fused_reduce: bool = False, tma: bool = False, num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
-    ``fused_reduce`` sums split-K partials in
-    the GEMM's last program per tile instead of a second launch."""
+    ``fused_reduce`` sums split-K partials in the GEMM's last program per tile instead of a second
+    launch; ``tma`` loads x and the packed words through tensor descriptors where both are 16-byte
+    aligned (pointer loads otherwise)."""
     m, k = x.shape
     n = qweight.shape[0]
     group_size = k // scales.shape[1]
@@ -269,8 +292,15 @@ def launch_w4a16_gemm(
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     # more tiles than the first counter buffer holds would grow it, which a captured graph must not see
     fused_reduce = fused_reduce and split_k > 1 and grid[0] <= MIN_COUNTERS
+    if tma and unpack != "natural":
+        raise ValueError("tma=True loads x straight into the MMA: it needs unpack='natural'")
+    tma = tma and tma_eligible(x, qweight)
+    x_arg, w_arg = x, qweight
+    if tma:
+        x_arg = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
+        w_arg = TensorDescriptor(qweight, [n, k // 8], [qweight.stride(0), 1], [block_n, block_k // 8])
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else y, out, y,
+        x_arg, w_arg, scales, zeros, bias if bias is not None else y, out, y,
         counters(y.device, grid[0]) if fused_reduce else y,
         m, n, k, k_split, k_split // 8,
         x.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
@@ -287,6 +317,7 @@ def launch_w4a16_gemm(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=group_m,
+        TMA=tma,
         num_warps=num_warps,
         num_stages=num_stages,
     )
