@@ -174,7 +174,7 @@ def test_seeded_sampling_reproduces_and_tracks_probabilities():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("precision", ["fp16", "w4a16"])
+@pytest.mark.parametrize("precision", ["fp16", "w4a16", "w8a8"])
 def test_gpu_prefill_graphs_match_eager(tmp_path, precision):
     """Captured padded-prefill graphs give the eager forward's logits for chunks of every bucket
     (and lengths between), over a growing history; decode replays after them agree too."""

@@ -84,3 +84,32 @@ def test_bad_input(model_and_blocks):
         smooth_(quantize_(copy.deepcopy(model), W8A8Config()), stats)
     with pytest.raises(ValueError, match="no Llama/Qwen2 decoder layers"):
         smooth_(torch.nn.Linear(4, 4), stats)
+
+
+def test_default_alpha_clamps_and_the_mlp_fold(model_and_blocks):
+    """alpha defaults to 0.85; a channel that never fires (and whose weights are zero) gets the 1e-5
+    clamps, not an inf/NaN scale; post_attention_layernorm folds into gate/up by the same formula."""
+    from tinyq.quant.smoothquant import DEFAULT_ALPHA
+
+    assert DEFAULT_ALPHA == 0.85
+    model, blocks = model_and_blocks
+    stats = calibrate(model, blocks, progress=False)
+    model = copy.deepcopy(model)
+    mlp = model.model.layers[1].mlp
+    name = "model.layers.1.mlp.gate_proj"
+    stats = dict(stats, **{name: stats[name].clone(), "model.layers.1.mlp.up_proj": stats[name].clone()})
+    stats[name][3] = stats["model.layers.1.mlp.up_proj"][3] = 0.0  # a dead channel ...
+    with torch.no_grad():
+        mlp.gate_proj.weight[:, 3] = 0.0  # ... with zero weights in both linears that read it
+        mlp.up_proj.weight[:, 3] = 0.0
+    before = copy.deepcopy(model.model.layers[1])
+    smooth_(model, stats)  # the default alpha
+    a = DEFAULT_ALPHA
+    x_max = stats[name].clamp(min=1e-5)
+    w_max = torch.cat([before.mlp.gate_proj.weight, before.mlp.up_proj.weight]).detach().abs().amax(0).clamp(min=1e-5)
+    s = x_max.pow(a) / w_max.pow(1 - a)
+    assert torch.isfinite(s).all() and s[3].item() == pytest.approx(1e-5 ** a / 1e-5 ** (1 - a))
+    layer = model.model.layers[1]
+    torch.testing.assert_close(layer.post_attention_layernorm.weight, before.post_attention_layernorm.weight / s)
+    torch.testing.assert_close(layer.mlp.up_proj.weight, before.mlp.up_proj.weight * s)
+    assert torch.isfinite(layer.mlp.gate_proj.weight).all()

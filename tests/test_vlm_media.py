@@ -17,8 +17,10 @@ def _frames(n, size=(20, 10)):
 
 
 def test_uniform_indices_hand_computed():
-    assert media.uniform_indices(10, 4) == [1, 3, 6, 8]  # centres of 4 spans of 2.5 frames
+    assert media.uniform_indices(10, 4) == [0, 3, 6, 9]  # 0, 3, 6, 9 exactly
     assert media.uniform_indices(3, 3) == [0, 1, 2]
+    assert media.uniform_indices(8, 5) == [0, 2, 4, 5, 7]  # 0, 1.75, 3.5, 5.25, 7: 3.5 rounds to even
+    assert media.uniform_indices(7, 1) == [0]
 
 
 def test_frames_from_directory_and_gif(tmp_path):
@@ -29,12 +31,12 @@ def test_frames_from_directory_and_gif(tmp_path):
         f.save(d / f"f{i:02d}.png")
     (d / "notes.txt").write_text("ignored")
     got = media.load_video_frames(str(d), 4)
-    assert [f.getpixel((0, 0))[0] for f in got] == [10, 30, 60, 80]
+    assert [f.getpixel((0, 0))[0] for f in got] == [0, 30, 60, 90]
     gif = tmp_path / "clip.gif"
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
     got = media.load_video_frames(str(gif), 4)
     assert len(got) == 4 and all(f.size == (20, 10) and f.mode == "RGB" for f in got)
-    assert [f.getpixel((0, 0))[0] for f in got] == [10, 30, 60, 80]
+    assert [f.getpixel((0, 0))[0] for f in got] == [0, 30, 60, 90]
     with pytest.raises(ValueError, match="has 10 frame.*fewer than the 12"):
         media.load_video_frames(str(gif), 12)
     with pytest.raises(ValueError, match="video not found"):
@@ -47,6 +49,31 @@ def test_mp4_without_pyav_says_what_to_install(tmp_path):
     f.write_bytes(b"\0" * 16)
     with pytest.raises(ValueError, match="needs PyAV"):
         media.load_video_frames(str(f), 2)
+
+
+def test_mp4_frames_sampled_uniformly(tmp_path):
+    """An mp4 written by PyAV itself: 10 frames whose red channel encodes their index; the 4 sampled
+    are those of uniform_indices, in order; asking for 11 is an error."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(10):
+            img = np.zeros((48, 64, 3), dtype=np.uint8)
+            img[..., 0] = 20 * i + 10
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frames = media.load_video_frames(str(path), 4)
+    assert [f.size for f in frames] == [(64, 48)] * 4
+    reds = [float(np.asarray(f)[..., 0].mean()) for f in frames]
+    assert [round((r - 10) / 20) for r in reds] == media.uniform_indices(10, 4)  # lossy codec: within half a step
+    with pytest.raises(ValueError, match="fewer than the 11 asked for"):
+        media.load_video_frames(str(path), 11)
 
 
 def test_expand_to_square_pads_with_the_mean_colour():
@@ -105,6 +132,36 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
     assert "image not found" in capsys.readouterr().out
 
 
+def test_chat_vlm_example_interactive_commands(tmp_path, capsys, monkeypatch):
+    """The terminal loop: a sampled answer (--temperature), /image and /video adding media to the next
+    message only, /reset forgetting them, /exit ending before later lines are read."""
+    spec = importlib.util.spec_from_file_location(
+        "chat_vlm", os.path.join(os.path.dirname(__file__), "..", "examples", "chat_vlm.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    img = tmp_path / "a.png"
+    _frames(1, (90, 60))[0].save(img)
+    gif = tmp_path / "clip.gif"
+    frames = _frames(6, (40, 40))
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    lines = iter(["hello", f"/image {img}", "what is it?", f"/video {gif}", "and this?", "/reset", "hello",
+                  "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert mod.main(["--random-tiny", "--temperature", "0.7", "--frames", "3", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 4 and "[conversation and media forgotten]" in out
+    assert next(lines) == "never read"
+    ttft = [line for line in out.splitlines() if line.startswith("[TTFT")]
+    prefilled = [int(line.split("(")[1].split(" tokens")[0]) for line in ttft]
+    vision = [line.split("vision encoder ")[1].split(" ms")[0] for line in ttft]
+    image_rows = int(out.split("[1 image(s), ")[1].split(" tokens")[0])
+    video_rows = int(out.split("[video: 3 frames, ")[1].split(" tokens")[0])
+    # the image turn and the video turn prefill their rows besides the text; after /reset the first
+    # message is prefilled from an empty context again, with no media
+    assert prefilled[1] > image_rows and prefilled[2] > video_rows and prefilled[3] == prefilled[0]
+    assert vision[0] == vision[3] == "0"
+
+
 def test_w8a8_tower_in_a_vlm_stays_close_to_the_float_one():
     """quantize_vlm_tower_ on a (random) NVILA-shaped model: the projected image features of an image
     it was not calibrated on stay close to the float model's."""
@@ -132,3 +189,22 @@ def test_session_warm_up_leaves_it_empty():
     assert s.last_vision_s > 0 and s.last_vision_compile_s == 0  # CPU: nothing compiles
     with pytest.raises(ValueError, match="empty session"):
         s.warm_up()
+
+
+def test_image_markers_are_written_as_each_family_writes_them(monkeypatch):
+    """NVILA/VILA: the marker straight before the text (the placeholder ends in its own "\\n" row);
+    LLaVA: "<image>\\n" before the text."""
+    from tinyq.chat import ChatSession
+    from tinyq.models.llava import LlavaModel
+    from tinyq.vlm.session import VLMChatSession
+    from tinyq.vlm.tiny import random_tiny_nvila
+
+    model, tok = random_tiny_nvila()
+    s = VLMChatSession(model, tok, max_seq_len=512, max_new_tokens=2)
+    s.add_images(_frames(2, (40, 40)))
+    sent = []
+    monkeypatch.setattr(ChatSession, "send", lambda self, text, sampling=None: sent.append(text))
+    s.send("what is this?")
+    assert sent == ["<image><image>what is this?"]
+    assert model.placeholder_ids(s.images[0], tok)[-len(model.newline_ids):] == tok.encode("\n", add_special_tokens=False)
+    assert LlavaModel.image_text_separator == "\n"

@@ -193,3 +193,29 @@ def test_weights_validated_once_and_again_when_replaced():
         mod.qweight = mod.qweight.to(torch.int16)
         with pytest.raises(ValueError, match="weight must be a 2-D int8 tensor"):
             mod(x)
+
+
+def test_weights_are_symmetric_int8_per_output_channel():
+    """qweight = round(w / s) with s = max|w_row| / 127, int8 in [-127, 127]; a zero row keeps a tiny
+    positive scale instead of dividing by zero."""
+    lin = linear(64, 6, bias=False)
+    with torch.no_grad():
+        lin.weight[2] = 0.0
+        lin.weight[4, 7] = -1.0  # this row's max |w| lies on a negative entry
+    mod = W8A8Linear.from_linear(lin)
+    w = lin.weight.detach().float()
+    scale = w.abs().amax(1).clamp(min=1e-8) / 127
+    assert mod.qweight.dtype == torch.int8 and mod.weight_scale.dtype == torch.float32
+    torch.testing.assert_close(mod.weight_scale, scale, rtol=0, atol=0)
+    assert torch.equal(mod.qweight, torch.round(w / scale[:, None]).to(torch.int8))
+    assert mod.qweight[4, 7] == -127 and int(mod.qweight.abs().max()) == 127 and not mod.qweight[2].any()
+
+
+def test_quantize_include_filter():
+    model = nn.Sequential()
+    model.add_module("attn", nn.Sequential(linear(32, 32), linear(32, 32)))
+    model.add_module("mlp", nn.Sequential(linear(32, 32)))
+    model.add_module("lm_head", linear(32, 10))
+    quantize_(model, W8A8Config(include=["attn.*"]))
+    assert isinstance(model.attn[0], W8A8Linear) and isinstance(model.attn[1], W8A8Linear)
+    assert type(model.mlp[0]) is nn.Linear and type(model.lm_head) is nn.Linear

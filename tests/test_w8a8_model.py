@@ -126,3 +126,83 @@ def test_w8a8_cuda_graph_decode_matches_eager(tmp_path):
             want.append(int(logits[0, -1].argmax()))
             logits = model(torch.tensor([[want[-1]]], device="cuda"), cache)
     assert got and got == want
+
+
+class _ExplodingTokenizer:
+    def save_pretrained(self, folder):
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway through the write
+
+
+def test_w8a8_checkpoint_whole_or_nothing_and_named_errors(tmp_path):
+    """A W8A8 checkpoint is written whole or not at all; a damaged one fails naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from tinyq.quant.w8a8_checkpoint import save_w8a8
+
+    hf, tok = make_model_dir(tmp_path / "fp", "llama")
+    ids = torch.randint(3, 50, (2, 16))
+    stats = calibrate(hf, ids, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        save_w8a8(hf, tmp_path / "out", _ExplodingTokenizer())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp"]  # no checkpoint, no temporary directory
+
+    # a model quantized in memory is written with its modules' own int8 weights and scales
+    mem = quantize_(copy.deepcopy(hf), W8A8Config())
+    with pytest.raises(ValueError, match="quantize their activations per token"):
+        save_w8a8(mem, tmp_path / "mem", tok, act_quant="tensor", static_stats=None)
+    model, _ = load_model(str(save_w8a8(mem, tmp_path / "mem", tok)), precision="w8a8", device="cpu")
+    assert torch.equal(model.model.layers[0].self_attn.qkv_proj.qweight[:hf.config.hidden_size],
+                       mem.model.layers[0].self_attn.q_proj.qweight)
+    with torch.no_grad():
+        close(model(ids), mem(ids).logits)
+
+    def damaged(name, edit):
+        path = save_w8a8(hf, tmp_path / name, tok, act_quant="tensor", static_stats=stats)
+        files = sorted(path.glob("*.safetensors"))
+        tensors = {k: v for f in files for k, v in load_file(str(f)).items()}
+        edit(tensors)
+        for f in files:
+            f.unlink()
+        save_file(tensors, str(path / "model.safetensors"))
+        return str(path)
+
+    good = damaged("good", lambda t: None)
+    model, _ = load_model(good, precision="w8a8", device="cpu")
+    assert model.model.layers[0].input_layernorm.input_scale is not None
+    key = "model.layers.1.self_attn.k_proj"
+    wrong_dtype = damaged("dtype", lambda t: t.update({key + ".qweight": t[key + ".qweight"].to(torch.int16)}))
+    with pytest.raises(ValueError, match=f"checkpoint tensor '{key}.qweight' is torch.int16, expected torch.int8"):
+        load_model(wrong_dtype, precision="w8a8", device="cpu")
+    partial = damaged("partial", lambda t: t.pop(key + ".input_scale"))
+    with pytest.raises(ValueError, match="only some of .* have an input_scale"):
+        load_model(partial, precision="w8a8", device="cpu")
+
+
+def test_chat_and_quantize_cli_options_for_w8a8(tiny_dir, tmp_path, capsys):
+    """``quantize --method smoothquant --no-smooth`` writes a plain W8A8 checkpoint, and
+    ``python -m tinyq chat --precision w8a8`` answers on the CPU (RTN W8A8 at load)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "rtn"
+    argv = ["quantize", "--model", str(tiny_dir / "fp"), "--method", "smoothquant", "--no-smooth", "--out", str(out),
+            "--calib-file", str(tiny_dir / "calib.txt"), "--calib-blocks", "2", "--calib-len", "32", "--device", "cpu",
+            "--quiet"]
+    assert _cli(quantize_cmd, argv) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "tinyq_w8a8" and qc["method"] == "rtn" and qc["alpha"] is None
+    # no smoothing: the norms are the float model's (in the checkpoint's fp16), nothing folded into them
+    from safetensors.torch import load_file
+    fp = {k: v for f in (tiny_dir / "fp").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    ck = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    for key in ("model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"):
+        assert torch.equal(ck[key], fp[key].half())
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    make_model_dir(tmp_path / "chat", "llama", seed=2)  # a tokenizer with a chat template
+    p = subprocess.run([sys.executable, "-m", "tinyq", "chat", "--model", str(tmp_path / "chat"), "--precision", "w8a8",
+                        "--temperature", "0", "--max-new-tokens", "4", "--max-seq-len", "128"],
+                       input="hello\n/exit\n", capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=root), cwd=root)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("assistant> ") == 1 and "ms/token" in p.stdout

@@ -152,6 +152,9 @@ class NvilaModel(VisionLanguageModel):
     """VILA-1.5 (``s2_scales=None``) or NVILA (dynamic S2 over ``s2_scales``)."""
 
     chat_template = CHATML_TEMPLATE
+    # VILA puts the media token straight before the text (NVlabs/VILA llava/utils/media.py, extract_media)
+    # and its image encoder appends the "\n" embedding (llava/model/encoders/image/basic.py, end_tokens)
+    image_text_separator = ""
 
     def __init__(self, tower: VisionTower, projector: nn.Sequential, llm, image_token_id: int,
                  newline_ids: List[int], s2_scales: Optional[List[int]] = None, max_tiles: int = 12,

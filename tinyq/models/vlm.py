@@ -21,6 +21,9 @@ class VisionLanguageModel(nn.Module):
 
     image_token_id: int
     chat_template: str = None  # used when the tokenizer has none
+    # what follows each image's marker in a user message, before the text: LLaVA writes
+    # "<image>\n{question}"; a family whose placeholder ends in a "\n" of its own sets ""
+    image_text_separator: str = "\n"
 
     @property
     def device(self) -> torch.device:

@@ -15,6 +15,7 @@ import time
 import torch
 from torch import nn
 
+from tinyq.nn.w8a8_linear import W8A8Linear
 from tinyq.quant.checkpoint import check_output_dir, quantized_linear_names, storage_dtype, write_checkpoint
 from tinyq.quant.int8_format import QMAX, quantize_weight_int8
 
@@ -24,16 +25,20 @@ ACT_QUANT = ("token", "tensor")
 
 def w8a8_state_dict(model: nn.Module, static_stats: dict = None) -> dict:
     """The model's tensors with every decoder linear in tinyq's W8A8 format. ``static_stats``: per-channel
-    ``max|x|`` of each linear's (smoothed) input by full name, for static per-tensor input scales."""
+    ``max|x|`` of each linear's (smoothed) input by full name, for static per-tensor input scales.
+    Linears that are ``W8A8Linear`` already (``quantize_(model, W8A8Config())``) are written as they are."""
     dtype = storage_dtype(model)
     names = set(quantized_linear_names(model))
+    done = {n for n, m in model.named_modules() if isinstance(m, W8A8Linear)}
     out, seen = {}, set()
     for key, t in model.state_dict().items():
         if t.data_ptr() in seen and t.numel() > 0:  # tied weights stored once
             continue
         seen.add(t.data_ptr())
         prefix, _, leaf = key.rpartition(".")
-        if prefix in names and leaf == "weight":
+        if prefix in done and leaf in ("qweight", "weight_scale", "input_scale"):
+            out[key] = t.detach()  # int8 / float32 already, as the format stores them
+        elif prefix in names and leaf == "weight":
             out[f"{prefix}.qweight"], out[f"{prefix}.weight_scale"] = quantize_weight_int8(t)
             if static_stats is not None:
                 if prefix not in static_stats:
@@ -47,9 +52,19 @@ def w8a8_state_dict(model: nn.Module, static_stats: dict = None) -> dict:
 
 def save_w8a8(model: nn.Module, out_dir, tokenizer=None, act_quant: str = "token", static_stats: dict = None,
               quant_extra: dict = None):
+    """Write ``model`` (a floating-point model, smoothed or not, or one whose decoder linears are
+    ``W8A8Linear`` already) as a W8A8 checkpoint, whole or not at all."""
     if act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
-    if (act_quant == "tensor") != (static_stats is not None):
+    done = [(n, m) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+    if done:  # quantized in memory: the modules' own scales are what gets written
+        if static_stats is not None:
+            raise ValueError("static_stats: the model's W8A8Linear modules carry their scales already")
+        wrong = [n for n, m in done if m.act_quant != act_quant]
+        if wrong:
+            raise ValueError(f"act_quant={act_quant!r}, but {wrong[0]!r} (and {len(wrong) - 1} more) quantize their "
+                             f"activations per {done[[n for n, _ in done].index(wrong[0])][1].act_quant}")
+    elif (act_quant == "tensor") != (static_stats is not None):
         raise ValueError("static per-tensor activation scales need calibration statistics (and only they use them)")
     tensors = w8a8_state_dict(model, static_stats)
     config = model.config.to_dict()

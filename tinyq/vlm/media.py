@@ -78,8 +78,13 @@ def pixel_values(processor, images: Sequence):
 
 
 def uniform_indices(total: int, n: int) -> List[int]:
-    """``n`` frame indices spread evenly over ``total`` frames (centre of each of n equal spans)."""
-    return [int((i + 0.5) * total / n) for i in range(n)]
+    """``n`` frame indices spread evenly over ``total`` frames, first and last included:
+    ``round(linspace(0, total - 1, n))`` with ties to even, the frames VILA's loader picks
+    (NVlabs/VILA llava/utils/media.py, ``_load_video``), so a video gives the model its training inputs."""
+    if n == 1:
+        return [0]
+    step = (total - 1) / (n - 1)  # numpy's linspace arithmetic, so ties fall as they fall there
+    return [round(i * step) for i in range(n - 1)] + [total - 1]
 
 
 def load_video_frames(path: str, num_frames: int) -> List:

@@ -120,7 +120,7 @@ class VLMChatSession(ChatSession):
         """Stream the answer to ``text``, with the pending images placed before it."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty message: type something to send")
-        return super().send((IMAGE_MARKER + "\n") * self.pending_images + text, sampling)
+        return super().send((IMAGE_MARKER + self.vlm.image_text_separator) * self.pending_images + text, sampling)
 
     def prompt_ids(self, text: str) -> List[int]:
         """The whole conversation's ids if ``text`` (with its markers) were sent now; records where
