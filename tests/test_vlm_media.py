@@ -110,11 +110,17 @@ def test_load_vlm_rejects_other_folders(tmp_path):
         load_vlm(str(tmp_path))
 
 
-def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
+def _chat_vlm_example():
+    """examples/chat_vlm.py as a module."""
     spec = importlib.util.spec_from_file_location(
         "chat_vlm", os.path.join(os.path.dirname(__file__), "..", "examples", "chat_vlm.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
+    mod = _chat_vlm_example()
     img = tmp_path / "a.png"
     _frames(1, (90, 60))[0].save(img)
     assert mod.main(["--random-tiny", "--image", f"{img},{img}", "--prompt", "hi", "--max-new-tokens", "3"]) == 0
@@ -135,10 +141,7 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
 def test_chat_vlm_example_interactive_commands(tmp_path, capsys, monkeypatch):
     """The terminal loop: a sampled answer (--temperature), /image and /video adding media to the next
     message only, /reset forgetting them, /exit ending before later lines are read."""
-    spec = importlib.util.spec_from_file_location(
-        "chat_vlm", os.path.join(os.path.dirname(__file__), "..", "examples", "chat_vlm.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _chat_vlm_example()
     img = tmp_path / "a.png"
     _frames(1, (90, 60))[0].save(img)
     gif = tmp_path / "clip.gif"
