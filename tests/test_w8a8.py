@@ -219,3 +219,19 @@ def test_quantize_include_filter():
     quantize_(model, W8A8Config(include=["attn.*"]))
     assert isinstance(model.attn[0], W8A8Linear) and isinstance(model.attn[1], W8A8Linear)
     assert type(model.mlp[0]) is nn.Linear and type(model.lm_head) is nn.Linear
+
+
+@pytest.mark.gpu
+def test_gpu_non_finite_activations_are_marked_or_refused(monkeypatch):
+    """On CUDA a row holding inf/NaN comes out NaN (its scale is NaN), the other rows stay exact;
+    with TINYQ_CHECK_FINITE=1 the call refuses instead, naming the row."""
+    mod = W8A8Linear.from_linear(linear(64, 16)).to("cuda").half()
+    x = torch.randn(3, 64, device="cuda", dtype=torch.float16)
+    x[1, 5] = float("inf")
+    monkeypatch.delenv("TINYQ_CHECK_FINITE", raising=False)
+    y = mod(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[0]).all() and torch.isfinite(y[2]).all()
+    assert torch.equal(y[[0, 2]], mod(x[[0, 2]]))
+    monkeypatch.setenv("TINYQ_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match=r"inf/NaN \(rows \[1\]"):
+        mod(x)
