@@ -166,15 +166,32 @@ def test_logits_match_reference(nvila, n_images):
     torch.testing.assert_close(model.logits(ids, features=ours), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_greedy_session_matches_reference(nvila):
+def ref_prompt_ids(tok, rows, text):
+    """VILA's prompt for one user message, in the tokenizer's chat template: the media tokens straight
+    before the text (llava/utils/media.py, extract_media), each image's rows followed by the "\\n" its
+    image encoder appends (llava/model/encoders/image/basic.py, end_tokens)."""
+    rendered = tok.apply_chat_template([{"role": "user", "content": "<image>" * len(rows) + text}],
+                                       add_generation_prompt=True, tokenize=False)
+    pieces = rendered.split("<image>")
+    img, newline = tok.convert_tokens_to_ids("<image>"), tok.encode("\n", add_special_tokens=False)
+    ids = tok.encode(pieces[0], add_special_tokens=False)
+    for r, piece in zip(rows, pieces[1:]):
+        ids += [img] * r.shape[0] + newline + tok.encode(piece, add_special_tokens=False)
+    return ids
+
+
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_greedy_session_matches_reference(nvila, n_images):
+    """The session's prompt is VILA's, token for token, and 16 greedy tokens follow the reference's."""
     name, parts, model, tok = nvila
-    image = _image(60, 90, 3)
+    images = [_image(60, 90, 3), _image(50, 40, 4)][:n_images]
     s = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=16)
     s.gen.eos_ids = set()
-    s.add_images([image])
+    s.add_images(images)
     res = s.ask("describe")
-    ids = torch.tensor([s.gen.cached_ids[:res.stats.prompt_tokens]])
-    rows = ref_rows(parts, [image], s2=name != "vila1.5")
+    rows = ref_rows(parts, images, s2=name != "vila1.5")
+    ids = torch.tensor([ref_prompt_ids(tok, rows, "describe")])
+    assert s.gen.cached_ids[:res.stats.prompt_tokens] == ids[0].tolist()
     out = []
     for _ in range(16):
         nxt = int(ref_logits(parts, ids, rows)[0, -1].argmax())
