@@ -105,6 +105,24 @@ def test_placeholder_expansion_and_count_errors():
         expand_images([[1], [2], [3]], [[9]])
 
 
+@pytest.mark.parametrize("family", ["llava", "nvila"])
+def test_load_vlm_reads_both_layouts(tmp_path, family):
+    """A llava-hf folder and a VILA/NVILA one (llm/, vision_tower/, mm_projector/) load through the one
+    entry point, on the CPU, and answer a one-image message."""
+    from tests.vlm_tiny import make_llava_dir, make_nvila_dir
+    from tinyq.models.llava import LlavaModel
+    from tinyq.models.nvila import NvilaModel
+    from tinyq.vlm.session import VLMChatSession
+
+    (make_llava_dir(tmp_path, "siglip", "qwen2") if family == "llava" else make_nvila_dir(tmp_path))
+    model, tok = load_vlm(str(tmp_path), "fp32", device="cpu", max_seq_len=512)
+    assert isinstance(model, LlavaModel if family == "llava" else NvilaModel)
+    s = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=3)
+    s.gen.eos_ids = set()
+    s.add_images(_frames(1, (40, 30)))
+    assert len(s.ask("what?").token_ids) == 3
+
+
 def test_load_vlm_rejects_other_folders(tmp_path):
     with pytest.raises(ValueError, match="neither a llava-hf"):
         load_vlm(str(tmp_path))
