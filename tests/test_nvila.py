@@ -248,3 +248,25 @@ def test_awq_llm_folder_loads_like_rtn_at_load(tmp_path):
     feats = ckpt.encode_images([_image(84, 56)])
     ids = torch.tensor([[5] + ckpt.placeholder_ids(feats[0], tok) + [6]])
     torch.testing.assert_close(ckpt.logits(ids, features=feats), rtn.logits(ids, features=feats), rtol=2e-3, atol=2e-3)
+
+
+def test_legacy_vila_names_warn_about_the_conversation_format(tmp_path):
+    """VILA-1.5 checkpoints that VILA prompts in a legacy format picked by name (vicuna_v1, llama_3,
+    hermes-2) load with a warning that says so; NVILA folders load silently."""
+    import warnings
+
+    from tinyq.models.nvila import vila_conversation_mode
+
+    assert vila_conversation_mode("/ckpt/VILA1.5-3b") == "vicuna_v1"
+    assert vila_conversation_mode("/ckpt/Llama-3-VILA1.5-8B/") == "llama_3"
+    assert vila_conversation_mode("/ckpt/VILA1.5-40b-AWQ") == "hermes-2"
+    assert vila_conversation_mode("/ckpt/NVILA-8B") is None
+    legacy = tmp_path / "VILA1.5-13b"
+    make_nvila_dir(legacy, projector="mlp_downsample", s2=False, image_size=35)
+    with pytest.warns(UserWarning, match="legacy 'vicuna_v1' conversation format"):
+        load_nvila(str(legacy), precision="fp32", device="cpu", max_seq_len=64)
+    plain = tmp_path / "NVILA-tiny"
+    make_nvila_dir(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_nvila(str(plain), precision="fp32", device="cpu", max_seq_len=64)
