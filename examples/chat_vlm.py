@@ -96,8 +96,12 @@ def main(argv=None):
         from tinyq.vlm.tiny import random_tiny_nvila
 
         print(RANDOM_WARNING)
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        model, tokenizer = random_tiny_nvila(dtype=dtype if device == "cuda" else torch.float32, device=device)
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision) if device == "cuda" else None
+        if dtype is None:  # fp32, or a precision only real checkpoints get (w4a16), or a CPU
+            dtype = torch.float32
+            if precision != "fp32":
+                print(f"[the random tiny model runs in fp32 here; --precision {precision} applies to real checkpoints]")
+        model, tokenizer = random_tiny_nvila(dtype=dtype, device=device)
     else:
         model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)
         print(f"loaded {args.model} ({precision}) in {model.load_stats['seconds']:.1f} s")

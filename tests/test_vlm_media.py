@@ -146,6 +146,9 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
     assert "RANDOM WEIGHTS" in out and "2 image(s)" in out and "TTFT" in out and "vision encoder" in out
     assert mod.main(["--random-tiny", "--image", str(tmp_path / "missing.png"), "--prompt", "hi"]) == 1
     assert "image not found" in capsys.readouterr().out
+    # a precision the random model cannot take here is named, not silently replaced
+    assert mod.main(["--random-tiny", "--precision", "w4a16", "--prompt", "hi", "--max-new-tokens", "1"]) == 0
+    assert "runs in fp32 here; --precision w4a16 applies to real checkpoints" in capsys.readouterr().out
     # the W8A8 SmoothQuant tower, calibrated on an image, runs the same chat
     assert mod.main(["--random-tiny", "--image", str(img), "--vision-precision", "w8a8", "--vision-calib", str(img),
                      "--prompt", "hi", "--max-new-tokens", "3"]) == 0
