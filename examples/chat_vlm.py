@@ -100,7 +100,8 @@ def main(argv=None):
         if dtype is None:  # fp32, or a precision only real checkpoints get (w4a16), or a CPU
             dtype = torch.float32
             if precision != "fp32":
-                print(f"[the random tiny model runs in fp32 here; --precision {precision} applies to real checkpoints]")
+                given = f"--precision {precision}" + (" (the default)" if args.precision is None else "")
+                print(f"[the random tiny model runs in fp32 here; {given} applies to real checkpoints]")
         model, tokenizer = random_tiny_nvila(dtype=dtype, device=device)
     else:
         model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)

@@ -173,6 +173,34 @@ def test_seeded_sampling_reproduces_and_tracks_probabilities():
     assert again == [sample_token(logits, cfg, rng=torch.Generator().manual_seed(5)) for _ in range(5)]
 
 
+def test_decode_graph_capture_leaves_the_penalty_mask_alone(tmp_path, monkeypatch):
+    """Capturing a decode graph runs the step eagerly first, sampling for real; the tokens those runs
+    pick must not stay in the repetition-penalty mask. (CPU: the capture itself is stubbed.)"""
+    import tinyq.graphs as graphs
+
+    make_model_dir(tmp_path, "llama", seed=6)
+    model, _ = load_model(str(tmp_path), precision="fp32", device="cpu")
+    gen = Generator(model, None, 64, cuda_graph=False)
+    gen.prefill([5, 6])
+    sampler = gen.sampler(make_config(temperature=1.5, repetition_penalty=1.3, seed=1), [5, 6])
+    before = sampler.seen.clone()
+    picked = []
+
+    def warm_runs_only(run, cache, graph, pool=None):
+        n = cache.length
+        for _ in range(3):
+            sampler.draw_noise()
+            picked.append(int(run()))
+            cache.truncate(n)
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(graphs, "_warm_then_capture", warm_runs_only)
+    with torch.inference_mode():  # as Generator.decode_next builds it
+        graphs.DecodeGraph(model, gen.cache, sampler)
+    assert set(picked) - {5, 6}  # the runs did pick tokens outside the context ...
+    assert torch.equal(sampler.seen, before)  # ... and the mask forgot them
+
+
 @pytest.mark.gpu
 def test_gpu_sampled_decode_graph_matches_eager(tmp_path):
     """Temperature, top-k, top-p and the repetition penalty inside the captured decode graph draw the

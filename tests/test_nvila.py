@@ -261,12 +261,14 @@ def test_legacy_vila_names_warn_about_the_conversation_format(tmp_path):
     assert vila_conversation_mode("/ckpt/Llama-3-VILA1.5-8B/") == "llama_3"
     assert vila_conversation_mode("/ckpt/VILA1.5-40b-AWQ") == "hermes-2"
     assert vila_conversation_mode("/ckpt/NVILA-8B") is None
+    assert vila_conversation_mode("/hub/models--Efficient-Large-Model--VILA1.5-3b/snapshots/0a1b") == "vicuna_v1"
     legacy = tmp_path / "VILA1.5-13b"
     make_nvila_dir(legacy, projector="mlp_downsample", s2=False, image_size=35)
     with pytest.warns(UserWarning, match="legacy 'vicuna_v1' conversation format"):
         load_nvila(str(legacy), precision="fp32", device="cpu", max_seq_len=64)
     plain = tmp_path / "NVILA-tiny"
     make_nvila_dir(plain)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         load_nvila(str(plain), precision="fp32", device="cpu", max_seq_len=64)
+    assert not [w for w in seen if "conversation format" in str(w.message)]

@@ -215,7 +215,7 @@ def test_session_warm_up_leaves_it_empty():
         s.warm_up()
 
 
-def test_image_markers_are_written_as_each_family_writes_them(monkeypatch):
+def test_image_markers_are_written_as_each_family_writes_them(tmp_path, monkeypatch):
     """NVILA/VILA: the marker straight before the text (the placeholder ends in its own "\\n" row);
     LLaVA: "<image>\\n" before the text."""
     from tinyq.chat import ChatSession
@@ -231,4 +231,12 @@ def test_image_markers_are_written_as_each_family_writes_them(monkeypatch):
     s.send("what is this?")
     assert sent == ["<image><image>what is this?"]
     assert model.placeholder_ids(s.images[0], tok)[-len(model.newline_ids):] == tok.encode("\n", add_special_tokens=False)
-    assert LlavaModel.image_text_separator == "\n"
+    from tests.vlm_tiny import make_llava_dir
+
+    make_llava_dir(tmp_path, "clip", "llama")
+    llava, ltok = load_vlm(str(tmp_path), "fp32", device="cpu", max_seq_len=512)
+    assert isinstance(llava, LlavaModel)
+    s = VLMChatSession(llava, ltok, max_seq_len=512, max_new_tokens=2)
+    s.add_images(_frames(1, (40, 40)))
+    s.send("what is this?")
+    assert sent[-1] == "<image>\nwhat is this?"

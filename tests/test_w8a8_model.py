@@ -148,8 +148,15 @@ def test_w8a8_checkpoint_whole_or_nothing_and_named_errors(tmp_path):
 
     # a model quantized in memory is written with its modules' own int8 weights and scales
     mem = quantize_(copy.deepcopy(hf), W8A8Config())
-    with pytest.raises(ValueError, match="quantize their activations per token"):
+    with pytest.raises(ValueError, match="quantizes its activations per token"):
         save_w8a8(mem, tmp_path / "mem", tok, act_quant="tensor", static_stats=None)
+    partial = quantize_(copy.deepcopy(hf), W8A8Config(include=["*q_proj"]))
+    with pytest.raises(ValueError, match=r"not quantized: \['model.layers.0.mlp.down_proj'"):
+        save_w8a8(partial, tmp_path / "partial", tok)
+    head_too = quantize_(copy.deepcopy(hf), W8A8Config(exclude=[]))
+    with pytest.raises(ValueError, match=r"outside the decoder: \['lm_head'\]"):
+        save_w8a8(head_too, tmp_path / "head", tok)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp"]  # nothing written by the refused calls
     model, _ = load_model(str(save_w8a8(mem, tmp_path / "mem", tok)), precision="w8a8", device="cpu")
     assert torch.equal(model.model.layers[0].self_attn.qkv_proj.qweight[:hf.config.hidden_size],
                        mem.model.layers[0].self_attn.q_proj.qweight)

@@ -85,7 +85,11 @@ class DecodeGraph:
             return token
 
         self.graph = torch.cuda.CUDAGraph()
+        # the warm-up runs sample for real and would leave their tokens in the repetition-penalty mask
+        seen = sampler.seen.clone() if sampler is not None and sampler.use_penalty else None
         self.out = _warm_then_capture(run, cache, self.graph, pool)
+        if seen is not None:
+            sampler.seen.copy_(seen)
 
     def _replay(self, token: int) -> None:
         self.cache.check_room(1)

@@ -246,15 +246,16 @@ def _read_json(folder: str) -> dict:
         return json.load(f)
 
 
-# VILA picks a legacy conversation format by model name for these checkpoints (NVlabs/VILA
-# llava/conversation.py, CONVERSATION_MODE_MAPPING, first match wins); NVILA uses the tokenizer's template.
+# VILA picks a legacy conversation format when these names occur in a checkpoint's path (NVlabs/VILA
+# llava/conversation.py, CONVERSATION_MODE_MAPPING, first match wins); otherwise the tokenizer's template.
 VILA_CONVERSATION_MODES = (("vila1.5-3b", "vicuna_v1"), ("vila1.5-8b", "llama_3"), ("vila1.5-13b", "vicuna_v1"),
                            ("vila1.5-40b", "hermes-2"), ("llama-3", "llama_3"), ("llama3", "llama_3"))
 
 
 def vila_conversation_mode(path: str) -> Optional[str]:
-    """The legacy conversation format VILA would pick for the checkpoint at ``path``, or None."""
-    name = os.path.basename(os.path.normpath(path)).lower()
+    """The legacy conversation format VILA would pick for the checkpoint at ``path``, or None. VILA
+    matches the whole path (a hub cache's ``models--Org--VILA1.5-3b/snapshots/<sha>`` included)."""
+    name = os.path.normpath(path).lower()
     return next((mode for key, mode in VILA_CONVERSATION_MODES if key in name), None)
 
 
@@ -284,7 +285,7 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
     if mode is not None:  # not replicated: say so rather than answer from a differently framed prompt
         used = "the tokenizer's chat template" if tokenizer.chat_template else "ChatML (the tokenizer has no template)"
         warnings.warn(f"{path}: VILA prompts this model in its legacy {mode!r} conversation format, chosen by the "
-                      f"model's name; tinyq uses {used}, so answers can differ from VILA's. Set "
+                      f"checkpoint's path; tinyq uses {used}, so answers can differ from VILA's. Set "
                       "tokenizer.chat_template to that format to match it.", stacklevel=2)
     model = NvilaModel(
         tower, projector, llm, _image_token_id(tokenizer, root), tokenizer.encode("\n", add_special_tokens=False),

@@ -56,14 +56,19 @@ def save_w8a8(model: nn.Module, out_dir, tokenizer=None, act_quant: str = "token
     ``W8A8Linear`` already) as a W8A8 checkpoint, whole or not at all."""
     if act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
-    done = [(n, m) for n, m in model.named_modules() if isinstance(m, W8A8Linear)]
+    done = dict((n, m) for n, m in model.named_modules() if isinstance(m, W8A8Linear))
     if done:  # quantized in memory: the modules' own scales are what gets written
         if static_stats is not None:
             raise ValueError("static_stats: the model's W8A8Linear modules carry their scales already")
-        wrong = [n for n, m in done if m.act_quant != act_quant]
+        names = set(quantized_linear_names(model))
+        if set(done) != names:  # the checkpoint format: every decoder linear int8, nothing else
+            missing, extra = sorted(names - set(done)), sorted(set(done) - names)
+            raise ValueError("save_w8a8: a model quantized in memory must have every decoder linear, and only "
+                             f"those, as W8A8Linear; not quantized: {missing[:3]}, outside the decoder: {extra[:3]}")
+        wrong = [n for n, m in done.items() if m.act_quant != act_quant]
         if wrong:
-            raise ValueError(f"act_quant={act_quant!r}, but {wrong[0]!r} (and {len(wrong) - 1} more) quantize their "
-                             f"activations per {done[[n for n, _ in done].index(wrong[0])][1].act_quant}")
+            raise ValueError(f"act_quant={act_quant!r}, but {wrong[0]!r} ({len(wrong)} linear(s) in all) quantizes "
+                             f"its activations per {done[wrong[0]].act_quant}")
     elif (act_quant == "tensor") != (static_stats is not None):
         raise ValueError("static per-tensor activation scales need calibration statistics (and only they use them)")
     tensors = w8a8_state_dict(model, static_stats)

@@ -81,6 +81,8 @@ def uniform_indices(total: int, n: int) -> List[int]:
     """``n`` frame indices spread evenly over ``total`` frames, first and last included:
     ``round(linspace(0, total - 1, n))`` with ties to even, the frames VILA's loader picks
     (NVlabs/VILA llava/utils/media.py, ``_load_video``), so a video gives the model its training inputs."""
+    if n < 1 or total < 1:
+        raise ValueError(f"cannot pick {n} of {total} frames")
     if n == 1:
         return [0]
     step = (total - 1) / (n - 1)  # numpy's linspace arithmetic, so ties fall as they fall there

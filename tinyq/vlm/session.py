@@ -124,7 +124,8 @@ class VLMChatSession(ChatSession):
 
     def prompt_ids(self, text: str) -> List[int]:
         """The whole conversation's ids if ``text`` (with its markers) were sent now; records where
-        each image's rows go. Raises ValueError when markers and images do not match in number."""
+        each image's rows go. Raises ValueError when markers and images do not match in number.
+        Write each marker as :meth:`send` does: followed by the model's ``image_text_separator``."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty message: type something to send")
         rendered = self._render(self.messages + [{"role": "user", "content": text}])
