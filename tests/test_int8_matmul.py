@@ -6,7 +6,8 @@ import torch
 from tests.tolerances import assert_close_rel
 from tinyq.kernels.int8_configs import CONFIGS, device_arch, select_config
 from tinyq.kernels.int8_gemm import launch_int8_gemm
-from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma, tma_eligible
+from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma
+from tinyq.kernels.tiling import tma_eligible
 from tinyq.kernels.int8_gemv import launch_int8_gemv
 from tinyq.kernels.int8_matmul import int8_matmul, int8_matmul_reference
 from tinyq.quant.int8_format import MAX_K

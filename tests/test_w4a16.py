@@ -14,7 +14,8 @@ from tinyq.kernels.paired import pair_rows_reference, paired_plane, unpair_rows_
 from tinyq.kernels.semaphore import counters
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
-from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm, tma_eligible
+from tinyq.kernels.tiling import tma_eligible
+from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
 from tinyq.ops.linear import w4a16_linear, w4a16_linear_reference

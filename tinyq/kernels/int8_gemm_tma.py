@@ -11,14 +11,14 @@ What differs is how the tiles get there:
   per-thread address arithmetic and ``cp.async``. Rows past M or N and the K tail read as zeros,
   which add nothing to ``acc``, so no step is masked.
 - **Persistent programs.** ``programs_per_sm`` x SMs programs (1-2 shipped; 0 launches one per tile)
-  stride over the tiles in
-  the grouped order of :func:`tinyq.kernels.tiling.grouped_pid`, and the tile loop is flattened
-  into the K loop, so the next tile's first copies are in flight during this tile's epilogue. That
-  matters where K is short (a vision tower's K = 1152 is 9 steps of 128).
+  stride over the tiles in the grouped order of :func:`tinyq.kernels.tiling.grouped_pid`, and the
+  tile loop is flattened into the K loop, so the next tile's first copies are in flight during this
+  tile's epilogue. That matters where K is short (a vision tower's K = 1152 is 9 steps of 128).
 
-Requirements (:func:`tma_eligible`): 16-byte aligned ``xq`` and ``wq`` and row strides that are
-multiples of 16 bytes (K % 16 == 0 for contiguous rows). The dispatcher falls back to the pointer
-kernel otherwise. ``SWAP_AB`` computes ``y.T = W @ x.T``, as in the pointer kernel, for skinny M.
+Requirements (:func:`tinyq.kernels.tiling.tma_eligible`): 16-byte aligned ``xq`` and ``wq`` and row
+strides that are multiples of 16 bytes (K % 16 == 0 for contiguous rows). The dispatcher falls back
+to the pointer kernel otherwise. ``SWAP_AB`` computes ``y.T = W @ x.T``, as in the pointer kernel,
+for skinny M.
 """
 from __future__ import annotations
 
@@ -76,16 +76,10 @@ def _int8_gemm_tma_kernel(
                      sx_ptr, sw_ptr, bias_ptr, y_ptr, stride_ym, HAS_BIAS, RAW_INT32)
 
 
-def tma_eligible(xq: torch.Tensor, wq: torch.Tensor) -> bool:
-    """Whether both operands meet the tensor descriptors' alignment rules (16-byte bases and row strides)."""
-    return (xq.stride(0) % 16 == 0 and wq.stride(0) % 16 == 0
-            and xq.data_ptr() % 16 == 0 and wq.data_ptr() % 16 == 0)
-
-
 def launch_int8_gemm_tma(xq, wq, s_x, s_w, bias, y, *, block_m: int, block_n: int, block_k: int, group_m: int = 8,
                          swap_ab: bool = False, num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2):
-    """Launch on already-validated tensors that pass :func:`tma_eligible`; an int32 ``y`` receives
-    the raw accumulator. ``programs_per_sm`` = 0 launches one program per tile (not persistent).
+    """Launch on already-validated tensors that pass :func:`tinyq.kernels.tiling.tma_eligible`; an
+    int32 ``y`` receives the raw accumulator. ``programs_per_sm`` = 0 launches one program per tile (not persistent).
 
     Why more than one program per SM: Triton keeps a wgmma in flight across K steps only for float32
     accumulators, so an int32 one waits for each step's MMAs before the next copies are issued. A

@@ -15,8 +15,9 @@ import torch
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_configs import select_config
 from tinyq.kernels.int8_gemm import launch_int8_gemm
-from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma, tma_eligible
+from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma
 from tinyq.kernels.int8_gemv import launch_int8_gemv
+from tinyq.kernels.tiling import tma_eligible
 from tinyq.quant.int8_format import MAX_K
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)

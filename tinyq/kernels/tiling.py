@@ -1,4 +1,4 @@
-"""Launch-order helpers shared by the tiled GEMM kernels."""
+"""Launch-order and operand-layout helpers shared by the tiled GEMM kernels."""
 import triton
 import triton.language as tl
 
@@ -15,3 +15,9 @@ def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
     pid_m = first_pid_m + ((pid % pids_per_group) % group_rows)
     pid_n = (pid % pids_per_group) // group_rows
     return pid_m, pid_n
+
+
+def tma_eligible(*tensors) -> bool:
+    """Whether every tensor meets the tensor descriptors' alignment rules: a 16-byte aligned base and
+    a row stride that is a multiple of 16 bytes (the last dim contiguous is the callers' own check)."""
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)

@@ -34,12 +34,20 @@ _SM90 = [  # the sweeps' winners (bench_w4a16.py --sweep; H200, the M <= 128 ent
     (None, "dequant", dict(block_n=16, block_k=512, num_warps=4)),
 ]
 
+def _portable(kind: str, cfg: dict) -> dict:
+    """An sm90 plan for GPUs without tuned entries: at most 3 pipeline stages (~100 KB of shared
+    memory) and, for the fused GEMM, pointer loads (tensor descriptors are sm90's)."""
+    if kind == "dequant":
+        return cfg
+    out = dict(cfg, num_stages=min(cfg["num_stages"], 3))
+    if kind == "gemm":
+        out["tma"] = False
+    return out
+
+
 PLANS = {
     "sm90": _SM90,
-    # elsewhere: fewer stages, and pointer loads (tensor descriptors need sm90's copy engine to pay)
-    "default": [(m, kind, dict(cfg, num_stages=min(cfg["num_stages"], 3), **({"tma": False} if "tma" in cfg else {}))
-                 if "num_stages" in cfg else cfg)
-                for m, kind, cfg in _SM90],
+    "default": [(m, kind, _portable(kind, cfg)) for m, kind, cfg in _SM90],
 }
 
 

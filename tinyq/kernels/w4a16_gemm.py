@@ -50,7 +50,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import dequant8
 from tinyq.kernels.semaphore import MIN_COUNTERS, arrive, counters
-from tinyq.kernels.tiling import grouped_pid
+from tinyq.kernels.tiling import grouped_pid, tma_eligible
 
 
 # One int32 word -> its 8 weights (q_i - z) * s, nibble order 0..7 (tinyq/kernels/int4_ptx.py).
@@ -258,12 +258,6 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, y_ptr, M, N, stride_ym,
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + (offs // N) * stride_ym + n, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-def tma_eligible(x, qweight) -> bool:
-    """Whether ``x`` and ``qweight`` meet the tensor descriptors' alignment rules: 16-byte bases and row
-    strides. (Unit column strides, a contiguous ``qweight`` and K % 32 == 0, so 16-byte weight rows,
-    are the op's own checks.)"""
-    return x.data_ptr() % 16 == 0 and (x.stride(0) * x.element_size()) % 16 == 0 and qweight.data_ptr() % 16 == 0
 
 
 def launch_w4a16_gemm(
