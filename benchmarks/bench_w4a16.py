@@ -89,9 +89,25 @@ def gemlite_layers(qw, s, z, copies, dtype):
 
 # ------------------------------------------------------------------------------------------ sweep
 
-def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False, tma=False):
-    return "gemm", dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
-                        split_k=split_k, fused_reduce=fused_reduce, tma=tma, num_warps=warps, num_stages=stages)
+def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False, tma=False, ws=False):
+    cfg = dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
+               split_k=split_k, fused_reduce=fused_reduce, tma=tma, num_warps=warps, num_stages=stages)
+    if ws:
+        cfg["warp_specialize"] = True
+    return "gemm", cfg
+
+
+def ws_candidates(m):
+    """Warp-specialized plans (Triton's Hopper pass: a TMA producer warpgroup and two consumer
+    warpgroups, each taking half the tile's tokens). Not swapped: the pass splits the MMA's first
+    operand, which must then be x, so each consumer dequantizes the whole weight tile; 256-token
+    tiles halve that duplication per MMA. Split-K where the tiles alone leave SMs idle."""
+    tiles = [(128, 128, 128, 3), (128, 128, 64, 4), (128, 256, 64, 3)]
+    if m > 128:
+        tiles += [(256, 128, 64, 3), (256, 128, 128, 2)]
+    for bm, bn, bk, stages in tiles:
+        for sk in (1, 2, 4) if m <= 512 else (1,):
+            yield frag(bm, bn, bk, False, sk, 4, stages, "natural", tma=True, ws=True)
 
 
 def candidates(m):
@@ -132,9 +148,11 @@ def candidates(m):
             yield frag(128, 128, 128, False, sk, 8, 3, "natural", tma=True)
     if m >= 128:
         yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
+    if m >= 65:
+        yield from ws_candidates(m)
 
 
-def sweep(weights, rotations, m):
+def sweep(weights, rotations, m, only_ws=False):
     """Best plan for bucket ``m``: the lowest time summed over the four shapes (wrong results skipped)."""
     def total_ms(plan):
         total = 0.0
@@ -149,7 +167,11 @@ def sweep(weights, rotations, m):
             total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name], GRAPH_MAX_M)
         return total
 
-    ms, plan = best_config(candidates(m), total_ms, f"M={m}")
+    if only_ws:
+        cands = [launch_plan(m, torch.float16, torch.cuda.current_device()), *ws_candidates(m)]
+    else:
+        cands = candidates(m)
+    ms, plan = best_config(cands, total_ms, f"M={m}")
     print(f"  M={m}: best {plan} ({ms * 1e3:.1f} us)", flush=True)
     return plan
 
@@ -186,6 +208,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="measure launch-plan candidates per M bucket first")
     ap.add_argument("--sweep-ms", default="1,4,16,32,64,128,256")
+    ap.add_argument("--sweep-ws", action="store_true", help="sweep only the shipped plan and the warp-specialized ones")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--gemlite-dtypes", default="float16", help="dtypes to time gemlite in ('' for none)")
@@ -206,7 +229,7 @@ def main():
     tuned = {}
     if args.sweep:
         for m in [int(v) for v in args.sweep_ms.split(",")]:
-            tuned[m] = sweep(weights, rotations, m)
+            tuned[m] = sweep(weights, rotations, m, args.sweep_ws)
         print("\ntuned plans (w4a16_configs.py format):")
         for m, (kind, cfg) in tuned.items():
             print(f"    ({m}, {kind!r}, dict({', '.join(f'{a}={b!r}' for a, b in cfg.items())})),")

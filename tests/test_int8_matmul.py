@@ -78,6 +78,11 @@ def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm):
     launch_int8_gemm_tma(xq, wq, s_x, s_w, b, y, block_m=16, block_n=16, block_k=32, swap_ab=swap_ab,
                          programs_per_sm=programs_per_sm)
     assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
+    if not swap_ab:  # the warp-specialization flag only passes through on the interpreter
+        acc_ws = poisoned(m, n, torch.int32)
+        launch_int8_gemm_tma(xq, wq, s_x, s_w, None, acc_ws, block_m=16, block_n=32, block_k=64,
+                             programs_per_sm=programs_per_sm, warp_specialize=True)
+        assert torch.equal(acc_ws.cpu(), exact(xq, wq))
 
 
 def test_tma_config_falls_back_on_unaligned_operands():
@@ -86,6 +91,8 @@ def test_tma_config_falls_back_on_unaligned_operands():
     xq, wq, s_x, s_w, _ = make_case(5, 24, 100)
     assert not tma_eligible(xq, wq)
     assert torch.equal(int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg).cpu(), exact(xq, wq))
+    ws = dict(cfg, warp_specialize=True)  # the pointer GEMM takes no specialization flag
+    assert torch.equal(int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=ws).cpu(), exact(xq, wq))
     # rows 128 bytes apart (an aligned stride) starting one byte into their buffer (a misaligned base)
     xq, wq, s_x, s_w, _ = make_case(5, 24, 128)
     buf = torch.empty(5 * 128 + 1, dtype=torch.int8, device=xq.device)
@@ -155,6 +162,23 @@ def test_every_shipped_config_on_gpu(arch):
             assert torch.equal(acc.cpu(), exact(xq, wq)), (arch, max_m, cfg)
             y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16, config=cfg)
             assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs_per_sm", [0, 1])
+def test_warp_specialized_tma_gemm_on_gpu(programs_per_sm):
+    """A copy warpgroup and two MMA warpgroups (Triton's Hopper pass where it compiles; the same two
+    warpgroups unspecialized elsewhere): the exact integer product, persistent programs included."""
+    for m, n, k in ((300, 200, 4160), (2048 + 17, 2304, 1152), (1, 72, 4160)):
+        xq, wq, s_x, s_w, b = make_case(m, n, k)
+        want, ref = exact(xq, wq), int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32)
+        for bm, bn, bk in ((128, 128, 128), (256, 128, 128), (128, 256, 64)):
+            cfg = dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=3,
+                       programs_per_sm=programs_per_sm, warp_specialize=True)
+            acc = int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg)
+            assert torch.equal(acc.cpu(), want), cfg
+            y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16, config=cfg)
+            assert_close_rel(y, ref, torch.float16)
 
 
 @pytest.mark.gpu

@@ -190,9 +190,13 @@ def test_greedy_session_matches_reference(nvila, n_images):
     s.add_images(images)
     res = s.ask("describe")
     rows = ref_rows(parts, images, s2=name != "vila1.5")
-    ids = torch.tensor([ref_prompt_ids(tok, rows, "describe")])
-    assert s.gen.cached_ids[:res.stats.prompt_tokens] == ids[0].tolist()
-    out = []
+    assert_session_follows_reference(s, res, parts, ref_prompt_ids(tok, rows, "describe"), rows)
+
+
+def assert_session_follows_reference(session, res, parts, prompt_ids, rows):
+    """The session cached ``prompt_ids`` as the turn's prompt, and its 16 greedy tokens are the reference's."""
+    assert session.gen.cached_ids[:res.stats.prompt_tokens] == prompt_ids
+    ids, out = torch.tensor([prompt_ids]), []
     for _ in range(16):
         nxt = int(ref_logits(parts, ids, rows)[0, -1].argmax())
         out.append(nxt)
@@ -250,11 +254,10 @@ def test_awq_llm_folder_loads_like_rtn_at_load(tmp_path):
     torch.testing.assert_close(ckpt.logits(ids, features=feats), rtn.logits(ids, features=feats), rtol=2e-3, atol=2e-3)
 
 
-def test_legacy_vila_names_warn_about_the_conversation_format(tmp_path):
+def test_legacy_vila_names_pick_their_conversation_format(tmp_path):
     """VILA-1.5 checkpoints that VILA prompts in a legacy format picked by name (vicuna_v1, llama_3,
-    hermes-2) load with a warning that says so; NVILA folders load silently."""
-    import warnings
-
+    hermes-2) load with that format; NVILA folders keep the tokenizer's chat template. A tokenizer
+    without the format's answer-ending token is refused when a session starts."""
     from tinyq.models.nvila import vila_conversation_mode
 
     assert vila_conversation_mode("/ckpt/VILA1.5-3b") == "vicuna_v1"
@@ -262,13 +265,37 @@ def test_legacy_vila_names_warn_about_the_conversation_format(tmp_path):
     assert vila_conversation_mode("/ckpt/VILA1.5-40b-AWQ") == "hermes-2"
     assert vila_conversation_mode("/ckpt/NVILA-8B") is None
     assert vila_conversation_mode("/hub/models--Efficient-Large-Model--VILA1.5-3b/snapshots/0a1b") == "vicuna_v1"
-    legacy = tmp_path / "VILA1.5-13b"
-    make_nvila_dir(legacy, projector="mlp_downsample", s2=False, image_size=35)
-    with pytest.warns(UserWarning, match="legacy 'vicuna_v1' conversation format"):
-        load_nvila(str(legacy), precision="fp32", device="cpu", max_seq_len=64)
     plain = tmp_path / "NVILA-tiny"
     make_nvila_dir(plain)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        load_nvila(str(plain), precision="fp32", device="cpu", max_seq_len=64)
-    assert not [w for w in seen if "conversation format" in str(w.message)]
+    model, _ = load_nvila(str(plain), precision="fp32", device="cpu", max_seq_len=64)
+    assert model.conversation is None and model.load_stats["conversation"] == "chat template"
+    llama3 = tmp_path / "Llama-3-VILA1.5-8B"
+    make_nvila_dir(llama3, projector="mlp_downsample", s2=False, image_size=35)
+    model, tok = load_nvila(str(llama3), precision="fp32", device="cpu", max_seq_len=64)
+    assert model.conversation.name == "llama_3"
+    with pytest.raises(ValueError, match="'<\\|eot_id\\|>', which this tokenizer does not have"):
+        VLMChatSession(model, tok)
+
+
+def test_vicuna_v1_session_matches_vila(tmp_path):
+    """A VILA1.5-3b-named checkpoint is prompted as VILA prompts it (vicuna_v1, each piece tokenized on
+    its own, one BOS), token for token; 16 greedy tokens follow the reference's; answers end at </s>,
+    and the next turn closes the last answer with it."""
+    path = tmp_path / "VILA1.5-3b"
+    parts = make_nvila_dir(path, projector="mlp_downsample", s2=False, image_size=35, llama_bos=True)
+    model, tok = load_nvila(str(path), precision="fp32", device="cpu", max_seq_len=512)
+    s = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=16)
+    assert tok.convert_tokens_to_ids("</s>") in s.gen.eos_ids
+    s.gen.eos_ids = set()
+    images = [_image(60, 90, 3)]
+    s.add_images(images)
+    res = s.ask("describe")
+    rows = ref_rows(parts, images, s2=False)
+    system = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+              "helpful, detailed, and polite answers to the user's questions.")
+    head, tail = (system + " USER: <image>describe ASSISTANT:").split("<image>")
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    ids = [tok.bos_token_id] + enc(head) + [tok.convert_tokens_to_ids("<image>")] * rows[0].shape[0] + enc("\n")
+    assert_session_follows_reference(s, res, parts, ids + enc(tail), rows)
+    rendered = s._render(s.messages + [{"role": "user", "content": "more"}])
+    assert rendered.endswith(f"ASSISTANT: {res.text}</s>USER: more ASSISTANT:")

@@ -141,6 +141,13 @@ def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k,
     launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, **cfg)
     assert_close_rel(y_tma, w4a16_linear_reference(x, qw, s, z, b))
     assert torch.equal(y_tma, y_ptr)
+    if swap_ab:
+        with pytest.raises(ValueError, match="swap_ab=False"):
+            launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, warp_specialize=True, **cfg)
+    else:  # on the interpreter the specialized loop is the plain loop: the flag must only pass through
+        y_ws = poisoned(m, n, dtype)
+        launch_w4a16_gemm(x, qw, s, z, b, y_ws, tma=True, warp_specialize=True, **cfg)
+        assert torch.equal(y_ws, y_ptr)
 
 
 @triton.jit
@@ -342,6 +349,28 @@ def test_gpu_gemm_tensor_descriptors(m, n, k, group_size, swap_ab, block_m, bloc
     torch.cuda.synchronize()
     assert_close_rel(y_tma, w4a16_linear_reference(x, qw, s, z, b))
     assert torch.equal(y_tma, y_ptr)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_m,block_n,block_k,split_k,stages", [(128, 128, 128, 1, 3), (128, 128, 64, 2, 4),
+                                                                     (256, 128, 64, 1, 3), (128, 256, 64, 1, 3)])
+@pytest.mark.parametrize("m,n,k,group_size", [(256, 4096, 4096, 128), (300, 1000, 1024, 64), (57, 333, 576, 32)])
+def test_gpu_gemm_warp_specialized(m, n, k, group_size, block_m, block_n, block_k, split_k, stages, dtype):
+    """Triton's Hopper warp specialization (a TMA producer, two consumer warpgroups) computes what the
+    same tile computes without it, outliers included."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("warp specialization is planned for sm90 only")
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
+    x[:, 5] = 3000.0
+    cfg = dict(block_m=block_m, block_n=block_n, block_k=min(block_k, group_size), swap_ab=False, unpack="natural",
+               ptx_dequant=True, split_k=split_k, tma=True, num_warps=4, num_stages=stages)
+    y_plain, y_ws = poisoned(m, n, dtype, device="cuda"), poisoned(m, n, dtype, device="cuda")
+    launch_w4a16_gemm(x, qw, s, z, b, y_plain, **cfg)
+    launch_w4a16_gemm(x, qw, s, z, b, y_ws, warp_specialize=True, **cfg)
+    torch.cuda.synchronize()
+    assert_close_rel(y_ws, w4a16_linear_reference(x, qw, s, z, b))
+    assert_close_rel(y_ws, y_plain)
 
 
 @pytest.mark.gpu

@@ -33,12 +33,20 @@ def tiny_tower(kind: str, **kw):
     return randomize_(cls(tower_config(kind, **kw))).float().eval()
 
 
-def vlm_tokenizer():
-    """The tiny byte-level tokenizer of the LLM tests plus an ``<image>`` special token."""
+def vlm_tokenizer(llama_bos: bool = False):
+    """The tiny byte-level tokenizer of the LLM tests plus an ``<image>`` special token; with
+    ``llama_bos``, also ``<s>`` / ``</s>`` and a BOS that encoding adds, as Llama tokenizers do."""
+    from tokenizers import processors
+
     from tests.tiny_models import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>"]})
+    if llama_bos:
+        tok.add_special_tokens({"bos_token": "<s>", "additional_special_tokens": ["<|im_start|>", "<image>", "</s>"]})
+        bos = tok.convert_tokens_to_ids("<s>")
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     return tok
 
 
@@ -122,9 +130,11 @@ def reference_projector(kind: str, mm_hidden: int, hidden: int):
     return randomize_(layers).eval()
 
 
-def make_nvila_dir(path, projector: str = "mlp_downsample_2x2_fix", s2: bool = True, image_size: int = IMAGE_SIZE):
+def make_nvila_dir(path, projector: str = "mlp_downsample_2x2_fix", s2: bool = True, image_size: int = IMAGE_SIZE,
+                   llama_bos: bool = False):
     """A random tiny VILA/NVILA checkpoint (``llm/``, ``vision_tower/``, ``mm_projector/``) under
-    ``path``; returns ``(tower, projector, llm, tokenizer, root config)`` as transformers / torch parts."""
+    ``path`` (its tokenizer: :func:`vlm_tokenizer`); returns ``(tower, projector, llm, tokenizer, root
+    config)`` as transformers / torch parts."""
     import json
     import os
 
@@ -133,7 +143,7 @@ def make_nvila_dir(path, projector: str = "mlp_downsample_2x2_fix", s2: bool = T
 
     from tests.tiny_models import hf_config
 
-    tok = vlm_tokenizer()
+    tok = vlm_tokenizer(llama_bos)
     torch.manual_seed(2)
     tower = tiny_tower("siglip", image_size=image_size)
     scales = [image_size, 2 * image_size, 3 * image_size]

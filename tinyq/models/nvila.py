@@ -31,7 +31,6 @@ import json
 import math
 import os
 import time
-import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -43,6 +42,7 @@ from tinyq.models.vision import LayerNorm, VisionConfig, VisionTower, load_visio
 from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.vlm import media
+from tinyq.vlm.conversation import LEGACY_FORMATS
 
 # ChatML as VILA writes it for Qwen2 LLMs (NVlabs/VILA llava/model/language_model/chat_templates/qwen2.jinja),
 # for tokenizers without a chat template.
@@ -246,8 +246,9 @@ def _read_json(folder: str) -> dict:
         return json.load(f)
 
 
-# VILA picks a legacy conversation format when these names occur in a checkpoint's path (NVlabs/VILA
-# llava/conversation.py, CONVERSATION_MODE_MAPPING, first match wins); otherwise the tokenizer's template.
+# VILA picks a legacy conversation format (tinyq.vlm.conversation) when these names occur in a checkpoint's
+# path (NVlabs/VILA llava/conversation.py, CONVERSATION_MODE_MAPPING, first match wins); otherwise the
+# tokenizer's chat template.
 VILA_CONVERSATION_MODES = (("vila1.5-3b", "vicuna_v1"), ("vila1.5-8b", "llama_3"), ("vila1.5-13b", "vicuna_v1"),
                            ("vila1.5-40b", "hermes-2"), ("llama-3", "llama_3"), ("llama3", "llama_3"))
 
@@ -281,12 +282,6 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
     projector.load_state_dict({n: psrc.get(n if n in psrc else "layers." + n) for n in names}, strict=True)
     projector.to(llm.device, llm.dtype).requires_grad_(False)
     tokenizer = load_tokenizer(llm_dir)
-    mode = vila_conversation_mode(path)
-    if mode is not None:  # not replicated: say so rather than answer from a differently framed prompt
-        used = "the tokenizer's chat template" if tokenizer.chat_template else "ChatML (the tokenizer has no template)"
-        warnings.warn(f"{path}: VILA prompts this model in its legacy {mode!r} conversation format, chosen by the "
-                      f"checkpoint's path; tinyq uses {used}, so answers can differ from VILA's. Set "
-                      "tokenizer.chat_template to that format to match it.", stacklevel=2)
     model = NvilaModel(
         tower, projector, llm, _image_token_id(tokenizer, root), tokenizer.encode("\n", add_special_tokens=False),
         s2_scales=s2, max_tiles=int(root.get("max_tiles", 12)),
@@ -295,7 +290,11 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
         processor=media.image_processor(vcfg.kind, vcfg.image_size, tower_dir),
         pad=root.get("image_aspect_ratio") == "pad",
     ).eval()
-    model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path}
+    # VILA-1.5 checkpoints that VILA prompts in a legacy format chosen by name are prompted the same way
+    mode = vila_conversation_mode(path)
+    model.conversation = LEGACY_FORMATS[mode] if mode is not None else None
+    model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path,
+                        "conversation": mode or "chat template"}
     return model, tokenizer
 
 

@@ -21,6 +21,8 @@ class VisionLanguageModel(nn.Module):
 
     image_token_id: int
     chat_template: str = None  # used when the tokenizer has none
+    # a tinyq.vlm.conversation.LegacyFormat that prompts the model instead of any chat template (VILA-1.5)
+    conversation = None
     # what follows each image's marker in a user message, before the text: LLaVA writes
     # "<image>\n{question}"; a family whose placeholder ends in a "\n" of its own sets ""
     image_text_separator: str = "\n"

@@ -6,8 +6,9 @@ rules) whose prompt may hold images:
 - ``add_images`` / ``add_video`` encode the media at once (vision tower + projector), once: the
   feature rows are kept for the whole conversation, and the next ``send`` puts one
   ``<image>`` marker per new image before its text.
-- Rendering: the chat template (the tokenizer's, else the model family's) over messages whose text
-  holds the markers; each marker becomes the model's placeholder ids for that image
+- Rendering: the model's legacy conversation format where it has one (VILA-1.5,
+  :mod:`tinyq.vlm.conversation`), else the chat template (the tokenizer's, else the model family's),
+  over messages whose text holds the markers; each marker becomes the model's placeholder ids for that image
   (:meth:`VisionLanguageModel.placeholder_ids`), and the session records at which absolute
   position each image's rows start.
 - Prefill goes through :class:`tinyq.generate.Generator` with an ``embed_fn`` that embeds the ids
@@ -26,6 +27,7 @@ from tinyq.chat import ChatSession
 from tinyq.generate import Generator
 from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images
 from tinyq.vlm import media
+from tinyq.vlm.conversation import tokenize_pieces
 from tinyq.warmup import CompileTracker, WarmupReport, warm_up
 
 
@@ -43,6 +45,13 @@ class VLMChatSession(ChatSession):
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
+        fmt = model.conversation
+        if fmt is not None:  # a legacy format's answers end with its own token (</s>, <|im_end|>, <|eot_id|>)
+            end = tokenizer.convert_tokens_to_ids(fmt.end)
+            if end is None or end == tokenizer.unk_token_id:
+                raise ValueError(f"the {fmt.name!r} conversation format ends answers with {fmt.end!r}, which this "
+                                 "tokenizer does not have as a token")
+            gen.eos_ids = gen.eos_ids | {end}
 
     # ------------------------------------------------------------------ media
 
@@ -140,9 +149,12 @@ class VLMChatSession(ChatSession):
         return ids
 
     def _render(self, messages: List[Dict[str, str]]) -> str:
-        """The chat template (the tokenizer's, else the family's) over ``messages``. A processor-style
-        template (llava-hf's ``chat_template.json``: content lists with ``{"type": "image"}`` entries,
-        for which it writes the marker itself) gets the messages in that form."""
+        """The model's legacy conversation format if it has one (VILA-1.5), else the chat template
+        (the tokenizer's, else the family's) over ``messages``. A processor-style template (llava-hf's
+        ``chat_template.json``: content lists with ``{"type": "image"}`` entries, for which it writes the
+        marker itself) gets the messages in that form."""
+        if self.vlm.conversation is not None:
+            return self.vlm.conversation.render(messages)
         template = getattr(self.tokenizer, "chat_template", None) or self.vlm.chat_template
         if not template:
             raise ValueError("neither the tokenizer nor the model family has a chat template")
@@ -154,8 +166,11 @@ class VLMChatSession(ChatSession):
     def _tokenize_pieces(self, rendered: str) -> List[List[int]]:
         """Token ids of ``rendered`` split at each image marker. When the tokenizer knows the marker
         as one token, the whole text is tokenized once (as the reference processors do) and split
-        at that id, so the pieces' boundaries tokenize exactly as in the whole text."""
+        at that id, so the pieces' boundaries tokenize exactly as in the whole text. A legacy
+        conversation format tokenizes piece by piece, special tokens included, as VILA does."""
         tok = self.tokenizer
+        if self.vlm.conversation is not None:
+            return tokenize_pieces(tok, rendered, IMAGE_MARKER)
         marker = tok.convert_tokens_to_ids(IMAGE_MARKER)
         if marker is not None and marker != tok.unk_token_id and tok.convert_ids_to_tokens(marker) == IMAGE_MARKER:
             pieces, cur = [], []
