@@ -11,6 +11,7 @@ In the chat: ``/image PATH[,PATH]`` adds images to the next message, ``/video PA
 encoder time and decode ms/token. ``--prompt TEXT`` answers one message and exits.
 """
 import argparse
+import re
 import sys
 
 import torch
@@ -24,6 +25,9 @@ RANDOM_WARNING = """
 !!  It only shows the pipeline running (tiling, tower, projector, LLM, chat). !!
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
 """
+
+
+COMMANDS = "/image PATH[,PATH]  /video PATH  /reset  /exit"
 
 
 def parse_args(argv=None):
@@ -72,7 +76,7 @@ def vision_ms(chat) -> str:
 
 
 def answer(chat, text):
-    vision_s = chat.last_vision_s if chat.pending_images else 0.0
+    vision_s = chat.pending_vision_s  # every image added since the last message
     try:
         turn = chat.send(text)
         print("assistant> ", end="", flush=True)
@@ -104,7 +108,11 @@ def main(argv=None):
                 print(f"[the random tiny model runs in fp32 here; {given} applies to real checkpoints]")
         model, tokenizer = random_tiny_nvila(dtype=dtype, device=device)
     else:
-        model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)
+        try:
+            model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)
+        except (ValueError, OSError) as exc:  # not a model directory, a missing or unreadable file
+            print(f"error: {exc}")
+            return 1
         print(f"loaded {args.model} ({precision}) in {model.load_stats['seconds']:.1f} s")
     if args.vision_precision == "w8a8":
         from tinyq.models.vision_w8a8 import quantize_vlm_tower_
@@ -126,7 +134,7 @@ def main(argv=None):
     if args.prompt:
         answer(chat, args.prompt)
         return 0
-    print("/image PATH[,PATH]  /video PATH  /reset  /exit")
+    print(COMMANDS)
     while True:
         try:
             line = input("you> ").strip()
@@ -140,10 +148,14 @@ def main(argv=None):
         if line == "/reset":
             chat.reset()
             print("[conversation and media forgotten]")
-        elif line.startswith("/image "):
+        elif line.startswith("/image ") and line[len("/image "):].strip():
             add_media(chat, images=line[len("/image "):])
-        elif line.startswith("/video "):
+        elif line.startswith("/video ") and line[len("/video "):].strip():
             add_media(chat, video=line[len("/video "):].strip(), frames=args.frames)
+        elif line.startswith("/") and line.split()[0] in ("/image", "/video", "/reset", "/exit"):
+            print(f"usage: {COMMANDS}")  # a command without its path, or with extra words
+        elif re.fullmatch(r"/[a-z]+", line.split()[0]):  # a mistyped command, not a message like "/etc/hosts?"
+            print(f"unknown command {line.split()[0]}; {COMMANDS}")
         else:
             answer(chat, line)
             if args.random_tiny:

@@ -125,6 +125,45 @@ def test_w4a16_llm_loads_quantized(tmp_path):
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.98
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_awq_llm_loads_like_rtn_at_load(tmp_path, legacy):
+    """A llava-hf folder whose language model is stored in AutoAWQ's format (qweight / qzeros / scales,
+    with a quantization_config), under the new key names and the legacy ones, reads as W4A16 and gives
+    the logits of RTN at load from the float folder."""
+    import json
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from tinyq.nn.w4a16_linear import W4A16Linear
+    from tinyq.quant.checkpoint import quantization_config, quantized_state_dict
+
+    fp, awq = tmp_path / "fp", tmp_path / "awq"
+    hf, _ = make_llava_dir(fp, "clip", "llama", legacy=legacy)
+    # the language model alone, as a causal LM, quantized by tinyq's AutoAWQ writer
+    text = transformers.LlamaForCausalLM(hf.config.text_config).eval()
+    text.load_state_dict({("model." + k[len("model.language_model."):]) if k.startswith("model.language_model.") else k: v
+                          for k, v in hf.state_dict().items() if k.startswith(("model.language_model.", "lm_head."))})
+    body, head = ("language_model.model.", "language_model.lm_head.") if legacy else ("model.language_model.", "lm_head.")
+    quantized = {(body + k[len("model."):]) if k.startswith("model.") else (head + k[len("lm_head."):]): v.contiguous()
+                 for k, v in quantized_state_dict(text, 32, "awq", torch.float16).items()}
+    shutil.copytree(fp, awq)
+    tensors = {k: v for k, v in load_file(fp / "model.safetensors").items() if not k.startswith((body, head))}
+    save_file({**tensors, **quantized}, awq / "model.safetensors")
+    config = json.loads((fp / "config.json").read_text())
+    config["quantization_config"] = quantization_config(32, "awq")
+    (awq / "config.json").write_text(json.dumps(config))
+
+    rtn, _ = load_llava(str(fp), precision="w4a16", group_size=32, device="cpu")
+    ckpt, _ = load_llava(str(awq), precision="w4a16", device="cpu")
+    assert isinstance(ckpt.llm.model.layers[0].self_attn.qkv_proj, W4A16Linear)
+    ids = torch.tensor([[5] + [ckpt.image_token_id] * TOKENS_PER_IMAGE + [6]])
+    px = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    torch.testing.assert_close(ckpt.logits(ids, features=list(ckpt.encode_pixels(px))),
+                               rtn.logits(ids, features=list(rtn.encode_pixels(px))), rtol=2e-3, atol=2e-3)
+
+
 LLAVA_HF_TEMPLATE = (  # the shape of llava-hf's processor template: content lists, the template writes <image>
     "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"

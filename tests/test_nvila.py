@@ -299,3 +299,15 @@ def test_vicuna_v1_session_matches_vila(tmp_path):
     assert_session_follows_reference(s, res, parts, ids + enc(tail), rows)
     rendered = s._render(s.messages + [{"role": "user", "content": "more"}])
     assert rendered.endswith(f"ASSISTANT: {res.text}</s>USER: more ASSISTANT:")
+
+
+def test_unsupported_aspect_ratio_mode_is_named(tmp_path):
+    """A preprocessing mode tinyq does not reproduce (VILA's InternVL-style "dynamic" tiling) is an
+    error naming the file and the value, not a silent single-tile resize."""
+    import json
+
+    make_nvila_dir(tmp_path, projector="mlp_downsample", s2=False, image_size=35)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, image_aspect_ratio="dynamic")))
+    with pytest.raises(ValueError, match="config.json: image_aspect_ratio 'dynamic' is not supported"):
+        load_nvila(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)

@@ -2,6 +2,7 @@
 examples/chat_vlm.py script on the random tiny model."""
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -43,8 +44,8 @@ def test_frames_from_directory_and_gif(tmp_path):
         media.load_video_frames(str(tmp_path / "none.mp4"), 2)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("av") is not None, reason="PyAV installed")
-def test_mp4_without_pyav_says_what_to_install(tmp_path):
+def test_mp4_without_pyav_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV absent, whether or not this machine has it
     f = tmp_path / "clip.mp4"
     f.write_bytes(b"\0" * 16)
     with pytest.raises(ValueError, match="needs PyAV"):
@@ -157,6 +158,18 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
     assert mod.main(["--random-tiny", "--vision-precision", "w8a8", "--vision-calib", str(tmp_path / "nope.png"),
                      "--prompt", "hi"]) == 1
     assert "image not found" in capsys.readouterr().out
+    # --video at start-up: a directory of frames, sampled
+    frames_dir = tmp_path / "frames"
+    frames_dir.mkdir()
+    for i, frame in enumerate(_frames(5, (40, 40))):
+        frame.save(frames_dir / f"{i:03d}.png")
+    assert mod.main(["--random-tiny", "--video", str(frames_dir), "--frames", "3", "--prompt", "hi",
+                     "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[video: 3 frames" in out and "TTFT" in out
+    # a folder that is no model: a one-line error, not a traceback
+    assert mod.main(["--model", str(tmp_path), "--prompt", "hi"]) == 1
+    assert capsys.readouterr().out.startswith("error: ")
 
 
 def test_chat_vlm_example_interactive_commands(tmp_path, capsys, monkeypatch):
@@ -168,22 +181,27 @@ def test_chat_vlm_example_interactive_commands(tmp_path, capsys, monkeypatch):
     gif = tmp_path / "clip.gif"
     frames = _frames(6, (40, 40))
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
-    lines = iter(["hello", f"/image {img}", "what is it?", f"/video {gif}", "and this?", "/reset", "hello",
-                  "/exit", "never read"])
+    lines = iter(["hello", "/image", "/imgae x.png", f"/image {img}", f"/image {img}", "what is it?", f"/video {gif}",
+                  "and this?", "/reset", "hello", "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     assert mod.main(["--random-tiny", "--temperature", "0.7", "--frames", "3", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
+    # a command without its path, or a mistyped one, is not sent to the model
     assert out.count("assistant> ") == 4 and "[conversation and media forgotten]" in out
+    assert "usage: /image PATH" in out and "unknown command /imgae" in out
     assert next(lines) == "never read"
     ttft = [line for line in out.splitlines() if line.startswith("[TTFT")]
     prefilled = [int(line.split("(")[1].split(" tokens")[0]) for line in ttft]
     vision = [line.split("vision encoder ")[1].split(" ms")[0] for line in ttft]
-    image_rows = int(out.split("[1 image(s), ")[1].split(" tokens")[0])
+    image_rows = 2 * int(out.split("[1 image(s), ")[1].split(" tokens")[0])  # the image, added twice
     video_rows = int(out.split("[video: 3 frames, ")[1].split(" tokens")[0])
     # the image turn and the video turn prefill their rows besides the text; after /reset the first
     # message is prefilled from an empty context again, with no media
     assert prefilled[1] > image_rows and prefilled[2] > video_rows and prefilled[3] == prefilled[0]
     assert vision[0] == vision[3] == "0"
+    # the image turn's encoder time counts both of its /image adds
+    added = [float(x.split("vision ")[1].split(" ms")[0]) for x in out.splitlines() if x.startswith("[1 image(s)")]
+    assert abs(float(vision[1]) - sum(added)) <= 2  # each printed rounded to 1 ms
 
 
 def test_w8a8_tower_in_a_vlm_stays_close_to_the_float_one():

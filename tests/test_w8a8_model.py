@@ -3,6 +3,7 @@ qkv / gate_up), SmoothQuant checkpoints through ``tinyq quantize`` / ``tinyq eva
 import argparse
 import copy
 import json
+import re
 import math
 
 import pytest
@@ -183,6 +184,23 @@ def test_w8a8_checkpoint_whole_or_nothing_and_named_errors(tmp_path):
     partial = damaged("partial", lambda t: t.pop(key + ".input_scale"))
     with pytest.raises(ValueError, match="only some of .* have an input_scale"):
         load_model(partial, precision="w8a8", device="cpu")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "smoothquant", "--alpha", "1.5"], "--alpha must be in \\[0, 1\\], got 1.5"),
+    (["--method", "smoothquant", "--alpha", "0.5", "--no-smooth"], "give one of them"),
+    (["--method", "rtn", "--alpha", "0.5"], "--alpha apply to --method smoothquant only"),
+    (["--method", "awq", "--act-quant", "tensor", "--no-smooth"], "--no-smooth, --act-quant apply to"),
+    (["--method", "smoothquant", "--format", "awq"], "tinyq format only"),
+])
+def test_quantize_cli_refuses_w8a8_flags_before_loading(tmp_path, capsys, flags, message):
+    """Flags that are out of range, contradictory or for another method stop the command before any
+    model is read (the model path here does not exist)."""
+    argv = ["quantize", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out"), *flags]
+    assert _cli(quantize_cmd, argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "no-such-model" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_chat_and_quantize_cli_options_for_w8a8(tiny_dir, tmp_path, capsys):

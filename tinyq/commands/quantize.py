@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from tinyq.quant.format import GROUP_SIZES
+from tinyq.quant.smoothquant import DEFAULT_ALPHA
 
 
 def add_calibration_args(p: argparse.ArgumentParser) -> None:
@@ -65,10 +66,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--method", default="awq", choices=("awq", "rtn", "smoothquant"),
                    help="awq (default) or rtn (round-to-nearest) for W4A16; smoothquant for W8A8 (int8 weights and "
                         "activations)")
-    p.add_argument("--alpha", type=float, default=0.85,
-                   help="SmoothQuant migration strength in [0, 1] (default 0.85); --no-smooth for plain W8A8")
+    p.add_argument("--alpha", type=float, default=None,
+                   help=f"SmoothQuant migration strength in [0, 1] (default {DEFAULT_ALPHA}); --no-smooth for plain W8A8")
     p.add_argument("--no-smooth", action="store_true", help="smoothquant method without smoothing (W8A8 RTN)")
-    p.add_argument("--act-quant", default="token", choices=("token", "tensor"),
+    p.add_argument("--act-quant", default=None, choices=("token", "tensor"),
                    help="W8A8 activation scales: dynamic per token (default) or static per tensor from calibration")
     p.add_argument("--out", metavar="DIR", help="output checkpoint directory")
     p.add_argument("--format", default="tinyq", choices=("tinyq", "awq"),
@@ -83,6 +84,7 @@ def run(args) -> int:
     from tinyq.quant.pipeline import prepare, quantize_to_checkpoint
 
     try:
+        check_w8a8_flags(args)  # before a model is loaded and calibrated
         job = job_from_args(args, args.method)
         if args.out is None:
             if not args.save_search or args.method != "awq":
@@ -102,13 +104,26 @@ def run(args) -> int:
     return 0
 
 
+def check_w8a8_flags(args) -> None:
+    """The SmoothQuant flags belong to --method smoothquant, agree with each other and are in range."""
+    given = [flag for flag, value in (("--alpha", args.alpha), ("--no-smooth", args.no_smooth or None),
+                                      ("--act-quant", args.act_quant)) if value is not None]
+    if args.method != "smoothquant" and given:
+        raise ValueError(f"{', '.join(given)} apply to --method smoothquant only (got --method {args.method})")
+    if args.no_smooth and args.alpha is not None:
+        raise ValueError("--alpha sets the smoothing that --no-smooth turns off: give one of them")
+    if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.method == "smoothquant" and args.format != "tinyq":
+        raise ValueError("W8A8 checkpoints are written in the tinyq format only (--format tinyq)")
+
+
 def _smoothquant(args, job) -> int:
     from tinyq.quant.w8a8_checkpoint import smoothquant_to_checkpoint
 
-    if args.format != "tinyq":
-        raise ValueError("W8A8 checkpoints are written in the tinyq format only (--format tinyq)")
-    alpha = None if args.no_smooth else args.alpha
-    summary = smoothquant_to_checkpoint(job, args.out, alpha, args.act_quant)
+    alpha = None if args.no_smooth else (DEFAULT_ALPHA if args.alpha is None else args.alpha)
+    act_quant = args.act_quant or "token"
+    summary = smoothquant_to_checkpoint(job, args.out, alpha, act_quant)
     what = "no smoothing" if alpha is None else f"alpha {alpha:g}"
-    print(f"wrote W8A8 checkpoint (smoothquant, {what}, {args.act_quant} activation scales) to {summary['path']}")
+    print(f"wrote W8A8 checkpoint (smoothquant, {what}, {act_quant} activation scales) to {summary['path']}")
     return 0

@@ -260,6 +260,11 @@ def vila_conversation_mode(path: str) -> Optional[str]:
     return next((mode for key, mode in VILA_CONVERSATION_MODES if key in name), None)
 
 
+# image_aspect_ratio values whose preprocessing tinyq reproduces: the processor's own resize (None,
+# "resize"), a mean-colour square first ("pad"), NVILA's dynamic S2 tiling ("dynamic_s2")
+ASPECT_MODES = (None, "resize", "pad", "dynamic_s2")
+
+
 def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device=None,
                max_seq_len: int = 8192, dtype: Optional[torch.dtype] = None):
     """Load a VILA-1.5 / NVILA directory (``config.json`` + ``llm/``, ``vision_tower/``,
@@ -272,7 +277,11 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
     vcfg = VisionConfig.from_hf(tower_cfg)
     tower = load_vision_tower(vcfg, TensorSource(folder=tower_dir), "", llm.dtype, llm.device)
     s2 = None
-    if "dynamic_s2" in str(root.get("image_aspect_ratio", "")):
+    aspect = root.get("image_aspect_ratio")
+    if aspect not in ASPECT_MODES:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: image_aspect_ratio {aspect!r} is not supported; tinyq "
+                         f"reads {', '.join(repr(m) for m in ASPECT_MODES)}")
+    if aspect == "dynamic_s2":
         scales = root.get("s2_scales", "448,896,1344")
         s2 = [int(s) for s in (scales.split(",") if isinstance(scales, str) else scales)]
     mm_hidden = vcfg.hidden_size * (len(s2) if s2 else 1)
@@ -288,7 +297,7 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
         select_layer=int(root.get("mm_vision_select_layer", -2)),
         select_feature=root.get("mm_vision_select_feature", "cls_patch"),
         processor=media.image_processor(vcfg.kind, vcfg.image_size, tower_dir),
-        pad=root.get("image_aspect_ratio") == "pad",
+        pad=aspect == "pad",
     ).eval()
     # VILA-1.5 checkpoints that VILA prompts in a legacy format chosen by name are prompted the same way
     mode = vila_conversation_mode(path)

@@ -42,6 +42,7 @@ class VLMChatSession(ChatSession):
         self.last_vision_s = 0.0  # the last add_images' encoder time, Triton compilation excluded
         self.last_vision_compile_s = 0.0  # ... and the compilation it excluded (first use of a shape)
         self.last_vision_capture_s = 0.0  # ... and the tower's CUDA-graph captures (first use of a chunk size)
+        self._vision_s: List[float] = []  # each image's share of its batch's encoder time, as self.images
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -59,6 +60,11 @@ class VLMChatSession(ChatSession):
     def pending_images(self) -> int:
         """Images added but not yet sent with a message."""
         return len(self.images) - self._sent_images()
+
+    @property
+    def pending_vision_s(self) -> float:
+        """Encoder time of the images that go with the next message (every add since the last send)."""
+        return sum(self._vision_s[self._sent_images():])
 
     def _sent_images(self) -> int:
         return sum(m["content"].count(IMAGE_MARKER) for m in self.messages)
@@ -80,6 +86,7 @@ class VLMChatSession(ChatSession):
         self.last_vision_capture_s = max(0.0, tower.capture_s - captured - self.last_vision_compile_s)
         self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s - self.last_vision_capture_s
         self.images.extend(feats)
+        self._vision_s.extend([self.last_vision_s / len(feats)] * len(feats))
         return [f.shape[0] for f in feats]
 
     def warm_up(self) -> WarmupReport:
@@ -116,13 +123,14 @@ class VLMChatSession(ChatSession):
 
     def reset(self) -> None:
         super().reset()
-        self.images, self._slots = [], []
+        self.images, self._slots, self._vision_s = [], [], []
 
     def drop_oldest_turns(self, n: int = 1) -> int:
         """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
         before = self._sent_images()
         dropped = super().drop_oldest_turns(n)
         del self.images[:before - self._sent_images()]
+        del self._vision_s[:before - self._sent_images()]
         return dropped
 
     def send(self, text: str, sampling=None):
