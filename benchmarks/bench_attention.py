@@ -272,10 +272,12 @@ def bench_chunked(dtype, sweep, rows, tuned):
         check_if_cheap(out, q, kc, vc, f"chunk at {hist}", causal=True, kv_len=n)
         t = graph_ms_rotating([cache_call(q, k, v, pos, kw) for k, v in caches])
         mask = causal_lower_right(CHUNK, n)  # the chunk's queries sit at the end of the keys
-        # torch runs a lower-right causal bias on the flash or efficient kernel; with only cuDNN (or
-        # math) enabled it would build the dense mask inside every call: give those the mask built
-        # once, here, outside the timing (their branch reads "+attn_mask")
-        dense = {"attn_mask": mask._materialize(DEVICE)}
+        # torch runs a lower-right causal bias on the flash or efficient kernel; with only cuDNN enabled
+        # it would build a dense boolean mask inside every call (and SDPA would turn it into an
+        # additive one): give cuDNN the additive mask built once, here, outside the timing (its branch
+        # reads "+attn_mask")
+        allowed = torch.ones(CHUNK, n, dtype=torch.bool, device=DEVICE).tril(n - CHUNK)
+        dense = {"attn_mask": torch.zeros(CHUNK, n, dtype=dtype, device=DEVICE).masked_fill(~allowed, float("-inf"))}
         sdpa = sdpa_contest(qs, [(k[:, :, :n], v[:, :, :n]) for k, v in caches], graph_ms_rotating, out,
                             per_backend={"cudnn": dense}, attn_mask=mask)
         rows.append(make_row("chunked", f"hist={hist}", t, sdpa, call, config=kw or None,

@@ -6,6 +6,9 @@
     python examples/chat_vlm.py --random-tiny --image photo.jpg               # RANDOM weights: a CPU demo of the pipeline
     python examples/chat_vlm.py --model DIR --image a.jpg --vision-precision w8a8 --vision-calib c1.jpg,c2.jpg
 
+VILA-1.5 checkpoints are prompted in the legacy format VILA picks by their name (vicuna_v1, llama_3,
+hermes-2); ``--conversation template`` uses the tokenizer's chat template instead.
+
 In the chat: ``/image PATH[,PATH]`` adds images to the next message, ``/video PATH`` a video,
 ``/reset`` forgets everything, ``/exit`` quits. After each answer: time to first token, vision
 encoder time and decode ms/token. ``--prompt TEXT`` answers one message and exits.
@@ -44,6 +47,9 @@ def parse_args(argv=None):
                    help="w8a8: SmoothQuant int8 vision tower (calibrated on --vision-calib images; without them, "
                         "plain per-token W8A8)")
     p.add_argument("--vision-calib", help="calibration image path(s), comma-separated, for --vision-precision w8a8")
+    p.add_argument("--conversation", default="auto",
+                   help="VILA-1.5 prompt format: auto (chosen by the checkpoint's name, as VILA does), template "
+                        "(the tokenizer's chat template), vicuna_v1, llama_3 or hermes-2")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=8192)
@@ -108,12 +114,15 @@ def main(argv=None):
                 print(f"[the random tiny model runs in fp32 here; {given} applies to real checkpoints]")
         model, tokenizer = random_tiny_nvila(dtype=dtype, device=device)
     else:
+        conversation = None if args.conversation == "template" else args.conversation
         try:
-            model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len)
+            model, tokenizer = load_vlm(args.model, precision, device=device, max_seq_len=args.max_seq_len,
+                                        conversation=conversation)
         except (ValueError, OSError) as exc:  # not a model directory, a missing or unreadable file
             print(f"error: {exc}")
             return 1
-        print(f"loaded {args.model} ({precision}) in {model.load_stats['seconds']:.1f} s")
+        prompt = model.conversation.name + " conversation format" if model.conversation else "chat template"
+        print(f"loaded {args.model} ({precision}, {prompt}) in {model.load_stats['seconds']:.1f} s")
     if args.vision_precision == "w8a8":
         from tinyq.models.vision_w8a8 import quantize_vlm_tower_
         from tinyq.vlm.media import load_image
@@ -125,8 +134,12 @@ def main(argv=None):
             return 1
         quantize_vlm_tower_(model, calib)
         print(f"[vision tower: W8A8, SmoothQuant {'calibrated on %d image(s)' % len(calib) if calib else 'off'}]")
-    chat = VLMChatSession(model, tokenizer, max_seq_len=min(args.max_seq_len, model.llm.max_seq_len),
-                          temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    try:
+        chat = VLMChatSession(model, tokenizer, max_seq_len=min(args.max_seq_len, model.llm.max_seq_len),
+                              temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    except ValueError as exc:  # e.g. a conversation format whose answer-ending token the tokenizer lacks
+        print(f"error: {exc}")
+        return 1
     if device == "cuda":  # compile kernels and capture the decode graph now, not in the first answer
         print(f"[{chat.warm_up().summary()}]")
     if not add_media(chat, args.image, args.video, args.frames):

@@ -6,6 +6,7 @@ import torch
 from tests.tolerances import assert_close_rel
 from tinyq.kernels.int8_configs import CONFIGS, device_arch, select_config
 from tinyq.kernels.int8_gemm import launch_int8_gemm
+from tinyq.kernels import int8_gemm_tma
 from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma
 from tinyq.kernels.tiling import tma_eligible
 from tinyq.kernels.int8_gemv import launch_int8_gemv
@@ -64,7 +65,7 @@ def test_gemm_exact_and_scaled(m, n, k, swap_ab):
 @pytest.mark.parametrize("programs_per_sm", [0, 1])
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("m,n,k", [(17, 67, 112), (3, 40, 256), (70, 33, 48)])
-def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm):
+def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm, monkeypatch):
     # K = 112 and 48 end inside a K step (the descriptor's zero fill); M and N that are not multiples of
     # the tiles leave ragged edges; on the interpreter an SM count of 4 makes each persistent program
     # walk several tiles
@@ -78,11 +79,13 @@ def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm):
     launch_int8_gemm_tma(xq, wq, s_x, s_w, b, y, block_m=16, block_n=16, block_k=32, swap_ab=swap_ab,
                          programs_per_sm=programs_per_sm)
     assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
-    if not swap_ab:  # the warp-specialization flag only passes through on the interpreter
-        acc_ws = poisoned(m, n, torch.int32)
-        launch_int8_gemm_tma(xq, wq, s_x, s_w, None, acc_ws, block_m=16, block_n=32, block_k=64,
-                             programs_per_sm=programs_per_sm, warp_specialize=True)
-        assert torch.equal(acc_ws.cpu(), exact(xq, wq))
+    if not swap_ab:  # the specialized tile loop, which the interpreter runs as the plain loop
+        for supported in (True, False):
+            monkeypatch.setattr(int8_gemm_tma, "warp_specialize_supported", lambda: supported)
+            acc_ws = poisoned(m, n, torch.int32)
+            launch_int8_gemm_tma(xq, wq, s_x, s_w, None, acc_ws, block_m=16, block_n=32, block_k=64,
+                                 programs_per_sm=programs_per_sm, warp_specialize=True)
+            assert torch.equal(acc_ws.cpu(), exact(xq, wq))
 
 
 def test_tma_config_falls_back_on_unaligned_operands():

@@ -275,11 +275,19 @@ def test_legacy_vila_names_pick_their_conversation_format(tmp_path):
     assert model.conversation.name == "llama_3"
     with pytest.raises(ValueError, match="'<\\|eot_id\\|>', which this tokenizer does not have"):
         VLMChatSession(model, tok)
+    # the caller decides over the path: the tokenizer's template, or a named format
+    model, _ = load_nvila(str(llama3), precision="fp32", device="cpu", max_seq_len=64, conversation=None)
+    assert model.conversation is None and model.load_stats["conversation"] == "chat template"
+    model, _ = load_nvila(str(plain), precision="fp32", device="cpu", max_seq_len=64, conversation="hermes-2")
+    assert model.conversation.name == "hermes-2"
+    with pytest.raises(ValueError, match="conversation='vicuna' is not 'auto', None or one of"):
+        load_nvila(str(plain), precision="fp32", device="cpu", conversation="vicuna")
 
 
 def test_vicuna_v1_session_matches_vila(tmp_path):
     """A VILA1.5-3b-named checkpoint is prompted as VILA prompts it (vicuna_v1, each piece tokenized on
-    its own, one BOS), token for token; 16 greedy tokens follow the reference's; answers end at </s>,
+    its own, one BOS at the start; the "\n" after the image embedded as VILA's encoder tokenizes it,
+    BOS included), token for token; 16 greedy tokens follow the reference's; answers end at </s>,
     and the next turn closes the last answer with it."""
     path = tmp_path / "VILA1.5-3b"
     parts = make_nvila_dir(path, projector="mlp_downsample", s2=False, image_size=35, llama_bos=True)
@@ -295,7 +303,9 @@ def test_vicuna_v1_session_matches_vila(tmp_path):
               "helpful, detailed, and polite answers to the user's questions.")
     head, tail = (system + " USER: <image>describe ASSISTANT:").split("<image>")
     enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
-    ids = [tok.bos_token_id] + enc(head) + [tok.convert_tokens_to_ids("<image>")] * rows[0].shape[0] + enc("\n")
+    # the image's rows, then what VILA's image encoder appends: tokenizer("\n").input_ids, BOS included
+    newline = [tok.bos_token_id] + enc("\n")
+    ids = [tok.bos_token_id] + enc(head) + [tok.convert_tokens_to_ids("<image>")] * rows[0].shape[0] + newline
     assert_session_follows_reference(s, res, parts, ids + enc(tail), rows)
     rendered = s._render(s.messages + [{"role": "user", "content": "more"}])
     assert rendered.endswith(f"ASSISTANT: {res.text}</s>USER: more ASSISTANT:")

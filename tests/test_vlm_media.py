@@ -170,6 +170,19 @@ def test_chat_vlm_example_runs_the_random_tiny_model(tmp_path, capsys):
     # a folder that is no model: a one-line error, not a traceback
     assert mod.main(["--model", str(tmp_path), "--prompt", "hi"]) == 1
     assert capsys.readouterr().out.startswith("error: ")
+    # a VILA-1.5-named checkpoint: its legacy format by default, named at load; the tokenizer's template
+    # on request; a format whose answer-ending token the tokenizer lacks is an error, not a traceback
+    from tests.vlm_tiny import make_nvila_dir
+
+    vila = tmp_path / "Llama-3-VILA1.5-8B"
+    make_nvila_dir(vila, projector="mlp_downsample", s2=False, image_size=35)
+    assert mod.main(["--model", str(vila), "--precision", "fp32", "--prompt", "hi"]) == 1
+    out = capsys.readouterr().out
+    assert "llama_3 conversation format" in out and "error: the 'llama_3' conversation format ends answers" in out
+    assert mod.main(["--model", str(vila), "--precision", "fp32", "--conversation", "template", "--prompt", "hi",
+                     "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32, chat template" in out and "TTFT" in out
 
 
 def test_chat_vlm_example_interactive_commands(tmp_path, capsys, monkeypatch):

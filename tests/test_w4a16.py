@@ -15,6 +15,7 @@ from tinyq.kernels.semaphore import counters
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.tiling import tma_eligible
+from tinyq.kernels import w4a16_gemm
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
@@ -130,7 +131,7 @@ def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dt
     (17, 40, 512, 128, 128, True, 1),
     (257, 33, 384, 32, 32, False, 2),
 ])
-def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k, dtype):
+def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k, dtype, monkeypatch):
     """x and the packed words through tensor descriptors: the same result as the pointer loads."""
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     cfg = dict(block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab, unpack="natural", split_k=split_k,
@@ -144,10 +145,12 @@ def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k,
     if swap_ab:
         with pytest.raises(ValueError, match="swap_ab=False"):
             launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, warp_specialize=True, **cfg)
-    else:  # on the interpreter the specialized loop is the plain loop: the flag must only pass through
-        y_ws = poisoned(m, n, dtype)
-        launch_w4a16_gemm(x, qw, s, z, b, y_ws, tma=True, warp_specialize=True, **cfg)
-        assert torch.equal(y_ws, y_ptr)
+    else:  # the specialized loop, which the interpreter runs as the plain loop, whatever this Triton supports
+        for supported in (True, False):
+            monkeypatch.setattr(w4a16_gemm, "warp_specialize_supported", lambda: supported)
+            y_ws = poisoned(m, n, dtype)
+            launch_w4a16_gemm(x, qw, s, z, b, y_ws, tma=True, warp_specialize=True, **cfg)
+            assert torch.equal(y_ws, y_ptr)
 
 
 @triton.jit

@@ -3,8 +3,8 @@ qkv / gate_up), SmoothQuant checkpoints through ``tinyq quantize`` / ``tinyq eva
 import argparse
 import copy
 import json
-import re
 import math
+import re
 
 import pytest
 import torch
@@ -189,8 +189,8 @@ def test_w8a8_checkpoint_whole_or_nothing_and_named_errors(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--method", "smoothquant", "--alpha", "1.5"], "--alpha must be in \\[0, 1\\], got 1.5"),
     (["--method", "smoothquant", "--alpha", "0.5", "--no-smooth"], "give one of them"),
-    (["--method", "rtn", "--alpha", "0.5"], "--alpha apply to --method smoothquant only"),
-    (["--method", "awq", "--act-quant", "tensor", "--no-smooth"], "--no-smooth, --act-quant apply to"),
+    (["--method", "rtn", "--alpha", "0.5"], "--alpha: for --method smoothquant only"),
+    (["--method", "awq", "--act-quant", "tensor", "--no-smooth"], "--no-smooth, --act-quant: for --method smoothquant"),
     (["--method", "smoothquant", "--format", "awq"], "tinyq format only"),
 ])
 def test_quantize_cli_refuses_w8a8_flags_before_loading(tmp_path, capsys, flags, message):

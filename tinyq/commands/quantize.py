@@ -109,7 +109,7 @@ def check_w8a8_flags(args) -> None:
     given = [flag for flag, value in (("--alpha", args.alpha), ("--no-smooth", args.no_smooth or None),
                                       ("--act-quant", args.act_quant)) if value is not None]
     if args.method != "smoothquant" and given:
-        raise ValueError(f"{', '.join(given)} apply to --method smoothquant only (got --method {args.method})")
+        raise ValueError(f"{', '.join(given)}: for --method smoothquant only (got --method {args.method})")
     if args.no_smooth and args.alpha is not None:
         raise ValueError("--alpha sets the smoothing that --no-smooth turns off: give one of them")
     if args.alpha is not None and not 0.0 <= args.alpha <= 1.0:

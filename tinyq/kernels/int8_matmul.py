@@ -93,7 +93,7 @@ def int8_matmul_checked(xq, wq, s_x, s_w, bias=None, out_dtype=torch.float16, *,
         # misaligned operands: the pointer GEMM with the same tiles (and a specialized tile's two MMA warpgroups)
         cfg.pop("programs_per_sm", None)
         if cfg.pop("warp_specialize", False):
-            cfg["num_warps"] *= 2
+            cfg["num_warps"] = 2 * cfg.get("num_warps", 4)
     return launch_int8_gemm(xq, wq, s_x, s_w, bias, y, **cfg)
 
 

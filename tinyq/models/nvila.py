@@ -266,9 +266,14 @@ ASPECT_MODES = (None, "resize", "pad", "dynamic_s2")
 
 
 def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device=None,
-               max_seq_len: int = 8192, dtype: Optional[torch.dtype] = None):
+               max_seq_len: int = 8192, dtype: Optional[torch.dtype] = None, conversation: Optional[str] = "auto"):
     """Load a VILA-1.5 / NVILA directory (``config.json`` + ``llm/``, ``vision_tower/``,
-    ``mm_projector/``) -> ``(NvilaModel, tokenizer)``. ``precision`` applies to the LLM."""
+    ``mm_projector/``) -> ``(NvilaModel, tokenizer)``. ``precision`` applies to the LLM.
+    ``conversation``: ``"auto"`` picks a legacy format by the checkpoint's path as VILA does
+    (:func:`vila_conversation_mode`), a format name forces one (:data:`LEGACY_FORMATS`), None keeps the
+    tokenizer's chat template."""
+    if conversation not in (None, "auto", *LEGACY_FORMATS):
+        raise ValueError(f"conversation={conversation!r} is not 'auto', None or one of {sorted(LEGACY_FORMATS)}")
     t0 = time.perf_counter()
     root = _read_json(path)
     llm_dir, tower_dir, proj_dir = (os.path.join(path, d) for d in ("llm", "vision_tower", "mm_projector"))
@@ -292,7 +297,9 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
     projector.to(llm.device, llm.dtype).requires_grad_(False)
     tokenizer = load_tokenizer(llm_dir)
     model = NvilaModel(
-        tower, projector, llm, _image_token_id(tokenizer, root), tokenizer.encode("\n", add_special_tokens=False),
+        # the "\n" VILA's image encoder appends: tokenizer(end_tokens).input_ids, special tokens included
+        # (llava/model/encoders/image/basic.py, embed_tokens): a BOS too where the tokenizer adds one
+        tower, projector, llm, _image_token_id(tokenizer, root), list(tokenizer("\n").input_ids),
         s2_scales=s2, max_tiles=int(root.get("max_tiles", 12)),
         select_layer=int(root.get("mm_vision_select_layer", -2)),
         select_feature=root.get("mm_vision_select_feature", "cls_patch"),
@@ -300,7 +307,7 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
         pad=aspect == "pad",
     ).eval()
     # VILA-1.5 checkpoints that VILA prompts in a legacy format chosen by name are prompted the same way
-    mode = vila_conversation_mode(path)
+    mode = vila_conversation_mode(path) if conversation == "auto" else conversation
     model.conversation = LEGACY_FORMATS[mode] if mode is not None else None
     model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path,
                         "conversation": mode or "chat template"}

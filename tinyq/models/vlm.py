@@ -78,7 +78,8 @@ def expand_images(text_pieces: Sequence[List[int]], placeholders: Sequence[List[
 def load_vlm(path: str, precision: str = "w4a16", **kwargs):
     """Load a VLM directory -> ``(model, tokenizer)``: llava-hf (``config.json`` with
     ``model_type: llava``) or VILA-1.5 / NVILA (``llm/``, ``vision_tower/``, ``mm_projector/``).
-    ``kwargs``: ``group_size``, ``device``, ``max_seq_len``, ``dtype``."""
+    ``kwargs``: ``group_size``, ``device``, ``max_seq_len``, ``dtype``, and for VILA / NVILA
+    ``conversation`` (:func:`tinyq.models.nvila.load_nvila`)."""
     import json
     import os
 
@@ -94,6 +95,9 @@ def load_vlm(path: str, precision: str = "w4a16", **kwargs):
             if json.load(f).get("model_type") == "llava":
                 from tinyq.models.llava import load_llava
 
+                if kwargs.pop("conversation", "auto") != "auto":
+                    raise ValueError(f"{path}: a llava-hf model is prompted with its chat template; conversation "
+                                     "formats are VILA-1.5's")
                 return load_llava(path, precision, **kwargs)
     raise ValueError(f"{path} is neither a llava-hf directory (config.json with model_type 'llava') nor a "
                      "VILA/NVILA one (llm/, vision_tower/, mm_projector/)")

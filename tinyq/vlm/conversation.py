@@ -37,6 +37,10 @@ class LegacyFormat:
     sep: str
     end: str
 
+    def __post_init__(self):
+        if self.style not in STYLES:
+            raise ValueError(f"style {self.style!r} is not one of {STYLES}")
+
     def render(self, messages: Sequence[Dict[str, str]]) -> str:
         """The prompt for ``messages`` (an optional system message, then user and assistant turns in
         turn, the last one the user's), ending where the assistant's answer starts."""
@@ -87,7 +91,9 @@ LEGACY_FORMATS = {
 def tokenize_pieces(tokenizer, text: str, marker: str) -> List[List[int]]:
     """Token ids of ``text`` cut at each ``marker``, each piece tokenized on its own with the
     tokenizer's special tokens; when the first piece opens with BOS, the BOS opening each later piece
-    is dropped (the ids between two markers are the piece's own)."""
+    is dropped (the ids between two markers are the piece's own). VILA drops each later piece's first
+    token whatever it is; the two differ only where the first piece's BOS comes from the template's
+    text and the tokenizer adds none, where VILA would drop real tokens."""
     pieces = [list(tokenizer(chunk).input_ids) for chunk in text.split(marker)]
     bos = tokenizer.bos_token_id
     if bos is not None and pieces[0][:1] == [bos]:

@@ -54,6 +54,6 @@ def random_tiny_nvila(seed: int = 0, dtype=torch.float32, device="cpu"):
         for p in module.parameters():
             p.normal_(0, 0.05)
     model = NvilaModel(tower, projector, llm, tok.convert_tokens_to_ids("<image>"),
-                       tok.encode("\n", add_special_tokens=False), s2_scales=scales)
+                       list(tok("\n").input_ids), s2_scales=scales)
     model.to(device, dtype).eval().requires_grad_(False)
     return model, tok
