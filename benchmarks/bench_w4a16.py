@@ -30,12 +30,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     best_config, copies_of, eager_vs_graph, environment, timed, write_json,
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
+from tinyq.kernels.tiling import warp_specialize_supported  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
@@ -101,12 +103,18 @@ def ws_candidates(m):
     """Warp-specialized plans (Triton's Hopper pass: a TMA producer warpgroup and two consumer
     warpgroups, each taking half the tile's tokens). Not swapped: the pass splits the MMA's first
     operand, which must then be x, so each consumer dequantizes the whole weight tile; 256-token
-    tiles halve that duplication per MMA. Split-K where the tiles alone leave SMs idle."""
-    tiles = [(128, 128, 128, 3), (128, 128, 64, 4), (128, 256, 64, 3)]
+    tiles halve that duplication per MMA. Split-K where the tiles alone leave SMs idle. Tiles that
+    spill in the 3.6 compile are left out (256 x 128 x 128 in 2 stages; 128 x 256 x 64 split).
+    Where this Triton cannot specialize, the launcher runs each tile on 8 warps instead (said once)."""
+    splits = (1, 2, 4) if m <= 512 else (1,)
+    tiles = [(128, 128, 128, 3, splits), (128, 128, 64, 4, splits), (128, 256, 64, 3, (1,))]
     if m > 128:
-        tiles += [(256, 128, 64, 3)]  # (256 x 128 x 128 in 2 stages spills in the 3.6 compile)
-    for bm, bn, bk, stages in tiles:
-        for sk in (1, 2, 4) if m <= 512 else (1,):
+        tiles.append((256, 128, 64, 3, splits))
+    if not warp_specialize_supported():
+        print(f"  (Triton {triton.__version__} cannot warp-specialize: the 'warp_specialize' plans below run "
+              "unspecialized on 8 warps)")
+    for bm, bn, bk, stages, tile_splits in tiles:
+        for sk in tile_splits:
             yield frag(bm, bn, bk, False, sk, 4, stages, "natural", tma=True, ws=True)
 
 

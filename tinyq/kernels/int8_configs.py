@@ -100,7 +100,8 @@ def sweep_candidates(max_m):
                             num_stages=s, group_m=8, programs_per_sm=pps))
         # warp-specialized: one copy warpgroup and two 4-warp MMA warpgroups taking half the rows each
         # (so 128- and 256-row tiles); where Triton cannot, the launcher runs the tile on 8 warps
-        if bm >= 128 and w == 4 and (max_m is None or max_m > 64):
+        # (two 4-warp consumers of bm/2 rows: a 256 x 256 tile's int32 accumulators would spill)
+        if bm >= 128 and w == 4 and bm * bn <= 128 * 256 and (max_m is None or max_m > 64):
             for pps in (0, 1):
                 out.append(dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=4,
                                 num_stages=s, group_m=8, programs_per_sm=pps, warp_specialize=True))
