@@ -40,7 +40,8 @@ def parse_args(argv=None):
     src.add_argument("--random-tiny", action="store_true", help="a small NVILA-shaped model with RANDOM weights")
     p.add_argument("--image", help="image path(s), comma-separated, for the first message")
     p.add_argument("--video", help="video file (mp4 needs PyAV), animated GIF or directory of frames")
-    p.add_argument("--frames", type=int, default=8, help="frames sampled uniformly from --video")
+    p.add_argument("--frames", type=int, default=None,
+                   help="frames sampled uniformly from --video (default: the checkpoint's num_video_frames, else 8)")
     p.add_argument("--precision", choices=["w4a16", "fp16", "bf16", "fp32"], default=None,
                    help="LLM precision (default: w4a16 on a GPU, fp32 on a CPU)")
     p.add_argument("--vision-precision", choices=["fp", "w8a8"], default="fp",
@@ -57,7 +58,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def add_media(chat, images=None, video=None, frames=8):
+def add_media(chat, images=None, video=None, frames=None):
     """Encode media now; prints what was added. Returns False (and says why) on bad input."""
     try:
         if images:
@@ -65,7 +66,8 @@ def add_media(chat, images=None, video=None, frames=8):
             print(f"[{len(counts)} image(s), {sum(counts)} tokens, vision {vision_ms(chat)}]")
         if video:
             counts = chat.add_video(video, frames)
-            print(f"[video: {len(counts)} frames, {sum(counts)} tokens, vision {vision_ms(chat)}]")
+            frames = frames or getattr(chat.vlm, "num_video_frames", 8)
+            print(f"[video: {frames} frames, {sum(counts)} tokens, vision {vision_ms(chat)}]")
     except (ValueError, ImportError) as exc:
         print(f"error: {exc}")
         return False

@@ -180,7 +180,7 @@ def test_processor_template_and_vicuna_fallback(llava, template, starts):
     tok.chat_template = template
     try:
         s = VLMChatSession(model, tok, max_seq_len=256)
-        s.images = [torch.zeros(TOKENS_PER_IMAGE, 1)] * 2  # rows are only counted here
+        s.add_images(_images(2))
         ids = s.prompt_ids("<image>\n<image>\nhi")
     finally:
         tok.chat_template = saved

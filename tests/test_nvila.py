@@ -204,7 +204,11 @@ def assert_session_follows_reference(session, res, parts, prompt_ids, rows):
     assert res.token_ids == out
 
 
-def test_video_frames_are_images(nvila, tmp_path):
+def test_video_is_one_item_of_its_frames(nvila, tmp_path):
+    """VILA's default video encoder (BasicVideoEncoder): a video is one media item whose rows are its
+    frames' one-tile rows, each followed by the "\n" embedding; too few frames is an error."""
+    from tinyq.vlm import media
+
     name, parts, model, tok = nvila
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -212,9 +216,106 @@ def test_video_frames_are_images(nvila, tmp_path):
         _image(40, 30, i).save(frames / f"{i:03d}.png")
     s = VLMChatSession(model, tok, max_seq_len=512, max_new_tokens=2)
     counts = s.add_video(str(frames), 3)
-    assert len(counts) == 3 and s.pending_images == 3
+    assert len(counts) == 1 and s.pending_images == 1
+    newline = model.llm.model.embed_tokens(torch.tensor(model.newline_ids))
+    per_frame = model.encode_images(media.load_video_frames(str(frames), 3))  # one tile each (3 images)
+    torch.testing.assert_close(s.images[0], torch.cat([torch.cat([f, newline]) for f in per_frame]))
+    ids = s.prompt_ids("<image>what happens?")
+    assert ids.count(model.image_token_id) == counts[0]  # the newline rows are the video's own
     with pytest.raises(ValueError, match="has 5 frame.*fewer than the 8"):
         s.add_video(str(frames), 8)
+
+
+def _tsp_reference(per_frame, pools, start, end, sep):
+    """NVlabs/VILA llava/model/encoders/video/tsp.py, restated: for each pool size, means over groups
+    of consecutive frames, rows and columns; each pooled frame between the start and end rows; then
+    the sep rows."""
+    t, n, c = per_frame.shape
+    side = int(n ** 0.5)
+    out = []
+    for pt, ph, pw in pools:
+        grid = per_frame.reshape(t, side, side, c)
+        for f in range(0, t, pt):
+            pooled = torch.stack([torch.stack([grid[f:f + pt, r:r + ph, q:q + pw].mean(dim=(0, 1, 2))
+                                               for q in range(0, side, pw)]) for r in range(0, side, ph)])
+            out += [start, pooled.reshape(-1, c), end]
+        out.append(sep)
+    return torch.cat(out)
+
+
+def _nvila_with_video_config(path, **root):
+    import json
+
+    make_nvila_dir(path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, **root)))
+    return load_nvila(str(path), precision="fp32", device="cpu", max_seq_len=512)
+
+
+def _frames_dir(path, n):
+    path.mkdir()
+    for i in range(n):
+        _image(40, 30, i).save(path / f"{i:03d}.png")
+    return str(path)
+
+
+def test_nvila_tsp_video_encoder_pools_frames(tmp_path):
+    """An NVILA config with TSPVideoEncoder: the video's rows are VILA's temporal/spatial means of the
+    frames, per pool size (rows and columns pooled differently), each pooled frame between the start
+    and end embeddings, the separator after each pool size; the count is hand-computed; the
+    checkpoint's num_video_frames is the default; frame counts the pools do not divide are refused
+    before any frame is decoded."""
+    import json
+
+    from tinyq.models.vila_video import video_token_count
+    from tinyq.vlm import media
+
+    video = {"_target_": "llava.model.encoders.TSPVideoEncoder", "pool_sizes": [[2, 1, 1], [1, 1, 2]],
+             "start_tokens": "<|im_start|>", "sep_tokens": "\n\n"}
+    model, tok = _nvila_with_video_config(tmp_path / "ckpt", video_encoder=json.dumps(video), num_video_frames=4)
+    frames = _frames_dir(tmp_path / "frames", 6)
+    s = VLMChatSession(model, tok, max_seq_len=512, max_new_tokens=2)
+    # 2 x 2 tokens a frame; start 1 row, end 1, sep 2: 2 x (1 + 4 + 1) + 2, then 4 x (1 + 2 + 1) + 2
+    assert s.add_video(frames) == [2 * 6 + 2 + 4 * 4 + 2]
+    assert video_token_count(4, 4, model.video_encoder) == s.images[0].shape[0]
+    embed = model.llm.model.embed_tokens
+    per_frame = torch.stack(model.encode_images(media.load_video_frames(frames, 4)))
+    rows = [embed(torch.tensor(tok(text).input_ids)) for text in ("<|im_start|>", "\n", "\n\n")]
+    torch.testing.assert_close(s.images[0], _tsp_reference(per_frame, [(2, 1, 1), (1, 1, 2)], *rows))
+    with pytest.raises(ValueError, match="averages 2 frames at a time .*multiple of 2 frames, not 3"):
+        s.add_video(str(tmp_path / "no-such-video"), 3)  # refused before the (missing) file is read
+
+
+def test_one_frame_video_on_nvila_is_one_tile(tmp_path):
+    """A 1-frame video on an NVILA checkpoint takes the one-tile path (not an image's dynamic S2):
+    its rows are the frame's one-tile rows and the "\n" row."""
+    model, tok = _nvila_with_video_config(tmp_path / "ckpt")
+    frames = _frames_dir(tmp_path / "frames", 2)
+    s = VLMChatSession(model, tok, max_seq_len=512)
+    s.add_video(frames, 1)
+    from tinyq.vlm import media
+
+    frame = media.load_video_frames(frames, 1)[0]
+    one_tile = model.encode_images([frame, frame])[0]  # two images: one tile each
+    newline = model.llm.model.embed_tokens(torch.tensor(model.newline_ids))
+    torch.testing.assert_close(s.images[0], torch.cat([one_tile, newline]))
+
+
+@pytest.mark.parametrize("root,match", [
+    ({"video_encoder": {"_target_": "x.TimeTokenEncoder"}}, "video_encoder 'x.TimeTokenEncoder' is not supported"),
+    ({"video_encoder": {"_target_": "llava.model.encoders.BasicVideoEncoder", "sep_tokens": "x"}},
+     "BasicVideoEncoder with \\['sep_tokens'\\] is not supported"),
+    ({"num_time_tokens": 8}, "time tokens \\(num_time_tokens 8\\) is not supported"),
+    ({"video_max_tiles": 4}, "several tiles \\(video_max_tiles 4\\)"),
+])
+def test_unsupported_video_settings_refuse_video_only(tmp_path, root, match):
+    """Video settings tinyq does not reproduce are refused, naming the file and the setting, when a
+    video is added; the checkpoint loads and its images still work."""
+    model, tok = _nvila_with_video_config(tmp_path / "ckpt", **root)
+    s = VLMChatSession(model, tok, max_seq_len=512)
+    assert s.add_images([_image(40, 30)])
+    with pytest.raises(ValueError, match="config.json: .*" + match):
+        s.add_video(_frames_dir(tmp_path / "frames", 2), 2)
 
 
 def test_pad_aspect_ratio_pads_to_a_mean_colour_square(nvila):

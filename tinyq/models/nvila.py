@@ -21,7 +21,9 @@ Sources (NVlabs/VILA at 33b4f1a; sglang python/sglang/srt/models/nvila.py):
   the outputs are merged back into one ``(16 rows) x (16 cols)`` grid, flattened row-major.
 - Several images in one message (VILA llava/model/llava_arch.py ``generate_content``: dynamic S2
   only when there is exactly one image): each is resized to one tile and its features repeated
-  x3 on channels (sglang: ``block_size is None``). Video frames are such images.
+  x3 on channels (sglang: ``block_size is None``). A video's frames are encoded so too, then
+  arranged (NVILA: pooled) by the checkpoint's video encoder as one media item
+  (:mod:`tinyq.models.vila_video`).
 - After each image's rows comes the embedding of ``"\\n"`` (VILA
   llava/model/encoders/image/basic.py ``BasicImageEncoder(end_tokens="\\n")``).
 """
@@ -40,6 +42,7 @@ from torch import nn
 from tinyq.models.loader import TensorSource, build_model, load_tokenizer, peak_host_memory_mb
 from tinyq.models.vision import LayerNorm, VisionConfig, VisionTower, load_vision_tower
 from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel
+from tinyq.models.vila_video import VideoEncoder
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.vlm import media
 from tinyq.vlm.conversation import LEGACY_FORMATS
@@ -159,7 +162,9 @@ class NvilaModel(VisionLanguageModel):
 
     def __init__(self, tower: VisionTower, projector: nn.Sequential, llm, image_token_id: int,
                  newline_ids: List[int], s2_scales: Optional[List[int]] = None, max_tiles: int = 12,
-                 select_layer: int = -2, select_feature: str = "cls_patch", processor=None, pad: bool = False):
+                 select_layer: int = -2, select_feature: str = "cls_patch", processor=None, pad: bool = False,
+                 video_encoder: Optional[VideoEncoder] = None, num_video_frames: int = 8,
+                 video_unsupported: Optional[str] = None):
         super().__init__()
         self.vision_tower, self.mm_projector, self.llm = tower, projector, llm
         self.image_token_id, self.newline_ids = int(image_token_id), list(newline_ids)
@@ -170,6 +175,10 @@ class NvilaModel(VisionLanguageModel):
         self.processor = processor or media.image_processor(tower.config.kind, tower.config.image_size)
         # image_aspect_ratio "pad": square of the processor's mean colour first (VILA llava/mm_utils.py process_image)
         self.pad_color = tuple(getattr(self.processor, "image_mean", None) or media.SIGLIP_MEAN) if pad else None
+        # VILA's default video encoder: each frame's rows, then the "\n" its image encoder appends too
+        self.video_encoder = video_encoder or VideoEncoder(((1, 1, 1),), end_ids=tuple(self.newline_ids))
+        self.num_video_frames = num_video_frames  # the checkpoint's frame count (VILA samples exactly that many)
+        self.video_unsupported = video_unsupported  # why this checkpoint's video input is refused, if it is
 
     def placeholder_ids(self, features, tokenizer) -> List[int]:
         return [self.image_token_id] * features.shape[0] + self.newline_ids
@@ -185,6 +194,23 @@ class NvilaModel(VisionLanguageModel):
             return []
         if self.s2_scales is not None and len(images) == 1:
             return [self._encode_s2(images[0])]
+        return self._encode_one_tile_each(images)
+
+    @torch.inference_mode()
+    def encode_video(self, frames: Sequence) -> torch.Tensor:
+        """A video's rows ``[R, H]``, one media item: its frames encoded one tile each, then
+        arranged (and, for NVILA, pooled) by the checkpoint's video encoder
+        (:mod:`tinyq.models.vila_video`)."""
+        if self.video_unsupported:
+            raise ValueError(self.video_unsupported)
+        frames = [media.load_image(im) for im in frames]
+        if not frames:
+            raise ValueError("encode_video: no frames given")
+        per_frame = torch.stack(self._encode_one_tile_each(frames))  # [T, S, H]
+        return self.video_encoder.rows(per_frame, self.llm.model.embed_tokens)
+
+    def _encode_one_tile_each(self, images) -> List[torch.Tensor]:
+        """Several images (or a video's frames): one tile each, as VILA encodes them without block sizes."""
         if self.pad_color is not None:
             images = [media.expand_to_square(im, self.pad_color) for im in images]
         feats = self._features(media.pixel_values(self.processor, images))  # [N, g*g, C]
@@ -304,7 +330,7 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
         select_layer=int(root.get("mm_vision_select_layer", -2)),
         select_feature=root.get("mm_vision_select_feature", "cls_patch"),
         processor=media.image_processor(vcfg.kind, vcfg.image_size, tower_dir),
-        pad=aspect == "pad",
+        pad=aspect == "pad", **_video_settings(root, tokenizer, os.path.join(path, "config.json")),
     ).eval()
     # VILA-1.5 checkpoints that VILA prompts in a legacy format chosen by name are prompted the same way
     mode = vila_conversation_mode(path) if conversation == "auto" else conversation
@@ -312,6 +338,24 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
     model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path,
                         "conversation": mode or "chat template"}
     return model, tokenizer
+
+
+def _video_settings(root: dict, tokenizer, where: str) -> dict:
+    """NvilaModel's video arguments from the root config. A video input tinyq does not reproduce (an
+    encoder other than VILA's Basic / TSP, time tokens, several tiles a frame) is refused when a video
+    is added, not at load: the checkpoint's images still work."""
+    out = {"num_video_frames": int(root.get("num_video_frames") or 8)}
+    try:
+        out["video_encoder"] = VideoEncoder.from_config(root.get("video_encoder"), tokenizer)
+    except ValueError as exc:
+        out["video_unsupported"] = f"{where}: {exc}"
+    if root.get("num_time_tokens"):
+        out["video_unsupported"] = (f"{where}: video with time tokens (num_time_tokens "
+                                    f"{root['num_time_tokens']}) is not supported")
+    if int(root.get("video_max_tiles") or 1) > 1:
+        out["video_unsupported"] = (f"{where}: video frames of several tiles (video_max_tiles "
+                                    f"{root['video_max_tiles']}) are not supported")
+    return out
 
 
 def _image_token_id(tokenizer, root: dict) -> int:

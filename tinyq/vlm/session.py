@@ -5,12 +5,14 @@ rules) whose prompt may hold images:
 
 - ``add_images`` / ``add_video`` encode the media at once (vision tower + projector), once: the
   feature rows are kept for the whole conversation, and the next ``send`` puts one
-  ``<image>`` marker per new image before its text.
+  ``<image>`` marker per new media item before its text (a video is one item where the model has
+  a video encoder, VILA / NVILA: :mod:`tinyq.models.vila_video`; else one per frame).
 - Rendering: the model's legacy conversation format where it has one (VILA-1.5,
   :mod:`tinyq.vlm.conversation`), else the chat template (the tokenizer's, else the model family's),
   over messages whose text holds the markers; each marker becomes the model's placeholder ids for that image
-  (:meth:`VisionLanguageModel.placeholder_ids`), and the session records at which absolute
-  position each image's rows start.
+  (:meth:`VisionLanguageModel.placeholder_ids`; a video's rows hold their own framing tokens, so
+  its placeholder is just one image token per row), and the session records at which absolute
+  position each item's rows start.
 - Prefill goes through :class:`tinyq.generate.Generator` with an ``embed_fn`` that embeds the ids
   and writes the feature rows over the image positions that fall in the chunk. Later turns reuse
   the cached prefix (context streaming), so they prefill only their new text; a new image in a
@@ -43,6 +45,7 @@ class VLMChatSession(ChatSession):
         self.last_vision_compile_s = 0.0  # ... and the compilation it excluded (first use of a shape)
         self.last_vision_capture_s = 0.0  # ... and the tower's CUDA-graph captures (first use of a chunk size)
         self._vision_s: List[float] = []  # each image's share of its batch's encoder time, as self.images
+        self._video: List[bool] = []  # whether each of self.images is a video (one media item of many frames)
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -75,18 +78,44 @@ class VLMChatSession(ChatSession):
         if not len(images):
             raise ValueError("add_images: no images given")
         loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
+        return self._add_media(self._timed(self.vlm.encode_images, loaded), video=False)
+
+    def add_video(self, path: str, num_frames: Optional[int] = None) -> List[int]:
+        """``num_frames`` frames sampled uniformly from ``path`` (default: the checkpoint's
+        ``num_video_frames`` where it has one, else 8). A model with a video encoder (VILA / NVILA)
+        makes them one media item of ``[tokens, hidden]`` rows (its frames pooled where the
+        checkpoint says so); otherwise each frame is an image in the prompt. Returns the tokens per
+        media item added."""
+        encoder = getattr(self.vlm, "video_encoder", None)
+        num_frames = num_frames or getattr(self.vlm, "num_video_frames", 8)
+        if encoder is not None:
+            if self.vlm.video_unsupported:
+                raise ValueError(self.vlm.video_unsupported)
+            encoder.check_frames(num_frames)  # before any frame is decoded
+        frames = media.load_video_frames(path, num_frames)
+        if encoder is None:
+            return self.add_images(frames)
+        return self._add_media(self._timed(lambda fr: [self.vlm.encode_video(fr)], frames), video=True)
+
+    def _timed(self, encode, items) -> List[torch.Tensor]:
+        """``encode(items)``, its encoder time in ``last_vision_s`` (Triton compilation and CUDA-graph
+        captures, first-use costs, counted apart)."""
         CompileTracker.install()
         tower = self.vlm.vision_tower
         start, captured, t0 = CompileTracker.snapshot(), tower.capture_s, time.perf_counter()
-        feats = self.vlm.encode_images(loaded)
+        feats = encode(items)
         if self.vlm.device.type == "cuda":
             torch.cuda.synchronize()
         self.last_vision_compile_s = CompileTracker.since(start).seconds
         # a capture's time includes the compilation of its warm-up runs: count that once
         self.last_vision_capture_s = max(0.0, tower.capture_s - captured - self.last_vision_compile_s)
         self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s - self.last_vision_capture_s
+        return feats
+
+    def _add_media(self, feats: List[torch.Tensor], video: bool) -> List[int]:
         self.images.extend(feats)
         self._vision_s.extend([self.last_vision_s / len(feats)] * len(feats))
+        self._video.extend([video] * len(feats))
         return [f.shape[0] for f in feats]
 
     def warm_up(self) -> WarmupReport:
@@ -115,22 +144,18 @@ class VLMChatSession(ChatSession):
         report.graphs += tower.graph_count - graphs
         return report
 
-    def add_video(self, path: str, num_frames: int = 8) -> List[int]:
-        """``num_frames`` frames sampled uniformly from ``path``, each an image in the prompt (as VILA does)."""
-        return self.add_images(media.load_video_frames(path, num_frames))
-
     # ------------------------------------------------------------------ prompt
 
     def reset(self) -> None:
         super().reset()
-        self.images, self._slots, self._vision_s = [], [], []
+        self.images, self._slots, self._vision_s, self._video = [], [], [], []
 
     def drop_oldest_turns(self, n: int = 1) -> int:
         """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
         before = self._sent_images()
         dropped = super().drop_oldest_turns(n)
-        del self.images[:before - self._sent_images()]
-        del self._vision_s[:before - self._sent_images()]
+        gone = before - self._sent_images()
+        del self.images[:gone], self._vision_s[:gone], self._video[:gone]
         return dropped
 
     def send(self, text: str, sampling=None):
@@ -147,7 +172,9 @@ class VLMChatSession(ChatSession):
             raise ValueError("empty message: type something to send")
         rendered = self._render(self.messages + [{"role": "user", "content": text}])
         pieces = self._tokenize_pieces(rendered)
-        placeholders = [self.vlm.placeholder_ids(f, self.tokenizer) for f in self.images]
+        # a video's rows hold their own framing tokens (the video encoder's): only its positions are placeholders
+        placeholders = [[self.vlm.image_token_id] * f.shape[0] if video else self.vlm.placeholder_ids(f, self.tokenizer)
+                        for f, video in zip(self.images, self._video, strict=True)]
         ids = expand_images(pieces, placeholders)
         slots, pos = [], len(pieces[0])
         for k, (ph, piece) in enumerate(zip(placeholders, pieces[1:])):
