@@ -122,7 +122,7 @@ def test_scale_search_of_bf16_model_uses_bf16_scales(monkeypatch):
     assert used and set(used) == {torch.bfloat16}
 
 
-def test_search_results_round_trip(tmp_path):
+def test_search_results_round_trip(tmp_path, monkeypatch):
     model = tiny_model("qwen2")
     blocks = _blocks()
     searched = copy.deepcopy(model)
@@ -137,6 +137,13 @@ def test_search_results_round_trip(tmp_path):
     reapplied = apply_awq(copy.deepcopy(model), loaded)
     for (name, a), (_, b) in zip(searched.named_parameters(), reapplied.named_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    # a save that fails part way (here: at the rename) leaves the previous file whole, and no temporary
+    before = path.read_bytes()
+    with monkeypatch.context() as m:
+        m.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+        with pytest.raises(OSError, match="No space left"):
+            res.save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["search.safetensors"]
 
 
 def test_apply_rejects_mismatched_results(tmp_path):

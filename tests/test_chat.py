@@ -1,4 +1,6 @@
 """ChatSession: context streaming, overflow handling, rollback on interruption."""
+import gc
+
 import pytest
 from tests.tiny_models import make_model_dir
 from tinyq.chat import ChatSession, render_chat
@@ -123,3 +125,26 @@ def test_a_turn_streams_like_a_text_stream(tiny):
     assert text.startswith(first) and text == turn.result.text
     assert chat.messages[-1] == {"role": "assistant", "content": text}
     assert isinstance(Generator(model, tok, 64).stream(tok.encode("hi"), max_new_tokens=2), DeltaStream)
+
+
+def test_a_dropped_turn_closed_later_leaves_the_new_turn_alone(tmp_path):
+    """A turn abandoned mid-stream is closed whenever the garbage collector gets to it (it sits in a
+    reference cycle), perhaps while a later turn streams: it must not roll that turn's cache back."""
+    make_model_dir(tmp_path, "llama", seed=3)  # a model whose answers here run past two deltas
+    model, tok = load_model(str(tmp_path), precision="fp32", device="cpu")
+    ref = ChatSession(model, tok, max_seq_len=256, max_new_tokens=16)
+    ref.ask("The quick brown fox")
+    expect = ref.ask("jumps over the lazy dog").token_ids
+    chat = ChatSession(model, tok, max_seq_len=256, max_new_tokens=16)
+    chat.ask("The quick brown fox")
+    old = chat.send("something else")
+    next(old), next(old)
+    new = chat.send("jumps over the lazy dog")
+    next(new)
+    length = chat.gen.cache.length
+    del old
+    gc.collect()  # the collector closes the abandoned turn's generator now
+    assert chat.gen.cache.length == length
+    list(new)
+    assert new.result.token_ids == expect
+

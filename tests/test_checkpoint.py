@@ -163,9 +163,26 @@ def test_overwrite_rules(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "notes.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="not a checkpoint"):
+    with pytest.raises(FileExistsError, match="not a quantized checkpoint"):
         ck.save_quantized(model, tmp_path / "docs", 64)
     assert (tmp_path / "docs" / "notes.txt").read_text() == "precious"
+    # a float model directory has a config.json too, but is never replaced
+    model.save_pretrained(tmp_path / "float")
+    with pytest.raises(FileExistsError, match="not a quantized checkpoint"):
+        ck.save_quantized(model, tmp_path / "float", 64)
+    assert "quantization_config" not in json.loads((tmp_path / "float" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("fmt", ["tinyq", "awq"])
+def test_a_model_quantized_in_memory_is_refused(tmp_path, fmt):
+    """quantize_ then save_quantized would store W4A16Linear buffers no loader reads: refused, nothing written."""
+    from tinyq import W4A16Config, quantize_
+
+    model = tiny_model("llama")
+    quantize_(model, W4A16Config(group_size=32))
+    with pytest.raises(ValueError, match="already quantized in memory .*save the float model"):
+        ck.save_quantized(model, tmp_path / "out", 64, fmt=fmt)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("fmt", ["tinyq", "awq"])
@@ -274,6 +291,7 @@ def test_save_safetensors_tied_embeddings(tmp_path, monkeypatch):
     import os
 
     import tinyq
+    from tinyq import atomic_io
     from tinyq.nn import io as nn_io
 
     def tied_model():
@@ -283,8 +301,8 @@ def test_save_safetensors_tied_embeddings(tmp_path, monkeypatch):
     model = tied_model()
     tinyq.quantize_(model, tinyq.W4A16Config(group_size=64))
     events = []
-    real_fsync, real_replace = nn_io.fsync_path, os.replace
-    monkeypatch.setattr(nn_io, "fsync_path", lambda p: (events.append(("fsync", os.path.basename(p))), real_fsync(p)))
+    real_fsync, real_replace = atomic_io.fsync_path, os.replace
+    monkeypatch.setattr(atomic_io, "fsync_path", lambda p: (events.append(("fsync", os.path.basename(p))), real_fsync(p)))
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))), real_replace(a, b)))
     path = tmp_path / "m.safetensors"
     nn_io.save_safetensors(model, str(path))

@@ -27,6 +27,7 @@ def tiny(tmp_path_factory):
     (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed="x"), "seed"), (dict(stop_strings=[""]), "stop_strings"),
     (dict(temprature=0.5), "unknown sampling setting"),
+    (dict(temperature=1e-39), "too small to divide by"), (dict(seed=2 ** 64), "seed must be an int in"),
 ])
 def test_invalid_sampling_settings(tiny, bad, match):
     model, tok = tiny
@@ -71,6 +72,31 @@ def test_incomplete_utf8_is_held_back():
     assert _held_back("abc\ufffd", ()) == 1
     assert _held_back("abc STO", ["STOP"]) == 3
     assert _held_back("abc", ["STOP"]) == 0
+    # a byte-fallback decoder (Llama-2, Mistral) writes one U+FFFD per byte of an unfinished character
+    assert _held_back("hi \ufffd\ufffd", ()) == 2
+    # the unfinished character may be the next one of a stop string: what precedes it is held too
+    assert _held_back("answer 42. \u7528\ufffd", ["\u7528\u6237"]) == 2
+    assert _held_back("answer 42. \ufffd", ["\u7528\u6237"]) == 1
+
+
+def test_one_stop_string_given_as_a_string(tiny):
+    model, tok = tiny
+    full = generate(model, tok, "Hello", max_new_tokens=30).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert generate(model, tok, "Hello", max_new_tokens=30, stop_strings=stop).text == full[:full.find(stop)]
+
+
+def test_ms_per_token_counts_the_step_that_ended_the_answer(tiny):
+    """Every decode step after the first token is timed and counted, the one whose token was a stop
+    token included: an answer ended by a stop token is not charged one step short."""
+    model, tok = tiny
+    ids = generate(model, tok, "Hello", max_new_tokens=6).token_ids
+    r = generate(model, tok, "Hello", max_new_tokens=6)
+    assert r.stats.decode_steps == len(r.token_ids) - 1 == 5 and r.finish_reason == "length"
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    r = generate(model, tok, "Hello", max_new_tokens=6, stop_token_ids=[ids[k]])
+    assert r.token_ids == ids[:k] and r.stats.decode_steps == k and r.finish_reason == "stop"
+    assert r.stats.ms_per_token == pytest.approx(1e3 * r.stats.decode_s / k)
 
 
 def test_stop_strings_and_stop_ids(tiny):
@@ -155,3 +181,19 @@ def test_cpu_generator_leaves_the_thread_count_alone(tiny, monkeypatch):
     "".join(gen.stream(tok.encode("hi"), max_new_tokens=2))
     assert calls == []
     assert gen_mod.tune_cpu_threads(model) in (1, 2) and calls  # when asked, it does tune
+
+
+def test_generation_config_end_ids_stop_generation(tmp_path):
+    """Instruct checkpoints (Llama-3-Instruct) list their end-of-turn ids only in
+    generation_config.json: they are end ids too, as in transformers."""
+    import json
+
+    make_model_dir(tmp_path, "llama", seed=3)
+    model, tok = load_model(str(tmp_path), precision="fp32", device="cpu")
+    ids = generate(model, tok, "Hello", max_new_tokens=8).token_ids
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [ids[k], 3]}))
+    model, tok = load_model(str(tmp_path), precision="fp32", device="cpu")
+    assert ids[k] in model.config.eos_token_ids
+    r = generate(model, tok, "Hello", max_new_tokens=8)
+    assert r.token_ids == ids[:k] and r.finish_reason == "stop"

@@ -150,6 +150,29 @@ def test_quantized_checkpoints_load_like_rtn_at_load(model_dirs, tmp_path, metho
         load_model(str(tmp_path), precision="fp16", device="cpu")
 
 
+@pytest.mark.parametrize("method", ["tinyq", "awq"])
+def test_damaged_quantized_checkpoints_name_the_tensor(model_dirs, tmp_path, method):
+    """A quantized checkpoint whose tensors disagree with its config or with each other is refused
+    with the tensor's name; the quant_method's case does not matter (AutoAWQ writes 'awq')."""
+    path, _, tok = model_dirs["qwen2"]
+    _write_quantized_checkpoint(path, tmp_path, method)
+    cfg_path, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps(dict(cfg, quantization_config=dict(cfg["quantization_config"],
+                                                                      quant_method=method.upper()))))
+    load_model(str(tmp_path), precision="w4a16", device="cpu", dtype=torch.float32)
+    cfg_path.write_text(json.dumps(dict(cfg, quantization_config=dict(cfg["quantization_config"], group_size=64))))
+    with pytest.raises(ValueError, match="layers.0.self_attn.q_proj.(scales|qzeros): shape .* group_size 64"):
+        load_model(str(tmp_path), precision="w4a16", device="cpu", dtype=torch.float32)
+    cfg_path.write_text(json.dumps(cfg))
+    state = load_file(str(weights))
+    name = "model.layers.1.self_attn.o_proj.scales"
+    state[name] = state[name][:-8].contiguous() if method == "tinyq" else state[name][:, :-8].contiguous()
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match="layers.1.self_attn.o_proj.(scales|qweight): shape"):
+        load_model(str(tmp_path), precision="w4a16", device="cpu", dtype=torch.float32)
+
+
 def test_mistral_sliding_window_is_exact_or_refused(tmp_path):
     """Up to ``sliding_window`` tokens full attention is the windowed model; past it tinyq refuses
     (transformers' Mistral would attend to the last ``sliding_window`` tokens only)."""

@@ -346,7 +346,8 @@ def test_awq_llm_folder_loads_like_rtn_at_load(tmp_path):
     fp, awq = tmp_path / "fp", tmp_path / "awq"
     parts = make_nvila_dir(fp)
     shutil.copytree(fp, awq)
-    save_quantized(parts[2], awq / "llm", 32, tokenizer=parts[3], fmt="awq", replace=True)
+    shutil.rmtree(awq / "llm")  # a float model folder is never replaced in place
+    save_quantized(parts[2], awq / "llm", 32, tokenizer=parts[3], fmt="awq")
     rtn, tok = load_nvila(str(fp), precision="w4a16", group_size=32, device="cpu")
     ckpt, _ = load_nvila(str(awq), precision="w4a16", device="cpu")
     assert isinstance(ckpt.llm.model.layers[0].mlp.gate_up_proj, W4A16Linear)

@@ -1,6 +1,7 @@
 """``tinyq quantize`` / ``tinyq eval`` end to end on a tiny random model directory (CPU)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 from awq_tiny_models import random_text, save_tiny_model_dir
@@ -95,10 +96,27 @@ def test_bad_inputs(model_dir, tmp_path, capsys):
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "a.txt").write_text("x")
     assert _cli(quantize_cmd, ["quantize", "--model", fp, "--out", str(tmp_path / "keep"), *CALIB]) == 2
-    assert "not a checkpoint" in capsys.readouterr().err
+    assert "not a quantized checkpoint" in capsys.readouterr().err
+    # --out naming the model itself (a float model directory) loses nothing
+    before = sorted(p.name for p in Path(fp).iterdir())
+    for method in ("rtn", "smoothquant"):
+        assert _cli(quantize_cmd, ["quantize", "--model", fp, "--method", method, "--out", fp, *CALIB]) == 2
+        assert "is the model being quantized" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(fp).iterdir()) == before
     assert _cli(eval_cmd, ["eval", "--model", fp, "--ppl-file", str(short), "--window", "512", "--quiet",
                            "--backend", "transformers"]) == 2
     assert "fewer than one window" in capsys.readouterr().err
+    for flag, value, least in (("--window", "1", 2), ("--batch", "0", 1), ("--max-windows", "0", 1)):
+        assert _cli(eval_cmd, ["eval", "--model", str(tmp_path / "nothing"), "--ppl-file", str(short), flag, value,
+                               "--quiet"]) == 2
+        assert f"{flag} must be at least {least}, got {value}" in capsys.readouterr().err
+    # flags the method would ignore, and a search file whose folder is missing, stop before any work
+    for extra, message in ((["--method", "rtn", "--save-search", str(tmp_path / "s.st")], "for --method awq only"),
+                           (["--method", "smoothquant", "--w-bit", "3"], "smoothquant writes int8 weights"),
+                           (["--save-search", str(tmp_path / "no" / "s.st")], "its folder does not exist")):
+        assert _cli(quantize_cmd, ["quantize", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"),
+                                   *extra]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_default_checkpoint_is_cached(tmp_path, monkeypatch, capsys):

@@ -73,6 +73,49 @@ def test_cpu_cache_tracks_weight_changes():
     assert not torch.allclose(before, after)
 
 
+def test_cpu_cache_follows_replaced_buffers():
+    """A buffer replaced by a new tensor (not changed in place) is used at the next call."""
+    q = W4A16Linear.from_linear(nn.Linear(64, 16), group_size=64)
+    x = torch.randn(2, 64)
+    q(x)
+    q.zeros = q.zeros + 3  # a new tensor, at _version 0 like the old one
+    assert torch.allclose(q(x), x @ q.dequantized_weight().t() + q.bias, atol=1e-5)
+
+
+def test_single_string_patterns_and_bad_static_scales():
+    """exclude="lm_head" is one pattern; a non-finite calibration statistic is refused before any
+    layer is replaced, naming the layer."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    tinyq.quantize_(model, tinyq.W4A16Config(group_size=64, exclude="1"))
+    assert isinstance(model[0], W4A16Linear) and isinstance(model[1], nn.Linear)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    stats = {"0": torch.ones(64), "1": torch.full((64,), float("nan"))}
+    with pytest.raises(ValueError, match="layer '1': its act_scales entry is not finite"):
+        tinyq.quantize_(model, tinyq.W8A8Config(act_quant="tensor", act_scales=stats))
+    assert all(type(m) is nn.Linear for m in model)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight[3, 5] = float("inf")
+    with pytest.raises(ValueError, match="layer '1': its weight has inf/NaN values"):
+        tinyq.quantize_(model, tinyq.W4A16Config(group_size=64))
+    assert all(type(m) is nn.Linear for m in model)
+
+
+def test_unreadable_files_are_named(tmp_path):
+    """A truncated safetensors file and an empty GGUF file: errors that name the file."""
+    from tinyq.models.gguf import read_gguf
+
+    q = W4A16Linear.from_linear(nn.Linear(64, 16), group_size=64)
+    path = tmp_path / "q.safetensors"
+    save_safetensors(q, str(path))
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="q.safetensors: not a readable safetensors file"):
+        load_safetensors(q, str(path))
+    (tmp_path / "m.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="m.gguf: the file is empty"):
+        read_gguf(str(tmp_path / "m.gguf"))
+
+
 def test_safetensors_roundtrip(tmp_path):
     model = nn.Sequential(nn.Linear(64, 32), nn.SiLU(), nn.Linear(32, 8))
     tinyq.quantize_(model, tinyq.W4A16Config(group_size=32))

@@ -7,10 +7,12 @@ holds the old checkpoint or the new one, never nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 _AT_FDCWD = -100
@@ -61,3 +63,28 @@ def exchange(a, b) -> None:
     if rc != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@contextlib.contextmanager
+def replacing(path):
+    """``with replacing(path) as tmp:`` write the file at ``tmp`` (next to ``path``); on success it is
+    fsynced and renamed over ``path``, on any failure removed (the old file stays as it was)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, normal_file_mode())
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_path(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_file(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (:func:`replacing`)."""
+    with replacing(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)

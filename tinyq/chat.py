@@ -44,6 +44,7 @@ class ChatSession:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.messages: List[Dict[str, str]] = []
+        self._active_turn = None  # the turn streaming now, the only one that may roll the cache back
         self.reset()
         self.last_result: Optional[GenerationResult] = None
 
@@ -105,14 +106,21 @@ class _Turn(DeltaStream):
 
     def _run(self, ids, sampling):
         s = self.session
+        s._active_turn = self
         before = len(s.gen.cached_ids)
         stream = s.gen.stream(ids, sampling)
         try:
             yield from stream
         except BaseException:  # includes KeyboardInterrupt and GeneratorExit (a stream dropped mid-way)
             # Keep only what was valid before this turn (and is still a prefix of the conversation).
-            s.gen.truncate(min(before, len(s.gen.cached_ids), s.gen.cache.length))
+            # A turn dropped unfinished is closed whenever the garbage collector gets to it, maybe while
+            # a later turn streams: the cache is then that turn's, and stays as it is.
+            if s._active_turn is self:
+                s.gen.truncate(min(before, len(s.gen.cached_ids), s.gen.cache.length))
             raise
+        finally:
+            if s._active_turn is self:
+                s._active_turn = None
         self.result = stream.result
         s.last_result = stream.result
         s.messages.append({"role": "user", "content": self.user_text})

@@ -61,8 +61,12 @@ class SamplingConfig:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad(f"seed must be an int, got {self.seed!r}")
+        if 0 < self.temperature < 1e-30:  # 1 / temperature must stay a float32
+            bad(f"temperature {self.temperature!r} is too small to divide by; use 0 for greedy decoding")
+        if self.seed is not None and not (isinstance(self.seed, int) and -2 ** 63 <= self.seed < 2 ** 64):
+            bad(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
+        if isinstance(self.stop_strings, str):  # one stop string, not one per character
+            self.stop_strings = (self.stop_strings,)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}")
         return self
@@ -74,15 +78,16 @@ class GenerationStats:
     prefilled_tokens: int = 0  # of which actually prefilled (the rest were already in the cache)
     new_tokens: int = 0
     ttft_s: float = 0.0  # start -> first token sampled (prefill + one sample), compilation excluded
-    decode_s: float = 0.0  # the remaining tokens, compilation excluded
+    decode_s: float = 0.0  # the decode steps after the first token (the one that produced a stop token included)
+    decode_steps: int = 0  # how many: new_tokens - 1, plus 1 when a stop token ended the answer
     compiled_kernels: int = 0  # Triton kernels compiled during this generation (a shape seen for the first time)
     compile_s: float = 0.0  # the time they took, excluded from ttft_s / decode_s
     capture_s: float = 0.0  # CUDA graphs captured for a first-seen chunk length or sampler, also excluded
 
     @property
     def ms_per_token(self) -> float:
-        """Mean decode latency per token after the first (0 when only one token was produced)."""
-        return 1e3 * self.decode_s / (self.new_tokens - 1) if self.new_tokens > 1 else 0.0
+        """Mean latency of a decode step after the first token (0 when there was none)."""
+        return 1e3 * self.decode_s / self.decode_steps if self.decode_steps else 0.0
 
     def summary(self) -> str:
         line = (f"TTFT {1e3 * self.ttft_s:.0f} ms ({self.prefilled_tokens} prompt tokens prefilled) | "
@@ -322,8 +327,8 @@ class TextStream(DeltaStream):
     """Iterator of text deltas for one generation; ``.result`` is set when it is exhausted.
 
     Text is produced by decoding the whole generated id list after each token and emitting the
-    new suffix, holding back (1) a trailing U+FFFD (an incomplete UTF-8 sequence the next byte
-    token completes) and (2) any tail that could be the start of a stop string. So the deltas
+    new suffix, holding back (1) trailing U+FFFDs (an incomplete UTF-8 sequence the next byte
+    tokens complete) and (2) any tail that could be the start of a stop string. So the deltas
     concatenate to exactly the final text, whatever the tokenizer's merges.
     """
 
@@ -373,6 +378,7 @@ class TextStream(DeltaStream):
                 finish = "context_full"
                 break
             token = gen.decode_next(token, sampler)
+            stats.decode_steps += 1
         stats.new_tokens = len(out_ids)
         total_compile = CompileTracker.since(compiles)
         stats.compiled_kernels, stats.compile_s = total_compile.kernels, total_compile.seconds
@@ -389,14 +395,17 @@ def _find_stop(text: str, stop_strings) -> Optional[int]:
 
 
 def _held_back(text: str, stop_strings) -> int:
-    """Characters at the end of ``text`` not safe to emit yet."""
-    hold = 1 if text.endswith("\ufffd") else 0
+    """Characters at the end of ``text`` not safe to emit yet: every trailing U+FFFD (a byte-fallback
+    decoder gives one per byte of an unfinished character) and, before them, the longest tail that
+    could begin a stop string (the unfinished character may be its next one)."""
+    body = text.rstrip("\ufffd")
+    hold = 0
     for s in stop_strings:
-        for n in range(min(len(s) - 1, len(text)), 0, -1):  # longest proper prefix of s ending the text
-            if text.endswith(s[:n]):
+        for n in range(min(len(s) - 1, len(body)), 0, -1):  # longest proper prefix of s ending the text
+            if body.endswith(s[:n]):
                 hold = max(hold, n)
                 break
-    return hold
+    return len(text) - len(body) + hold
 
 
 def _prompt_ids(tokenizer, prompt) -> List[int]:

@@ -34,6 +34,7 @@ class W4A16Config:
     def __post_init__(self):
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES}")
+        _patterns_as_lists(self)
 
 
 @dataclass
@@ -52,10 +53,19 @@ class W8A8Config:
     exclude: Sequence[str] = field(default_factory=lambda: ["lm_head"])
 
     def __post_init__(self):
+        _patterns_as_lists(self)
         if self.act_quant not in ACT_QUANT:
             raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {self.act_quant!r}")
         if self.act_quant == "tensor" and self.act_scales is None:
             raise ValueError("act_quant='tensor' needs act_scales (per-channel max|x| from calibration)")
+
+
+def _patterns_as_lists(config) -> None:
+    """A single pattern given as a string is one pattern, not a sequence of one-letter ones."""
+    for field_name in ("include", "exclude"):
+        value = getattr(config, field_name)
+        if isinstance(value, str):
+            setattr(config, field_name, [value])
 
 
 def _matches(name: str, patterns) -> bool:
@@ -102,6 +112,8 @@ def quantize_(model: nn.Module, config=None) -> nn.Module:
                 f"layer {name!r}: in_features={mod.in_features} is not divisible by group_size={config.group_size}; "
                 "pick another group size, exclude the layer, or pass skip_incompatible=True"
             )
+        if not bool(torch.isfinite(mod.weight).all()):  # checked for every layer before any is replaced
+            raise ValueError(f"layer {name!r}: its weight has inf/NaN values, which 4-bit scales cannot represent")
         chosen.append((name, mod))
     for name, linear in chosen:
         _replace(model, name, W4A16Linear.from_linear(linear, config.group_size, config.dtype))
@@ -119,7 +131,10 @@ def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
             if stat is None:
                 raise ValueError(f"layer {name!r}: no calibrated activation statistics in act_scales "
                                  f"({len(config.act_scales)} entries, e.g. {sorted(config.act_scales)[:2]})")
-            static[name] = float(torch.as_tensor(stat).float().max().clamp(min=1e-8)) / QMAX
+            peak = torch.as_tensor(stat).float().max()
+            if not torch.isfinite(peak):  # checked for every layer before any is replaced
+                raise ValueError(f"layer {name!r}: its act_scales entry is not finite (max|x| {float(peak)})")
+            static[name] = float(peak.clamp(min=1e-8)) / QMAX
     for name, linear in chosen:
         _replace(model, name, W8A8Linear.from_linear(linear, static.get(name)))
     return model

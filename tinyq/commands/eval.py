@@ -104,6 +104,10 @@ def run(args) -> int:
     from tinyq.quant.pipeline import default_device
 
     try:
+        for flag, value, least in (("--window", args.window, 2), ("--batch", args.batch, 1),
+                                   ("--max-windows", args.max_windows, 1)):
+            if value is not None and value < least:  # before the model is loaded
+                raise ValueError(f"{flag} must be at least {least}, got {value}")
         model, tok, what = load_for_eval(args)
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")

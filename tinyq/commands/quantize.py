@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tinyq.quant.format import GROUP_SIZES
@@ -116,6 +117,13 @@ def check_w8a8_flags(args) -> None:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.method == "smoothquant" and args.format != "tinyq":
         raise ValueError("W8A8 checkpoints are written in the tinyq format only (--format tinyq)")
+    if args.method == "smoothquant" and args.w_bit != 4:
+        raise ValueError("--w-bit is for the 4-bit methods (awq, rtn); smoothquant writes int8 weights")
+    search = [flag for flag, value in (("--save-search", args.save_search), ("--load-search", args.load_search)) if value]
+    if args.method != "awq" and search:
+        raise ValueError(f"{', '.join(search)}: for --method awq only (got --method {args.method})")
+    if args.save_search and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_search))):
+        raise ValueError(f"--save-search {args.save_search}: its folder does not exist")  # found before the search
 
 
 def _smoothquant(args, job) -> int:

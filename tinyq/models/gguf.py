@@ -119,6 +119,8 @@ def read_gguf_header(path: str):
     the file's memmap)``. Raises ValueError naming the file when a tensor runs past its end."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (not a GGUF model)")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
     cur = _Cursor(memoryview(mm), path)
     if bytes(mm[:4]) != _MAGIC:

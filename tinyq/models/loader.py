@@ -171,6 +171,11 @@ class _Loader:
         bias = None
         if meta.bias is not None:
             bias = torch.cat([self.src.get(n + ".bias") for n in names]).to(self.device, self.dtype)
+        if self.quant.get("act_quant", "token") == "tensor":  # static scales: each linear has its own
+            missing = [n + ".input_scale" for n in names if n + ".input_scale" not in self.src]
+            if missing:
+                raise ValueError(f"{missing[0]}: missing; config.json says act_quant 'tensor' (static activation "
+                                 "scales), and without it the layer would quantize per token")
         new = fused_w8a8_linear(self.src, names, bias, self.device)
         _expect(names[0] + ".qweight (fused)", new.qweight, (meta.out_features, meta.in_features))
         return new
@@ -181,12 +186,17 @@ class _Loader:
     def _prequantized(self, names: List[str], meta: nn.Linear) -> W4A16Linear:
         if self.precision != "w4a16":
             raise ValueError(f"this checkpoint is W4A16-quantized; load it with precision='w4a16' (got {self.precision!r})")
+        awq = str(self.quant.get("quant_method", "")).lower() == "awq"
+        k, group = meta.in_features, int(self.quant["group_size"])
         parts = []
         for n in names:
-            if self.quant and self.quant.get("quant_method") == "awq":
-                q, s, z = from_awq_gemm(self.src.get(n + ".qweight"), self.src.get(n + ".qzeros"), self.src.get(n + ".scales"))
+            if awq:
+                raw = [self.src.get(n + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
+                _check_awq_part(n, *raw, k, group)
+                q, s, z = from_awq_gemm(*raw)
             else:
                 q, s, z = (self.src.get(n + suffix) for suffix in (".qweight", ".scales", ".zeros"))
+                _check_part(n, q, s, z, k, group)
             parts.append((q, s.to(self._scale_dtype()), z.to(self._scale_dtype())))
         qweight, scales, zeros = (torch.cat([p[i] for p in parts]).to(self.device) for i in range(3))
         _expect(names[0] + ".qweight (fused)", qweight, (meta.out_features, meta.in_features // 8))
@@ -194,6 +204,31 @@ class _Loader:
         if meta.bias is not None:
             bias = torch.cat([self.src.get(n + ".bias") for n in names]).to(self.device, self.dtype)
         return W4A16Linear.from_quantized(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bias)
+
+
+def _check_part(name: str, qweight, scales, zeros, k: int, group: int) -> None:
+    """One tinyq-format linear ``name`` of ``k`` inputs in groups of ``group``: shapes and dtypes
+    that agree with each other and with the config, or a ValueError naming the tensor."""
+    rows = qweight.shape[0] if qweight.dim() == 2 else -1
+    for leaf, t, shape in ((".qweight", qweight, (rows, k // 8)), (".scales", scales, (rows, k // group)),
+                           (".zeros", zeros, (rows, k // group))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}{leaf}: shape {tuple(t.shape)}, expected {shape} (in_features {k}, "
+                             f"group_size {group} in config.json)")
+    if qweight.dtype != torch.int32:
+        raise ValueError(f"{name}.qweight: dtype {qweight.dtype}, expected torch.int32")
+
+
+def _check_awq_part(name: str, qweight, qzeros, scales, k: int, group: int) -> None:
+    """The same for an AutoAWQ-gemm linear (``qweight [K, N/8]``, ``qzeros [K/G, N/8]``, ``scales [K/G, N]``)."""
+    n = scales.shape[1] if scales.dim() == 2 else -1
+    for leaf, t, shape in ((".qweight", qweight, (k, n // 8)), (".qzeros", qzeros, (k // group, n // 8)),
+                           (".scales", scales, (k // group, n))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name}{leaf}: shape {tuple(t.shape)}, expected {shape} (AutoAWQ layout, in_features "
+                             f"{k}, group_size {group} in config.json)")
+    if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
+        raise ValueError(f"{name}: qweight/qzeros dtype {qweight.dtype}/{qzeros.dtype}, expected torch.int32")
 
 
 def default_activation_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -247,9 +282,27 @@ def load_hf_dir(path: str, tokenizer: bool = True):
         raise FileNotFoundError(f"{path} has no config.json; is it an HF-format model directory?")
     with open(cfg_path) as f:
         hf_config = json.load(f)
+    _add_generation_eos(hf_config, path)
     ModelConfig.from_hf(hf_config)  # unsupported architecture: fail before touching the weights
     source = TensorSource(folder=path)
     return hf_config, source, load_tokenizer(path) if tokenizer and has_tokenizer(path) else None
+
+
+def _add_generation_eos(hf_config: dict, path: str) -> None:
+    """Add the end ids of ``generation_config.json`` to ``eos_token_id`` (instruct models such as
+    Llama-3-Instruct list their end-of-turn ids only there; transformers stops on all of them)."""
+    gen_path = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen_path):
+        return
+    try:
+        with open(gen_path) as f:
+            extra = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{gen_path} is not readable JSON: {exc}") from exc
+    ids = lambda v: [] if v is None else ([v] if isinstance(v, int) else list(v))  # noqa: E731
+    merged = ids(hf_config.get("eos_token_id")) + [i for i in ids(extra) if i not in ids(hf_config.get("eos_token_id"))]
+    if merged:
+        hf_config["eos_token_id"] = merged
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

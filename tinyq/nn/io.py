@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from tinyq.atomic_io import fsync_path, normal_file_mode
+from tinyq.atomic_io import replacing
 
 TIED_KEY = "tinyq.tied"
 
@@ -45,27 +44,19 @@ def save_safetensors(module: nn.Module, path: str, metadata: dict | None = None)
     meta = {"format": "pt", **(metadata or {})}
     if tied:
         meta[TIED_KEY] = json.dumps(tied)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, normal_file_mode())
-        fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(folder)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_safetensors(module: nn.Module, path: str, device: str | torch.device | None = None) -> nn.Module:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safetensors file at {path!r}")
-    loaded = load_file(path, device=str(device) if device is not None else "cpu")
-    with safe_open(path, framework="pt") as f:
-        tied = json.loads((f.metadata() or {}).get(TIED_KEY, "{}"))
+    try:
+        loaded = load_file(path, device=str(device) if device is not None else "cpu")
+        with safe_open(path, framework="pt") as f:
+            tied = json.loads((f.metadata() or {}).get(TIED_KEY, "{}"))
+    except Exception as exc:  # safetensors' own errors (a truncated or foreign file) do not name it
+        raise ValueError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     for alias, name in tied.items():
         if name not in loaded:
             raise ValueError(f"{path}: tied tensor {alias!r} points at {name!r}, which the file does not hold")

@@ -83,11 +83,15 @@ class W4A16Linear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.zeros)
 
     def _cpu_forward(self, x):
-        key = (x.dtype, self.qweight._version, self.scales._version, self.zeros._version, self.qweight.data_ptr())
-        if self._dense is None or self._dense[0] != key:
-            self._dense = (key, self.dequantized_weight().to(x.dtype))
+        # the tensors themselves (held, so a replaced buffer is never mistaken for a new one that got
+        # its address) and their in-place versions
+        sources = (self.qweight, self.scales, self.zeros)
+        key = (x.dtype, *(t._version for t in sources))
+        cached = self._dense
+        if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
+            self._dense = cached = (key, sources, self.dequantized_weight().to(x.dtype))
         b = None if self.bias is None else self.bias.to(x.dtype)
-        return torch.nn.functional.linear(x, self._dense[1], b)
+        return torch.nn.functional.linear(x, cached[2], b)
 
     def forward(self, x):
         if not x.is_cuda and not use_triton(x) and not torch.compiler.is_compiling():

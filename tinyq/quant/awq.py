@@ -81,8 +81,10 @@ class AwqResults:
         return save(tensors, metadata=meta)
 
     def save(self, path) -> None:
-        with open(path, "wb") as f:
-            f.write(self.to_bytes())
+        """Written whole or not at all (a failed save keeps the previous file)."""
+        from tinyq.atomic_io import write_file
+
+        write_file(path, self.to_bytes())
 
     @classmethod
     def load(cls, path) -> "AwqResults":

@@ -57,6 +57,10 @@ def quantized_state_dict(model: nn.Module, group_size: int, fmt: str = "tinyq", 
     (default :func:`storage_dtype`)."""
     if fmt not in FORMATS:
         raise ValueError(f"checkpoint format {fmt!r} is not one of {FORMATS}")
+    done = [n for n, m in model.named_modules() if type(m).__name__ in ("W4A16Linear", "W8A8Linear")]
+    if done:  # their buffers would be stored as they are, under names and shapes no loader reads
+        raise ValueError(f"the model is already quantized in memory ({len(done)} modules, e.g. {done[0]}); "
+                         "checkpoints quantize a float model's linears: save the float model instead")
     dtype = dtype or storage_dtype(model)
     scale_dtype = torch.float16 if fmt == "awq" or dtype not in (torch.float16, torch.bfloat16) else dtype
     names = set(quantized_linear_names(model))
@@ -112,18 +116,29 @@ def portable_config(config: dict, dtype: torch.dtype) -> dict:
     return out
 
 
-def check_output_dir(path, replace: bool = True) -> Path:
-    """Refuse early to overwrite a non-empty directory that is not a checkpoint (or, with
-    ``replace=False``, any non-empty directory)."""
+def check_output_dir(path, replace: bool = True, source=None) -> Path:
+    """Refuse early to overwrite a non-empty directory that is not a quantized checkpoint (a
+    ``config.json`` with a ``quantization_config``: a float model directory is never replaced), or,
+    with ``replace=False``, any non-empty directory, or the model being quantized (``source``)."""
     dest = Path(path)
+    if source is not None and Path(source).exists() and dest.exists() and dest.resolve() == Path(source).resolve():
+        raise FileExistsError(f"output {dest} is the model being quantized; write the checkpoint elsewhere")
     if dest.exists():
         if not dest.is_dir():
             raise FileExistsError(f"output {dest} exists and is not a directory")
         if any(dest.iterdir()) and not replace:
             raise FileExistsError(f"output {dest} already exists")
-        if any(dest.iterdir()) and not (dest / "config.json").is_file():
-            raise FileExistsError(f"output {dest} is a non-empty directory that is not a checkpoint; refusing to replace it")
+        if any(dest.iterdir()) and not _is_quantized_checkpoint(dest):
+            raise FileExistsError(f"output {dest} is a non-empty directory that is not a quantized checkpoint; "
+                                  "refusing to replace it")
     return dest
+
+
+def _is_quantized_checkpoint(folder: Path) -> bool:
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _write_tensors(tensors: dict, folder: Path, max_shard_bytes: int) -> None:

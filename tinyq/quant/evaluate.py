@@ -14,7 +14,10 @@ import torch
 
 
 def windows(ids, window: int, max_windows: int = None) -> torch.Tensor:
-    """``[n, window]`` int64 windows cut from the token ids ``ids`` (first ``max_windows`` if given)."""
+    """``[n, window]`` int64 windows cut from the token ids ``ids`` (first ``max_windows`` if given);
+    a window predicts its tokens after the first, so it needs at least 2."""
+    if window < 2 or (max_windows is not None and max_windows < 1):
+        raise ValueError(f"windows need window >= 2 and max_windows >= 1, got {window} and {max_windows}")
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     n = ids.numel() // window
     if max_windows is not None:

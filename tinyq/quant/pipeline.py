@@ -101,7 +101,7 @@ def quantize_to_checkpoint(job: QuantizeJob, out_dir, fmt: str = "tinyq", replac
     if job.awq.w_bit != 4:
         raise ValueError(f"w_bit={job.awq.w_bit}: checkpoints are 4-bit (the kernels' format); 3-bit AWQ is for "
                          "evaluation only (tinyq eval --fake-quant awq --w-bit 3)")
-    check_output_dir(out_dir, replace)  # fail before the (long) search, not after
+    check_output_dir(out_dir, replace, job.model)  # fail before the (long) search, not after
     model, tokenizer, results, seconds = prepare(job)
     extra = {"method": job.method}
     files = {SEARCH_RESULTS: results.to_bytes()} if results is not None else None

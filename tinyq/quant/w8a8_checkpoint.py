@@ -89,7 +89,7 @@ def smoothquant_to_checkpoint(job, out_dir, alpha, act_quant: str = "token") -> 
 
     if act_quant not in ACT_QUANT:
         raise ValueError(f"act_quant must be one of {ACT_QUANT}, got {act_quant!r}")
-    check_output_dir(out_dir)
+    check_output_dir(out_dir, source=job.model)
     device = job.device or default_device()
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer = load_fp_model(job.model, dtype=dtype)
