@@ -71,6 +71,9 @@ def add_media(chat, images=None, video=None, frames=None):
     except (ValueError, ImportError) as exc:
         print(f"error: {exc}")
         return False
+    except KeyboardInterrupt:  # Ctrl-C while encoding: nothing was added
+        print("\n[interrupted: the media were not added]")
+        return False
     return True
 
 
@@ -92,6 +95,9 @@ def answer(chat, text):
             print(delta, end="", flush=True)
     except ValueError as exc:  # placeholder/image mismatch, context overflow
         print(f"error: {exc}")
+        return
+    except KeyboardInterrupt:  # the session rolled the turn back; its images stay pending
+        print("\n[interrupted: this turn was discarded]")
         return
     s = turn.result.stats
     print(f"\n[TTFT {1e3 * s.ttft_s:.0f} ms ({s.prefilled_tokens} tokens prefilled) | vision encoder "

@@ -69,6 +69,12 @@ def test_chat_bad_arguments():
     assert p.returncode == 2 and "does not exist" in p.stderr
     p = _run(["chat", "--model", "/no/such/model", "--top-p", "2"], "")
     assert p.returncode == 2 and "top_p" in p.stderr
+    # a device this torch cannot use: a one-line error before anything loads (CPU-only torch here)
+    for device, says in (("foo", "is not a device torch knows"), ("cuda", "this torch sees no CUDA GPU")):
+        if device == "cuda" and __import__("torch").cuda.is_available():
+            continue
+        p = _run(["chat", "--model", "/no/such/model", "--device", device], "")
+        assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr
 
 
 def test_chat_without_tokenizer_says_what_is_missing(model_dir, tmp_path):

@@ -205,4 +205,7 @@ def test_dropping_a_turn_drops_its_images(llava):
     assert len(s.images) == 2 and s.images[0] is kept and s.pending_images == 1
     r = s.ask("three")
     prompt = s.gen.cached_ids[:r.stats.prompt_tokens]
+    # the cache held the dropped image's rows where the kept one now goes (same placeholder ids):
+    # they are prefilled again, not reused
+    assert r.stats.prompt_tokens - r.stats.prefilled_tokens <= prompt.index(model.image_token_id)
     assert r.token_ids == _hf_greedy(hf, prompt, _pixels(model, [second, third]), 2)

@@ -423,3 +423,24 @@ def test_unsupported_aspect_ratio_mode_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, image_aspect_ratio="dynamic")))
     with pytest.raises(ValueError, match="config.json: image_aspect_ratio 'dynamic' is not supported"):
         load_nvila(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)
+
+
+def test_images_added_one_by_one_for_a_message_are_encoded_together(tmp_path):
+    """NVILA tiles a lone image with dynamic S2 and gives several one tile each: two images added by
+    two calls before one message end up encoded as two added at once, and nothing cached changes."""
+    make_nvila_dir(tmp_path)
+    model, tok = load_nvila(str(tmp_path), precision="fp32", device="cpu", max_seq_len=512)
+    a, b = _image(84, 56, 0), _image(40, 30, 1)
+    together = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=2)
+    together.add_images([a, b])
+    one_by_one = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=2)
+    assert one_by_one.add_images([a]) == [48]  # alone: dynamic S2 (4 x 3 blocks of 2 x 2)
+    one_by_one.add_images([b])
+    assert one_by_one.ask("compare").token_ids == together.ask("compare").token_ids
+    for mine, theirs in zip(one_by_one.images, together.images):
+        torch.testing.assert_close(mine, theirs)
+    # an image alone in a later message keeps its dynamic-S2 rows
+    one_by_one.add_images([a])
+    one_by_one.ask("and now?")
+    assert one_by_one.images[-1].shape[0] == 48
+

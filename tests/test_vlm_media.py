@@ -77,6 +77,27 @@ def test_mp4_frames_sampled_uniformly(tmp_path):
         media.load_video_frames(str(path), 11)
 
 
+def test_images_reach_the_model_as_transformers_loads_them(tmp_path):
+    """Transparency laid on white (transformers' convert_to_rgb), EXIF orientation applied (its
+    load_image), and a 16-bit grey image scaled to 8 bits rather than clipped white."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (4, 4), (10, 200, 30, 255))
+    rgba.putpixel((0, 0), (10, 200, 30, 0))  # fully transparent
+    out = media.load_image(rgba)
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (10, 200, 30)
+    photo = Image.new("RGB", (60, 40), (1, 2, 3))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    photo.save(tmp_path / "p.jpg", exif=exif)
+    assert media.load_image(str(tmp_path / "p.jpg")).size == (40, 60)
+    ramp = (np.arange(256 * 4, dtype=np.uint32).reshape(4, 256) * 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")  # mode I;16
+    grey = np.asarray(media.load_image(str(tmp_path / "deep.png")))[..., 0]
+    assert abs(float(grey.mean()) - 127.5) < 2 and (grey == 255).mean() < 0.01
+
+
 def test_expand_to_square_pads_with_the_mean_colour():
     from PIL import Image
 
@@ -122,6 +143,11 @@ def test_load_vlm_reads_both_layouts(tmp_path, family):
     s.gen.eos_ids = set()
     s.add_images(_frames(1, (40, 30)))
     assert len(s.ask("what?").token_ids) == 3
+    # the chat template is every family's to ask for; a VILA-1.5 format is not llava-hf's
+    assert load_vlm(str(tmp_path), "fp32", device="cpu", max_seq_len=64, conversation=None)[0].conversation is None
+    if family == "llava":
+        with pytest.raises(ValueError, match="conversation formats are VILA-1.5's"):
+            load_vlm(str(tmp_path), "fp32", device="cpu", conversation="vicuna_v1")
 
 
 def test_load_vlm_rejects_other_folders(tmp_path):
@@ -206,8 +232,9 @@ def test_chat_vlm_example_interactive_commands(tmp_path, capsys, monkeypatch):
     ttft = [line for line in out.splitlines() if line.startswith("[TTFT")]
     prefilled = [int(line.split("(")[1].split(" tokens")[0]) for line in ttft]
     vision = [line.split("vision encoder ")[1].split(" ms")[0] for line in ttft]
-    image_rows = 2 * int(out.split("[1 image(s), ")[1].split(" tokens")[0])  # the image, added twice
     video_rows = int(out.split("[video: 3 frames, ")[1].split(" tokens")[0])
+    # the image was added twice for one message: encoded together, one tile each, like the video's frames
+    image_rows = 2 * video_rows // 3
     # the image turn and the video turn prefill their rows besides the text; after /reset the first
     # message is prefilled from an empty context again, with no media
     assert prefilled[1] > image_rows and prefilled[2] > video_rows and prefilled[3] == prefilled[0]
@@ -244,6 +271,35 @@ def test_session_warm_up_leaves_it_empty():
     assert s.last_vision_s > 0 and s.last_vision_compile_s == 0  # CPU: nothing compiles
     with pytest.raises(ValueError, match="empty session"):
         s.warm_up()
+    # a system prompt is not conversation: a session with one warms up too
+    s = VLMChatSession(model, tok, max_seq_len=256, max_new_tokens=2, system_prompt="Be brief.")
+    assert s.warm_up().seconds > 0 and s.messages == [{"role": "system", "content": "Be brief."}]
+
+
+def test_chat_vlm_survives_ctrl_c_and_bad_frame_counts(tmp_path, capsys, monkeypatch):
+    """Ctrl-C while an answer streams discards that turn and the chat goes on; --frames 0 is refused."""
+    from tinyq.vlm.session import VLMChatSession
+
+    mod = _chat_vlm_example()
+    real_send, calls = VLMChatSession.send, []
+
+    def send(self, text, sampling=None):
+        calls.append(text)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_send(self, text, sampling)
+
+    monkeypatch.setattr(VLMChatSession, "send", send)
+    lines = iter(["first", "second", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert mod.main(["--random-tiny", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "[interrupted: this turn was discarded]" in out and out.count("[TTFT") == 1
+    gif = tmp_path / "clip.gif"
+    frames = _frames(3, (40, 40))
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    assert mod.main(["--random-tiny", "--video", str(gif), "--frames", "0", "--prompt", "hi"]) == 1
+    assert "num_frames must be a positive int, got 0" in capsys.readouterr().out
 
 
 def test_image_markers_are_written_as_each_family_writes_them(tmp_path, monkeypatch):

@@ -61,6 +61,22 @@ class _Input:
         return line.rstrip("\n")
 
 
+def check_device(device) -> None:
+    """A ``--device`` torch can place tensors on here, or a ValueError saying why not."""
+    import torch
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a device torch knows: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU")
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(f"--device {device}: tinyq runs on cuda or cpu")
+
+
 def run(args) -> int:
     from tinyq.chat import ChatSession
     from tinyq.models import load_model
@@ -72,6 +88,7 @@ def run(args) -> int:
         )
         if args.max_seq_len < 2:
             raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+        check_device(args.device)
         path = args.model
         if path == "default" and args.precision == "w4a16" and args.quant == "awq":
             from tinyq.quant.default_awq import ensure_default_awq_checkpoint

@@ -95,7 +95,7 @@ def load_vlm(path: str, precision: str = "w4a16", **kwargs):
             if json.load(f).get("model_type") == "llava":
                 from tinyq.models.llava import load_llava
 
-                if kwargs.pop("conversation", "auto") != "auto":
+                if kwargs.pop("conversation", "auto") not in ("auto", None):  # None: its chat template
                     raise ValueError(f"{path}: a llava-hf model is prompted with its chat template; conversation "
                                      "formats are VILA-1.5's")
                 return load_llava(path, precision, **kwargs)

@@ -24,17 +24,39 @@ def _pil():
 
 
 def load_image(image):
-    """A path (or a PIL image) -> an RGB PIL image; an unreadable file is a ValueError naming it."""
+    """A path (or a PIL image) -> an RGB PIL image (:func:`to_rgb`); an unreadable file is a
+    ValueError naming it. A file is turned as its EXIF orientation says (as transformers'
+    ``load_image`` does: a phone photo reaches the model upright)."""
     Image = _pil()
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if not os.path.isfile(image):
         raise ValueError(f"image not found: {image}")
     try:
+        from PIL import ImageOps
+
         with Image.open(image) as im:
-            return im.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(im))
     except Exception as exc:  # PIL raises several types for a bad file
         raise ValueError(f"cannot read image {image}: {exc}") from exc
+
+
+def to_rgb(image):
+    """RGB as transformers' processors make it (``image_transforms.convert_to_rgb``): an image with
+    transparency is laid on white first; 16- and 32-bit grey images are scaled to 8 bits (Pillow's
+    own conversion clips them, so most of a 16-bit photo would turn white)."""
+    Image = _pil()
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+        image = Image.fromarray(np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def expand_to_square(image, mean: Sequence[float]):
@@ -109,7 +131,7 @@ def load_video_frames(path: str, num_frames: int) -> List:
                 frames = []
                 for i in uniform_indices(total, num_frames):
                     im.seek(i)
-                    frames.append(im.convert("RGB"))
+                    frames.append(to_rgb(im))
                 return frames
         except ValueError:
             raise
@@ -122,11 +144,33 @@ def load_video_frames(path: str, num_frames: int) -> List:
                          "or an animated GIF works without it") from exc
     try:
         with av.open(path) as container:
-            frames = [f.to_image().convert("RGB") for f in container.decode(video=0)]
+            total = container.streams.video[0].frames  # 0 where the container does not say
+        frames = _decode_frames(av, path, total, num_frames) if total >= num_frames else None
+        if frames is None:  # no frame count, or a wrong one: count by decoding, then pick
+            with av.open(path) as container:
+                total = sum(1 for _ in container.decode(video=0))
+            _enough(path, total, num_frames)
+            frames = _decode_frames(av, path, total, num_frames)
+    except ValueError:
+        raise
     except Exception as exc:
         raise ValueError(f"cannot read video {path}: {exc}") from exc
-    _enough(path, len(frames), num_frames)
-    return [frames[i] for i in uniform_indices(len(frames), num_frames)]
+    return frames
+
+
+def _decode_frames(av, path: str, total: int, num_frames: int):
+    """The ``uniform_indices(total, num_frames)`` frames of the video at ``path``, decoding through it
+    but keeping only those (a long video's frames do not all fit in memory); None when it has fewer
+    than ``total`` frames after all."""
+    picks = uniform_indices(total, num_frames)
+    wanted, kept = set(picks), {}
+    with av.open(path) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted:
+                kept[i] = frame.to_image().convert("RGB")
+                if len(kept) == len(wanted):
+                    break
+    return [kept[i] for i in picks] if len(kept) == len(wanted) else None
 
 
 def _enough(path: str, have: int, want: int) -> None:

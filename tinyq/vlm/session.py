@@ -46,6 +46,10 @@ class VLMChatSession(ChatSession):
         self.last_vision_capture_s = 0.0  # ... and the tower's CUDA-graph captures (first use of a chunk size)
         self._vision_s: List[float] = []  # each image's share of its batch's encoder time, as self.images
         self._video: List[bool] = []  # whether each of self.images is a video (one media item of many frames)
+        self._serials: List[int] = []  # each item's number, unique in this session (its placeholders are not)
+        self._next_serial = 0
+        self._cached_items: Dict[int, int] = {}  # first position -> serial of the items the cache was filled with
+        self._alone: Dict[int, tuple] = {}  # pending images by serial: (the image, whether encoded on its own)
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -78,7 +82,10 @@ class VLMChatSession(ChatSession):
         if not len(images):
             raise ValueError("add_images: no images given")
         loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
-        return self._add_media(self._timed(self.vlm.encode_images, loaded), video=False)
+        counts = self._add_media(self._timed(self.vlm.encode_images, loaded), video=False)
+        for serial, image in zip(self._serials[-len(loaded):], loaded):
+            self._alone[serial] = (image, len(loaded) == 1)
+        return counts
 
     def add_video(self, path: str, num_frames: Optional[int] = None) -> List[int]:
         """``num_frames`` frames sampled uniformly from ``path`` (default: the checkpoint's
@@ -87,7 +94,10 @@ class VLMChatSession(ChatSession):
         checkpoint says so); otherwise each frame is an image in the prompt. Returns the tokens per
         media item added."""
         encoder = getattr(self.vlm, "video_encoder", None)
-        num_frames = num_frames or getattr(self.vlm, "num_video_frames", 8)
+        if num_frames is None:
+            num_frames = getattr(self.vlm, "num_video_frames", 8)
+        if not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
         if encoder is not None:
             if self.vlm.video_unsupported:
                 raise ValueError(self.vlm.video_unsupported)
@@ -116,6 +126,8 @@ class VLMChatSession(ChatSession):
         self.images.extend(feats)
         self._vision_s.extend([self.last_vision_s / len(feats)] * len(feats))
         self._video.extend([video] * len(feats))
+        self._serials.extend(range(self._next_serial, self._next_serial + len(feats)))
+        self._next_serial += len(feats)
         return [f.shape[0] for f in feats]
 
     def warm_up(self) -> WarmupReport:
@@ -123,7 +135,7 @@ class VLMChatSession(ChatSession):
         (:func:`tinyq.warmup.warm_up`), and run the vision path on blank images (one alone, two
         together: NVILA's two paths), so the first answer's numbers are not compile times.
         Call it before adding media; the conversation is left empty."""
-        if self.messages or self.images:
+        if any(m["role"] != "system" for m in self.messages) or self.images:
             raise ValueError("warm_up() runs on an empty session; call reset() first")
         report = warm_up(self.gen, sampling=self.sampling)
         from PIL import Image
@@ -148,21 +160,42 @@ class VLMChatSession(ChatSession):
 
     def reset(self) -> None:
         super().reset()
-        self.images, self._slots, self._vision_s, self._video = [], [], [], []
+        self.images, self._slots, self._vision_s, self._video, self._serials = [], [], [], [], []
+        self._cached_items, self._alone = {}, {}
 
     def drop_oldest_turns(self, n: int = 1) -> int:
         """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
         before = self._sent_images()
         dropped = super().drop_oldest_turns(n)
         gone = before - self._sent_images()
-        del self.images[:gone], self._vision_s[:gone], self._video[:gone]
+        del self.images[:gone], self._vision_s[:gone], self._video[:gone], self._serials[:gone]
         return dropped
 
     def send(self, text: str, sampling=None):
         """Stream the answer to ``text``, with the pending images placed before it."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty message: type something to send")
+        self._encode_pending_together()
         return super().send((IMAGE_MARKER + self.vlm.image_text_separator) * self.pending_images + text, sampling)
+
+    def _encode_pending_together(self) -> None:
+        """Images added one at a time for the same message are encoded again as one batch when the
+        model encodes a lone image differently (NVILA: dynamic S2 alone, one tile each for several),
+        so a message's images are encoded alike however they were added. They are not in the cache
+        yet, so nothing cached changes."""
+        waiting = set(self._serials[self._sent_images():])
+        self._alone = {serial: v for serial, v in self._alone.items() if serial in waiting}  # sent ones: done
+        pending = [k for k in range(self._sent_images(), len(self.images)) if self._serials[k] in self._alone]
+        if len(pending) < 2 or getattr(self.vlm, "s2_scales", None) is None:
+            return
+        if any(self._alone[self._serials[k]][1] for k in pending):
+            images = [self._alone[self._serials[k]][0] for k in pending]
+            feats = self._timed(self.vlm.encode_images, images)
+            for k, rows in zip(pending, feats):
+                self.images[k] = rows
+                self._vision_s[k] += self.last_vision_s / len(pending)
+        for k in pending:
+            self._alone[self._serials[k]] = (self._alone[self._serials[k]][0], False)
 
     def prompt_ids(self, text: str) -> List[int]:
         """The whole conversation's ids if ``text`` (with its markers) were sent now; records where
@@ -181,7 +214,21 @@ class VLMChatSession(ChatSession):
             slots.append((pos, k))
             pos += len(ph) + len(piece)
         self._slots = slots
+        self._forget_other_items(slots)
         return ids
+
+    def _forget_other_items(self, slots) -> None:
+        """Cut the cache before the first item whose rows it does not hold at that position. Every
+        image's placeholder ids are the same, so the generator's id comparison cannot tell one image
+        from another: after ``drop_oldest_turns`` a later image can land where a dropped one was."""
+        keep = len(self.gen.cached_ids)
+        for pos, k in slots:
+            if pos < keep and self._cached_items.get(pos) != self._serials[k]:
+                keep = pos
+                break
+        if keep < len(self.gen.cached_ids):
+            self.gen.truncate(keep)
+        self._cached_items = {pos: self._serials[k] for pos, k in slots}
 
     def _render(self, messages: List[Dict[str, str]]) -> str:
         """The model's legacy conversation format if it has one (VILA-1.5), else the chat template
