@@ -101,6 +101,22 @@ def test_single_string_patterns_and_bad_static_scales():
     assert all(type(m) is nn.Linear for m in model)
 
 
+def test_cpu_module_checks_its_weights_and_input():
+    """The CPU path validates as the GPU path does: mis-shaped buffers and integer inputs are errors."""
+    q = W4A16Linear.from_linear(nn.Linear(128, 16), group_size=64)
+    bad = W4A16Linear.from_quantized(q.qweight, q.scales, q.zeros[:, :1].contiguous(), q.bias)
+    with pytest.raises(ValueError, match="zeros must match scales"):
+        bad(torch.randn(2, 128))
+    with pytest.raises(ValueError, match="takes float activations"):
+        q(torch.ones(2, 128, dtype=torch.int32))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer '1': its weight has inf/NaN values, which int8"):
+        tinyq.quantize_(model, tinyq.W8A8Config())
+    assert all(type(m) is nn.Linear for m in model)
+
+
 def test_unreadable_files_are_named(tmp_path):
     """A truncated safetensors file and an empty GGUF file: errors that name the file."""
     from tinyq.models.gguf import read_gguf

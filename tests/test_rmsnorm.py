@@ -86,3 +86,23 @@ def test_bad_input():
     with pytest.raises(ValueError, match="x must be"):
         with force_backend("triton"):
             rmsnorm(x.to(torch.int32), torch.ones(8), 1e-5)
+
+
+def test_strided_weights_and_empty_rows():
+    """A weight that is a strided view gives the right answer; rows of no features give empty
+    outputs, as the torch path does; a non-float weight is refused."""
+    from tinyq.kernels.rmsnorm_quant import rmsnorm_quant, rmsnorm_quant_reference
+    from tinyq.ops import silu_mul
+
+    x = torch.randn(3, 64, dtype=torch.float16)
+    w = torch.randn(128, dtype=torch.float16)[::2]
+    assert_close_rel(rmsnorm(x, w, 1e-5), rmsnorm_reference(x, w, 1e-5))
+    q, s = rmsnorm_quant(x, w, 1e-5)
+    q_ref, s_ref = rmsnorm_quant_reference(x, w, 1e-5)
+    assert (q.int() - q_ref.int()).abs().max() <= 1
+    torch.testing.assert_close(s, s_ref, rtol=1e-3, atol=0)
+    with force_backend("triton"):
+        assert rms_norm(torch.randn(3, 0), torch.ones(0), 1e-5).shape == (3, 0)
+        assert silu_mul(torch.randn(3, 0)).shape == (3, 0)
+    with pytest.raises(ValueError, match="weight must be a float tensor"):
+        rmsnorm(x, torch.ones(64, dtype=torch.int32), 1e-5)

@@ -235,3 +235,13 @@ def test_gpu_non_finite_activations_are_marked_or_refused(monkeypatch):
     monkeypatch.setenv("TINYQ_CHECK_FINITE", "1")
     with pytest.raises(ValueError, match=r"inf/NaN \(rows \[1\]"):
         mod(x)
+
+
+def test_empty_batch_gives_empty_rows():
+    """A batch of no rows (the CPU path's int32 reference included) is [0, N], as for W4A16Linear."""
+    from tinyq.nn import W8A8Linear
+
+    m = W8A8Linear.from_linear(torch.nn.Linear(64, 32).half())
+    assert m(torch.randn(0, 64, dtype=torch.float16)).shape == (0, 32)
+    assert m(torch.randn(2, 0, 64, dtype=torch.float16)).shape == (2, 0, 32)
+

@@ -126,6 +126,8 @@ def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
     for name, mod in chosen:
         if mod.in_features > MAX_K:
             raise ValueError(f"layer {name!r}: in_features={mod.in_features} exceeds {MAX_K} (int32 accumulator)")
+        if not bool(torch.isfinite(mod.weight).all()):  # checked for every layer before any is replaced
+            raise ValueError(f"layer {name!r}: its weight has inf/NaN values, which int8 scales cannot represent")
         if config.act_quant == "tensor":
             stat = config.act_scales.get(name)
             if stat is None:

@@ -108,9 +108,10 @@ def int8_matmul_reference(xq, wq, s_x, s_w, bias=None, out_dtype=torch.float16) 
         acc = torch._int_mm(x2.cpu().contiguous(), wq.cpu().t()).to(xq.device)
     else:
         acc = torch.zeros(x2.shape[0], wq.shape[0], dtype=torch.int32, device=xq.device)
+    n = wq.shape[0]  # (not -1: a batch of no rows has no size to infer from)
     if out_dtype == torch.int32:
-        return acc.reshape(*lead, -1)
+        return acc.reshape(*lead, n)
     y = acc.float() * s_x.reshape(-1, 1) * s_w[None, :]
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype).reshape(*lead, -1)
+    return y.to(out_dtype).reshape(*lead, n)

@@ -1,6 +1,8 @@
 """Row helpers shared by the one-row-per-program kernels (norms, SiLU/GELU, int8 quantizers): the
 launchers' flattening to rows, the split of a row into register blocks, and the fused norms'
 residual-add prologue."""
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -8,7 +10,7 @@ import triton.language as tl
 
 def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t [..., width]`` as a 2-D ``[rows, width]`` with unit stride along the row (a view when possible)."""
-    rows = t.reshape(-1, width)
+    rows = t.reshape(-1 if width else math.prod(t.shape[:-1]), width)  # empty rows: no -1 to infer from
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 

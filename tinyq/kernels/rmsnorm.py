@@ -64,6 +64,8 @@ def _check(x, residual, weight):
         raise ValueError(f"rmsnorm: x must be fp16/bf16/fp32, got {x.dtype}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rmsnorm: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"rmsnorm: weight must be a float tensor, got {weight.dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(
             f"rmsnorm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
@@ -78,6 +80,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     ``out`` is a :class:`tinyq.kernels.paired.PairedRows` of the ``[M, N]`` rows (N a multiple of 32)."""
     _check(x, residual, weight)
     check_kernel_device("rmsnorm", x, weight, *(() if residual is None else (residual,)))
+    weight = weight if weight.stride(0) == 1 else weight.contiguous()  # the kernel reads it at unit stride
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)
@@ -86,7 +89,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     out_rows = empty_paired_rows(m, n, x.dtype, x.device) if paired else torch.empty_like(x2)
     out, out_plane = out_operand(out_rows)
     h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
-    if m > 0:
+    if m > 0 and n > 0:  # rows of no features: nothing to compute
         block = triton.next_power_of_2(n)
         _rmsnorm_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, out, h,

@@ -58,6 +58,8 @@ def _check(x, weight, residual, static_scale):
         raise ValueError(f"rmsnorm_quant: x must be fp16/bf16/fp32, got {x.dtype}")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rmsnorm_quant: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"rmsnorm_quant: weight must be a float tensor, got {weight.dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"rmsnorm_quant: residual must match x ({tuple(x.shape)}, {x.dtype}), "
                          f"got {tuple(residual.shape)}, {residual.dtype}")
@@ -71,6 +73,7 @@ def rmsnorm_quant(x, weight, eps: float, residual=None, static_scale=None):
     _check(x, weight, residual, static_scale)
     extra = tuple(t for t in (residual, static_scale) if t is not None)
     check_kernel_device("rmsnorm_quant", x, weight, *extra)
+    weight = weight if weight.stride(0) == 1 else weight.contiguous()  # the kernel reads it at unit stride
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)

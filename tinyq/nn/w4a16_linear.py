@@ -97,6 +97,9 @@ class W4A16Linear(nn.Module):
         if not x.is_cuda and not use_triton(x) and not torch.compiler.is_compiling():
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features} (x {tuple(x.shape)})")
+            if not x.is_floating_point():
+                raise ValueError(f"W4A16Linear takes float activations, got {x.dtype}")
+            self.checked_weights()  # the same weight checks as on the GPU (once per tensor object)
             return self._cpu_forward(x)
         return w4a16_linear_prechecked(x, *self.checked_weights())
 
