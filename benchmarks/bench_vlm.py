@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_e2e import SHAPES, hf_model, mean_ms, random_model, sync  # noqa: E402
-from benchmarks.common import bench_ms, environment, write_json  # noqa: E402
+from benchmarks.common import bench_ms, capture_graph, environment, write_json  # noqa: E402
 from tinyq.generate import Generator  # noqa: E402
 from tinyq.graphs import BatchGraphs  # noqa: E402
 from tinyq.models.loader import TensorSource  # noqa: E402
@@ -93,20 +93,6 @@ def time_ms(fn, device, reps):
     return mean_ms(fn, device, reps)
 
 
-def cuda_graph_of(fn, x):
-    """``fn(x)`` captured in a CUDA graph over the static input ``x``; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's capture rules ask
-        for _ in range(2):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn(x)
-    return graph.replay
-
-
 @torch.inference_mode()
 def bench_tower(ours, ref, px_one, px_image, device, reps):
     """Tower timings; returns a dict (ms)."""
@@ -138,8 +124,8 @@ def bench_tower(ours, ref, px_one, px_image, device, reps):
     if device.type == "cuda":
         try:
             with dict(sdpa_backends(device))[best[0]]():
-                one = cuda_graph_of(lambda x: ref(x).last_hidden_state, px_one)
-                many = cuda_graph_of(lambda x: ref(x).last_hidden_state, px_image)
+                one = capture_graph(lambda: ref(px_one).last_hidden_state, warmups=2).replay
+                many = capture_graph(lambda: ref(px_image).last_hidden_state, warmups=2).replay
             r["hf_ms_1_tile"] = time_ms(one, device, reps)
             r["hf_ms_per_tile_17"] = time_ms(many, device, reps) / len(px_image)
             r["hf_timing"] = "CUDA graphs"

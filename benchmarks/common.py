@@ -18,22 +18,32 @@ def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
 
 
+def capture_graph(fn, warmups: int = 1) -> "torch.cuda.CUDAGraph":
+    """``fn()`` captured in a CUDA graph, after ``warmups`` runs on a side stream (torch's capture
+    rules: allocations and lazy initialization happen before the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_ms_rotating(fns, reps: int = 20) -> float:
     """Median ms per call over CUDA-graph replays of ``fns``, one call each.
 
     For kernels of a few microseconds: a graph removes the Python launch cost (which a decode
     step never pays, since it runs as a CUDA graph) for every contender alike; the callables
     should use enough distinct buffers (> 50 MB L2) that each call reads from HBM."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
+    def calls():
         for fn in fns:
             fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
+
+    g = capture_graph(calls)
     g.replay()
     times = []
     for _ in range(reps):
