@@ -48,7 +48,8 @@ from tinyq.kernels import (  # noqa: E402
     argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
 from tinyq.kernels import (  # noqa: E402
-    gelu_quant, int8_gemv_rope, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, silu_mul_quant, w4a16_dequant,
+    gelu_quant, int8_gemv_rope, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, rmsnorm_quant, silu_mul_quant,
+    w4a16_dequant,
     w4a16_gemm,
 )
 from tinyq.kernels.attention_configs import FLASH  # noqa: E402
@@ -274,6 +275,11 @@ def _rmsnorm(n, paired):
     return lambda: rmsnorm.rmsnorm(x, torch.ones(n, dtype=torch.float16), 1e-5, residual=x, paired=paired)
 
 
+def _rmsnorm_quant(n):
+    x = torch.zeros(1, n, dtype=torch.float16)
+    return lambda: rmsnorm_quant.rmsnorm_quant(x, torch.ones(n, dtype=torch.float16), 1e-5, residual=x)
+
+
 def _silu_mul_quant(m, i):
     return lambda: silu_mul_quant.silu_mul_quant(torch.zeros(m, 2 * i, dtype=torch.float16))
 
@@ -357,6 +363,7 @@ TARGETS = {
     "silu-mul-quant-qwen2-7b-m4096": _silu_mul_quant(4096, 18944),
     "rmsnorm-llama3-8b-decode": _rmsnorm(4096, False),
     "rmsnorm-paired-llama3-8b-decode": _rmsnorm(4096, True),
+    "rmsnorm-quant-llama3-8b-decode": _rmsnorm_quant(4096),
 }
 
 

@@ -40,9 +40,10 @@ def _rmsnorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
+    # the weight is loaded first, so its round trip overlaps the row's instead of following the reduction
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
     rstd = 1.0 / tl.sqrt(tl.sum(hf * hf, axis=0) / N + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     out = (hf * rstd * w).to(OUT.dtype.element_ty)
     if OUT_PLANE:  # a decode GEMV's paired input
         store_paired_row(OUT + row * stride_o, out, N, BLOCK_N, OUT_PLANE)

@@ -43,8 +43,11 @@ def _rmsnorm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < N
+    # the weight is loaded first: after the store of h the compiler may not move it up, and its
+    # round trip then sat between the row's arrival and the reduction (sm90 SASS, docs/perf_notes.md)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     hf = load_row_add_residual(X, RES, H_OUT, row, cols, mask, stride_x, stride_r, stride_h, HAS_RESIDUAL)
-    hw = hf * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    hw = hf * w
     # one block reduction for both: max|hw * rstd| = max|hw| * rstd exactly (rstd > 0, rounding is monotonic)
     sum_sq, amax_hw = tl.reduce((hf * hf, tl.abs(hw)), 0, sum_and_max)
     rstd = 1.0 / tl.sqrt(sum_sq / N + eps)

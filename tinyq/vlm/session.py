@@ -21,7 +21,8 @@ rules) whose prompt may hold images:
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -33,23 +34,30 @@ from tinyq.vlm.conversation import tokenize_pieces
 from tinyq.warmup import CompileTracker, WarmupReport, warm_up
 
 
+@dataclass
+class MediaItem:
+    """One image or video of the conversation, encoded."""
+    rows: torch.Tensor  # [tokens, hidden] feature rows that replace its placeholders
+    vision_s: float  # its share of its batch's encoder time
+    video: bool  # one media item of many frames (its rows hold their own framing tokens)
+    serial: int  # unique in this session; its placeholder ids are not
+    source: Any = None  # the loaded image, kept until sent, to encode it again with its message's others
+    alone: bool = False  # encoded in a batch of one
+
+
 class VLMChatSession(ChatSession):
     """Chat with ``model`` (a :class:`VisionLanguageModel`); ``max_seq_len`` bounds the cache."""
 
     def __init__(self, model: VisionLanguageModel, tokenizer, max_seq_len: Optional[int] = None,
                  system_prompt: Optional[str] = None, sampling=None, **settings):
         self.vlm = model
-        self.images: List[torch.Tensor] = []  # [tokens_i, hidden] per image, in conversation order
-        self._slots: List[Tuple[int, int]] = []  # (first position, image index) in the rendered prompt
+        self._items: List[MediaItem] = []  # in conversation order
+        self._slots: List[Tuple[int, int]] = []  # (first position, item index) in the rendered prompt
         self.last_vision_s = 0.0  # the last add_images' encoder time, Triton compilation excluded
         self.last_vision_compile_s = 0.0  # ... and the compilation it excluded (first use of a shape)
         self.last_vision_capture_s = 0.0  # ... and the tower's CUDA-graph captures (first use of a chunk size)
-        self._vision_s: List[float] = []  # each image's share of its batch's encoder time, as self.images
-        self._video: List[bool] = []  # whether each of self.images is a video (one media item of many frames)
-        self._serials: List[int] = []  # each item's number, unique in this session (its placeholders are not)
         self._next_serial = 0
         self._cached_items: Dict[int, int] = {}  # first position -> serial of the items the cache was filled with
-        self._alone: Dict[int, tuple] = {}  # pending images by serial: (the image, whether encoded on its own)
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -64,14 +72,19 @@ class VLMChatSession(ChatSession):
     # ------------------------------------------------------------------ media
 
     @property
+    def images(self) -> List[torch.Tensor]:
+        """Each media item's ``[tokens, hidden]`` feature rows, in conversation order."""
+        return [item.rows for item in self._items]
+
+    @property
     def pending_images(self) -> int:
         """Images added but not yet sent with a message."""
-        return len(self.images) - self._sent_images()
+        return len(self._items) - self._sent_images()
 
     @property
     def pending_vision_s(self) -> float:
         """Encoder time of the images that go with the next message (every add since the last send)."""
-        return sum(self._vision_s[self._sent_images():])
+        return sum(item.vision_s for item in self._items[self._sent_images():])
 
     def _sent_images(self) -> int:
         return sum(m["content"].count(IMAGE_MARKER) for m in self.messages)
@@ -82,10 +95,7 @@ class VLMChatSession(ChatSession):
         if not len(images):
             raise ValueError("add_images: no images given")
         loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
-        counts = self._add_media(self._timed(self.vlm.encode_images, loaded), video=False)
-        for serial, image in zip(self._serials[-len(loaded):], loaded):
-            self._alone[serial] = (image, len(loaded) == 1)
-        return counts
+        return self._add_media(self._timed(self.vlm.encode_images, loaded), video=False, sources=loaded)
 
     def add_video(self, path: str, num_frames: Optional[int] = None) -> List[int]:
         """``num_frames`` frames sampled uniformly from ``path`` (default: the checkpoint's
@@ -122,12 +132,11 @@ class VLMChatSession(ChatSession):
         self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s - self.last_vision_capture_s
         return feats
 
-    def _add_media(self, feats: List[torch.Tensor], video: bool) -> List[int]:
-        self.images.extend(feats)
-        self._vision_s.extend([self.last_vision_s / len(feats)] * len(feats))
-        self._video.extend([video] * len(feats))
-        self._serials.extend(range(self._next_serial, self._next_serial + len(feats)))
-        self._next_serial += len(feats)
+    def _add_media(self, feats: List[torch.Tensor], video: bool, sources: Optional[list] = None) -> List[int]:
+        for k, rows in enumerate(feats):
+            self._items.append(MediaItem(rows, self.last_vision_s / len(feats), video, self._next_serial,
+                                         sources[k] if sources else None, len(feats) == 1))
+            self._next_serial += 1
         return [f.shape[0] for f in feats]
 
     def warm_up(self) -> WarmupReport:
@@ -135,7 +144,7 @@ class VLMChatSession(ChatSession):
         (:func:`tinyq.warmup.warm_up`), and run the vision path on blank images (one alone, two
         together: NVILA's two paths), so the first answer's numbers are not compile times.
         Call it before adding media; the conversation is left empty."""
-        if any(m["role"] != "system" for m in self.messages) or self.images:
+        if any(m["role"] != "system" for m in self.messages) or self._items:
             raise ValueError("warm_up() runs on an empty session; call reset() first")
         report = warm_up(self.gen, sampling=self.sampling)
         from PIL import Image
@@ -160,15 +169,14 @@ class VLMChatSession(ChatSession):
 
     def reset(self) -> None:
         super().reset()
-        self.images, self._slots, self._vision_s, self._video, self._serials = [], [], [], [], []
-        self._cached_items, self._alone = {}, {}
+        self._items, self._slots, self._cached_items = [], [], {}
 
     def drop_oldest_turns(self, n: int = 1) -> int:
         """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
         before = self._sent_images()
         dropped = super().drop_oldest_turns(n)
         gone = before - self._sent_images()
-        del self.images[:gone], self._vision_s[:gone], self._video[:gone], self._serials[:gone]
+        del self._items[:gone]
         return dropped
 
     def send(self, text: str, sampling=None):
@@ -183,19 +191,18 @@ class VLMChatSession(ChatSession):
         model encodes a lone image differently (NVILA: dynamic S2 alone, one tile each for several),
         so a message's images are encoded alike however they were added. They are not in the cache
         yet, so nothing cached changes."""
-        waiting = set(self._serials[self._sent_images():])
-        self._alone = {serial: v for serial, v in self._alone.items() if serial in waiting}  # sent ones: done
-        pending = [k for k in range(self._sent_images(), len(self.images)) if self._serials[k] in self._alone]
+        sent = self._sent_images()
+        for item in self._items[:sent]:  # sent: their images are no longer needed
+            item.source = None
+        pending = [item for item in self._items[sent:] if item.source is not None]
         if len(pending) < 2 or getattr(self.vlm, "s2_scales", None) is None:
             return
-        if any(self._alone[self._serials[k]][1] for k in pending):
-            images = [self._alone[self._serials[k]][0] for k in pending]
-            feats = self._timed(self.vlm.encode_images, images)
-            for k, rows in zip(pending, feats):
-                self.images[k] = rows
-                self._vision_s[k] += self.last_vision_s / len(pending)
-        for k in pending:
-            self._alone[self._serials[k]] = (self._alone[self._serials[k]][0], False)
+        if any(item.alone for item in pending):
+            feats = self._timed(self.vlm.encode_images, [item.source for item in pending])
+            for item, rows in zip(pending, feats):
+                item.rows = rows
+                item.vision_s += self.last_vision_s / len(pending)
+                item.alone = False
 
     def prompt_ids(self, text: str) -> List[int]:
         """The whole conversation's ids if ``text`` (with its markers) were sent now; records where
@@ -206,8 +213,8 @@ class VLMChatSession(ChatSession):
         rendered = self._render(self.messages + [{"role": "user", "content": text}])
         pieces = self._tokenize_pieces(rendered)
         # a video's rows hold their own framing tokens (the video encoder's): only its positions are placeholders
-        placeholders = [[self.vlm.image_token_id] * f.shape[0] if video else self.vlm.placeholder_ids(f, self.tokenizer)
-                        for f, video in zip(self.images, self._video, strict=True)]
+        placeholders = [[self.vlm.image_token_id] * item.rows.shape[0] if item.video
+                        else self.vlm.placeholder_ids(item.rows, self.tokenizer) for item in self._items]
         ids = expand_images(pieces, placeholders)
         slots, pos = [], len(pieces[0])
         for k, (ph, piece) in enumerate(zip(placeholders, pieces[1:])):
@@ -223,12 +230,12 @@ class VLMChatSession(ChatSession):
         from another: after ``drop_oldest_turns`` a later image can land where a dropped one was."""
         keep = len(self.gen.cached_ids)
         for pos, k in slots:
-            if pos < keep and self._cached_items.get(pos) != self._serials[k]:
+            if pos < keep and self._cached_items.get(pos) != self._items[k].serial:
                 keep = pos
                 break
         if keep < len(self.gen.cached_ids):
             self.gen.truncate(keep)
-        self._cached_items = {pos: self._serials[k] for pos, k in slots}
+        self._cached_items = {pos: self._items[k].serial for pos, k in slots}
 
     def _render(self, messages: List[Dict[str, str]]) -> str:
         """The model's legacy conversation format if it has one (VILA-1.5), else the chat template
@@ -272,7 +279,7 @@ class VLMChatSession(ChatSession):
         embeds = self.vlm.llm.model.embed_tokens(ids)
         end = start + ids.shape[1]
         for pos, k in self._slots:
-            rows = self.images[k]
+            rows = self._items[k].rows
             lo, hi = max(pos, start), min(pos + rows.shape[0], end)
             if lo < hi:
                 embeds[0, lo - start:hi - start] = rows[lo - pos:hi - pos].to(embeds.dtype)
