@@ -177,6 +177,18 @@ def test_group_size_must_divide():
         AwqConfig(w_bit=2)
 
 
+@pytest.mark.parametrize("setting,match", [
+    (dict(n_grid=0), "n_grid=0"), (dict(clip_grid=-1), "clip_grid=-1"), (dict(batch_blocks=0), "batch_blocks=0"),
+    (dict(search_blocks=0), "search_blocks=0"), (dict(clip_tokens=0), "clip_tokens=0"),
+    (dict(max_shrink=1.5), "max_shrink=1.5"), (dict(max_shrink=0.01), "at least one ratio"),
+])
+def test_search_settings_are_checked_before_the_search(setting, match):
+    """Settings that would crash the search halfway (an empty grid, no blocks) are refused up front."""
+    with pytest.raises(ValueError, match=match):
+        AwqConfig(**setting)
+    AwqConfig(max_shrink=0.01, clip=False)  # no clip search: its settings do not matter
+
+
 def test_calibration_blocks_and_short_text(tmp_path):
     tok = word_tokenizer()
     text = random_text(1000)

@@ -317,3 +317,16 @@ def test_save_safetensors_tied_embeddings(tmp_path, monkeypatch):
     ids = _ids(n=1)
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_transformers_loader_refuses_a_missing_or_extra_bias(tmp_path):
+    """``load_quantized_model`` swaps in W4A16 modules, which load_state_dict cannot check: a
+    Qwen2 q_proj without its bias (or a Llama one with a bias) is refused, not dropped."""
+    path = ck.save_quantized(tiny_model("qwen2"), tmp_path / "q", 64)
+    _edit(path, tensor_fn=lambda t: t.pop("model.layers.0.self_attn.q_proj.bias"))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj.bias' is missing"):
+        ck.load_quantized_model(path, dtype=torch.float32)
+    path = ck.save_quantized(tiny_model("llama"), tmp_path / "l", 64)
+    _edit(path, tensor_fn=lambda t: t.update({"model.layers.0.mlp.up_proj.bias": torch.zeros(256)}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.bias' is in the checkpoint"):
+        ck.load_quantized_model(path, dtype=torch.float32)

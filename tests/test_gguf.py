@@ -159,3 +159,39 @@ def test_default_model_answers():
     chat = ChatSession(model, tok, max_new_tokens=12)
     r = chat.ask("What is the capital of France?")
     assert "Paris" in r.text, r.text
+
+
+def test_llama_gguf_with_biases_or_unknown_tensors_is_refused(gguf_models, tmp_path):
+    """tinyq's Llama has no biases: a Llama GGUF that carries them, or any tensor tinyq has no
+    place for, is refused rather than loaded without it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=True, head_dim=16)
+    path = tmp_path / "biased.gguf"
+    write_gguf(path, LlamaForCausalLM(cfg).float().eval(), tok, "llama")
+    with pytest.raises(ValueError, match=f"{path}: a Llama GGUF with bias tensors is not supported"):
+        load_model(str(path), precision="fp32", device="cpu", tokenizer=None)
+    # a tensor with no HF counterpart (here an extra one named like llama.cpp's, no mapping in tinyq)
+    import gguf
+
+    src, _ = gguf_models["qwen2"]
+    reader = gguf.GGUFReader(src)
+    extra = tmp_path / "extra.gguf"
+    w = gguf.GGUFWriter(str(extra), "qwen2")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        w.add_key_value(field.name, field.contents(), field.types[0], field.types[-1] if field.types[0] ==
+                        gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.add_tensor("blk.0.ffn_gate_inp.weight", np.ones((4, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"extra.gguf: tensor 'blk.0.ffn_gate_inp.weight' has no place"):
+        load_model(str(extra), precision="fp32", device="cpu", tokenizer=None)

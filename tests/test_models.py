@@ -246,3 +246,92 @@ def test_bad_model_paths(model_dirs, tmp_path):
         load_model(path, precision="int8")
     with pytest.raises(ValueError, match="group_size"):
         load_model(path, precision="w4a16", group_size=48, device="cpu")
+
+
+def _copy_dir(src, dst, state_fn=None, config_fn=None):
+    os.makedirs(dst, exist_ok=True)
+    for f in os.listdir(src):
+        if f != "model.safetensors":
+            with open(os.path.join(src, f), "rb") as a, open(os.path.join(dst, f), "wb") as b:
+                b.write(a.read())
+    state = load_file(os.path.join(src, "model.safetensors"))
+    if state_fn:
+        state_fn(state)
+    save_file(state, os.path.join(dst, "model.safetensors"))
+    if config_fn:
+        cfg = json.loads(open(os.path.join(dst, "config.json")).read())
+        config_fn(cfg)
+        open(os.path.join(dst, "config.json"), "w").write(json.dumps(cfg))
+    return str(dst)
+
+
+@pytest.mark.parametrize("setting", ["attention_bias", "mlp_bias"])
+def test_llama_biases_tinyq_lacks_are_refused(model_dirs, tmp_path, setting):
+    """transformers' Llama puts attention_bias on o_proj too and mlp_bias on the MLP; tinyq's decoder
+    has neither, so such a checkpoint is refused instead of run without them."""
+    path, _, _ = model_dirs["llama"]
+    bad = _copy_dir(path, tmp_path / "b", config_fn=lambda c: c.update({setting: True}))
+    with pytest.raises(ValueError, match=f"{setting}=True"):
+        load_model(bad, precision="fp32", device="cpu")
+
+
+def test_tensors_the_model_never_reads_are_refused(model_dirs, tmp_path):
+    """A tensor with no place in the model (an o_proj bias here) means a feature tinyq would drop."""
+    path, _, _ = model_dirs["llama"]
+    bad = _copy_dir(path, tmp_path / "b", state_fn=lambda s: s.update(
+        {"model.layers.1.self_attn.o_proj.bias": torch.ones(s["model.layers.1.self_attn.o_proj.weight"].shape[0])}))
+    with pytest.raises(ValueError, match=r"tensors \['model.layers.1.self_attn.o_proj.bias'\] have no place"):
+        load_model(bad, precision="fp32", device="cpu")
+    # old checkpoints' stored rotary tables are not weights
+    old = _copy_dir(path, tmp_path / "old", state_fn=lambda s: s.update(
+        {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}))
+    load_model(old, precision="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("case,match", [
+    ("k_in", r"'model.layers.0.self_attn.k_proj.weight' has shape \(\d+, 32\)"),
+    ("q_rows_offset_by_k", r"'model.layers.0.self_attn.q_proj.weight' has shape"),
+    ("q_bias_offset_by_k", r"'model.layers.0.self_attn.q_proj.bias' has shape"),
+])
+def test_each_fused_part_is_checked_before_concatenation(model_dirs, tmp_path, case, match):
+    """q/k/v (and gate/up) are checked part by part, so parts whose errors cancel in the sum are caught."""
+    path, _, _ = model_dirs["qwen2"]
+    p = "model.layers.0.self_attn."
+
+    def damage(s):
+        if case == "k_in":
+            s[p + "k_proj.weight"] = s[p + "k_proj.weight"][:, :32].contiguous()
+        elif case == "q_rows_offset_by_k":  # q loses 8 rows, k gains 8: the fused shape still matches
+            s[p + "k_proj.weight"] = torch.cat([s[p + "k_proj.weight"], s[p + "q_proj.weight"][-8:]])
+            s[p + "q_proj.weight"] = s[p + "q_proj.weight"][:-8].contiguous()
+        else:
+            s[p + "k_proj.bias"] = torch.cat([s[p + "k_proj.bias"], s[p + "q_proj.bias"][-8:]])
+            s[p + "q_proj.bias"] = s[p + "q_proj.bias"][:-8].contiguous()
+
+    bad = _copy_dir(path, tmp_path / "b", state_fn=damage)
+    with pytest.raises(ValueError, match=match):
+        load_model(bad, precision="fp32", device="cpu")
+
+
+def test_unreadable_json_names_the_file(model_dirs, tmp_path):
+    path, _, _ = model_dirs["llama"]
+    bad = _copy_dir(path, tmp_path / "b")
+    open(os.path.join(bad, "config.json"), "w").write('{"architectures": ')
+    with pytest.raises(ValueError, match=r"config.json: not valid JSON"):
+        load_model(bad, precision="fp32", device="cpu")
+
+
+def test_autoawq_config_spelling_loads(model_dirs, tmp_path):
+    """AutoAWQ's own quantization_config keys (w_bit, q_group_size) load like the HF spelling."""
+    path, _, tok = model_dirs["qwen2"]
+    _write_quantized_checkpoint(path, tmp_path, "awq")
+    hf_spelling, _ = load_model(str(tmp_path), precision="w4a16", device="cpu", dtype=torch.float32)
+    cfg_path = tmp_path / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    qc = cfg["quantization_config"]
+    qc["w_bit"], qc["q_group_size"] = qc.pop("bits"), qc.pop("group_size")
+    cfg_path.write_text(json.dumps(cfg))
+    awq_spelling, _ = load_model(str(tmp_path), precision="w4a16", device="cpu", dtype=torch.float32)
+    x = torch.tensor([tok.encode(PROMPT)])
+    with torch.no_grad():
+        torch.testing.assert_close(awq_spelling(x), hf_spelling(x), rtol=0, atol=0)

@@ -190,8 +190,13 @@ def test_w8a8_checkpoint_whole_or_nothing_and_named_errors(tmp_path):
     assert model.model.layers[0].input_layernorm.input_scale is not None
     key = "model.layers.1.self_attn.k_proj"
     wrong_dtype = damaged("dtype", lambda t: t.update({key + ".qweight": t[key + ".qweight"].to(torch.int16)}))
-    with pytest.raises(ValueError, match=f"checkpoint tensor '{key}.qweight' is torch.int16, expected torch.int8"):
+    with pytest.raises(ValueError, match=rf"checkpoint tensor '{key}.qweight' is torch.int16 \(\d+, \d+\), expected torch.int8"):
         load_model(wrong_dtype, precision="w8a8", device="cpu")
+    for leaf, bad in ((".weight_scale", lambda t: t[:, None]), (".qweight", lambda t: t[:, :-16]),
+                      (".input_scale", lambda t: t.repeat(2))):
+        wrong_shape = damaged("shape" + leaf, lambda t: t.update({key + leaf: bad(t[key + leaf]).contiguous()}))
+        with pytest.raises(ValueError, match=rf"checkpoint tensor '{key}{leaf}' (is torch|has shape)"):
+            load_model(wrong_shape, precision="w8a8", device="cpu")
     partial = damaged("partial", lambda t: t.pop(key + ".input_scale"))
     with pytest.raises(ValueError, match="only some of .* have an input_scale|input_scale: missing"):
         load_model(partial, precision="w8a8", device="cpu")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from tinyq.commands.quantize import add_calibration_args, job_from_args
+from tinyq.json_io import read_json
 from tinyq.quant.format import GROUP_SIZES
 
 
@@ -47,13 +48,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _is_checkpoint(path: str) -> bool:
     cfg = Path(path) / "config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("quantization_config"))
+    return cfg.is_file() and bool(read_json(cfg).get("quantization_config"))
 
 
 def _is_w8a8_checkpoint(path: str) -> bool:
     from tinyq.quant.w8a8_checkpoint import QUANT_METHOD
 
-    qc = json.loads((Path(path) / "config.json").read_text()).get("quantization_config") or {}
+    qc = read_json(Path(path) / "config.json").get("quantization_config") or {}
     return qc.get("quant_method") == QUANT_METHOD
 
 
@@ -79,12 +80,13 @@ def load_for_eval(args):
 
             model, tok = load_model(args.model, precision="w4a16", device=device)
             return model, tok, "checkpoint on tinyq models"
+        from tinyq.models.loader import has_tokenizer, load_tokenizer
         from tinyq.quant.checkpoint import load_quantized_model
-        from transformers import AutoTokenizer
 
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         model = load_quantized_model(args.model, device=device, dtype=dtype)
-        return model, AutoTokenizer.from_pretrained(args.model, local_files_only=True), "checkpoint on transformers"
+        tok = load_tokenizer(args.model) if has_tokenizer(args.model) else None  # None: run() says what is missing
+        return model, tok, "checkpoint on transformers"
     if args.fake_quant == "none" and use_tinyq and device.startswith("cuda"):
         from tinyq.models import load_model
 

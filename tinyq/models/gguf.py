@@ -262,8 +262,9 @@ def gguf_config(meta: dict, tensor_names, where: str = "GGUF file", rope_freqs=N
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "attention_bias": arch == "qwen2",
     }
+    if arch == "llama" and any(".bias" in n and n.startswith("blk.") for n in tensor_names):
+        raise ValueError(f"{where}: a Llama GGUF with bias tensors is not supported (tinyq's Llama has no biases)")
     scaling_type = get("rope.scaling.type", "none")
     if scaling_type == "linear":
         cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
@@ -305,8 +306,11 @@ def read_gguf(path: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[d
     state = {}
     for name, info in infos.items():
         hf = _hf_name(name)
+        if hf is None and name != ROPE_FREQS:  # rope_freqs: read into the config above
+            raise ValueError(f"{path}: tensor {name!r} has no place in tinyq's {config['model_type']} model "
+                             "(a feature it does not support?)")
         if hf is None:
-            continue  # rope_freqs: read into the config above
+            continue
         w = _read_tensor(mm, info, dtype)
         if permuted and ".q_proj." in hf:
             w = unpermute_qk(w, config["num_attention_heads"])

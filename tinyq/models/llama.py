@@ -80,6 +80,13 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(ARCHITECTURES)}"
             )
+        # transformers' Llama puts attention_bias on o_proj too, and mlp_bias on gate/up/down; tinyq's
+        # decoder has biases on q/k/v only (Qwen2's), so such a checkpoint would lose some
+        if arch == "llama" and hf.get("attention_bias"):
+            raise ValueError("attention_bias=True (biases on q/k/v and o_proj) is not supported for Llama-family "
+                             "models; Qwen2's q/k/v biases are")
+        if hf.get("mlp_bias"):
+            raise ValueError("mlp_bias=True (biases on the MLP's linears) is not supported")
         if hf.get("sliding_window") and hf.get("use_sliding_window"):  # Qwen2's per-layer windows
             raise ValueError("sliding-window attention (use_sliding_window) is not supported")
         # transformers' Mistral applies ``sliding_window`` whenever it is set (no use_sliding_window flag)
@@ -100,7 +107,7 @@ class ModelConfig:
             head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf(hf, head_dim=head_dim),
-            qkv_bias=bool(hf.get("attention_bias", arch == "qwen2")),
+            qkv_bias=arch == "qwen2",  # transformers' Qwen2 always has them (it reads no attention_bias)
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             bos_token_id=hf.get("bos_token_id"),

@@ -15,7 +15,6 @@ read_quantized_state` reads a whole checkpoint at once for the quantization tool
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -24,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from tinyq.json_io import read_json
 from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.models.w8a8 import fused_w8a8_linear, use_w8a8_layers
@@ -74,6 +74,9 @@ class TensorSource:
     def __contains__(self, name: str) -> bool:
         return name in (self._dict if self._dict is not None else self._where)
 
+    def names(self) -> List[str]:
+        return list(self._dict if self._dict is not None else self._where)
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self:
             raise ValueError(f"{self.where}: the checkpoint has no tensor {name!r}")
@@ -110,13 +113,55 @@ def _expect(name: str, t: torch.Tensor, shape) -> torch.Tensor:
     return t
 
 
+class _ReadLog:
+    """A tensor source that remembers which names were read."""
+
+    def __init__(self, src):
+        self.src, self.read = src, set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.src
+
+    def get(self, name: str) -> torch.Tensor:
+        self.read.add(name)
+        return self.src.get(name)
+
+
+def _part_rows(cfg: ModelConfig, sub: str, out_features: int) -> List[int]:
+    """Output rows of each checkpoint module that makes tinyq linear ``sub`` (see :data:`FUSED`)."""
+    if sub == "self_attn.qkv_proj":
+        return [cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2
+    if sub == "mlp.gate_up_proj":
+        return [cfg.intermediate_size] * 2
+    return [out_features]
+
+
 class _Loader:
     def __init__(self, model: CausalLM, source: TensorSource, precision: str, group_size: int, dtype, device,
                  quant: Optional[dict]):
-        self.model, self.src, self.precision = model, source, precision
+        self.model, self.src, self.precision = model, _ReadLog(source), precision
         self.group_size, self.dtype, self.device, self.quant = group_size, dtype, device, quant
+        self.quant_group = None if not quant or quant.get("quant_method") == W8A8_METHOD else (
+            check_quantization_config(quant, "config.json"))  # AutoAWQ spells it q_group_size
 
     def run(self):
+        self._fill()
+        self._check_all_read()
+
+    def _check_all_read(self):
+        """A checkpoint tensor the model never read is a feature tinyq would silently drop (an
+        o_proj or MLP bias, say): refuse it rather than run a different model."""
+        names = getattr(self.src.src, "names", None)
+        if names is None:
+            return
+        unread = sorted(n for n in names() if n.startswith(("model.", "lm_head.")) and n not in self.src.read
+                        and not n.endswith("rotary_emb.inv_freq"))
+        if unread:
+            more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+            raise ValueError(f"{getattr(self.src.src, 'where', 'checkpoint')}: tensors {unread[:3]}{more} have no "
+                             "place in tinyq's model (a feature it does not support?)")
+
+    def _fill(self):
         m, cfg = self.model, self.model.config
         self._param("model.embed_tokens.weight", m.model.embed_tokens, "weight", (cfg.vocab_size, cfg.hidden_size))
         for i, layer in enumerate(m.model.layers):
@@ -140,18 +185,21 @@ class _Loader:
         owner = parent.get_submodule(owner_name) if owner_name else parent
         meta: nn.Linear = getattr(owner, attr)
         names = [prefix + s for s in FUSED.get(sub, (sub,))]
+        rows = _part_rows(self.model.config, sub, meta.out_features)
         if all(n + ".qweight" in self.src for n in names) and self._w8a8_checkpoint():
-            new = self._prequantized_w8a8(names, meta)
+            new = self._prequantized_w8a8(names, meta, rows)
         elif all(n + ".qweight" in self.src for n in names):
-            new = self._prequantized(names, meta)
+            new = self._prequantized(names, meta, rows)
         else:
-            w = torch.cat([self.src.get(n + ".weight").to(self.device) for n in names], dim=0)
+            w = torch.cat([_expect(n + ".weight", self.src.get(n + ".weight"), (r, meta.in_features)).to(self.device)
+                           for n, r in zip(names, rows)], dim=0)
             _expect("+".join(n + ".weight" for n in names), w, (meta.out_features, meta.in_features))
-            bias = None
-            if meta.bias is not None:
-                bias = torch.cat([self.src.get(n + ".bias").to(self.device) for n in names]).to(self.dtype)
+            bias = self._bias(names, rows, meta)
             if self.precision == "w4a16" and not any(n.startswith(NOT_QUANTIZED) for n in names):
-                qweight, scales, zeros = quantize_weight(w, self.group_size, self._scale_dtype())
+                try:
+                    qweight, scales, zeros = quantize_weight(w, self.group_size, self._scale_dtype())
+                except ValueError as exc:
+                    raise ValueError(f"{names[0]}: {exc}") from exc
                 new = W4A16Linear.from_quantized(qweight, scales, zeros, bias)
             elif self.precision == "w8a8" and not any(n.startswith(NOT_QUANTIZED) for n in names):
                 new = W8A8Linear.from_quantized(*quantize_weight_int8(w), bias)  # per-token, no smoothing
@@ -162,54 +210,56 @@ class _Loader:
                     new.bias = nn.Parameter(bias, requires_grad=False)
         setattr(owner, attr, new)
 
+    def _bias(self, names: List[str], rows: List[int], meta: nn.Linear) -> Optional[torch.Tensor]:
+        """The parts' biases, each checked against its rows, concatenated; None for a linear without."""
+        if meta.bias is None:
+            return None
+        return torch.cat([_expect(n + ".bias", self.src.get(n + ".bias"), (r,)) for n, r in zip(names, rows)]).to(
+            self.device, self.dtype)
+
     def _w8a8_checkpoint(self) -> bool:
         return bool(self.quant) and self.quant.get("quant_method") == W8A8_METHOD
 
-    def _prequantized_w8a8(self, names: List[str], meta: nn.Linear) -> W8A8Linear:
+    def _prequantized_w8a8(self, names: List[str], meta: nn.Linear, rows: List[int]) -> W8A8Linear:
         if self.precision != "w8a8":
             raise ValueError(f"this checkpoint is W8A8-quantized; load it with precision='w8a8' (got {self.precision!r})")
-        bias = None
-        if meta.bias is not None:
-            bias = torch.cat([self.src.get(n + ".bias") for n in names]).to(self.device, self.dtype)
+        bias = self._bias(names, rows, meta)
         if self.quant.get("act_quant", "token") == "tensor":  # static scales: each linear has its own
             missing = [n + ".input_scale" for n in names if n + ".input_scale" not in self.src]
             if missing:
                 raise ValueError(f"{missing[0]}: missing; config.json says act_quant 'tensor' (static activation "
                                  "scales), and without it the layer would quantize per token")
-        new = fused_w8a8_linear(self.src, names, bias, self.device)
+        new = fused_w8a8_linear(self.src, names, bias, self.device, rows, meta.in_features)
         _expect(names[0] + ".qweight (fused)", new.qweight, (meta.out_features, meta.in_features))
         return new
 
     def _scale_dtype(self):
         return scale_dtype_for(self.dtype)
 
-    def _prequantized(self, names: List[str], meta: nn.Linear) -> W4A16Linear:
+    def _prequantized(self, names: List[str], meta: nn.Linear, rows: List[int]) -> W4A16Linear:
         if self.precision != "w4a16":
             raise ValueError(f"this checkpoint is W4A16-quantized; load it with precision='w4a16' (got {self.precision!r})")
         awq = str(self.quant.get("quant_method", "")).lower() == "awq"
-        k, group = meta.in_features, int(self.quant["group_size"])
+        k, group = meta.in_features, self.quant_group
         parts = []
-        for n in names:
+        for n, r in zip(names, rows):
             if awq:
                 raw = [self.src.get(n + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
-                _check_awq_part(n, *raw, k, group)
+                _check_awq_part(n, *raw, k, group, r)
                 q, s, z = from_awq_gemm(*raw)
             else:
                 q, s, z = (self.src.get(n + suffix) for suffix in (".qweight", ".scales", ".zeros"))
-                _check_part(n, q, s, z, k, group)
+                _check_part(n, q, s, z, k, group, r)
             parts.append((q, s.to(self._scale_dtype()), z.to(self._scale_dtype())))
         qweight, scales, zeros = (torch.cat([p[i] for p in parts]).to(self.device) for i in range(3))
+        bias = self._bias(names, rows, meta)
         _expect(names[0] + ".qweight (fused)", qweight, (meta.out_features, meta.in_features // 8))
-        bias = None
-        if meta.bias is not None:
-            bias = torch.cat([self.src.get(n + ".bias") for n in names]).to(self.device, self.dtype)
         return W4A16Linear.from_quantized(qweight.contiguous(), scales.contiguous(), zeros.contiguous(), bias)
 
 
-def _check_part(name: str, qweight, scales, zeros, k: int, group: int) -> None:
-    """One tinyq-format linear ``name`` of ``k`` inputs in groups of ``group``: shapes and dtypes
-    that agree with each other and with the config, or a ValueError naming the tensor."""
-    rows = qweight.shape[0] if qweight.dim() == 2 else -1
+def _check_part(name: str, qweight, scales, zeros, k: int, group: int, rows: int) -> None:
+    """One tinyq-format linear ``name`` of ``rows`` outputs and ``k`` inputs in groups of ``group``:
+    shapes and dtypes that agree with the config, or a ValueError naming the tensor."""
     for leaf, t, shape in ((".qweight", qweight, (rows, k // 8)), (".scales", scales, (rows, k // group)),
                            (".zeros", zeros, (rows, k // group))):
         if tuple(t.shape) != shape:
@@ -219,9 +269,8 @@ def _check_part(name: str, qweight, scales, zeros, k: int, group: int) -> None:
         raise ValueError(f"{name}.qweight: dtype {qweight.dtype}, expected torch.int32")
 
 
-def _check_awq_part(name: str, qweight, qzeros, scales, k: int, group: int) -> None:
+def _check_awq_part(name: str, qweight, qzeros, scales, k: int, group: int, n: int) -> None:
     """The same for an AutoAWQ-gemm linear (``qweight [K, N/8]``, ``qzeros [K/G, N/8]``, ``scales [K/G, N]``)."""
-    n = scales.shape[1] if scales.dim() == 2 else -1
     for leaf, t, shape in ((".qweight", qweight, (k, n // 8)), (".qzeros", qzeros, (k // group, n // 8)),
                            (".scales", scales, (k // group, n))):
         if tuple(t.shape) != shape:
@@ -280,8 +329,7 @@ def load_hf_dir(path: str, tokenizer: bool = True):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path} has no config.json; is it an HF-format model directory?")
-    with open(cfg_path) as f:
-        hf_config = json.load(f)
+    hf_config = read_json(cfg_path)
     _add_generation_eos(hf_config, path)
     ModelConfig.from_hf(hf_config)  # unsupported architecture: fail before touching the weights
     source = TensorSource(folder=path)
@@ -294,11 +342,7 @@ def _add_generation_eos(hf_config: dict, path: str) -> None:
     gen_path = os.path.join(path, "generation_config.json")
     if not os.path.isfile(gen_path):
         return
-    try:
-        with open(gen_path) as f:
-            extra = json.load(f).get("eos_token_id")
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{gen_path} is not readable JSON: {exc}") from exc
+    extra = read_json(gen_path).get("eos_token_id")
     ids = lambda v: [] if v is None else ([v] if isinstance(v, int) else list(v))  # noqa: E731
     merged = ids(hf_config.get("eos_token_id")) + [i for i in ids(extra) if i not in ids(hf_config.get("eos_token_id"))]
     if merged:

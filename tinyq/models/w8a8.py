@@ -86,15 +86,19 @@ def use_w8a8_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def fused_w8a8_linear(src, names, bias, device) -> W8A8Linear:
-    """One W8A8Linear from checkpoint parts ``names`` (q/k/v or gate/up, concatenated along N).
+def fused_w8a8_linear(src, names, bias, device, rows, k: int) -> W8A8Linear:
+    """One W8A8Linear from checkpoint parts ``names`` of ``rows[i]`` outputs and ``k`` inputs each
+    (q/k/v or gate/up, concatenated along N).
 
     Parts that share an input share its static scale; the largest is kept (no part clips)."""
-    for n in names:
-        for leaf, dtype in ((".qweight", torch.int8), (".weight_scale", torch.float32)):
+    for n, r in zip(names, rows, strict=True):
+        for leaf, dtype, shape in ((".qweight", torch.int8, (r, k)), (".weight_scale", torch.float32, (r,))):
             t = src.get(n + leaf)
-            if t.dtype != dtype:
-                raise ValueError(f"checkpoint tensor {n + leaf!r} is {t.dtype}, expected {dtype}")
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"checkpoint tensor {n + leaf!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        if n + ".input_scale" in src and src.get(n + ".input_scale").numel() != 1:
+            raise ValueError(f"checkpoint tensor {n + '.input_scale'!r} has shape "
+                             f"{tuple(src.get(n + '.input_scale').shape)}, expected one element")
     qweight = torch.cat([src.get(n + ".qweight") for n in names]).to(device)
     weight_scale = torch.cat([src.get(n + ".weight_scale") for n in names]).to(device)
     statics = [n + ".input_scale" in src for n in names]

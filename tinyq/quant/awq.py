@@ -58,6 +58,14 @@ class AwqConfig:
             raise ValueError(f"w_bit={self.w_bit}: AWQ search supports 3 or 4 bits")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"group_size={self.group_size} is not supported; choose one of {GROUP_SIZES}")
+        for name in ("n_grid", "clip_grid", "clip_tokens", "batch_blocks"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a positive integer")
+        if self.search_blocks is not None and (not isinstance(self.search_blocks, int) or self.search_blocks < 1):
+            raise ValueError(f"search_blocks={self.search_blocks!r}: must be a positive integer or None (all blocks)")
+        if self.clip and not (0.0 < self.max_shrink < 1.0 and int(self.clip_grid * self.max_shrink) >= 1):
+            raise ValueError(f"max_shrink={self.max_shrink!r} with clip_grid={self.clip_grid}: the clip search needs "
+                             "0 < max_shrink < 1 and at least one ratio (clip_grid * max_shrink >= 1)")
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tinyq.atomic_io import exchange, fsync_path, seal_tree
+from tinyq.json_io import read_json
 from tinyq.quant.arch import decoder_of, expected_linear_shapes, family_for
 from tinyq.quant.format import PACK, from_awq_gemm, quantize_weight, to_awq_gemm
 
@@ -71,7 +72,10 @@ def quantized_state_dict(model: nn.Module, group_size: int, fmt: str = "tinyq", 
         seen.add(t.data_ptr())
         prefix, _, leaf = key.rpartition(".")
         if prefix in names and leaf == "weight":
-            qweight, scales, zeros = quantize_weight(t.detach(), group_size, scale_dtype)
+            try:
+                qweight, scales, zeros = quantize_weight(t.detach(), group_size, scale_dtype)
+            except ValueError as exc:
+                raise ValueError(f"{prefix}: {exc}") from exc
             if fmt == "awq":
                 qweight, qzeros, scales = to_awq_gemm(qweight, scales, zeros)
                 out[f"{prefix}.qzeros"] = qzeros
@@ -179,7 +183,7 @@ def _write_tokenizer(tokenizer, folder: Path) -> None:
     cfg_path = folder / "tokenizer_config.json"
     if not cfg_path.is_file():
         return
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path)
     if cfg.get("tokenizer_class") in (None, "TokenizersBackend"):
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     template = getattr(tokenizer, "chat_template", None)
@@ -252,7 +256,9 @@ def weight_files(folder) -> tuple:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: has no weight_map object (not a safetensors index?)")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (folder / name).is_file():
@@ -315,7 +321,7 @@ def read_quantized_state(path):
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (not a checkpoint directory)")
-    config = json.loads(cfg_path.read_text())
+    config = read_json(cfg_path)
     family_for(config)  # unsupported architecture -> ValueError listing the supported ones
     qc = config.get("quantization_config")
     if not qc:
@@ -339,6 +345,7 @@ def read_quantized_state(path):
         _expect(scales.dtype in (torch.float16, torch.bfloat16), names[1], f"dtype {scales.dtype}, expected fp16/bf16")
         _expect(k % gs == 0, names[1], f"in_features {k} is not divisible by group_size {gs}")
         if method == "awq":
+            _expect(zeros.dtype == torch.int32, names[0], f"dtype {zeros.dtype}, expected torch.int32")
             _expect(tuple(qweight.shape) == (k, n // PACK), key, f"shape {tuple(qweight.shape)}, expected {(k, n // PACK)} "
                     f"(AWQ [K, N/8] for out={n}, in={k})")
             _expect(tuple(scales.shape) == (k // gs, n), names[1], f"shape {tuple(scales.shape)}, expected {(k // gs, n)} "
@@ -379,6 +386,10 @@ def load_quantized_model(path, device="cpu", dtype=torch.float16):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     for prefix, (qweight, scales, zeros, bias) in quantized.items():
         parent_name, _, child = prefix.rpartition(".")
+        has_bias = getattr(model.get_submodule(prefix), "bias", None) is not None
+        if has_bias != (bias is not None):  # load_state_dict below cannot see a replaced module's bias
+            raise ValueError(f"{path}: tensor {prefix + '.bias'!r} is "
+                             f"{'missing' if has_bias else 'in the checkpoint, but the model has no such bias'}")
         b = bias.to(dtype) if bias is not None else None
         setattr(model.get_submodule(parent_name), child, W4A16Linear.from_quantized(qweight, scales, zeros, b))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in other.items()}, strict=False, assign=True)
