@@ -47,6 +47,18 @@ def test_nan_wins_like_torch(nans):
         assert int(argmax(x)) == min(nans) == int(torch.argmax(x.float()))
 
 
+@pytest.mark.parametrize("nans", [(), (5,), (BLOCK + 7, 2 * BLOCK + 1)])
+def test_nan_marker(nans):
+    """With nan_marker a NaN gives -1 (what the sampler turns into an error), on both paths."""
+    x = torch.randn(3 * BLOCK, device=DEV).half()
+    for i in nans:
+        x[i] = float("nan")
+    want = -1 if nans else int(torch.argmax(x.float()))
+    assert int(argmax_reference(x, nan_marker=True)) == want
+    with force_backend("triton"):
+        assert int(argmax(x, nan_marker=True)) == want
+
+
 def test_bad_input():
     with force_backend("triton"):
         with pytest.raises(ValueError, match="1-D"):

@@ -1,4 +1,5 @@
 """ChatSession: context streaming, overflow handling, rollback on interruption."""
+import dataclasses
 import gc
 
 import pytest
@@ -109,6 +110,31 @@ def test_exception_inside_forward_rolls_back(tiny, monkeypatch):
         chat.ask("next")
     monkeypatch.setattr(type(model), "forward", real)
     assert chat.turns == 1 and chat.gen.cache.length == len(chat.gen.cached_ids) <= length
+    assert chat.ask("next").token_ids
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2)])
+def test_nan_logits_are_an_error_not_tokens(tiny, monkeypatch, sampling):
+    """An overflowing model's NaN logits stop the turn with an error naming the cause (the sampler's
+    NaN marker), on the first token and mid-answer, and the conversation is kept."""
+    model, tok = tiny
+    chat = ChatSession(model, tok, max_seq_len=256, max_new_tokens=6)
+    chat.ask("hi", dataclasses.replace(chat.sampling, **sampling))
+    length, turns = chat.gen.cache.length, chat.turns
+    real = type(model).forward
+    for nan_after in (0, 2):  # calls before the logits turn NaN: the first token, then mid-answer
+        calls = []
+
+        def overflow(self, *args, **kwargs):
+            out = real(self, *args, **kwargs)
+            calls.append(1)
+            return out * float("nan") if len(calls) > nan_after else out
+
+        monkeypatch.setattr(type(model), "forward", overflow)
+        with pytest.raises(ValueError, match="logits are NaN"):
+            chat.ask("next", dataclasses.replace(chat.sampling, **sampling))
+        monkeypatch.setattr(type(model), "forward", real)
+        assert chat.turns == turns and chat.gen.cache.length == len(chat.gen.cached_ids) <= length
     assert chat.ask("next").token_ids
 
 

@@ -98,3 +98,13 @@ def test_bad_group_size_and_shape():
         quantize_weight(torch.randn(8, 96), 48)
     with pytest.raises(ValueError, match="out_features divisible by 8"):
         to_awq_gemm(*quantize_weight(torch.randn(12, 64), 32))
+
+
+def test_one_sided_groups_keep_their_range():
+    """A group of only positive (or only negative) weights gets a grid from 0 to its far end (the
+    integer zero point puts 0 on every grid), not one clamped to [0, hi - lo]."""
+    w = torch.cat([torch.rand(4, 64) * 0.5 + 0.5, -(torch.rand(4, 64) * 0.5 + 0.5)])
+    q, s, z = quantize_groupwise(w, 32, 4, torch.float16)
+    back = (q.float().reshape(8, 2, 32) - z.float()[..., None]) * s.float()[..., None]
+    assert (back.reshape(8, 64) - w).abs().max() <= 0.5 * s.float().max() + 1e-6  # half a grid step
+    assert torch.equal(z[:4], torch.zeros_like(z[:4])) and torch.equal(z[4:], torch.full_like(z[4:], 15))

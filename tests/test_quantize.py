@@ -203,3 +203,64 @@ def test_quantize_hf_llama_within_tolerance():
     # that the swap really happened.
     rel = (out - ref).norm() / ref.norm()
     assert 1e-3 < rel < 0.2, f"relative logit error {rel:.3f}"
+
+
+def test_quantize_shared_linears_stay_shared_and_root_linears_are_refused():
+    """A linear used in two places gets one replacement in both (quantizing twice changes nothing);
+    a bare nn.Linear cannot be replaced in place; exclude=None excludes nothing."""
+    torch.manual_seed(0)
+    shared = nn.Linear(64, 64)
+    model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared, nn.Linear(64, 32))})
+    tinyq.quantize_(model, tinyq.W4A16Config(group_size=32))
+    assert isinstance(model["a"], W4A16Linear) and model["a"] is model["b"][0]
+    first = model["a"]
+    tinyq.quantize_(model, tinyq.W4A16Config(group_size=32))
+    assert model["a"] is first and model["b"][0] is first
+    # excluded under one of its names: left alone under both
+    shared = nn.Linear(64, 64)
+    model = nn.ModuleDict({"a": shared, "keep": shared})
+    tinyq.quantize_(model, tinyq.W8A8Config(exclude=["keep"]))
+    assert type(model["a"]) is nn.Linear and model["a"] is model["keep"]
+    with pytest.raises(ValueError, match="for a single layer use W4A16Linear.from_linear"):
+        tinyq.quantize_(nn.Linear(64, 64), tinyq.W4A16Config(group_size=32))
+    for config in (tinyq.W4A16Config(group_size=32, exclude=None), tinyq.W8A8Config(exclude=None)):
+        m = nn.Sequential(nn.Linear(64, 64))
+        tinyq.quantize_(m, config)
+        assert type(m[0]) is not nn.Linear
+
+
+def test_modules_under_inference_mode_and_dtype_moves():
+    """Built and run under torch.inference_mode (no version counters); .float() keeps the 4-bit
+    format's fp16 scales (fp32 activations still run on the CPU), .to(bf16) converts them; a W8A8
+    layer's bias is its own copy."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = torch.randn(3, 64)
+    dense = lambda m: x @ m.dequantized_weight().T + m.bias.float()  # noqa: E731
+    with torch.inference_mode():
+        q = W4A16Linear.from_linear(lin, group_size=32)
+        y = q(x)
+        torch.testing.assert_close(y, dense(q), rtol=1e-5, atol=1e-5)
+        q.load_state_dict({k: (v * 2 if k == "scales" else v) for k, v in q.state_dict().items()})
+        torch.testing.assert_close(q(x), dense(q), rtol=1e-5, atol=1e-5)  # the cache follows the load
+        assert not torch.allclose(q(x), y)
+    q = W4A16Linear.from_linear(lin, group_size=32).float()
+    assert q.scales.dtype == torch.float16 and q.zeros.dtype == torch.float16
+    torch.testing.assert_close(q(x), dense(q), rtol=1e-5, atol=1e-5)
+    assert q.to(torch.bfloat16).scales.dtype == torch.bfloat16
+    w8 = tinyq.W8A8Linear.from_linear(lin)
+    w8.bias.zero_()
+    assert lin.bias.abs().sum() > 0
+
+
+def test_load_into_a_meta_module(tmp_path):
+    """A module built on the meta device (no memory) is filled by load_safetensors."""
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    tinyq.quantize_(src, tinyq.W4A16Config(group_size=64))
+    save_safetensors(src, str(tmp_path / "m.safetensors"))
+    dst = nn.Sequential(W4A16Linear(128, 64, group_size=64, device="meta"), nn.ReLU(),
+                        W4A16Linear(64, 32, group_size=64, device="meta"))
+    load_safetensors(dst, str(tmp_path / "m.safetensors"), device="cpu")
+    x = torch.randn(2, 128)
+    assert dst[0].qweight.device.type == "cpu" and torch.equal(dst(x), src(x))

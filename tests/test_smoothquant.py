@@ -87,8 +87,8 @@ def test_bad_input(model_and_blocks):
 
 
 def test_default_alpha_clamps_and_the_mlp_fold(model_and_blocks):
-    """alpha defaults to 0.85; a channel that never fires (and whose weights are zero) gets the 1e-5
-    clamps, not an inf/NaN scale; post_attention_layernorm folds into gate/up by the same formula."""
+    """alpha defaults to 0.85; a channel that never fires (and whose weights are zero) keeps s = 1,
+    not an inf/NaN or overflowing scale; post_attention_layernorm folds into gate/up by the same formula."""
     from tinyq.quant.smoothquant import DEFAULT_ALPHA
 
     assert DEFAULT_ALPHA == 0.85
@@ -108,9 +108,31 @@ def test_default_alpha_clamps_and_the_mlp_fold(model_and_blocks):
     x_max = stats[name].clamp(min=1e-5)
     w_max = torch.cat([before.mlp.gate_proj.weight, before.mlp.up_proj.weight]).detach().abs().amax(0).clamp(min=1e-5)
     s = x_max.pow(a) / w_max.pow(1 - a)
+    s[3] = 1.0  # the dead channel: nothing to balance
     layer = model.model.layers[1]
-    # channel 3 took both clamps: its norm weight is divided by 1e-5^a / 1e-5^(1-a), finite
     assert torch.isfinite(layer.post_attention_layernorm.weight).all()
     torch.testing.assert_close(layer.post_attention_layernorm.weight, before.post_attention_layernorm.weight / s)
     torch.testing.assert_close(layer.mlp.up_proj.weight, before.mlp.up_proj.weight * s)
     assert torch.isfinite(layer.mlp.gate_proj.weight).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_channel_never_active_keeps_scale_one(dtype):
+    """A residual channel that is zero in calibration has nothing to balance: s = 1 there. Its clamped
+    statistic would give s ~ 1e-5, and the fp16 norm weight / s would overflow to inf (0 * inf = NaN)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", hidden=64, inter=128, layers=2, heads=4, kv=2)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 3] = 0  # layer 0's input: channel 3 is always 0
+    model = model.to(dtype)
+    blocks = torch.randint(3, 200, (4, 32))
+    stats = calibrate(model, blocks, progress=False)
+    assert float(stats["model.layers.0.self_attn.q_proj"][3]) == 0.0
+    smoothed = copy.deepcopy(model)
+    smooth_(smoothed, stats, alpha=0.85)
+    before = model.model.layers[0].input_layernorm.weight
+    assert float(smoothed.model.layers[0].input_layernorm.weight[3]) == float(before[3])  # s = 1
+    with torch.no_grad():
+        ref, out = model(blocks).logits.float(), smoothed(blocks).logits.float()
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()  # half-precision rounding of the folded weights

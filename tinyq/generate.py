@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from tinyq.graphs import PREFILL_BUCKETS, DecodeGraph, PrefillGraphs
-from tinyq.sampling import Sampler, sampler_key
+from tinyq.sampling import Sampler, checked_token, sampler_key
 from tinyq.warmup import CompileTracker
 
 # Tokens per prefill forward: bounds activation memory (Llama-3-8B's gate/up output is 235 MB at
@@ -120,7 +120,7 @@ def sample_token(logits: torch.Tensor, cfg: SamplingConfig, context_ids: Sequenc
     device sampler of :mod:`tinyq.sampling` (``rng``: a ``torch.Generator`` on logits' device)."""
     sampler = Sampler(sampler_key(cfg, logits.numel()), logits.device).load(cfg, context_ids, rng)
     sampler.draw_noise()
-    return int(sampler(logits))
+    return checked_token(int(sampler(logits)))
 
 
 _cpu_threads_tuned = False
@@ -267,14 +267,14 @@ class Generator:
     def first_token(self, logits: torch.Tensor, sampler: Sampler) -> int:
         """Sample the token that follows a prefill's ``logits``."""
         sampler.draw_noise()
-        return int(sampler(logits))
+        return checked_token(int(sampler(logits)))
 
     @torch.inference_mode()
     def decode_next(self, token: int, sampler: Sampler) -> int:
         """Feed ``token``; returns the next token, sampled on the device (on CUDA: one graph replay
         and one host read)."""
         if self.cuda_graph:
-            nxt = self._decode_graph(sampler).step_sample(token)
+            nxt = checked_token(self._decode_graph(sampler).step_sample(token))
         else:
             logits = self.model(torch.tensor([[token]], device=self.cache.device), self.cache)[0, -1]
             nxt = self.first_token(logits, sampler)

@@ -61,11 +61,14 @@ class W8A8Config:
 
 
 def _patterns_as_lists(config) -> None:
-    """A single pattern given as a string is one pattern, not a sequence of one-letter ones."""
+    """A single pattern given as a string is one pattern, not a sequence of one-letter ones;
+    ``exclude=None`` excludes nothing (``include=None`` includes everything)."""
     for field_name in ("include", "exclude"):
         value = getattr(config, field_name)
         if isinstance(value, str):
             setattr(config, field_name, [value])
+    if config.exclude is None:
+        config.exclude = []
 
 
 def _matches(name: str, patterns) -> bool:
@@ -75,22 +78,32 @@ def _matches(name: str, patterns) -> bool:
 
 
 def _selected(model: nn.Module, config) -> list:
-    """``(name, linear)`` of every plain linear the config's include/exclude patterns select."""
+    """``(names, linear)`` of every plain linear the config's include/exclude patterns select. A
+    linear used in several places has all its names: it is selected when one of them is included
+    and none excluded, and its one quantized replacement takes every place (it stays shared)."""
+    if type(model) in (nn.Linear, DenseLinear):
+        raise ValueError("quantize_ replaces the linears inside a model; for a single layer use "
+                         "W4A16Linear.from_linear(linear) or W8A8Linear.from_linear(linear)")
+    names = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if type(mod) in (nn.Linear, DenseLinear):
+            names.setdefault(id(mod), (mod, []))[1].append(name)
     out = []
-    for name, mod in model.named_modules():
-        if type(mod) not in (nn.Linear, DenseLinear):
-            continue
-        if config.include is not None and not _matches(name, config.include):
-            continue
-        if _matches(name, config.exclude):
-            continue
-        out.append((name, mod))
+    for mod, mod_names in names.values():
+        included = config.include is None or any(_matches(n, config.include) for n in mod_names)
+        if included and not any(_matches(n, config.exclude) for n in mod_names):
+            out.append((mod_names, mod))
     return out
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def _replace(model: nn.Module, names: list, new: nn.Module) -> None:
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _finite(weight: torch.Tensor) -> bool:
+    return weight.is_meta or bool(torch.isfinite(weight).all())  # meta: no values to check
 
 
 def quantize_(model: nn.Module, config=None) -> nn.Module:
@@ -104,7 +117,8 @@ def quantize_(model: nn.Module, config=None) -> nn.Module:
     if isinstance(config, W8A8Config):
         return _quantize_w8a8(model, config)
     chosen = []
-    for name, mod in _selected(model, config):
+    for names, mod in _selected(model, config):
+        name = names[0]
         if mod.in_features % config.group_size != 0:
             if config.skip_incompatible:
                 continue
@@ -112,22 +126,24 @@ def quantize_(model: nn.Module, config=None) -> nn.Module:
                 f"layer {name!r}: in_features={mod.in_features} is not divisible by group_size={config.group_size}; "
                 "pick another group size, exclude the layer, or pass skip_incompatible=True"
             )
-        if not bool(torch.isfinite(mod.weight).all()):  # checked for every layer before any is replaced
+        if not _finite(mod.weight):  # checked for every layer before any is replaced
             raise ValueError(f"layer {name!r}: its weight has inf/NaN values, which 4-bit scales cannot represent")
-        chosen.append((name, mod))
-    for name, linear in chosen:
-        _replace(model, name, W4A16Linear.from_linear(linear, config.group_size, config.dtype))
+        chosen.append((names, mod))
+    for names, linear in chosen:
+        _replace(model, names, W4A16Linear.from_linear(linear, config.group_size, config.dtype))
     return model
 
 
 def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
-    chosen = _selected(model, config)
-    static = {}
-    for name, mod in chosen:
+    chosen = []
+    for names, mod in _selected(model, config):
+        # a shared linear's statistics sit under whichever of its names calibration saw
+        name = next((n for n in names if config.act_scales and n in config.act_scales), names[0])
         if mod.in_features > MAX_K:
             raise ValueError(f"layer {name!r}: in_features={mod.in_features} exceeds {MAX_K} (int32 accumulator)")
-        if not bool(torch.isfinite(mod.weight).all()):  # checked for every layer before any is replaced
+        if not _finite(mod.weight):  # checked for every layer before any is replaced
             raise ValueError(f"layer {name!r}: its weight has inf/NaN values, which int8 scales cannot represent")
+        static = None
         if config.act_quant == "tensor":
             stat = config.act_scales.get(name)
             if stat is None:
@@ -136,7 +152,8 @@ def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
             peak = torch.as_tensor(stat).float().max()
             if not torch.isfinite(peak):  # checked for every layer before any is replaced
                 raise ValueError(f"layer {name!r}: its act_scales entry is not finite (max|x| {float(peak)})")
-            static[name] = float(peak.clamp(min=1e-8)) / QMAX
-    for name, linear in chosen:
-        _replace(model, name, W8A8Linear.from_linear(linear, static.get(name)))
+            static = float(peak.clamp(min=1e-8)) / QMAX
+        chosen.append((names, mod, static))
+    for names, linear, static in chosen:
+        _replace(model, names, W8A8Linear.from_linear(linear, static))
     return model

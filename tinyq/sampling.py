@@ -12,6 +12,10 @@ Math, for logits ``l [V]`` (float32) and a :class:`tinyq.generate.SamplingConfig
    ``argmax_i exp(l_i) / E_i`` with ``E_i ~ Exp(1)`` (``argmax l_i - log E_i``, the Gumbel-max
    trick), which draws token ``i`` with probability ``softmax(l)_i`` exactly.
 
+A NaN logit (a model whose activations overflowed) makes the token -1 (the argmax's NaN marker), so
+the host, which reads the token anyway, can say so instead of decoding garbage:
+:func:`checked_token`.
+
 The noise ``E`` is drawn outside the graph, from the generation's own ``torch.Generator`` (so a
 seed reproduces a generation and nothing global changes), into a buffer the graph reads.
 
@@ -81,7 +85,7 @@ class Sampler:
         if self.use_penalty:
             lg = torch.where(self.seen, torch.where(lg > 0, lg / self.penalty, lg * self.penalty), lg)
         if self.greedy:
-            token = argmax(lg)
+            token = argmax(lg, nan_marker=True)
         else:
             lg = lg * self.inv_temperature
             if self.top_k:
@@ -93,7 +97,15 @@ class Sampler:
                 drop = probs.cumsum(-1) - probs >= self.top_p  # keep the smallest set reaching top_p
                 lg = lg.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
             # noise 0 (probability 2^-24 per draw) would turn a masked -inf into NaN, which argmax picks
-            token = argmax(lg - torch.log(self.noise.clamp_min(1e-30)))
+            token = argmax(lg - torch.log(self.noise.clamp_min(1e-30)), nan_marker=True)
         if self.use_penalty:
-            self.seen.index_fill_(0, token, True)
+            self.seen.index_fill_(0, token.clamp_min(0), True)  # -1 (NaN logits) must not index
         return token
+
+
+def checked_token(token: int) -> int:
+    """``token`` as read on the host; ValueError for the NaN marker (-1) the sampler leaves."""
+    if token < 0:
+        raise ValueError("the model's logits are NaN: its activations overflowed or its weights hold NaN "
+                         "(an fp16 model that overflows runs in bf16 or fp32: precision='bf16')")
+    return token

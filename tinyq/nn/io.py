@@ -49,6 +49,8 @@ def save_safetensors(module: nn.Module, path: str, metadata: dict | None = None)
 
 
 def load_safetensors(module: nn.Module, path: str, device: str | torch.device | None = None) -> nn.Module:
+    """Fill ``module`` from ``path`` (read onto ``device``, default CPU) and return it. A module built
+    on the meta device takes the loaded tensors themselves, so it ends up on ``device``."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no safetensors file at {path!r}")
     try:
@@ -72,5 +74,6 @@ def load_safetensors(module: nn.Module, path: str, device: str | torch.device | 
             raise ValueError(
                 f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, the module expects {want.dtype} {tuple(want.shape)}"
             )
-    module.load_state_dict(loaded)
+    # a module built on the meta device has no storage to copy into: take the loaded tensors as they are
+    module.load_state_dict(loaded, assign=any(t.is_meta for t in expected.values()))
     return module

@@ -86,7 +86,8 @@ class W4A16Linear(nn.Module):
         # the tensors themselves (held, so a replaced buffer is never mistaken for a new one that got
         # its address) and their in-place versions
         sources = (self.qweight, self.scales, self.zeros)
-        key = (x.dtype, *(t._version for t in sources))
+        # inference tensors have no version counter, and cannot be changed in place outside inference mode
+        key = (x.dtype, *(None if t.is_inference() else t._version for t in sources))
         cached = self._dense
         if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
             self._dense = cached = (key, sources, self.dequantized_weight().to(x.dtype))
@@ -112,9 +113,21 @@ class W4A16Linear(nn.Module):
             self._checked.remember(tensors)
         return self.qweight, self.scales, self.zeros, self.bias
 
-    def _apply(self, fn, *args, **kwargs):
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._dense = None  # an in-place load into inference tensors leaves no version trace
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """``.to(device)`` moves everything; ``.half()`` / ``.to(torch.bfloat16)`` convert the scales
+        and zeros (the kernels take activations of the scales' dtype); ``.float()`` leaves them in
+        fp16/bf16, the only dtypes the format has (fp32 activations run on the CPU path)."""
         self._dense = None
-        return super()._apply(fn, *args, **kwargs)
+        grid = {n: self._buffers.pop(n) for n in ("scales", "zeros") if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, t in grid.items():
+            moved = fn(t)
+            self._buffers[name] = moved if moved.dtype in (torch.float16, torch.bfloat16) else t.to(moved.device)
+        return self
 
     def extra_repr(self) -> str:
         return (

@@ -56,7 +56,7 @@ class W8A8Linear(nn.Module):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
         qweight, weight_scale = quantize_weight_int8(linear.weight)
-        bias = None if linear.bias is None else linear.bias.detach()
+        bias = None if linear.bias is None else linear.bias.detach().clone()  # not shared with the source
         input_scale = None if act_scale is None else _static_scale(act_scale, qweight.device)
         return cls.from_quantized(qweight, weight_scale, bias, input_scale)
 

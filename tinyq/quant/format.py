@@ -56,8 +56,14 @@ def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, n_bit: int, scale_dtype
     """The quantizer's grid for groups spanning ``[lo, hi]`` (float32, any matching shapes):
     ``s = max(hi - lo, 1e-5) / (2^b - 1)`` rounded to ``scale_dtype`` (returned as float32, so
     ``(q - z) * s`` is the best reconstruction the stored scale allows) and the integer zero point
-    ``z = clamp(-round(lo / s), 0, 2^b - 1)``. AWQ's quantizer; the only place it is written."""
+    ``z = clamp(-round(lo / s), 0, 2^b - 1)``. AWQ's quantizer; the only place it is written.
+
+    The range is first widened to hold 0 (``lo <= 0 <= hi``): the zero point is an integer of the
+    grid (AutoAWQ packs it in 4 bits), so a grid always contains 0, and a group of only positive
+    (or only negative) weights would otherwise be clamped to ``[0, hi - lo]``. Groups that span 0,
+    as LLM weight groups do, are unchanged."""
     qmax = 2**n_bit - 1
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     scale = ((hi - lo).clamp(min=1e-5) / qmax).to(scale_dtype).float()
     return scale, (-torch.round(lo / scale)).clamp(0, qmax)
 

@@ -86,10 +86,21 @@ def calibrate(model: nn.Module, blocks: torch.Tensor, device=None, batch_blocks:
 def fold_smoothing(norm: nn.Module, linears, x_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """Fold ``s = max|X|^alpha / max|W|^(1 - alpha)`` (per input channel, both clamped at
     :data:`CLAMP`; ``max|W|`` over every row of every linear in ``linears``) into ``norm``'s weight
-    (and bias) ``/ s`` and the linears' weight columns ``* s``, in place. Returns ``s`` (float32)."""
-    x_max = x_max.float().to(norm.weight.device).clamp(min=CLAMP)
+    (and bias) ``/ s`` and the linears' weight columns ``* s``, in place. Returns ``s`` (float32).
+
+    A channel calibration never saw active (``max|X|`` at most the clamp) keeps ``s = 1``: its clamped
+    ``s`` would be ~1e-5 and its norm weight ``/ s`` would overflow fp16, turning ``0 * inf`` into NaN.
+    ``s`` is also kept where every folded value stays finite in the weights' own dtype."""
+    x_max = x_max.float().to(norm.weight.device)
     w_max = torch.cat([lin.weight.abs().float() for lin in linears]).amax(0).clamp(min=CLAMP)
-    s = x_max.pow(alpha) / w_max.pow(1 - alpha)
+    s = x_max.clamp(min=CLAMP).pow(alpha) / w_max.pow(1 - alpha)
+    s = torch.where(x_max > CLAMP, s, torch.ones_like(s))
+    room = torch.finfo(norm.weight.dtype).max / 4  # headroom for the norm's own products
+    folded = norm.weight.abs().float()
+    if getattr(norm, "bias", None) is not None:
+        folded = torch.maximum(folded, norm.bias.abs().float())
+    s = torch.maximum(s, folded / room)
+    s = torch.minimum(s, torch.finfo(linears[0].weight.dtype).max / 4 / w_max)
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
