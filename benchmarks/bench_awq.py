@@ -18,7 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, write_json  # noqa: E402
+from benchmarks.common import environment, require_cuda, write_json  # noqa: E402
 from tinyq.quant.awq import AwqConfig, awq_search  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -74,9 +74,13 @@ def main() -> int:
     p.add_argument("--calib-blocks", type=int, default=128)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--search-blocks", type=int, default=None, help="blocks in the losses (default: all)")
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=None, help="default: 128 on the GPU, 64 on the CPU "
+                   "(SmolLM2's 576 is not a multiple of 128)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    args.group_size = args.group_size or (128 if args.gpu else 64)
+    if args.gpu:
+        require_cuda("bench_awq --gpu")
     result = run_gpu(args) if args.gpu else run_cpu(args)
     result.update({"calib_blocks": args.calib_blocks, "calib_len": args.calib_len,
                    "search_blocks": args.search_blocks or args.calib_blocks, "group_size": args.group_size,

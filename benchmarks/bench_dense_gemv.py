@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, write_json  # noqa: E402
+from benchmarks.common import best_config, copies_of, environment, graph_ms_rotating, require_cuda, write_json  # noqa: E402
 from tinyq.kernels.dense_gemv import DEFAULT_CONFIG, dense_gemv, dense_gemv_reference  # noqa: E402
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096),
@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--sweep-heads", action="store_true", help="sweep configs per small-model output head")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    require_cuda("bench_dense_gemv")
     torch.manual_seed(0)
     env = environment()
     if args.sweep_heads:

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # bench_vlm imports hf_model and random_model from here
-from benchmarks.common import environment, hf_model, random_model, write_json  # noqa: E402, F401
+from benchmarks.common import environment, hf_model, random_model, require_cuda, write_json  # noqa: E402, F401
 from tinyq.generate import Generator, make_config  # noqa: E402
 from tinyq.warmup import warm_up  # noqa: E402
 
@@ -462,6 +462,13 @@ def parse_args():
     args.lengths = [int(x) for x in args.ttft_lengths.split(",")]
     args.hist = [int(x) for x in args.histories.split(",")]
     args.tests = args.tests.replace("stream", "chat").split(",")
+    unknown = [p for p in args.precisions.split(",") if p and p not in ("w4a16", "fp16", "w8a8")]
+    if unknown:
+        ap.error(f"--precisions: unknown {unknown}; choose from w4a16, fp16, w8a8")
+    unknown = [m for m in args.models.split(",") if m not in SHAPES]
+    if unknown:
+        ap.error(f"--models: unknown {unknown}; choose from {', '.join(SHAPES)}")
+    require_cuda("bench_e2e", args.device, "; --tiny --device cpu runs its smoke test")
     return args
 
 

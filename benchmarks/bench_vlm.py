@@ -39,7 +39,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.bench_e2e import SHAPES, hf_model, mean_ms, random_model, sync  # noqa: E402
-from benchmarks.common import bench_ms, capture_graph, environment, write_json  # noqa: E402
+from benchmarks.common import bench_ms, capture_graph, environment, require_cuda, write_json  # noqa: E402
 from tinyq.generate import Generator  # noqa: E402
 from tinyq.graphs import BatchGraphs  # noqa: E402
 from tinyq.models.loader import TensorSource  # noqa: E402
@@ -181,6 +181,7 @@ def main():
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    require_cuda("bench_vlm", args.device, "; --tiny --device cpu runs its smoke test")
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tcfg, llm_name = (TOWERS["tiny"], "tiny") if args.tiny else (TOWERS["so400m-448"], "qwen2-7b")

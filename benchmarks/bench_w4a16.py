@@ -34,7 +34,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    best_config, copies_of, eager_vs_graph, environment, timed, write_json,
+    best_config, copies_of, eager_vs_graph, environment, require_cuda, timed, write_json,
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
 from tinyq.kernels.tiling import warp_specialize_supported  # noqa: E402
@@ -222,6 +222,7 @@ def main():
     ap.add_argument("--gemlite-dtypes", default="float16", help="dtypes to time gemlite in ('' for none)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    require_cuda("bench_w4a16")
     ms = [int(v) for v in args.ms.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
     torch.manual_seed(0)

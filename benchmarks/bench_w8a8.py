@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
-    best_config, copies_of, eager_vs_graph, environment, graph_ms_rotating, timed, write_json,
+    best_config, copies_of, eager_vs_graph, environment, graph_ms_rotating, require_cuda, timed, write_json,
 )
 from tinyq.kernels.int8_configs import BUCKETS, candidate_kind, select_config, sweep_candidates  # noqa: E402
 from tinyq.kernels.int8_matmul import int8_matmul  # noqa: E402
@@ -183,6 +183,7 @@ def main():
                     help="the candidate kernels to sweep: gemv, gemm (pointer loads), tma (tensor descriptors), "
                          "ws (tensor descriptors, warp-specialized), comma-separated")
     args = ap.parse_args()
+    require_cuda("bench_w8a8")
     ms = [int(v) for v in args.ms.split(",")]
     torch.manual_seed(0)
     shapes = SHAPE_SETS[args.shapes]

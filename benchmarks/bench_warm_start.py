@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench_e2e import GROUP_SIZE, SHAPES  # noqa: E402
-from benchmarks.common import environment, random_model, write_json  # noqa: E402
+from benchmarks.common import environment, random_model, require_cuda, write_json  # noqa: E402
 from tinyq.generate import Generator, make_config  # noqa: E402
 from tinyq.warmup import warm_up  # noqa: E402
 
@@ -37,6 +37,7 @@ def main():
     ap.add_argument("--precision", default="w4a16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    require_cuda("bench_warm_start")
     t0 = time.perf_counter()
     model = random_model(SHAPES[args.model], args.precision, torch.device("cuda"), GROUP_SIZE.get(args.model, 128))
     gen = Generator(model, _NoText(), max_seq_len=2048)

@@ -10,6 +10,12 @@ import time
 import torch
 
 
+def require_cuda(name: str, device="cuda", hint: str = "") -> None:
+    """Exit with a one-line message (plus ``hint``) when ``device`` is CUDA and this torch has no GPU."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{name} needs a CUDA GPU (this torch sees none){hint}")
+
+
 def bench_ms(fn, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     """Median milliseconds of ``fn`` with CUDA events; L2 is flushed before every run
     (triton.testing.do_bench), so weights that would fit in L2 are still read from HBM."""

@@ -55,7 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.add_argument("--prompt", help="answer this one message and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_seq_len < 2:  # 0 would read as "the model's default" further down
+        p.error(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    return args
 
 
 def add_media(chat, images=None, video=None, frames=None):
@@ -86,7 +89,8 @@ def vision_ms(chat) -> str:
     return out
 
 
-def answer(chat, text):
+def answer(chat, text) -> bool:
+    """One turn, streamed; False when it failed (an error, or interrupted)."""
     vision_s = chat.pending_vision_s  # every image added since the last message
     try:
         turn = chat.send(text)
@@ -95,15 +99,16 @@ def answer(chat, text):
             print(delta, end="", flush=True)
     except ValueError as exc:  # placeholder/image mismatch, context overflow
         print(f"error: {exc}")
-        return
+        return False
     except KeyboardInterrupt:  # the session rolled the turn back; its images stay pending
         print("\n[interrupted: this turn was discarded]")
-        return
+        return False
     s = turn.result.stats
     print(f"\n[TTFT {1e3 * s.ttft_s:.0f} ms ({s.prefilled_tokens} tokens prefilled) | vision encoder "
           f"{1e3 * vision_s:.0f} ms | {s.ms_per_token:.1f} ms/token ({s.new_tokens} tokens)]")
     if s.compiled_kernels:
         print(f"[first use of a new shape: {s.compiled_kernels} kernels compiled in {s.compile_s:.1f} s, not counted]")
+    return True
 
 
 def main(argv=None):
@@ -153,8 +158,7 @@ def main(argv=None):
     if not add_media(chat, args.image, args.video, args.frames):
         return 1
     if args.prompt:
-        answer(chat, args.prompt)
-        return 0
+        return 0 if answer(chat, args.prompt) else 1
     print(COMMANDS)
     while True:
         try:

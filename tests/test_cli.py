@@ -88,6 +88,48 @@ def test_chat_without_tokenizer_says_what_is_missing(model_dir, tmp_path):
     assert p.returncode == 0 and "ready:" in p.stdout, p.stderr
 
 
+def test_chat_keeps_history_when_the_message_alone_cannot_fit(model_dir):
+    """Choosing [d]rop or [r]eset for a message longer than the whole context keeps the history (the
+    next turn is still answered with it); unknown slash commands are not sent to the model."""
+    p = _run(["chat", "--model", model_dir, "--precision", "fp32", "--temperature", "0", "--max-new-tokens", "4",
+              "--max-seq-len", "64"], "hi\n" + "word " * 60 + "\nd\n/rest\nhi\n")
+    assert p.returncode == 0, p.stderr
+    assert "this message alone needs" in p.stdout and "the history is kept" in p.stdout
+    assert "unknown command /rest" in p.stdout
+    assert p.stdout.count("assistant> ") == 2
+
+
+def test_chat_takes_bytes_that_are_not_utf8(model_dir):
+    """Input that is not UTF-8 (a pipe, a --system prompt) is read with replacement characters,
+    never a traceback that ends the chat."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for extra_env in ({}, {"PYTHONIOENCODING": "utf-8"}):
+        p = subprocess.run([sys.executable, "-m", "tinyq", "chat", "--model", model_dir, "--precision", "fp32",
+                            "--temperature", "0", "--max-new-tokens", "3", "--max-seq-len", "128",
+                            "--system", "be \udcff brief"],
+                           input=b"hello\nhi \xff\xfe there\n", capture_output=True, timeout=120,
+                           env=dict(env, **extra_env), cwd=ROOT)
+        assert p.returncode == 0 and b"Traceback" not in p.stderr, p.stderr.decode(errors="replace")
+        assert p.stdout.count(b"assistant> ") == 2
+
+
+def test_chat_refuses_a_tokenizer_without_chat_template(model_dir, tmp_path):
+    for name in os.listdir(model_dir):
+        if name != "chat_template.jinja":
+            os.symlink(os.path.join(model_dir, name), tmp_path / name)
+    if os.path.exists(os.path.join(model_dir, "tokenizer_config.json")):  # the template may live in here too
+        import json
+
+        cfg = json.load(open(os.path.join(model_dir, "tokenizer_config.json")))
+        cfg.pop("chat_template", None)
+        os.unlink(tmp_path / "tokenizer_config.json")
+        json.dump(cfg, open(tmp_path / "tokenizer_config.json", "w"))
+    p = _run(["chat", "--model", str(tmp_path), "--precision", "fp32"], "hi\n")
+    assert p.returncode == 2 and "has no chat template" in p.stderr, p.stderr
+    p = _run(["chat", "--group-size", "0"], "")
+    assert p.returncode == 2 and "--group-size must be one of" in p.stderr
+
+
 def test_ctrl_c_at_the_context_full_prompt_cancels(capsys):
     """Ctrl-C at "[r]eset, [d]rop or [c]ancel?" keeps the session (and the history) going."""
     from tinyq.commands.chat import _answer

@@ -223,6 +223,23 @@ def test_gpu_sampled_decode_graph_matches_eager(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2)])
+def test_gpu_nan_logits_in_the_decode_graph_are_an_error(tmp_path, settings):
+    """Logits that turn NaN inside a captured decode step (here lm_head poisoned after capture, in
+    place, so the graph reads it) give the sampler's NaN marker, which the host turns into an error."""
+    make_model_dir(tmp_path, "llama", seed=6)
+    model, _ = load_model(str(tmp_path), precision="fp16", device="cuda")
+    gen = Generator(model, None, 256)
+    sampler = gen.sampler(make_config(**settings, seed=3))
+    ids = [(7 * i + 3) % model.config.vocab_size for i in range(16)]
+    token = gen.decode_next(gen.first_token(gen.prefill(ids), sampler), sampler)  # captures the graph
+    with torch.no_grad():
+        model.lm_head.weight[5].fill_(float("nan"))
+    with pytest.raises(ValueError, match="logits are NaN"):
+        gen.decode_next(token, sampler)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "w4a16", "w8a8"])
 def test_gpu_prefill_graphs_match_eager(tmp_path, precision):
     """Captured padded-prefill graphs give the eager forward's logits for chunks of every bucket

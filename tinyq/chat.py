@@ -79,6 +79,10 @@ class ChatSession:
         """The full conversation's ids if ``text`` were sent now (validates ``text``)."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("empty message: type something to send")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate: bytes that were not UTF-8, kept by Python
+            raise ValueError(f"the message is not valid text ({exc.reason} at character {exc.start})") from exc
         return render_chat(self.tokenizer, self.messages + [{"role": "user", "content": text}])
 
     def send(self, text: str, sampling: Optional[SamplingConfig] = None):

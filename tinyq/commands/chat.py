@@ -9,12 +9,21 @@ never inflated by first-use costs; a shape first seen mid-conversation is report
 """
 from __future__ import annotations
 
+import re
 import sys
 
 from tinyq.generate import ContextOverflowError, make_config, tune_cpu_threads
+from tinyq.quant.format import GROUP_SIZES
 from tinyq.warmup import warm_up
 
 HELP = "commands: /reset (new conversation), /exit (quit)"
+COMMAND = re.compile(r"/[A-Za-z?]+")  # a line of one such word is a command, never a message
+
+
+def as_text(line: str) -> str:
+    """``line`` as valid text: bytes that were not UTF-8 (kept as lone surrogates by Python's
+    surrogateescape, or already replaced) become U+FFFD, which every tokenizer can encode."""
+    return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def add_parser(subparsers):
@@ -50,11 +59,15 @@ class _Input:
     def read(self, prompt: str):
         if self.tty:
             try:
-                return input(prompt)
+                return as_text(input(prompt))
             except EOFError:
                 return None
+            except UnicodeDecodeError:  # a strict-UTF-8 terminal that got other bytes
+                print("(that line was not UTF-8 text; type it again)")
+                return ""
         print(prompt, end="", flush=True)
-        line = self.stream.readline()
+        raw = getattr(self.stream, "buffer", None)
+        line = raw.readline().decode("utf-8", "replace") if raw is not None else as_text(self.stream.readline())
         if not line:
             return None
         print(line.rstrip("\n"))  # echo, so a piped transcript reads like a session
@@ -88,6 +101,8 @@ def run(args) -> int:
         )
         if args.max_seq_len < 2:
             raise ValueError(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+        if args.precision == "w4a16" and args.group_size not in GROUP_SIZES:
+            raise ValueError(f"--group-size must be one of {GROUP_SIZES}, got {args.group_size}")
         check_device(args.device)
         path = args.model
         if path == "default" and args.precision == "w4a16" and args.quant == "awq":
@@ -100,10 +115,13 @@ def run(args) -> int:
         if tokenizer is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json); "
                              "pass --tokenizer DIR (e.g. the base model's directory)")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"{args.model}'s tokenizer has no chat template (a base model?); pass --tokenizer DIR "
+                             "of its instruct version, or use tinyq.generate.generate() for plain completion")
         if model.device.type == "cpu":
             tune_cpu_threads(model)  # this process is ours: pick its thread count
-        session = ChatSession(model, tokenizer, max_seq_len=args.max_seq_len, system_prompt=args.system,
-                              sampling=sampling)
+        session = ChatSession(model, tokenizer, max_seq_len=args.max_seq_len,
+                              system_prompt=None if args.system is None else as_text(args.system), sampling=sampling)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -135,8 +153,8 @@ def _loop(session, inp: _Input) -> int:
             session.reset()
             print("(conversation reset)")
             continue
-        if text.startswith("/") and text.split()[0] in ("/help", "/?"):
-            print(HELP)
+        if COMMAND.fullmatch(text):  # /help, or a mistyped command: not a message for the model
+            print(HELP if text in ("/help", "/?") else f"unknown command {text}; {HELP}")
             continue
         if not _answer(session, text, inp):
             return 0
@@ -156,6 +174,8 @@ def _answer(session, text: str, inp: _Input) -> bool:
         if choice is None:
             return False
         choice = choice.strip().lower()[:1]
+        if choice in ("r", "d") and not _fits_alone(session, text):
+            return True
         if choice == "r":
             session.reset()
         elif choice == "d":
@@ -169,6 +189,20 @@ def _answer(session, text: str, inp: _Input) -> bool:
         print(f"error: {exc}")
         return True
     return _stream(turn)
+
+
+def _fits_alone(session, text: str) -> bool:
+    """Whether ``text`` fits with no history (the system prompt kept); says so when it does not, so
+    no turn is dropped for a message that cannot fit anyway."""
+    from tinyq.chat import render_chat
+
+    head = [m for m in session.messages[:1] if m["role"] == "system"]
+    need = len(render_chat(session.tokenizer, head + [{"role": "user", "content": text}])) + 1
+    if need <= session.max_seq_len:
+        return True
+    print(f"error: this message alone needs {need} tokens of context, more than --max-seq-len "
+          f"{session.max_seq_len}; shorten it (the history is kept)")
+    return False
 
 
 def _answer_once(session, text: str) -> bool:
