@@ -156,7 +156,7 @@ def candidates(m):
             yield frag(128, 128, 128, False, sk, 8, 3, "natural", tma=True)
     if m >= 128:
         yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
-    if m >= 65:
+    if m >= 65 and warp_specialize_supported():  # --sweep-ws measures them anyway
         yield from ws_candidates(m)
 
 

@@ -179,7 +179,7 @@ def main():
     ap.add_argument("--shapes", default="llama3-8b", choices=sorted(SHAPE_SETS))
     ap.add_argument("--sweep-buckets", default=None,
                     help="comma-separated bucket ends to sweep (e.g. 4,16,64,256,none); default: those of --ms")
-    ap.add_argument("--sweep-kernels", default="gemv,gemm,tma,ws", type=sweep_kernels,
+    ap.add_argument("--sweep-kernels", default="gemv,gemm,tma", type=sweep_kernels,
                     help="the candidate kernels to sweep: gemv, gemm (pointer loads), tma (tensor descriptors), "
                          "ws (tensor descriptors, warp-specialized), comma-separated")
     args = ap.parse_args()

@@ -46,7 +46,7 @@ def test_fp32_matches_transformers(model_dirs, kind):
     assert res.finish_reason == "length"
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float16, 3e-2), (torch.bfloat16, 8e-2)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])  # measured 1.3e-3, 9e-3
 def test_half_precision_close_to_fp32(model_dirs, dtype, tol):
     path, hf, _ = model_dirs["llama"]
     model, tok = load_model(path, precision={torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype], device="cpu")
@@ -96,7 +96,7 @@ def test_w4a16_triton_path_matches_torch_path(model_dirs):
         with force_backend("triton"):
             out = torch.cat([model(x, c2), model(x[:, :1], c2)], dim=1).float()  # prefill, then one decode step
     assert torch.isfinite(out).all()
-    assert (out - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert (out - ref).abs().max() <= 4e-3 * ref.abs().max()  # fp16 paths (measured 9.5e-4)
 
 
 def test_sharded_checkpoint(tmp_path):

@@ -36,15 +36,22 @@ def test_rmsnorm_matches_reference(shape, dtype, with_residual):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rmsnorm_paired_output(dtype, with_residual):
+def test_rmsnorm_paired_output(dtype, with_residual, monkeypatch):
     """The norm writing a decode GEMV's paired input: the same values, in the paired layout, nothing
-    written to the padding (K=576: 144 of 160 entries a plane)."""
+    written to the padding (K=576: 144 of 160 entries a plane; the output starts as NaN)."""
+    import tinyq.kernels.rmsnorm as rmsnorm_kernel
+    from tinyq.kernels.paired import PairedRows
+
+    real = rmsnorm_kernel.empty_paired_rows
+    monkeypatch.setattr(rmsnorm_kernel, "empty_paired_rows",
+                        lambda *a: PairedRows(real(*a).data.fill_(float("nan")), a[1]))
     x = torch.randn(3, 576).to(dtype)
     res = torch.randn(3, 576).to(dtype) if with_residual else None
     w = (torch.rand(576) + 0.5).to(dtype)
     ref = rmsnorm_reference(x, w, 1e-5, res)
     with force_backend("triton"):
         out = rmsnorm(x, w, 1e-5, res, paired=True)
+    assert int((out[0] if with_residual else out).data.isnan().sum()) == 3 * (4 * paired_plane(576) - 576)
     if with_residual:
         (out, h), (ref, ref_h) = out, ref
         assert_close_rel(h, ref_h)

@@ -54,7 +54,7 @@ def test_triton_path_matches_torch_path():
         with force_backend("triton"):
             out = tower.features(px.half(), -2, "full")
     err = (out.float() - ref).abs().max() / ref.abs().max()
-    assert torch.isfinite(out).all() and err < 1e-2, err
+    assert torch.isfinite(out).all() and err < 3e-3, err  # fp16 tower (measured 7.3e-4)
 
 
 def test_bad_input():
