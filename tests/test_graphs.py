@@ -201,6 +201,38 @@ def test_decode_graph_capture_leaves_the_penalty_mask_alone(tmp_path, monkeypatc
     assert torch.equal(sampler.seen, before)  # ... and the mask forgot them
 
 
+def test_decode_graph_warm_up_survives_nan_logits(tmp_path, monkeypatch):
+    """A model whose logits are NaN from the start (an fp16 overflow) reaches the host's error: the
+    capture's warm-up runs feed the sampled token back as the next input, and the NaN marker (-1)
+    must not index the embedding. (CPU: the capture itself is stubbed.)"""
+    import tinyq.graphs as graphs
+
+    make_model_dir(tmp_path, "llama", seed=6)
+    model, _ = load_model(str(tmp_path), precision="fp32", device="cpu")
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    gen = Generator(model, None, 64, cuda_graph=False)
+    gen.prefill([5, 6])
+    for cfg in (make_config(temperature=0.0), make_config(temperature=0.7, repetition_penalty=1.2, seed=1)):
+        sampler = gen.sampler(cfg, [5, 6])
+        tokens = []
+
+        def warm_runs_only(run, cache, graph, pool=None):
+            n = cache.length
+            for _ in range(2):
+                sampler.draw_noise()
+                tokens.append(int(run()))
+                cache.truncate(n)
+
+        monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: None)
+        monkeypatch.setattr(graphs, "_warm_then_capture", warm_runs_only)
+        with torch.inference_mode():
+            g = graphs.DecodeGraph(model, gen.cache, sampler)
+        assert tokens == [-1, -1] and int(g.ids) == 0  # the marker reached the host, not the embedding
+    with pytest.raises(ValueError, match="logits are NaN"):
+        gen.first_token(gen.prefill([7]), sampler)
+
+
 @pytest.mark.gpu
 def test_gpu_sampled_decode_graph_matches_eager(tmp_path):
     """Temperature, top-k, top-p and the repetition penalty inside the captured decode graph draw the

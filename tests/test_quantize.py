@@ -269,3 +269,13 @@ def test_load_into_a_meta_module(tmp_path):
     load_safetensors(dst, str(tmp_path / "m.safetensors"), device="cpu")
     x = torch.randn(2, 128)
     assert dst[0].qweight.device.type == "cpu" and torch.equal(dst(x), src(x))
+
+    def tied(device):  # an embedding and a head sharing one weight, as tied LLMs do
+        m = nn.ModuleDict({"emb": nn.Embedding(10, 64, device=device), "head": nn.Linear(64, 10, bias=False,
+                                                                                        device=device)})
+        m["head"].weight = m["emb"].weight
+        return m
+
+    save_safetensors(tied("cpu"), str(tmp_path / "t.safetensors"))
+    dst = load_safetensors(tied("meta"), str(tmp_path / "t.safetensors"), device="cpu")
+    assert dst["head"].weight is dst["emb"].weight and dst["head"].weight.device.type == "cpu"

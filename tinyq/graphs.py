@@ -81,7 +81,9 @@ class DecodeGraph:
             if sampler is None:
                 return logits
             token = sampler(logits)
-            self.ids.view(1).copy_(token)  # the next step's input, without a host round trip
+            # the next step's input, without a host round trip; the NaN marker (-1) is no token id,
+            # and the warm-up runs feed it back before any host could refuse it
+            self.ids.view(1).copy_(token.clamp_min(0))
             return token
 
         self.graph = torch.cuda.CUDAGraph()
@@ -108,7 +110,7 @@ class DecodeGraph:
         self.sampler.draw_noise()
         self._replay(token)
         nxt = int(self.out)
-        self._ids_hold = nxt
+        self._ids_hold = max(nxt, 0)  # what the graph wrote into self.ids
         return nxt
 
 

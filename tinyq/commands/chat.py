@@ -132,7 +132,11 @@ def run(args) -> int:
     if model.device.type == "cuda":
         print("compiling kernels and capturing the prefill and decode graphs (compilation on the first run "
               "only; later starts reuse Triton's disk cache) ...", flush=True)
-    report = warm_up(session.gen, sampling=session.sampling)
+    try:
+        report = warm_up(session.gen, sampling=session.sampling)
+    except ValueError as exc:  # e.g. an fp16 model whose activations overflow: its logits are NaN
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"ready: {report.summary()}\n{HELP}", flush=True)
     return _loop(session, _Input())
 

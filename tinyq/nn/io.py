@@ -74,6 +74,19 @@ def load_safetensors(module: nn.Module, path: str, device: str | torch.device | 
             raise ValueError(
                 f"{path}: tensor {name!r} is {t.dtype} {tuple(t.shape)}, the module expects {want.dtype} {tuple(want.shape)}"
             )
-    # a module built on the meta device has no storage to copy into: take the loaded tensors as they are
-    module.load_state_dict(loaded, assign=any(t.is_meta for t in expected.values()))
+    # a module built on the meta device has no storage to copy into: take the loaded tensors as they
+    # are, then tie again what was tied (assign gives each name its own tensor)
+    if not any(t.is_meta for t in expected.values()):
+        module.load_state_dict(loaded)
+        return module
+    groups = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    module.load_state_dict(loaded, assign=True)
+    for names in groups.values():
+        first = module.get_submodule(names[0].rpartition(".")[0]) if "." in names[0] else module
+        shared = getattr(first, names[0].rpartition(".")[2])
+        for alias in names[1:]:
+            parent, _, leaf = alias.rpartition(".")
+            setattr(module.get_submodule(parent) if parent else module, leaf, shared)
     return module

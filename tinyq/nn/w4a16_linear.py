@@ -86,7 +86,8 @@ class W4A16Linear(nn.Module):
         # the tensors themselves (held, so a replaced buffer is never mistaken for a new one that got
         # its address) and their in-place versions
         sources = (self.qweight, self.scales, self.zeros)
-        # inference tensors have no version counter, and cannot be changed in place outside inference mode
+        # inference tensors have no version counter: one changed in place inside inference mode goes
+        # unnoticed unless it comes through load_state_dict (which drops the cache)
         key = (x.dtype, *(None if t.is_inference() else t._version for t in sources))
         cached = self._dense
         if cached is None or cached[0] != key or any(a is not b for a, b in zip(cached[1], sources)):
