@@ -173,30 +173,36 @@ def test_seeded_sampling_reproduces_and_tracks_probabilities():
     assert again == [sample_token(logits, cfg, rng=torch.Generator().manual_seed(5)) for _ in range(5)]
 
 
+def _warm_runs_only(monkeypatch, model, gen, sampler, runs: int) -> tuple:
+    """Build a DecodeGraph on the CPU with its capture stubbed: only the warm-up runs happen, each
+    sampling for real. Returns ``(graph, tokens the runs picked)``."""
+    import tinyq.graphs as graphs
+
+    picked = []
+
+    def warm_runs(run, cache, graph, pool=None):
+        n = cache.length
+        for _ in range(runs):
+            sampler.draw_noise()
+            picked.append(int(run()))
+            cache.truncate(n)
+
+    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(graphs, "_warm_then_capture", warm_runs)
+    with torch.inference_mode():  # as Generator.decode_next builds it
+        return graphs.DecodeGraph(model, gen.cache, sampler), picked
+
+
 def test_decode_graph_capture_leaves_the_penalty_mask_alone(tmp_path, monkeypatch):
     """Capturing a decode graph runs the step eagerly first, sampling for real; the tokens those runs
     pick must not stay in the repetition-penalty mask. (CPU: the capture itself is stubbed.)"""
-    import tinyq.graphs as graphs
-
     make_model_dir(tmp_path, "llama", seed=6)
     model, _ = load_model(str(tmp_path), precision="fp32", device="cpu")
     gen = Generator(model, None, 64, cuda_graph=False)
     gen.prefill([5, 6])
     sampler = gen.sampler(make_config(temperature=1.5, repetition_penalty=1.3, seed=1), [5, 6])
     before = sampler.seen.clone()
-    picked = []
-
-    def warm_runs_only(run, cache, graph, pool=None):
-        n = cache.length
-        for _ in range(3):
-            sampler.draw_noise()
-            picked.append(int(run()))
-            cache.truncate(n)
-
-    monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(graphs, "_warm_then_capture", warm_runs_only)
-    with torch.inference_mode():  # as Generator.decode_next builds it
-        graphs.DecodeGraph(model, gen.cache, sampler)
+    _, picked = _warm_runs_only(monkeypatch, model, gen, sampler, 3)
     assert set(picked) - {5, 6}  # the runs did pick tokens outside the context ...
     assert torch.equal(sampler.seen, before)  # ... and the mask forgot them
 
@@ -205,8 +211,6 @@ def test_decode_graph_warm_up_survives_nan_logits(tmp_path, monkeypatch):
     """A model whose logits are NaN from the start (an fp16 overflow) reaches the host's error: the
     capture's warm-up runs feed the sampled token back as the next input, and the NaN marker (-1)
     must not index the embedding. (CPU: the capture itself is stubbed.)"""
-    import tinyq.graphs as graphs
-
     make_model_dir(tmp_path, "llama", seed=6)
     model, _ = load_model(str(tmp_path), precision="fp32", device="cpu")
     with torch.no_grad():
@@ -214,23 +218,10 @@ def test_decode_graph_warm_up_survives_nan_logits(tmp_path, monkeypatch):
     gen = Generator(model, None, 64, cuda_graph=False)
     gen.prefill([5, 6])
     for cfg in (make_config(temperature=0.0), make_config(temperature=0.7, repetition_penalty=1.2, seed=1)):
-        sampler = gen.sampler(cfg, [5, 6])
-        tokens = []
-
-        def warm_runs_only(run, cache, graph, pool=None):
-            n = cache.length
-            for _ in range(2):
-                sampler.draw_noise()
-                tokens.append(int(run()))
-                cache.truncate(n)
-
-        monkeypatch.setattr(graphs.torch.cuda, "CUDAGraph", lambda: None)
-        monkeypatch.setattr(graphs, "_warm_then_capture", warm_runs_only)
-        with torch.inference_mode():
-            g = graphs.DecodeGraph(model, gen.cache, sampler)
+        g, tokens = _warm_runs_only(monkeypatch, model, gen, gen.sampler(cfg, [5, 6]), 2)
         assert tokens == [-1, -1] and int(g.ids) == 0  # the marker reached the host, not the embedding
     with pytest.raises(ValueError, match="logits are NaN"):
-        gen.first_token(gen.prefill([7]), sampler)
+        gen.first_token(gen.prefill([7]), gen.sampler(make_config(temperature=0.0)))
 
 
 @pytest.mark.gpu
