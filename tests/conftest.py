@@ -32,3 +32,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+_POISON = {torch.int8: -128, torch.int16: -32768, torch.int32: -(2**31), torch.int64: -(2**62), torch.uint8: 255}
+_real_empty, _real_empty_like = torch.empty, torch.empty_like
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    if t.is_meta or t.numel() == 0:
+        return t
+    if t.is_floating_point():
+        return t.fill_(float("nan"))
+    return t.fill_(_POISON[t.dtype]) if t.dtype in _POISON else t
+
+
+@pytest.fixture(autouse=True)
+def _poison_uninitialized_memory(monkeypatch):
+    """Every ``torch.empty`` / ``torch.empty_like`` a test causes (kernel launchers' outputs, caches,
+    buffers) starts as NaN (floats) or the most negative integer (int8's -128 is outside the
+    symmetric range tinyq writes), so a region a kernel forgets to write, or a read of memory never
+    written, shows instead of passing on whatever the allocator left there."""
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poisoned(_real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poisoned(_real_empty_like(*a, **k)))

@@ -62,3 +62,11 @@ def test_gpu_arch_keys_the_config_tables(monkeypatch, hip, capability, arch, fla
     assert ac.decode_config(128, cuda) == ac.DECODE.get(flash_table, ac.DECODE["default"])[128]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert ac.flash_config(128, torch.device("cpu")) == ac.FLASH["interpret"][128]
+
+
+def test_uninitialized_memory_is_poisoned_in_tests():
+    """conftest's poison reaches what the launchers allocate (torch.empty / empty_like by attribute)."""
+    import tinyq.kernels.silu_mul as silu_mul_kernel
+
+    assert silu_mul_kernel.torch.empty(3).isnan().all()
+    assert torch.empty_like(torch.zeros(2, dtype=torch.int8)).eq(-128).all()
