@@ -83,7 +83,7 @@ class DecodeGraph:
             token = sampler(logits)
             # the next step's input, without a host round trip; the NaN marker (-1) is no token id,
             # and the warm-up runs feed it back before any host could refuse it
-            self.ids.view(1).copy_(token.clamp_min(0))
+            torch.clamp(token, min=0, out=self.ids.view(1))  # one kernel: the clamp writes the copy
             return token
 
         self.graph = torch.cuda.CUDAGraph()

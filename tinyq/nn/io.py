@@ -79,14 +79,16 @@ def load_safetensors(module: nn.Module, path: str, device: str | torch.device | 
     if not any(t.is_meta for t in expected.values()):
         module.load_state_dict(loaded)
         return module
+    def owner(name):
+        parent, _, leaf = name.rpartition(".")
+        return module.get_submodule(parent), leaf
+
     groups = {}
     for name, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
         groups.setdefault(id(t), []).append(name)
     module.load_state_dict(loaded, assign=True)
-    for names in groups.values():
-        first = module.get_submodule(names[0].rpartition(".")[0]) if "." in names[0] else module
-        shared = getattr(first, names[0].rpartition(".")[2])
-        for alias in names[1:]:
-            parent, _, leaf = alias.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, leaf, shared)
+    for first, *aliases in groups.values():
+        shared = getattr(*owner(first))
+        for alias in aliases:
+            setattr(*owner(alias), shared)
     return module
