@@ -30,14 +30,12 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     best_config, copies_of, eager_vs_graph, environment, require_cuda, timed, write_json,
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
-from tinyq.kernels.tiling import warp_specialize_supported  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
@@ -91,31 +89,9 @@ def gemlite_layers(qw, s, z, copies, dtype):
 
 # ------------------------------------------------------------------------------------------ sweep
 
-def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False, tma=False, ws=False):
-    cfg = dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
-               split_k=split_k, fused_reduce=fused_reduce, tma=tma, num_warps=warps, num_stages=stages)
-    if ws:
-        cfg["warp_specialize"] = True
-    return "gemm", cfg
-
-
-def ws_candidates(m):
-    """Warp-specialized plans (Triton's Hopper pass: a TMA producer warpgroup and two consumer
-    warpgroups, each taking half the tile's tokens). Not swapped: the pass splits the MMA's first
-    operand, which must then be x, so each consumer dequantizes the whole weight tile; 256-token
-    tiles halve that duplication per MMA. Split-K where the tiles alone leave SMs idle. Tiles that
-    spill in the 3.6 compile are left out (256 x 128 x 128 in 2 stages; 128 x 256 x 64 split).
-    Where this Triton cannot specialize, the launcher runs each tile on 8 warps instead (said once)."""
-    splits = (1, 2, 4) if m <= 512 else (1,)
-    tiles = [(128, 128, 128, 3, splits), (128, 128, 64, 4, splits), (128, 256, 64, 3, (1,))]
-    if m > 128:
-        tiles.append((256, 128, 64, 3, splits))
-    if not warp_specialize_supported():
-        print(f"  (Triton {triton.__version__} cannot warp-specialize: the 'warp_specialize' plans below run "
-              "unspecialized on 8 warps)")
-    for bm, bn, bk, stages, tile_splits in tiles:
-        for sk in tile_splits:
-            yield frag(bm, bn, bk, False, sk, 4, stages, "natural", tma=True, ws=True)
+def frag(bm, bn, bk, swap, split_k, warps, stages, unpack="frag", fused_reduce=False, tma=False):
+    return "gemm", dict(block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, unpack=unpack, ptx_dequant=True,
+                        split_k=split_k, fused_reduce=fused_reduce, tma=tma, num_warps=warps, num_stages=stages)
 
 
 def candidates(m):
@@ -156,11 +132,9 @@ def candidates(m):
             yield frag(128, 128, 128, False, sk, 8, 3, "natural", tma=True)
     if m >= 128:
         yield "dequant", dict(block_n=16, block_k=512, num_warps=4)
-    if m >= 65 and warp_specialize_supported():  # --sweep-ws measures them anyway
-        yield from ws_candidates(m)
 
 
-def sweep(weights, rotations, m, only_ws=False):
+def sweep(weights, rotations, m):
     """Best plan for bucket ``m``: the lowest time summed over the four shapes (wrong results skipped)."""
     def total_ms(plan):
         total = 0.0
@@ -175,11 +149,7 @@ def sweep(weights, rotations, m, only_ws=False):
             total += timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rotations[name], GRAPH_MAX_M)
         return total
 
-    if only_ws:
-        cands = [launch_plan(m, torch.float16, torch.cuda.current_device()), *ws_candidates(m)]
-    else:
-        cands = candidates(m)
-    ms, plan = best_config(cands, total_ms, f"M={m}")
+    ms, plan = best_config(candidates(m), total_ms, f"M={m}")
     print(f"  M={m}: best {plan} ({ms * 1e3:.1f} us)", flush=True)
     return plan
 
@@ -216,7 +186,6 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="measure launch-plan candidates per M bucket first")
     ap.add_argument("--sweep-ms", default="1,4,16,32,64,128,256")
-    ap.add_argument("--sweep-ws", action="store_true", help="with --sweep: only the shipped plan and the warp-specialized ones")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--dtypes", default="float16,bfloat16")
     ap.add_argument("--gemlite-dtypes", default="float16", help="dtypes to time gemlite in ('' for none)")
@@ -238,7 +207,7 @@ def main():
     tuned = {}
     if args.sweep:
         for m in [int(v) for v in args.sweep_ms.split(",")]:
-            tuned[m] = sweep(weights, rotations, m, args.sweep_ws)
+            tuned[m] = sweep(weights, rotations, m)
         print("\ntuned plans (w4a16_configs.py format):")
         for m, (kind, cfg) in tuned.items():
             print(f"    ({m}, {kind!r}, dict({', '.join(f'{a}={b!r}' for a, b in cfg.items())})),")

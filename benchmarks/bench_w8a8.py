@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import (  # noqa: E402
     best_config, copies_of, eager_vs_graph, environment, graph_ms_rotating, require_cuda, timed, write_json,
 )
-from tinyq.kernels.int8_configs import BUCKETS, candidate_kind, select_config, sweep_candidates  # noqa: E402
+from tinyq.kernels.int8_configs import BUCKETS, select_config, sweep_candidates  # noqa: E402
 from tinyq.kernels.int8_matmul import int8_matmul  # noqa: E402
 from tinyq.kernels.int8_quant import quantize_per_token  # noqa: E402
 from tinyq.kernels.rmsnorm import rmsnorm  # noqa: E402
@@ -84,7 +84,7 @@ def w8a8(x, q, s, cfg):
     return int8_matmul(xq, q, sx, s, config=cfg)
 
 
-def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm", "tma", "ws")):
+def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm", "tma")):
     m = max_m if max_m is not None else open_m  # the open-ended bucket at the largest M asked for
     names = ["o", "gate_up"] if m > 256 and "gate_up" in shapes else list(shapes)  # Llama at large M: two of four
 
@@ -105,7 +105,7 @@ def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm
         print("    per linear (us): " + ", ".join(alone), end="")  # best_config's line for this config follows
         return total
 
-    candidates = [c for c in sweep_candidates(max_m) if candidate_kind(c) in kernels]
+    candidates = [c for c in sweep_candidates(max_m) if c["kernel"] in kernels]
     shipped = select_config(m, torch.device("cuda"))
     if shipped not in candidates:  # the shipped config is measured in the same run, whatever the kernels swept
         candidates.insert(0, shipped)
@@ -124,8 +124,8 @@ def sweep(weights, rotations, max_m, shapes, open_m=4096, kernels=("gemv", "gemm
 
 def sweep_kernels(value: str) -> tuple:
     kinds = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not kinds or not set(kinds) <= {"gemv", "gemm", "tma", "ws"}:
-        raise argparse.ArgumentTypeError(f"expected some of gemv, gemm, tma, ws, got {value!r}")
+    if not kinds or not set(kinds) <= {"gemv", "gemm", "tma"}:
+        raise argparse.ArgumentTypeError(f"expected some of gemv, gemm, tma, got {value!r}")
     return kinds
 
 
@@ -181,7 +181,7 @@ def main():
                     help="comma-separated bucket ends to sweep (e.g. 4,16,64,256,none); default: those of --ms")
     ap.add_argument("--sweep-kernels", default="gemv,gemm,tma", type=sweep_kernels,
                     help="the candidate kernels to sweep: gemv, gemm (pointer loads), tma (tensor descriptors), "
-                         "ws (tensor descriptors, warp-specialized), comma-separated")
+                         "comma-separated")
     args = ap.parse_args()
     require_cuda("bench_w8a8")
     ms = [int(v) for v in args.ms.split(",")]

@@ -328,13 +328,6 @@ TARGETS = {
         next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and 256 <= max_m), tma=True)),
     "w4a16-gemm-m32-tma-llama3-8b-gate-up": _w4a16_gemm(32, 28672, 4096, dict(
         next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and 32 <= max_m), tma=True)),
-    # warp-specialized (a copy warpgroup, two MMA warpgroups) where Triton can; unspecialized elsewhere
-    "w4a16-gemm-m1024-ws-llama3-8b-gate-up": _w4a16_gemm(1024, 28672, 4096, dict(
-        block_m=256, block_n=128, block_k=64, swap_ab=False, unpack="natural", ptx_dequant=True, split_k=1,
-        tma=True, warp_specialize=True, num_warps=4, num_stages=3)),
-    "w4a16-gemm-m256-ws-split2-llama3-8b-down": _w4a16_gemm(256, 4096, 14336, dict(
-        block_m=128, block_n=128, block_k=128, swap_ab=False, unpack="natural", ptx_dequant=True, split_k=2,
-        tma=True, warp_specialize=True, num_warps=4, num_stages=3)),
     # the SigLIP so400m tower in W8A8 (hidden 1152, MLP 4304), 17 tiles of 1024 patches
     "int8-tower-qkv": _int8_linear(17408, 3456, 1152),
     "int8-tower-fc2": _int8_linear(17408, 1152, 4304),
@@ -345,12 +338,6 @@ TARGETS = {
         kernel="tma", block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4, group_m=8)),
     "int8-tma-tower-fc2": _int8_linear(8192, 1152, 4304, dict(
         kernel="tma", block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3, group_m=8)),
-    "int8-tma-ws-tower-fc2": _int8_linear(8192, 1152, 4304, dict(
-        kernel="tma", block_m=128, block_n=128, block_k=128, num_warps=4, num_stages=3, group_m=8, programs_per_sm=1,
-        warp_specialize=True)),
-    "int8-tma-ws-llama3-8b-gate-up-m4096": _int8_linear(4096, 28672, 4096, dict(
-        kernel="tma", block_m=256, block_n=128, block_k=128, num_warps=4, num_stages=3, group_m=8, programs_per_sm=0,
-        warp_specialize=True)),
     "int8-tma-llama3-8b-gate-up-m16-swap": _int8_linear(16, 28672, 4096, dict(
         kernel="tma", block_m=16, block_n=64, block_k=256, swap_ab=True, num_warps=4, num_stages=5, group_m=8)),
     "int8-llama3-8b-gate-up-m1": _int8_linear(1, 28672, 4096),

@@ -58,14 +58,14 @@ def profile_forward(name, forward, px, steps):
 
 def int8_gemm_spec(spec: str) -> dict:
     """``BMxBNxBKxWARPSxSTAGES`` -> a pointer-GEMM config; ``tma:BMxBNxBKxWARPSxSTAGESxPROGRAMS_PER_SM``
-    -> a tensor-descriptor GEMM config, ``ws:...`` the same warp-specialized (WARPS per MMA warpgroup)
-    (tinyq.kernels.int8_configs format)."""
+    -> a tensor-descriptor GEMM config (tinyq.kernels.int8_configs format)."""
     kind, _, dims = spec.rpartition(":")
+    if kind not in ("", "tma"):
+        raise ValueError(f"--int8-gemm {spec!r}: the kind before ':' must be 'tma' (or none, the pointer GEMM)")
     vals = [int(v) for v in dims.split("x")]
     cfg = dict(zip(("block_m", "block_n", "block_k", "num_warps", "num_stages"), vals[:5]))
-    if kind in ("tma", "ws"):
-        out = dict(kernel="tma", **cfg, swap_ab=False, group_m=8, programs_per_sm=vals[5] if len(vals) > 5 else 2)
-        return dict(out, warp_specialize=True) if kind == "ws" else out
+    if kind == "tma":
+        return dict(kernel="tma", **cfg, swap_ab=False, group_m=8, programs_per_sm=vals[5] if len(vals) > 5 else 2)
     return dict(kernel="gemm", **cfg, swap_ab=False, group_m=8)
 
 

@@ -6,7 +6,6 @@ import torch
 from tests.tolerances import assert_close_rel
 from tinyq.kernels.int8_configs import CONFIGS, device_arch, select_config
 from tinyq.kernels.int8_gemm import launch_int8_gemm
-from tinyq.kernels import int8_gemm_tma
 from tinyq.kernels.int8_gemm_tma import launch_int8_gemm_tma
 from tinyq.kernels.tiling import tma_eligible
 from tinyq.kernels.int8_gemv import launch_int8_gemv
@@ -65,7 +64,7 @@ def test_gemm_exact_and_scaled(m, n, k, swap_ab):
 @pytest.mark.parametrize("programs_per_sm", [0, 1])
 @pytest.mark.parametrize("swap_ab", [False, True])
 @pytest.mark.parametrize("m,n,k", [(17, 67, 112), (3, 40, 256), (70, 33, 48)])
-def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm, monkeypatch):
+def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm):
     # K = 112 and 48 end inside a K step (the descriptor's zero fill); M and N that are not multiples of
     # the tiles leave ragged edges; on the interpreter an SM count of 4 makes each persistent program
     # walk several tiles
@@ -79,13 +78,6 @@ def test_tma_gemm_exact_and_scaled(m, n, k, swap_ab, programs_per_sm, monkeypatc
     launch_int8_gemm_tma(xq, wq, s_x, s_w, b, y, block_m=16, block_n=16, block_k=32, swap_ab=swap_ab,
                          programs_per_sm=programs_per_sm)
     assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
-    if not swap_ab:  # the specialized tile loop, which the interpreter runs as the plain loop
-        for supported in (True, False):
-            monkeypatch.setattr(int8_gemm_tma, "warp_specialize_supported", lambda: supported)
-            acc_ws = poisoned(m, n, torch.int32)
-            launch_int8_gemm_tma(xq, wq, s_x, s_w, None, acc_ws, block_m=16, block_n=32, block_k=64,
-                                 programs_per_sm=programs_per_sm, warp_specialize=True)
-            assert torch.equal(acc_ws.cpu(), exact(xq, wq))
 
 
 def test_tma_config_falls_back_on_unaligned_operands():
@@ -94,8 +86,6 @@ def test_tma_config_falls_back_on_unaligned_operands():
     xq, wq, s_x, s_w, _ = make_case(5, 24, 100)
     assert not tma_eligible(xq, wq)
     assert torch.equal(int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg).cpu(), exact(xq, wq))
-    ws = dict(cfg, warp_specialize=True)  # the pointer GEMM takes no specialization flag
-    assert torch.equal(int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=ws).cpu(), exact(xq, wq))
     # rows 128 bytes apart (an aligned stride) starting one byte into their buffer (a misaligned base)
     xq, wq, s_x, s_w, _ = make_case(5, 24, 128)
     buf = torch.empty(5 * 128 + 1, dtype=torch.int8, device=xq.device)
@@ -165,24 +155,6 @@ def test_every_shipped_config_on_gpu(arch):
             assert torch.equal(acc.cpu(), exact(xq, wq)), (arch, max_m, cfg)
             y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16, config=cfg)
             assert_close_rel(y, int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32), torch.float16)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("programs_per_sm", [0, 1])
-def test_warp_specialized_tma_gemm_on_gpu(programs_per_sm):
-    """A warp-specialized request (Triton's Hopper pass on a version tinyq allows, none so far: 3.6's
-    made an illegal memory access here on the H100; else the same two MMA warpgroups, unspecialized):
-    the exact integer product, persistent programs included."""
-    for m, n, k in ((300, 200, 4160), (2048 + 17, 2304, 1152), (1, 72, 4160)):
-        xq, wq, s_x, s_w, b = make_case(m, n, k)
-        want, ref = exact(xq, wq), int8_matmul_reference(xq, wq, s_x, s_w, b, torch.float32)
-        for bm, bn, bk in ((128, 128, 128), (256, 128, 128), (128, 256, 64)):
-            cfg = dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, num_warps=4, num_stages=3,
-                       programs_per_sm=programs_per_sm, warp_specialize=True)
-            acc = int8_matmul(xq, wq, s_x, s_w, out_dtype=torch.int32, config=cfg)
-            assert torch.equal(acc.cpu(), want), cfg
-            y = int8_matmul(xq, wq, s_x, s_w, b, out_dtype=torch.float16, config=cfg)
-            assert_close_rel(y, ref, torch.float16)
 
 
 @pytest.mark.gpu

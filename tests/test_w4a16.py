@@ -15,7 +15,6 @@ from tinyq.kernels.semaphore import counters
 from tinyq.kernels.w4a16_configs import PLANS, launch_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, w4a16_dequant_reference
 from tinyq.kernels.tiling import tma_eligible
-from tinyq.kernels import w4a16_gemm
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import _nibble_minus_zero, launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_matmul
@@ -131,7 +130,7 @@ def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dt
     (17, 40, 512, 128, 128, True, 1),
     (257, 33, 384, 32, 32, False, 2),
 ])
-def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k, dtype, monkeypatch):
+def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k, dtype):
     """x and the packed words through tensor descriptors: the same result as the pointer loads."""
     x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
     cfg = dict(block_m=16, block_n=32, block_k=block_k, swap_ab=swap_ab, unpack="natural", split_k=split_k,
@@ -142,15 +141,6 @@ def test_gemm_tensor_descriptors(m, n, k, group_size, block_k, swap_ab, split_k,
     launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, **cfg)
     assert_close_rel(y_tma, w4a16_linear_reference(x, qw, s, z, b))
     assert torch.equal(y_tma, y_ptr)
-    if swap_ab:
-        with pytest.raises(ValueError, match="swap_ab=False"):
-            launch_w4a16_gemm(x, qw, s, z, b, y_tma, tma=True, warp_specialize=True, **cfg)
-    else:  # the specialized loop, which the interpreter runs as the plain loop, whatever this Triton supports
-        for supported in (True, False):
-            monkeypatch.setattr(w4a16_gemm, "warp_specialize_supported", lambda: supported)
-            y_ws = poisoned(m, n, dtype)
-            launch_w4a16_gemm(x, qw, s, z, b, y_ws, tma=True, warp_specialize=True, **cfg)
-            assert torch.equal(y_ws, y_ptr)
 
 
 @triton.jit
@@ -352,29 +342,6 @@ def test_gpu_gemm_tensor_descriptors(m, n, k, group_size, swap_ab, block_m, bloc
     torch.cuda.synchronize()
     assert_close_rel(y_tma, w4a16_linear_reference(x, qw, s, z, b))
     assert torch.equal(y_tma, y_ptr)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_m,block_n,block_k,split_k,stages", [(128, 128, 128, 1, 3), (128, 128, 64, 2, 4),
-                                                                     (256, 128, 64, 1, 3), (128, 256, 64, 1, 3)])
-@pytest.mark.parametrize("m,n,k,group_size", [(256, 4096, 4096, 128), (300, 1000, 1024, 64), (57, 333, 576, 32)])
-def test_gpu_gemm_warp_specialized(m, n, k, group_size, block_m, block_n, block_k, split_k, stages, dtype):
-    """A warp-specialized request computes what the same tile computes without it, outliers included:
-    Triton's Hopper pass on a version tinyq allows (none so far: 3.6's faulted or failed to compile on
-    the H100), else the same tile on two MMA warpgroups, unspecialized."""
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("warp specialization is planned for sm90 only")
-    x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
-    x[:, 5] = 3000.0
-    cfg = dict(block_m=block_m, block_n=block_n, block_k=min(block_k, group_size), swap_ab=False, unpack="natural",
-               ptx_dequant=True, split_k=split_k, tma=True, num_warps=4, num_stages=stages)
-    y_plain, y_ws = poisoned(m, n, dtype, device="cuda"), poisoned(m, n, dtype, device="cuda")
-    launch_w4a16_gemm(x, qw, s, z, b, y_plain, **cfg)
-    launch_w4a16_gemm(x, qw, s, z, b, y_ws, warp_specialize=True, **cfg)
-    torch.cuda.synchronize()
-    assert_close_rel(y_ws, w4a16_linear_reference(x, qw, s, z, b))
-    assert_close_rel(y_ws, y_plain)
 
 
 @pytest.mark.gpu

@@ -3,8 +3,7 @@
 ``CONFIGS[arch]`` is a list of ``(max_m, config)`` in increasing ``max_m``; the first bucket with
 ``m <= max_m`` wins (``None``: open-ended). ``kernel`` is ``"gemv"`` (:mod:`tinyq.kernels.int8_gemv`),
 ``"gemm"`` (:mod:`tinyq.kernels.int8_gemm`) or ``"tma"`` (:mod:`tinyq.kernels.int8_gemm_tma`, sm90 and
-later; the pointer GEMM where an operand is not 16-byte aligned; ``warp_specialize=True`` for a copy
-warpgroup and two MMA warpgroups). ``benchmarks/bench_w8a8.py --sweep`` measures the
+later; the pointer GEMM where an operand is not 16-byte aligned). ``benchmarks/bench_w8a8.py --sweep`` measures the
 candidates of :func:`sweep_candidates` per bucket on the four Llama-3-8B linears and prints the
 winners in this format.
 """
@@ -98,16 +97,4 @@ def sweep_candidates(max_m):
         for pps in (0, 1, 2) if (bm + bn) * bk * s <= 110 * 1024 else (0, 1):
             out.append(dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=w,
                             num_stages=s, group_m=8, programs_per_sm=pps))
-        # warp-specialized: one copy warpgroup and two 4-warp MMA warpgroups taking half the rows each
-        # (so 128- and 256-row tiles); where Triton cannot, the launcher runs the tile on 8 warps
-        # (two 4-warp consumers of bm/2 rows: a 256 x 256 tile's int32 accumulators would spill)
-        if bm >= 128 and w == 4 and bm * bn <= 128 * 256 and (max_m is None or max_m > 64):
-            for pps in (0, 1):
-                out.append(dict(kernel="tma", block_m=bm, block_n=bn, block_k=bk, swap_ab=swap, num_warps=4,
-                                num_stages=s, group_m=8, programs_per_sm=pps, warp_specialize=True))
     return out
-
-
-def candidate_kind(cfg: dict) -> str:
-    """A sweep candidate's kind for ``bench_w8a8.py --sweep-kernels``: gemv, gemm, tma or ws."""
-    return "ws" if cfg.get("warp_specialize") else cfg["kernel"]

@@ -14,9 +14,6 @@ What differs is how the tiles get there:
   stride over the tiles in the grouped order of :func:`tinyq.kernels.tiling.grouped_pid`, and the
   tile loop is flattened into the K loop, so the next tile's first copies are in flight during this
   tile's epilogue. That matters where K is short (a vision tower's K = 1152 is 9 steps of 128).
-- **Warp specialization** (optional, where Triton's Hopper pass compiles it): a producer warpgroup
-  issues the copies and two consumer warpgroups each run the MMAs of half the tile's rows, so one
-  consumer's wait for its int32 MMAs overlaps the other's.
 
 Requirements (:func:`tinyq.kernels.tiling.tma_eligible`): 16-byte aligned ``xq`` and ``wq`` and row
 strides that are multiples of 16 bytes (K % 16 == 0 for contiguous rows). The dispatcher falls back
@@ -32,7 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from tinyq.kernels.attention_configs import sm_count
 from tinyq.kernels.int8_gemm import store_scaled
-from tinyq.kernels.tiling import grouped_pid, warp_specialize_supported
+from tinyq.kernels.tiling import grouped_pid
 
 
 @triton.jit
@@ -47,7 +44,6 @@ def _int8_gemm_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_K >= 32, "int8 MMA consumes K in steps of 32")
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -56,10 +52,7 @@ def _int8_gemm_tma_kernel(
     # rather than reusing the loads' indices, which would keep them live across the flattened, pipelined
     # loop: a register-pressure choice, not a correctness one.
     epilogue_tile = tl.program_id(0) - num_programs
-    # Specialized, the tile loop stays a loop around the K loop: flattened, Triton 3.6's Hopper pass
-    # leaves the kernel unspecialized (sm90 compile).
-    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=not WARP_SPECIALIZE,
-                         warp_specialize=WARP_SPECIALIZE):
+    for tile in tl.range(tl.program_id(0), num_tiles, num_programs, flatten=True):
         pid_m, pid_n = grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
@@ -84,22 +77,17 @@ def _int8_gemm_tma_kernel(
 
 
 def launch_int8_gemm_tma(xq, wq, s_x, s_w, bias, y, *, block_m: int, block_n: int, block_k: int, group_m: int = 8,
-                         swap_ab: bool = False, num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2,
-                         warp_specialize: bool = False):
+                         swap_ab: bool = False, num_warps: int = 4, num_stages: int = 3, programs_per_sm: int = 2):
     """Launch on already-validated tensors that pass :func:`tinyq.kernels.tiling.tma_eligible`; an
     int32 ``y`` receives the raw accumulator. ``programs_per_sm`` = 0 launches one program per tile (not persistent).
 
     Why more than one program per SM: Triton keeps a wgmma in flight across K steps only for float32
     accumulators, so an int32 one waits for each step's MMAs before the next copies are issued. A
-    second program on the SM issues its MMAs during that wait. ``warp_specialize`` gets that overlap
-    inside one program instead, where Triton can (:func:`tinyq.kernels.tiling.warp_specialize_supported`):
-    a copy warpgroup and two MMA warpgroups (``num_warps`` each) taking half the tile's rows each."""
+    second program on the SM issues its MMAs during that wait."""
     m, k = xq.shape
     n = wq.shape[0]
     x_desc = TensorDescriptor(xq, [m, k], [xq.stride(0), 1], [block_m, block_k])
     w_desc = TensorDescriptor(wq, [n, k], [wq.stride(0), 1], [block_n, block_k])
-    if warp_specialize and not warp_specialize_supported():  # the same two MMA warpgroups, unspecialized
-        warp_specialize, num_warps = False, 2 * num_warps
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     if programs_per_sm > 0:
         programs = min(programs, programs_per_sm * sm_count(xq.device))
@@ -114,7 +102,6 @@ def launch_int8_gemm_tma(xq, wq, s_x, s_w, bias, y, *, block_m: int, block_n: in
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=group_m,
-        WARP_SPECIALIZE=warp_specialize,
         num_warps=num_warps,
         num_stages=num_stages,
     )

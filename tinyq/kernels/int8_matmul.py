@@ -90,10 +90,7 @@ def int8_matmul_checked(xq, wq, s_x, s_w, bias=None, out_dtype=torch.float16, *,
     if kind == "tma":
         if tma_eligible(xq, wq):
             return launch_int8_gemm_tma(xq, wq, s_x, s_w, bias, y, **cfg)
-        # misaligned operands: the pointer GEMM with the same tiles (and a specialized tile's two MMA warpgroups)
-        cfg.pop("programs_per_sm", None)
-        if cfg.pop("warp_specialize", False):
-            cfg["num_warps"] = 2 * cfg.get("num_warps", 4)
+        cfg.pop("programs_per_sm", None)  # misaligned operands: the pointer GEMM with the same tiles
     return launch_int8_gemm(xq, wq, s_x, s_w, bias, y, **cfg)
 
 

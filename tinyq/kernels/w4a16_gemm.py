@@ -31,12 +31,6 @@ Flags:
   computing addresses and issuing 16-byte ``cp.async``; rows past M or N arrive as zeros. A flag here,
   not a kernel of its own: only the two loads differ, and the dequantization, split-K and epilogue
   must stay the same code. Used with ``natural`` unpacking (x goes from the copy to the MMA).
-- ``WARP_SPECIALIZE`` (with ``TMA``, not swapped): Triton's Hopper pass splits the K loop into a
-  producer warpgroup that issues the copies and two consumer warpgroups (``num_warps`` each) that
-  each take half the tile's tokens; each consumer dequantizes the whole weight tile (the pass splits
-  only the MMA's first operand), and one consumer's dequantization runs while the other's MMAs do.
-  Only on a Triton whose pass compiles it (:func:`tinyq.kernels.tiling.warp_specialize_supported`);
-  elsewhere the same tile runs unspecialized on ``2 * num_warps`` warps (its two MMA warpgroups).
 - ``ACC_FP16``: the MMA accumulates each K step in fp16 (twice the tensor rate of fp32
   accumulation on GeForce/RTX parts, equal on H100/A100); the step's partial is then added into
   an fp32 accumulator. Overflow can only come from one step's partial sum of ``BLOCK_K`` products
@@ -56,7 +50,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from tinyq.backend import interpreting
 from tinyq.kernels.int4_ptx import dequant8
 from tinyq.kernels.semaphore import MIN_COUNTERS, arrive, counters
-from tinyq.kernels.tiling import grouped_pid, tma_eligible, warp_specialize_supported
+from tinyq.kernels.tiling import grouped_pid, tma_eligible
 
 
 # One int32 word -> its 8 weights (q_i - z) * s, nibble order 0..7 (tinyq/kernels/int4_ptx.py).
@@ -173,7 +167,6 @@ def _w4a16_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
 ):
     tl.static_assert(GROUP_SIZE % BLOCK_K == 0, "BLOCK_K must divide the quantization group")
     tl.static_assert(BLOCK_K % 32 == 0, "BLOCK_K must hold whole 32-input packing blocks")
@@ -202,8 +195,7 @@ def _w4a16_gemm_kernel(
     # too narrow for Triton's asynchronous copies, so loaded in place it would stall every step.
     s_next = tl.load(s_ptr + sz_ptrs + k_lo // GROUP_SIZE, mask=n_mask, other=0.0)
     z_next = tl.load(z_ptr + sz_ptrs + k_lo // GROUP_SIZE, mask=n_mask, other=0.0)
-    # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # K % BLOCK_K == 0: BLOCK_K | GROUP_SIZE | K
         if TMA:  # descriptors: rows past N and M read as zeros
             words = qw_ptr.load([pid_n * BLOCK_N, k0 // 8])
         else:
@@ -272,14 +264,12 @@ def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
     swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "frag", ptx_dequant: bool = False,
-    split_k: int = 1, fused_reduce: bool = False, tma: bool = False, warp_specialize: bool = False,
-    num_warps: int = 4, num_stages: int = 3,
+    split_k: int = 1, fused_reduce: bool = False, tma: bool = False, num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
     ``fused_reduce`` sums split-K partials in the GEMM's last program per tile instead of a second
     launch; ``tma`` loads x and the packed words through tensor descriptors where both are 16-byte
-    aligned (pointer loads otherwise); ``warp_specialize`` splits a descriptor-fed, unswapped tile
-    between a copy warpgroup and two MMA warpgroups (``num_warps`` each) where Triton can."""
+    aligned (pointer loads otherwise)."""
     m, k = x.shape
     n = qweight.shape[0]
     group_size = k // scales.shape[1]
@@ -298,14 +288,7 @@ def launch_w4a16_gemm(
     fused_reduce = fused_reduce and split_k > 1 and grid[0] <= MIN_COUNTERS
     if tma and unpack != "natural":
         raise ValueError("tma=True loads x straight into the MMA: it needs unpack='natural'")
-    if warp_specialize and (swap_ab or not tma):
-        raise ValueError("warp_specialize=True splits the tile's tokens between two consumer warpgroups fed "
-                         "by tensor descriptors: it needs swap_ab=False and tma=True")
     tma = tma and tma_eligible(x, qweight)
-    if warp_specialize and not (tma and warp_specialize_supported()):
-        # pointer loads (misaligned operands) or a Triton whose pass cannot do it: the same two
-        # warpgroups of MMAs, unspecialized
-        warp_specialize, num_warps = False, 2 * num_warps
     x_arg, w_arg = x, qweight
     if tma:
         x_arg = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
@@ -329,7 +312,6 @@ def launch_w4a16_gemm(
         BLOCK_K=block_k,
         GROUP_M=group_m,
         TMA=tma,
-        WARP_SPECIALIZE=warp_specialize,
         num_warps=num_warps,
         num_stages=num_stages,
     )
