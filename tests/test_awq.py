@@ -155,8 +155,38 @@ def test_apply_rejects_mismatched_results(tmp_path):
     with pytest.raises(ValueError, match=r"scale layers\.0\.input_layernorm"):
         apply_awq(tiny_model("llama", hidden=64, heads=2, kv=1), res)
     (tmp_path / "x.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"x\.safetensors: not a safetensors file"):
         AwqResults.load(tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        AwqResults.load(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="is a directory"):
+        AwqResults.read_info(tmp_path)
+    from safetensors.torch import save_file
+
+    save_file({"scale.x": torch.ones(2)}, tmp_path / "other.safetensors")  # safetensors, but not search results
+    with pytest.raises(ValueError, match="no 'tinyq_awq' metadata"):
+        AwqResults.read_info(tmp_path / "other.safetensors")
+
+
+def test_non_finite_activations_or_losses_are_a_clear_error():
+    """Activations that overflowed (inf/NaN) would make every loss NaN and leave no scale to fold:
+    the search stops with the layer and group named, before folding a NaN scale into the weights."""
+    model = tiny_model("llama", hidden=64, inter=128, layers=1)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[5] = float("inf")  # one token whose activations overflow
+    blocks = _blocks(n=2, length=16)
+    blocks[0, 3] = 5
+    before = copy.deepcopy(model.model.layers[0].state_dict())
+    with pytest.raises(ValueError, match=r"layer 0, scale group input_layernorm -> self_attn.q_proj.*inf/NaN.*bfloat"):
+        awq_search(model, blocks, AwqConfig(group_size=32, clip=False), progress=False)
+    for name, t in model.model.layers[0].state_dict().items():
+        assert torch.equal(t, before[name]), name  # nothing was folded
+    # finite inputs, but the inspected module's output is not finite: every alpha's loss is NaN
+    model = tiny_model("llama", hidden=64, inter=128, layers=1)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layer 0, scale group post_attention_layernorm .*losses of every alpha"):
+        awq_search(model, _blocks(n=2, length=16), AwqConfig(group_size=32, clip=False), progress=False)
 
 
 def test_unknown_architecture_lists_supported():

@@ -5,7 +5,7 @@ import gc
 import pytest
 from tests.tiny_models import make_model_dir
 from tinyq.chat import ChatSession, render_chat
-from tinyq.generate import ContextOverflowError, Generator
+from tinyq.generate import ContextOverflowError, Generator, SupersededError
 from tinyq.models import load_model
 
 
@@ -174,3 +174,51 @@ def test_a_dropped_turn_closed_later_leaves_the_new_turn_alone(tmp_path):
     list(new)
     assert new.result.token_ids == expect
 
+
+def test_a_turn_superseded_by_another_commits_nothing(tiny):
+    """A turn belongs to the conversation and cache it was sent against. Resumed after another turn
+    ran (or started after one ran since it was sent), or after reset / drop_oldest_turns / a truncate,
+    it raises instead of decoding on the other turn's cache and appending its answer out of order;
+    the history and the cache stay as the later change left them."""
+    model, tok = tiny
+    kw = dict(max_seq_len=256, max_new_tokens=8, temperature=1.0, seed=0)
+    chat = ChatSession(model, tok, **kw)
+    chat.ask("an earlier question")
+    interferences = {
+        "another turn": lambda: chat.ask("second question"),
+        "reset": chat.reset,
+        "drop_oldest_turns": lambda: chat.drop_oldest_turns(1),
+        "truncate": lambda: chat.gen.truncate(len(chat.gen.cached_ids) - 1),
+    }
+    for name, interfere in interferences.items():
+        if not chat.turns:
+            chat.ask("an earlier question")
+        paused = chat.send("first question")
+        next(paused)  # paused after its first delta
+        unstarted = chat.send("never started")
+        interfere()
+        messages, cached = [dict(m) for m in chat.messages], list(chat.gen.cached_ids)
+        for turn in (paused, unstarted):
+            with pytest.raises(SupersededError, match="nothing of it was committed"):
+                list(turn)
+            assert turn.result is None, name
+            assert chat.messages == messages and chat.gen.cached_ids == cached, name
+    # the session goes on, answering as one that never saw the superseded turns
+    chat.reset()
+    chat.ask("second question")
+    ref = ChatSession(model, tok, **kw)
+    ref.ask("second question")
+    assert chat.ask("third").token_ids == ref.ask("third").token_ids
+    assert chat.messages == ref.messages
+
+
+def test_a_generator_and_another_max_seq_len_are_refused(tiny):
+    """A given generator's cache fixes the context length: a different max_seq_len is an error, not ignored."""
+    model, tok = tiny
+    gen = Generator(model, tok, 128)
+    with pytest.raises(ValueError, match="max_seq_len=64 differs from the given generator's max_seq_len=128"):
+        ChatSession(model, tok, max_seq_len=64, generator=gen)
+    assert ChatSession(model, tok, max_seq_len=128, generator=gen).max_seq_len == 128
+    assert ChatSession(model, tok, generator=gen).max_seq_len == 128
+    with pytest.raises(ValueError, match="stop token id"):  # checked against the model's vocabulary at once
+        ChatSession(model, tok, generator=gen, stop_token_ids=[model.config.vocab_size])

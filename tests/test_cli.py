@@ -158,6 +158,41 @@ def test_ctrl_c_at_the_context_full_prompt_cancels(capsys):
 
 
 
+def test_a_turn_that_fails_mid_answer_keeps_the_chat_going(model_dir, monkeypatch, capsys):
+    """NaN logits (an overflowing model) in the middle of an answer: the chat says so and goes on
+    with the history as it was (the session rolled the turn back), instead of exiting with a traceback."""
+    from tinyq.chat import ChatSession
+    from tinyq.commands.chat import _loop
+    from tinyq.models import load_model
+
+    model, tok = load_model(model_dir, precision="fp32", device="cpu")
+    session = ChatSession(model, tok, max_seq_len=128, max_new_tokens=6, temperature=0)
+    real = type(model).forward
+    overflow = {"on": False, "calls": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        overflow["calls"] += 1
+        return out * float("nan") if overflow["on"] and overflow["calls"] > 2 else out  # after prefill + 1 step
+
+    monkeypatch.setattr(type(model), "forward", forward)
+
+    class Lines:
+        lines = iter(["hello", "overflow now", "and again", "/exit"])
+
+        def read(self, prompt):
+            line = next(self.lines)
+            overflow.update(on=line == "overflow now", calls=0)
+            return line
+
+    assert _loop(session, Lines()) == 0
+    out = capsys.readouterr().out
+    assert "error: the model's logits are NaN" in out and "[this turn was discarded; the history is kept]" in out
+    assert out.count("[TTFT") == 2
+    assert [m["content"] for m in session.messages if m["role"] == "user"] == ["hello", "and again"]
+    assert session.gen.cache.length == len(session.gen.cached_ids)
+
+
 def test_every_command_is_registered(monkeypatch):
     """All commands are there; a missing command module is an error, not silently skipped."""
     import tinyq.cli as cli

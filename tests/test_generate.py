@@ -7,6 +7,7 @@ from tinyq.generate import (
     ContextOverflowError,
     Generator,
     SamplingConfig,
+    SupersededError,
     _held_back,
     generate,
     sample_token,
@@ -28,6 +29,12 @@ def tiny(tmp_path_factory):
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed="x"), "seed"), (dict(stop_strings=[""]), "stop_strings"),
     (dict(temprature=0.5), "unknown sampling setting"),
     (dict(temperature=1e-39), "too small to divide by"), (dict(seed=2 ** 64), "seed must be an int in"),
+    (dict(top_k=True), "top_k must be an int"), (dict(max_new_tokens=True), "max_new_tokens must be an int"),
+    (dict(stop_token_ids=["<|im_end|>"]), "stop_token_ids must be token ids"),
+    (dict(stop_token_ids="\n"), "stop_token_ids must be token ids"), (dict(stop_token_ids=[True]), "stop_token_ids"),
+    (dict(stop_token_ids=[-1]), "stop token id -1 is not a token"),
+    (dict(stop_token_ids=[10 ** 6]), r"stop token id 1000000 is not a token of the model \(vocab_size="),
+    (dict(max_seq_len=0), "max_seq_len must be a positive int"), (dict(max_seq_len=-5), "max_seq_len"),
 ])
 def test_invalid_sampling_settings(tiny, bad, match):
     model, tok = tiny
@@ -197,3 +204,53 @@ def test_generation_config_end_ids_stop_generation(tmp_path):
     assert ids[k] in model.config.eos_token_ids
     r = generate(model, tok, "Hello", max_new_tokens=8)
     assert r.token_ids == ids[:k] and r.finish_reason == "stop"
+
+
+def test_one_stop_token_id_given_as_an_int(tiny):
+    model, tok = tiny
+    ids = generate(model, tok, "Hello", max_new_tokens=8).token_ids
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
+    assert SamplingConfig(stop_token_ids=ids[k]).validate().stop_token_ids == (ids[k],)
+    r = generate(model, tok, "Hello", max_new_tokens=8, stop_token_ids=ids[k])
+    assert r.token_ids == ids[:k] and r.finish_reason == "stop"
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused(tiny):
+    """Checked once per prompt, before anything runs (on a GPU an out-of-range embedding index is a
+    device-side assert that breaks the CUDA context); one prompt at a time."""
+    model, tok = tiny
+    vocab = model.config.vocab_size
+    ref = generate(model, tok, [1, 2, 3], max_new_tokens=4).token_ids
+    for bad, match in (([1, 2, vocab], rf"prompt token id {vocab} \(position 2\).*vocab_size={vocab}"),
+                       ([1, -1, 2], r"prompt token id -1 \(position 1\)"),
+                       (torch.tensor([[1, 2], [3, 4]]), r"one sequence of token ids.*shape \(2, 2\)"),
+                       (torch.tensor([1.0, 2.0]), "integer dtype"), ([1, 2.5], "int token ids"), ([], "empty")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, tok, bad, max_new_tokens=4)
+    assert generate(model, tok, torch.tensor([[1, 2, 3]]), max_new_tokens=4).token_ids == ref  # [1, S] is one prompt
+    assert generate(model, tok, torch.tensor([1, 2, 3]), max_new_tokens=4).token_ids == ref
+
+
+def test_a_paused_stream_resumed_after_another_is_refused(tiny):
+    """Streams share the model's Generator (one cache): a stream resumed after another generation,
+    a reset or a truncate used that cache raises instead of decoding on the other one's tokens, and
+    changes nothing."""
+    model, tok = tiny
+    kw = dict(max_new_tokens=8, temperature=1.0, seed=0)
+    expected = generate(model, tok, "abc abc", **kw).token_ids
+    gen = model._tinyq_generator
+    for interfere in (lambda: generate(model, tok, "something else entirely", **kw), gen.reset,
+                      lambda: gen.truncate(len(gen.cached_ids) - 1)):
+        s1 = stream(model, tok, "abc abc", **kw)
+        next(s1)  # paused after its first delta
+        interfere()
+        cached = list(gen.cached_ids)
+        with pytest.raises(SupersededError, match="superseded by a later turn/stream"):
+            next(s1)
+        assert s1.result is None and gen.cached_ids == cached and gen.cache.length == len(cached)
+    # a stream created but not started yet claims the cache only when it starts
+    late = stream(model, tok, "abc abc", **kw)
+    generate(model, tok, "something else entirely", **kw)
+    late.text()
+    assert late.result.token_ids == expected
+    assert generate(model, tok, "abc abc", **kw).token_ids == expected

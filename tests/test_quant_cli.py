@@ -162,3 +162,56 @@ def test_default_checkpoint_race(tmp_path, monkeypatch, capsys):
     path = default_awq.ensure_default_awq_checkpoint(group_size=64)
     assert json.loads((path / "config.json").read_text())["quantization_config"]["group_size"] == 64
     assert f"cached the AWQ default model at {path}" in capsys.readouterr().err
+
+
+def test_search_and_output_paths_are_checked_before_the_model_loads(tmp_path, capsys):
+    """A --save-search that is a directory, a --load-search that is missing or not safetensors, or
+    for other settings, and an --out that cannot be created are refused before any work: --model
+    names nothing here, so an error about it would mean the model was loaded first."""
+    from tinyq.quant.awq import AwqResults
+
+    nothing = str(tmp_path / "nothing")
+    (tmp_path / "searches").mkdir()
+    (tmp_path / "notes.txt").write_text("not safetensors")
+    AwqResults({"w_bit": 4, "group_size": 64}, "llama", 2).save(tmp_path / "g64.safetensors")
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        (["--save-search", str(tmp_path / "searches"), *out], "--save-search {p}/searches is a directory; name a file"),
+        (["--save-search", str(tmp_path / "searches")], "--save-search {p}/searches is a directory"),  # search only
+        (["--load-search", str(tmp_path / "missing.safetensors"), *out], "No such file or directory: {p}/missing"),
+        (["--load-search", str(tmp_path / "notes.txt"), *out], "{p}/notes.txt: not a safetensors file"),
+        (["--load-search", str(tmp_path / "g64.safetensors"), "--group-size", "32", *out],
+         "search results are for group_size=64, not 32"),
+        (["--out", str(tmp_path / "notes.txt" / "ckpt")], "{p}/notes.txt is a file, not a folder"),
+    ]
+    for extra, message in cases:
+        assert _cli(quantize_cmd, ["quantize", "--model", nothing, *extra, *CALIB]) == 2, extra
+        err = capsys.readouterr().err
+        assert message.format(p=tmp_path) in err and "nothing" not in err, err
+    for extra, message in cases[:4]:
+        argv = ["eval", "--model", nothing, "--ppl-file", str(tmp_path / "notes.txt"), "--fake-quant", "awq",
+                *[a for a in extra if a not in out], *CALIB]
+        assert _cli(eval_cmd, argv) == 2, extra
+        err = capsys.readouterr().err
+        assert message.format(p=tmp_path) in err and "nothing" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g64.safetensors", "notes.txt", "searches"]
+
+
+def test_a_failed_search_save_names_the_destination(model_dir, tmp_path, monkeypatch, capsys):
+    """A save that fails after the search (a full disk) is an error naming --save-search's file, not
+    the temporary file it was written to; nothing is left behind."""
+    import errno
+
+    from tinyq.quant import awq
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".tmp-x"))
+
+    monkeypatch.setattr(awq.AwqResults, "save", full_disk)
+    search = tmp_path / "s.safetensors"
+    argv = ["quantize", "--model", str(model_dir / "fp"), "--group-size", "32", "--save-search", str(search),
+            "--calib-file", str(model_dir / "calib.txt"), *CALIB]
+    assert _cli(quantize_cmd, argv) == 2
+    err = capsys.readouterr().err
+    assert f"could not write the AWQ search results to {search}: No space left on device" in err, err
+    assert ".tmp-x" not in err and not search.exists()

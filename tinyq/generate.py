@@ -5,7 +5,10 @@
 (their concatenation equals the non-streamed text) and holds the result once exhausted.
 
 A :class:`Generator` owns one cache and remembers which token ids it holds (``cached_ids``), so a
-new prompt that extends the cached one (the next chat turn) prefills only its new suffix.
+new prompt that extends the cached one (the next chat turn) prefills only its new suffix. Its
+``epoch`` counts changes to the cache: a stream paused while something else used the cache (another
+stream or chat turn, ``reset``, ``truncate``) raises :class:`SupersededError` when resumed instead
+of decoding on tokens that are not its own.
 Prefill runs in chunks over the cache. On CUDA every chunk replays a CUDA graph captured for its
 padded length, and every decode step replays a graph that also samples the next token on the
 device (:mod:`tinyq.graphs`, :mod:`tinyq.sampling`): a prompt, a turn or a token costs GPU time
@@ -13,9 +16,11 @@ and a handful of host calls. On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
+import numbers
+import operator
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -34,6 +39,26 @@ class ContextOverflowError(ValueError):
     """The prompt (plus one generated token) does not fit in the cache's ``max_seq_len``."""
 
 
+class SupersededError(RuntimeError):
+    """A paused stream or chat turn was resumed after something else changed its generator's cache."""
+
+    def __init__(self):
+        super().__init__(
+            "this generation was superseded by a later turn/stream, reset(), truncate() or drop_oldest_turns() on "
+            "the same Generator, which changed its KV cache; nothing of it was committed (to the cache or a chat "
+            "history): start it again"
+        )
+
+
+def _is_int(x) -> bool:
+    """An integer, not a bool (``True`` is an int to Python, but never a meant count or token id)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 @dataclass
 class SamplingConfig:
     """How to pick tokens and when to stop. ``temperature == 0`` is greedy decoding."""
@@ -47,28 +72,43 @@ class SamplingConfig:
     stop_token_ids: Sequence[int] = ()  # in addition to the tokenizer's / model's EOS
     stop_strings: Sequence[str] = ()
 
-    def validate(self) -> "SamplingConfig":
+    def validate(self, vocab_size: Optional[int] = None) -> "SamplingConfig":
+        """Check every setting (a ValueError naming the bad one) and return ``self``, normalized: one
+        stop string or one stop token id becomes a tuple of one. With ``vocab_size`` (a generator
+        knows its model's), stop token ids must also be ids of that vocabulary."""
         def bad(msg):
             raise ValueError(f"invalid sampling setting: {msg}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
+        if not (_is_number(self.temperature) and 0 <= self.temperature < float("inf")):
             bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0:
             bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0):
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if 0 < self.temperature < 1e-30:  # 1 / temperature must stay a float32
             bad(f"temperature {self.temperature!r} is too small to divide by; use 0 for greedy decoding")
-        if self.seed is not None and not (isinstance(self.seed, int) and -2 ** 63 <= self.seed < 2 ** 64):
+        if self.seed is not None and not (_is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):
             bad(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
         if isinstance(self.stop_strings, str):  # one stop string, not one per character
             self.stop_strings = (self.stop_strings,)
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             bad(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}")
+        ids = self.stop_token_ids
+        if _is_int(ids):  # one stop token id
+            ids = (ids,)
+        elif isinstance(ids, Iterable) and not isinstance(ids, (str, bytes)):
+            ids = tuple(ids)
+        if not isinstance(ids, tuple) or not all(_is_int(t) for t in ids):
+            bad(f"stop_token_ids must be token ids (ints; a stop text goes in stop_strings), got {ids!r}")
+        self.stop_token_ids = tuple(int(t) for t in ids)
+        out = [t for t in self.stop_token_ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if out:
+            bad(f"stop token id {out[0]} is not a token of the model"
+                + (f" (vocab_size={vocab_size})" if vocab_size is not None else " (ids are >= 0)"))
         return self
 
 
@@ -159,17 +199,26 @@ class Generator:
     ``cached_ids`` are the token ids whose keys/values the cache holds, in order. Anything that
     fails mid-way (an exception, Ctrl-C) can be undone with :meth:`truncate` to a length saved
     before; :meth:`stream` does that itself when a prefill fails.
+
+    ``epoch`` goes up with every completed change to the cache (:meth:`truncate`, :meth:`reset`,
+    :meth:`prefill`, :meth:`decode`, :meth:`decode_next`; a call that fails part way leaves that to
+    the truncate that undoes it) and with :meth:`supersede`. A stream remembers the epoch its own
+    last step left and compares it (one int) each time it is resumed, so a stream or chat turn
+    paused while anything else used the cache raises :class:`SupersededError` rather than decoding
+    on another generation's tokens. ``max_seq_len``: a positive int, or None for the model's own.
     """
 
     def __init__(self, model, tokenizer, max_seq_len: Optional[int] = None, cuda_graph: Optional[bool] = None,
                  prefill_chunk: int = PREFILL_CHUNK, embed_fn: Optional[Callable] = None,
                  prefill_buckets: Sequence[int] = PREFILL_BUCKETS):
+        check_max_seq_len(max_seq_len)
         self.model, self.tokenizer = model, tokenizer
         # (ids [1, S] on the device, position of ids[0]) -> inputs_embeds [1, S, hidden]: how a VLM
         # splices image features into the prefill (tinyq.vlm.session); None embeds the ids.
         self.embed_fn = embed_fn
         self.cache = model.new_cache(max_seq_len)
         self.cached_ids: List[int] = []
+        self.epoch = 0
         self.prefill_chunk = prefill_chunk
         self.cuda_graph = self.cache.device.type == "cuda" if cuda_graph is None else cuda_graph
         self._decode_graphs: Dict[Optional[tuple], DecodeGraph] = {}  # per sampler key (None: logits only)
@@ -191,6 +240,11 @@ class Generator:
         return self.cache.max_seq_len
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids this model embeds and samples: ``0 .. vocab_size - 1``."""
+        return self.model.config.vocab_size
+
+    @property
     def graph_count(self) -> int:
         """CUDA graphs captured so far (prefill buckets and decode steps)."""
         return len(self._decode_graphs) + (len(self.prefill_graphs.graphs) if self.prefill_graphs else 0)
@@ -203,9 +257,32 @@ class Generator:
     def truncate(self, n: int) -> None:
         self.cache.truncate(n)
         del self.cached_ids[n:]
+        self.epoch += 1
 
     def reset(self) -> None:
         self.truncate(0)
+
+    def supersede(self) -> None:
+        """Make every stream started so far raise :class:`SupersededError` at its next step, the
+        cache left as it is: for a change to what the cached tokens are for (a chat's history)."""
+        self.epoch += 1
+
+    def check_prompt(self, prompt_ids) -> List[int]:
+        """``prompt_ids`` as a non-empty list of ints, each an id of the model's vocabulary, or a
+        ValueError naming the first bad one. Checked once per prompt: an out-of-range id would be an
+        IndexError on a CPU and, on a GPU, a device-side assert that breaks the CUDA context."""
+        try:
+            ids = [operator.index(t) for t in prompt_ids]
+        except TypeError as exc:
+            raise ValueError(f"a prompt is a sequence of int token ids; {exc}") from None
+        if not ids:
+            raise ValueError("the prompt is empty: nothing to generate from")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"prompt token id {bad} (position {ids.index(bad)}) is not a token of the model: "
+                             f"vocab_size={self.vocab_size}, ids 0..{self.vocab_size - 1}")
+        return ids
 
     def check_fits(self, prompt_ids: Sequence[int]) -> None:
         """Raise :class:`ContextOverflowError` unless the prompt and one new token fit the cache."""
@@ -232,6 +309,7 @@ class Generator:
             if logits is None:  # no graph: CPU, or no bucket fits (chunk too long, cache nearly full)
                 logits = self.model(None, self.cache, last_only=True, inputs_embeds=embeds)[0, -1]
             self.cached_ids.extend(chunk)
+        self.epoch += 1
         return logits
 
     def _decode_graph(self, sampler: Optional[Sampler]) -> DecodeGraph:
@@ -251,6 +329,7 @@ class Generator:
         else:
             logits = self.model(torch.tensor([[token]], device=self.cache.device), self.cache)[0, -1]
         self.cached_ids.append(token)
+        self.epoch += 1
         return logits
 
     @torch.inference_mode()
@@ -279,6 +358,7 @@ class Generator:
             logits = self.model(torch.tensor([[token]], device=self.cache.device), self.cache)[0, -1]
             nxt = self.first_token(logits, sampler)
         self.cached_ids.append(token)
+        self.epoch += 1
         return nxt
 
     def reuse_prefix(self, prompt_ids: Sequence[int]) -> int:
@@ -292,12 +372,12 @@ class Generator:
         return n
 
     def stream(self, prompt_ids: Sequence[int], config: Optional[SamplingConfig] = None, **kwargs) -> "TextStream":
+        """A :class:`TextStream` of the continuation of ``prompt_ids``; settings and ids are checked
+        here (a ValueError), before anything touches the cache."""
         if config is not None and kwargs:
             raise ValueError("pass either a SamplingConfig or keyword settings, not both")
-        config = (config or make_config(**kwargs)).validate()
-        prompt_ids = [int(t) for t in prompt_ids]
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: nothing to generate from")
+        config = (config or make_config(**kwargs)).validate(self.vocab_size)
+        prompt_ids = self.check_prompt(prompt_ids)
         self.check_fits(prompt_ids)
         return TextStream(self, prompt_ids, config)
 
@@ -334,6 +414,7 @@ class TextStream(DeltaStream):
 
     def __init__(self, gen: Generator, prompt_ids: List[int], cfg: SamplingConfig):
         self.gen, self.prompt_ids, self.cfg = gen, prompt_ids, cfg
+        self.epoch = gen.epoch  # the generator's epoch as this stream's own last step left it
         self._it = self._run()
 
     def _run(self):
@@ -351,6 +432,7 @@ class TextStream(DeltaStream):
         except BaseException:
             gen.truncate(kept)  # a half-prefilled prompt is not a valid cache state
             raise
+        self.epoch = gen.epoch  # the cache is this stream's now
         token = gen.first_token(logits, sampler)
         t_first = time.perf_counter()
         first_setup = CompileTracker.since(compiles).seconds + gen.capture_s - captured
@@ -372,12 +454,15 @@ class TextStream(DeltaStream):
                 delta = text[len(emitted):stable]
                 emitted = text[:stable]
                 yield delta
+                if gen.epoch != self.epoch:  # paused while something else used the cache
+                    raise SupersededError()
             if len(out_ids) >= cfg.max_new_tokens:
                 break
             if gen.cache.length + 1 > gen.max_seq_len:
                 finish = "context_full"
                 break
             token = gen.decode_next(token, sampler)
+            self.epoch = gen.epoch
             stats.decode_steps += 1
         stats.new_tokens = len(out_ids)
         total_compile = CompileTracker.since(compiles)
@@ -386,6 +471,8 @@ class TextStream(DeltaStream):
         stats.decode_s = time.perf_counter() - t_first - (total_compile.seconds + stats.capture_s - first_setup)
         if len(text) > len(emitted) and text.startswith(emitted):
             yield text[len(emitted):]
+            if gen.epoch != self.epoch:  # the result may be committed (a chat turn): not on another's cache
+                raise SupersededError()
         self.result = GenerationResult(text=text, token_ids=out_ids, finish_reason=finish, stats=stats)
 
 
@@ -408,19 +495,33 @@ def _held_back(text: str, stop_strings) -> int:
     return len(text) - len(body) + hold
 
 
-def _prompt_ids(tokenizer, prompt) -> List[int]:
+def _prompt_ids(tokenizer, prompt) -> list:
+    """The ids of one prompt (a string, a sequence of ids, or a ``[S]`` / ``[1, S]`` integer tensor);
+    :meth:`Generator.check_prompt` checks them against the vocabulary."""
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("the prompt is empty: nothing to generate from")
         return list(tokenizer.encode(prompt, add_special_tokens=True))
     if isinstance(prompt, torch.Tensor):
-        return [int(t) for t in prompt.reshape(-1).tolist()]
-    return [int(t) for t in prompt]
+        if prompt.dim() > 2 or (prompt.dim() == 2 and prompt.shape[0] != 1):
+            raise ValueError(f"a tensor prompt is one sequence of token ids, [S] or [1, S]; got shape "
+                             f"{tuple(prompt.shape)} (generate one prompt at a time)")
+        if prompt.is_floating_point() or prompt.is_complex():
+            raise ValueError(f"a tensor prompt holds token ids (an integer dtype), got {prompt.dtype}")
+        return prompt.reshape(-1).tolist()
+    return list(prompt)
+
+
+def check_max_seq_len(max_seq_len) -> None:
+    """None (the model's own) or a positive int; a ValueError otherwise (0 is not "the default")."""
+    if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):
+        raise ValueError(f"max_seq_len must be a positive int, or None for the model's own; got {max_seq_len!r}")
 
 
 def _generator_for(model, tokenizer, max_seq_len: Optional[int]) -> Generator:
     """One Generator (cache + CUDA graph) kept on the model and reused across calls."""
-    want = int(max_seq_len or model.max_seq_len)
+    check_max_seq_len(max_seq_len)
+    want = int(model.max_seq_len if max_seq_len is None else max_seq_len)
     gen = getattr(model, "_tinyq_generator", None)
     if gen is None or gen.max_seq_len != want or gen.tokenizer is not tokenizer:
         gen = Generator(model, tokenizer, want)

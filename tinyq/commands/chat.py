@@ -219,12 +219,17 @@ def _answer_once(session, text: str) -> bool:
 
 
 def _stream(turn) -> bool:
+    """Print one answer as it streams. A turn that fails mid-answer (NaN logits of an overflowing
+    model, a failed forward) was rolled back by the session: say why and keep the conversation."""
     print("assistant> ", end="", flush=True)
     try:
         for delta in turn:
             print(delta, end="", flush=True)
     except KeyboardInterrupt:
         print("\n[interrupted: this turn was discarded]")
+        return True
+    except (ValueError, RuntimeError) as exc:
+        print(f"\nerror: {exc}\n[this turn was discarded; the history is kept]")
         return True
     r = turn.result
     note = " | context full: /reset to continue" if r.finish_reason == "context_full" else ""

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from tinyq.commands.quantize import add_calibration_args, job_from_args
+from tinyq.commands.quantize import add_calibration_args, check_search_flags, job_from_args
 from tinyq.json_io import read_json
 from tinyq.quant.format import GROUP_SIZES
 
@@ -110,13 +110,14 @@ def run(args) -> int:
                                    ("--max-windows", args.max_windows, 1)):
             if value is not None and value < least:  # before the model is loaded
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
+        check_search_flags(args)
         model, tok, what = load_for_eval(args)
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
         text = calib.handbook_text("eval") if args.ppl_handbook else calib.read_text_files(args.ppl_file)
         wins = windows(calib.encode(tok, text), args.window, args.max_windows)
         ppl = perplexity(model, wins, batch=args.batch, device=args.device or default_device(), progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: a file that cannot be read or written
         print(f"tinyq eval: error: {exc}", file=sys.stderr)
         return 2
     result = {"model": args.model, "mode": what, "perplexity": ppl, "windows": int(wins.shape[0]), "window": args.window}

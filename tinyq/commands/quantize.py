@@ -10,7 +10,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from tinyq.quant.format import GROUP_SIZES
@@ -86,6 +85,7 @@ def run(args) -> int:
 
     try:
         check_w8a8_flags(args)  # before a model is loaded and calibrated
+        check_search_flags(args)
         job = job_from_args(args, args.method)
         if args.out is None:
             if not args.save_search or args.method != "awq":
@@ -96,7 +96,7 @@ def run(args) -> int:
         if args.method == "smoothquant":
             return _smoothquant(args, job)
         summary = quantize_to_checkpoint(job, args.out, args.format)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # OSError: a path (--out, --save-search, ...) that cannot be used
         print(f"tinyq quantize: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.format} W4A16 checkpoint ({args.method}, g{args.group_size}) to {summary['path']}")
@@ -122,8 +122,18 @@ def check_w8a8_flags(args) -> None:
     search = [flag for flag, value in (("--save-search", args.save_search), ("--load-search", args.load_search)) if value]
     if args.method != "awq" and search:
         raise ValueError(f"{', '.join(search)}: for --method awq only (got --method {args.method})")
-    if args.save_search and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_search))):
-        raise ValueError(f"--save-search {args.save_search}: its folder does not exist")  # found before the search
+
+
+def check_search_flags(args) -> None:
+    """``--save-search`` names a file that can be written, ``--load-search`` a search-results file
+    for these bits and group size: found before the model is loaded and searched, not after."""
+    from tinyq.quant.awq import AwqConfig
+    from tinyq.quant.pipeline import check_new_file, check_search_file
+
+    if args.save_search:
+        check_new_file(args.save_search, "--save-search")
+    if args.load_search:
+        check_search_file(args.load_search, AwqConfig(w_bit=args.w_bit, group_size=args.group_size), "--load-search")
 
 
 def _smoothquant(args, job) -> int:

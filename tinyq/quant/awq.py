@@ -25,6 +25,7 @@ choices are returned as :class:`AwqResults`, which save/load and re-apply to a f
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -96,18 +97,53 @@ class AwqResults:
 
     @classmethod
     def load(cls, path) -> "AwqResults":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("tinyq_awq")
-            if meta is None:
-                raise ValueError(f"{path} is not a tinyq AWQ search-results file (no 'tinyq_awq' metadata)")
-            info = json.loads(meta)
+        """Read a file :meth:`save` wrote; anything else is a ValueError (a FileNotFoundError if
+        missing) naming ``path``."""
+        with _open_results(path) as f:
+            info = _results_info(f, path)
             out = cls(info["config"], info["family"], info["num_layers"])
             for key in f.keys():
-                kind, name = key.split(".", 1)
+                kind, _, name = key.partition(".")
+                if kind not in ("scale", "clip") or not name:
+                    raise ValueError(f"{path}: tensor {key!r} is neither 'scale.<op>' nor 'clip.<linear>'")
                 (out.scales if kind == "scale" else out.clips)[name] = f.get_tensor(key)
         return out
+
+    @staticmethod
+    def read_info(path) -> dict:
+        """The settings a results file was searched with (``config``, ``family``, ``num_layers``),
+        from its header only: a cheap check of a file before a model is loaded to apply it."""
+        with _open_results(path) as f:
+            return _results_info(f, path)
+
+
+def _open_results(path):
+    """``safe_open`` of a search-results file, with errors that name it."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"No such file or directory: {path} (AWQ search results)")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory, not an AWQ search-results file")
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise ValueError(f"{path}: not a safetensors file ({exc})") from exc
+
+
+def _results_info(f, path) -> dict:
+    """The ``tinyq_awq`` metadata of an open results file: ``config``, ``family``, ``num_layers``."""
+    meta = (f.metadata() or {}).get("tinyq_awq")
+    if meta is None:
+        raise ValueError(f"{path} is not a tinyq AWQ search-results file (no 'tinyq_awq' metadata)")
+    try:
+        info = json.loads(meta)
+        if not (isinstance(info, dict) and {"config", "family", "num_layers"} <= info.keys()
+                and isinstance(info["config"], dict)):
+            raise ValueError("config, family or num_layers missing")
+    except ValueError as exc:
+        raise ValueError(f"{path}: its 'tinyq_awq' metadata is not what tinyq writes ({exc})") from None
+    return info
 
 
 class Progress:
@@ -179,9 +215,21 @@ def clip_weight_(weight: torch.Tensor, ratio: torch.Tensor, group_size: int) -> 
     g.copy_(torch.maximum(torch.minimum(g, hi), lo))
 
 
+def _overflow_error(where: str, what: str, dtype: torch.dtype) -> ValueError:
+    """The search cannot go on: NaN statistics or losses would fold a NaN scale into the weights."""
+    if dtype == torch.float16:
+        why = ("float16 activations overflow above 65504: search in float32 or bfloat16 (a search on the CPU "
+               "runs in float32: --device cpu)")
+    else:
+        why = (f"in {str(dtype).replace('torch.', '')} that points at weights or embeddings that are not finite "
+               "(a float16 overflow is avoided by searching in float32 or bfloat16)")
+    return ValueError(f"AWQ search, {where}: {what} hold inf/NaN, so no scale can be chosen; {why}")
+
+
 @torch.no_grad()
-def _search_scale(layer, group, x_mean, inputs, kw, cfg) -> torch.Tensor:
-    """Best scale for one group; returns ``s`` with the prev op's output width (fp32)."""
+def _search_scale(layer, group, x_mean, inputs, kw, cfg, where: str = "") -> torch.Tensor:
+    """Best scale for one group; returns ``s`` with the prev op's output width (fp32). ``x_mean``
+    must be finite (the caller checks); a ValueError naming ``where`` if no ``α`` gives a finite loss."""
     linears = [layer.get_submodule(n) for n in group.linears]
     inspect = layer.get_submodule(group.inspect) if group.inspect else linears[0]
     gqa = _is_gqa(layer, group.prev, group.linears)
@@ -206,6 +254,9 @@ def _search_scale(layer, group, x_mean, inputs, kw, cfg) -> torch.Tensor:
             best, best_loss = s.clone(), loss
     for lin, w in zip(linears, originals):
         lin.weight.data.copy_(w)
+    if best is None:  # every loss was NaN/inf: the module's own output overflows
+        raise _overflow_error(where or group.prev, f"the losses of every alpha at {group.inspect or group.linears[0]}",
+                              originals[0].dtype)
     return best
 
 
@@ -331,7 +382,10 @@ def awq_search(model: nn.Module, blocks: torch.Tensor, cfg: AwqConfig = None, de
                 first = group.linears[0]
                 if first not in kept:
                     continue
-                s = _search_scale(layer, group, x_mean[first], kept[first], kw, cfg)
+                where = f"layer {i}, scale group {group.prev} -> {', '.join(group.linears)}"
+                if not torch.isfinite(x_mean[first]).all():  # before a NaN scale is folded into the weights
+                    raise _overflow_error(where, f"the inputs of {first}", x.dtype)
+                s = _search_scale(layer, group, x_mean[first], kept[first], kw, cfg, where)
                 _fold_scale(layer, group.prev, group.linears, s)
                 results.scales[f"layers.{i}.{group.prev}"] = s.float().cpu()
                 s_in = _input_scale(layer, group.prev, group.linears, s)

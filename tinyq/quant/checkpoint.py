@@ -123,8 +123,11 @@ def portable_config(config: dict, dtype: torch.dtype) -> dict:
 def check_output_dir(path, replace: bool = True, source=None) -> Path:
     """Refuse early to overwrite a non-empty directory that is not a quantized checkpoint (a
     ``config.json`` with a ``quantization_config``: a float model directory is never replaced), or,
-    with ``replace=False``, any non-empty directory, or the model being quantized (``source``)."""
+    with ``replace=False``, any non-empty directory, or the model being quantized (``source``); and
+    a destination that cannot be created (a file on its path: NotADirectoryError; a folder that is
+    not writable: PermissionError)."""
     dest = Path(path)
+    _check_creatable(dest)
     if source is not None and Path(source).exists() and dest.exists() and dest.resolve() == Path(source).resolve():
         raise FileExistsError(f"output {dest} is the model being quantized; write the checkpoint elsewhere")
     if dest.exists():
@@ -136,6 +139,18 @@ def check_output_dir(path, replace: bool = True, source=None) -> Path:
             raise FileExistsError(f"output {dest} is a non-empty directory that is not a quantized checkpoint; "
                                   "refusing to replace it")
     return dest
+
+
+def _check_creatable(dest: Path) -> None:
+    """Its folders are made as needed (``mkdir(parents=True)``): the nearest one that exists must be a
+    writable folder, found now rather than after the search."""
+    folder = dest.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise NotADirectoryError(f"output {dest}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"output {dest}: its folder {folder} is not writable")
 
 
 def _is_quantized_checkpoint(folder: Path) -> bool:

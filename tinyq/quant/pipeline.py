@@ -2,6 +2,7 @@
 load the fp model, cut calibration blocks, run the AWQ search (or none, for RTN), write a checkpoint."""
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,34 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_new_file(path, what: str = "output file") -> None:
+    """``path`` can be written as a file: not a directory, in an existing, writable folder; a
+    ValueError naming ``what`` otherwise. Checked before the (long) search whose result goes there."""
+    if os.path.isdir(path):
+        example = os.path.join(path, "awq_search.safetensors")
+        raise ValueError(f"{what} {path} is a directory; name a file, e.g. {example}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: its folder does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: its folder {folder} is not writable")
+
+
+def check_search_file(path, awq: AwqConfig, what: str = "load_search") -> None:
+    """``path`` holds AWQ search results for ``awq``'s bits and group size (its header is read, not
+    its tensors): a ValueError (FileNotFoundError if missing) naming ``what`` and ``path`` otherwise."""
+    try:
+        info = AwqResults.read_info(path)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{what}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+    for key in ("w_bit", "group_size"):
+        if info["config"].get(key) != getattr(awq, key):
+            raise ValueError(f"{what} {path}: search results are for {key}={info['config'].get(key)}, "
+                             f"not {getattr(awq, key)}")
+
+
 def prepare(job: QuantizeJob):
     """Load the model and apply AWQ (search or saved results); RTN leaves it as it is.
 
@@ -67,15 +96,15 @@ def prepare(job: QuantizeJob):
     device = job.device or default_device()
     dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     log = _log if job.progress else None
+    if job.method == "awq" and job.load_search:  # a bad file or path is found before the model loads
+        check_search_file(job.load_search, job.awq)
+    elif job.method == "awq" and job.save_search:  # ... and before the search, not after it
+        check_new_file(job.save_search, "save_search")
     model, tokenizer = load_fp_model(job.model, dtype=dtype)
     if job.method == "rtn":
         return model, tokenizer, None, 0.0
     if job.load_search:
         results = AwqResults.load(job.load_search)
-        for key in ("w_bit", "group_size"):
-            if results.config[key] != getattr(job.awq, key):
-                raise ValueError(f"{job.load_search}: search results are for {key}={results.config[key]}, "
-                                 f"not {getattr(job.awq, key)}")
         return apply_awq(model, results), tokenizer, results, 0.0
     blocks = job.calib.blocks(tokenizer, log)
     awq_cfg = job.awq
@@ -89,7 +118,11 @@ def prepare(job: QuantizeJob):
     if log:
         log(f"AWQ search: {seconds:.1f} s on {device}")
     if job.save_search:
-        results.save(job.save_search)
+        try:
+            results.save(job.save_search)
+        except OSError as exc:  # atomic_io's message names its temporary file: name the destination
+            raise OSError(f"could not write the AWQ search results to {job.save_search}: "
+                          f"{exc.strerror or exc}") from exc
     return model, tokenizer, results, seconds
 
 
