@@ -10,16 +10,20 @@ VILA-1.5 checkpoints are prompted in the legacy format VILA picks by their name 
 hermes-2); ``--conversation template`` uses the tokenizer's chat template instead.
 
 In the chat: ``/image PATH[,PATH]`` adds images to the next message, ``/video PATH`` a video,
-``/reset`` forgets everything, ``/exit`` quits. After each answer: time to first token, vision
-encoder time and decode ms/token. ``--prompt TEXT`` answers one message and exits.
+``/drop`` discards the media not yet sent, ``/reset`` forgets everything, ``/exit`` quits. Paths may
+start with ``~`` and come quoted (as dragged into a terminal). After each answer: time to first
+token, vision encoder time and decode ms/token. ``--prompt TEXT`` answers one message and exits.
 """
 import argparse
+import os
 import re
 import sys
+import warnings
 
 import torch
 
-from tinyq.models.vlm import load_vlm
+from tinyq.generate import ContextOverflowError
+from tinyq.models.vlm import IMAGE_MARKER, load_vlm
 from tinyq.vlm.session import VLMChatSession
 
 RANDOM_WARNING = """
@@ -30,7 +34,7 @@ RANDOM_WARNING = """
 """
 
 
-COMMANDS = "/image PATH[,PATH]  /video PATH  /reset  /exit"
+COMMANDS = "/image PATH[,PATH]  /video PATH  /drop (media not yet sent)  /reset  /exit"
 
 
 def parse_args(argv=None):
@@ -58,17 +62,37 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_seq_len < 2:  # 0 would read as "the model's default" further down
         p.error(f"--max-seq-len must be >= 2, got {args.max_seq_len}")
+    if args.prompt is not None and not args.prompt.strip():  # a script's empty question: not the interactive chat
+        p.error("--prompt is empty: give the message to answer")
     return args
+
+
+def one_path(text: str) -> str:
+    """A path as typed: spaces around and one pair of matching quotes (a path dragged into a
+    terminal comes quoted) removed, ``~`` expanded."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        text = text[1:-1]
+    return os.path.expanduser(text)
+
+
+def image_paths(text: str) -> list:
+    """The paths in ``--image`` / ``/image`` text: comma-separated (see :func:`one_path`), unless the
+    whole text names a file, which is then the one path (its name may hold commas)."""
+    whole = one_path(text)
+    if os.path.isfile(whole):
+        return [whole]
+    return [one_path(p) for p in text.split(",") if p.strip()]
 
 
 def add_media(chat, images=None, video=None, frames=None):
     """Encode media now; prints what was added. Returns False (and says why) on bad input."""
     try:
         if images:
-            counts = chat.add_images([p.strip() for p in images.split(",") if p.strip()])
+            counts = chat.add_images(image_paths(images))
             print(f"[{len(counts)} image(s), {sum(counts)} tokens, vision {vision_ms(chat)}]")
         if video:
-            counts = chat.add_video(video, frames)
+            counts = chat.add_video(one_path(video), frames)
             frames = frames or getattr(chat.vlm, "num_video_frames", 8)
             print(f"[video: {frames} frames, {sum(counts)} tokens, vision {vision_ms(chat)}]")
     except (ValueError, ImportError) as exc:
@@ -92,12 +116,19 @@ def vision_ms(chat) -> str:
 def answer(chat, text) -> bool:
     """One turn, streamed; False when it failed (an error, or interrupted)."""
     vision_s = chat.pending_vision_s  # every image added since the last message
+    if IMAGE_MARKER in text:
+        print(f"[{IMAGE_MARKER} in a message is text, not an image, and is removed; /image adds images]")
     try:
-        turn = chat.send(text)
+        with warnings.catch_warnings():  # the session's warning says the same in API terms
+            warnings.filterwarnings("ignore", message=f"{IMAGE_MARKER} in the message is text")
+            turn = chat.send(text)
         print("assistant> ", end="", flush=True)
         for delta in turn:
             print(delta, end="", flush=True)
-    except ValueError as exc:  # placeholder/image mismatch, context overflow
+    except ContextOverflowError:
+        print(f"error: {context_full(chat, text)}")
+        return False
+    except ValueError as exc:  # e.g. a message that is not valid text
         print(f"error: {exc}")
         return False
     except KeyboardInterrupt:  # the session rolled the turn back; its images stay pending
@@ -109,6 +140,18 @@ def answer(chat, text) -> bool:
     if s.compiled_kernels:
         print(f"[first use of a new shape: {s.compiled_kernels} kernels compiled in {s.compile_s:.1f} s, not counted]")
     return True
+
+
+def context_full(chat, text) -> str:
+    """The session's context-full error in this script's terms (it names API calls: reset(),
+    drop_oldest_turns()); nothing was sent, and the history is kept."""
+    need = len(chat.prompt_ids(text)) + 1  # the prompt and the answer's first token
+    pending = chat.pending_images
+    waiting = f", with the {pending} media item(s) added for it," if pending else ""
+    ways = "/drop discards the media not yet sent, /reset" if pending else "/reset"
+    return (f"this message{waiting} needs {need} tokens of context (history: {chat.turns} turns) but "
+            f"--max-seq-len is {chat.max_seq_len}; nothing was sent and the history is kept: {ways} "
+            "starts a new conversation")
 
 
 def main(argv=None):
@@ -141,7 +184,7 @@ def main(argv=None):
         from tinyq.vlm.media import load_image
 
         try:
-            calib = [load_image(p.strip()) for p in (args.vision_calib or "").split(",") if p.strip()]
+            calib = [load_image(p) for p in image_paths(args.vision_calib or "")]
         except ValueError as exc:
             print(f"error: {exc}")
             return 1
@@ -157,7 +200,7 @@ def main(argv=None):
         print(f"[{chat.warm_up().summary()}]")
     if not add_media(chat, args.image, args.video, args.frames):
         return 1
-    if args.prompt:
+    if args.prompt is not None:
         return 0 if answer(chat, args.prompt) else 1
     print(COMMANDS)
     while True:
@@ -173,18 +216,19 @@ def main(argv=None):
         if line == "/reset":
             chat.reset()
             print("[conversation and media forgotten]")
+        elif line == "/drop":
+            dropped = chat.drop_pending_media()
+            print(f"[{dropped} media item(s) not yet sent dropped]" if dropped else "[no media waiting to be sent]")
         elif line.startswith("/image ") and line[len("/image "):].strip():
             add_media(chat, images=line[len("/image "):])
         elif line.startswith("/video ") and line[len("/video "):].strip():
-            add_media(chat, video=line[len("/video "):].strip(), frames=args.frames)
-        elif line.startswith("/") and line.split()[0] in ("/image", "/video", "/reset", "/exit"):
+            add_media(chat, video=line[len("/video "):], frames=args.frames)
+        elif line.startswith("/") and line.split()[0] in ("/image", "/video", "/drop", "/reset", "/exit"):
             print(f"usage: {COMMANDS}")  # a command without its path, or with extra words
         elif re.fullmatch(r"/[a-z]+", line.split()[0]):  # a mistyped command, not a message like "/etc/hosts?"
             print(f"unknown command {line.split()[0]}; {COMMANDS}")
-        else:
-            answer(chat, line)
-            if args.random_tiny:
-                print("(random weights: the answer above is noise)")
+        elif answer(chat, line) and args.random_tiny:
+            print("(random weights: the answer above is noise)")
 
 
 if __name__ == "__main__":

@@ -96,8 +96,12 @@ def test_follow_up_turns_prefill_only_new_text_and_encode_only_new_images(llava,
 def test_bad_input(llava, tmp_path):
     hf, model, tok = llava
     s = VLMChatSession(model, tok, max_seq_len=256, max_new_tokens=2)
-    with pytest.raises(ValueError, match="1 <image> placeholder.* 0 image"):
-        s.send("<image> no image was added")
+    with pytest.raises(ValueError, match="no images given"):
+        s.add_images([])
+    with pytest.raises(TypeError, match="images must be paths or PIL images .*got int"):
+        s.add_images(42)
+    with pytest.raises(TypeError, match=r"expected an image path \(str or os.PathLike\) or a PIL image, got float"):
+        s.add_images([1.5])
     with pytest.raises(ValueError, match="image not found"):
         s.add_images([str(tmp_path / "missing.jpg")])
     bad = tmp_path / "bad.jpg"
@@ -181,7 +185,7 @@ def test_processor_template_and_vicuna_fallback(llava, template, starts):
     try:
         s = VLMChatSession(model, tok, max_seq_len=256)
         s.add_images(_images(2))
-        ids = s.prompt_ids("<image>\n<image>\nhi")
+        ids = s.prompt_ids("hi")
     finally:
         tok.chat_template = saved
     assert ids.count(model.image_token_id) == 2 * TOKENS_PER_IMAGE
@@ -209,3 +213,75 @@ def test_dropping_a_turn_drops_its_images(llava):
     # they are prefilled again, not reused
     assert r.stats.prompt_tokens - r.stats.prefilled_tokens <= prompt.index(model.image_token_id)
     assert r.token_ids == _hf_greedy(hf, prompt, _pixels(model, [second, third]), 2)
+
+
+@pytest.fixture(scope="module")
+def llava_bos(tmp_path_factory):
+    """A llava-hf folder whose tokenizer puts <s> before a text, as llava-1.5-7b-hf's Llama tokenizer does."""
+    import tests.vlm_tiny as vlm_tiny
+
+    path = tmp_path_factory.mktemp("llava-bos")
+    plain = vlm_tiny.vlm_tokenizer
+    vlm_tiny.vlm_tokenizer = lambda llama_bos=False: plain(llama_bos=True)
+    try:
+        hf, _ = make_llava_dir(path, "clip", "llama")
+    finally:
+        vlm_tiny.vlm_tokenizer = plain
+    model, tok = load_llava(str(path), precision="fp32", device="cpu", max_seq_len=256)
+    return hf, model, tok
+
+
+def _processor_inputs(model, tok, template, conversation, image):
+    """transformers' LlavaProcessor on ``conversation`` (the published usage): the prompt rendered by
+    ``template``, then tokenized by the tokenizer with its defaults (so with its BOS), <image> expanded."""
+    from transformers import LlavaProcessor
+
+    proc = LlavaProcessor(image_processor=model.processor, tokenizer=tok, patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template)
+    prompt = proc.apply_chat_template(conversation, add_generation_prompt=True)
+    return proc(images=image, text=prompt, return_tensors="pt")
+
+
+@pytest.mark.parametrize("template", ["llava-hf", "vicuna-fallback"])
+def test_bos_opens_the_prompt_once_as_in_transformers(llava_bos, template):
+    """A tokenizer that adds BOS: the session's prompt is LlavaProcessor's, BOS first, token for token,
+    and 6 greedy tokens follow LlavaForConditionalGeneration's; the second turn's prompt (prefilled over
+    the cached first) is the processor's for the two turns, still with one BOS."""
+    from tinyq.models.llava import VICUNA_TEMPLATE
+
+    hf, model, tok = llava_bos
+    template = LLAVA_HF_TEMPLATE if template == "llava-hf" else VICUNA_TEMPLATE
+    image = _images(3)[2]  # square: LLaVA's pad-to-square leaves it as the processor sees it
+    saved, tok.chat_template = tok.chat_template, template
+    try:
+        s = VLMChatSession(model, tok, max_seq_len=256, temperature=0, max_new_tokens=6)
+        s.gen.eos_ids = set()
+        s.add_images([image])
+        first = s.ask("what is this?")
+        second = s.ask("and then?")
+    finally:
+        tok.chat_template = saved
+    as_parts = template == LLAVA_HF_TEMPLATE
+    text = lambda t: [{"type": "text", "text": t}] if as_parts else t  # noqa: E731
+    turn1 = [{"role": "user", "content": [{"type": "image"}] + text("what is this?") if as_parts
+              else "<image>\nwhat is this?"}]
+    ref1 = _processor_inputs(model, tok, template, turn1, image)
+    ids1 = ref1.input_ids[0].tolist()
+    assert ids1[0] == tok.bos_token_id
+    assert s.gen.cached_ids[:first.stats.prompt_tokens] == ids1
+    assert first.token_ids == _hf_greedy(hf, ids1, ref1.pixel_values, 6)
+    turn2 = turn1 + [{"role": "assistant", "content": text(first.text)}, {"role": "user", "content": text("and then?")}]
+    ref2 = _processor_inputs(model, tok, template, turn2, image)
+    ids2 = ref2.input_ids[0].tolist()
+    prompt2 = s.gen.cached_ids[:second.stats.prompt_tokens]
+    assert prompt2 == ids2 and prompt2.count(tok.bos_token_id) == 1
+    assert second.stats.prefilled_tokens < second.stats.prompt_tokens - TOKENS_PER_IMAGE  # the first turn stayed cached
+    assert second.token_ids == _hf_greedy(hf, ids2, ref2.pixel_values, 6)
+
+
+def test_tokenizer_without_bos_gets_none(llava):
+    hf, model, tok = llava
+    s = VLMChatSession(model, tok, max_seq_len=256)
+    s.add_images(_images(1))
+    assert tok.bos_token_id is None or tok.bos_token_id not in s.prompt_ids("hi")

@@ -22,6 +22,7 @@ def test_uniform_indices_hand_computed():
     assert media.uniform_indices(3, 3) == [0, 1, 2]
     assert media.uniform_indices(8, 5) == [0, 2, 4, 5, 7]  # 0, 1.75, 3.5, 5.25, 7: 3.5 rounds to even
     assert media.uniform_indices(7, 1) == [0]
+    assert media.uniform_indices(3, 8) == [0, 0, 1, 1, 1, 1, 2, 2]  # VILA's round(linspace(0, 2, 8)): repeats
 
 
 def test_frames_from_directory_and_gif(tmp_path):
@@ -38,10 +39,24 @@ def test_frames_from_directory_and_gif(tmp_path):
     got = media.load_video_frames(str(gif), 4)
     assert len(got) == 4 and all(f.size == (20, 10) and f.mode == "RGB" for f in got)
     assert [f.getpixel((0, 0))[0] for f in got] == [0, 30, 60, 90]
-    with pytest.raises(ValueError, match="has 10 frame.*fewer than the 12"):
-        media.load_video_frames(str(gif), 12)
+    # more frames than the clip has: some repeat, as VILA's loader repeats them
+    got = media.load_video_frames(gif, 12)  # an os.PathLike path
+    picked = [f.getpixel((0, 0))[0] // 10 for f in got]
+    assert picked == media.uniform_indices(10, 12) == [0, 1, 2, 2, 3, 4, 5, 6, 7, 7, 8, 9]
+    short = tmp_path / "short.gif"
+    frames[0].save(short, save_all=True, append_images=frames[1:3], duration=40)
+    assert [f.getpixel((0, 0))[0] for f in media.load_video_frames(str(short), 8)] == [0, 0, 10, 10, 10, 10, 20, 20]
     with pytest.raises(ValueError, match="video not found"):
         media.load_video_frames(str(tmp_path / "none.mp4"), 2)
+
+
+def test_a_frames_directory_without_frames_says_so(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "notes.txt").write_text("not a frame")
+    with pytest.raises(ValueError, match=rf"frames directory {d} has no frame images \(files ending in \.jpg, "
+                                         r"\.jpeg, \.png, \.bmp, \.webp\)"):
+        media.load_video_frames(str(d), 8)
 
 
 def test_mp4_without_pyav_says_what_to_install(tmp_path, monkeypatch):
@@ -73,8 +88,8 @@ def test_mp4_frames_sampled_uniformly(tmp_path):
     assert [f.size for f in frames] == [(64, 48)] * 4
     reds = [float(np.asarray(f)[..., 0].mean()) for f in frames]
     assert [round((r - 10) / 20) for r in reds] == media.uniform_indices(10, 4)  # lossy codec: within half a step
-    with pytest.raises(ValueError, match="fewer than the 11 asked for"):
-        media.load_video_frames(str(path), 11)
+    reds = [float(np.asarray(f)[..., 0].mean()) for f in media.load_video_frames(str(path), 11)]
+    assert [round((r - 10) / 20) for r in reds] == media.uniform_indices(10, 11)  # one frame repeated
 
 
 def test_images_reach_the_model_as_transformers_loads_them(tmp_path):
@@ -302,10 +317,9 @@ def test_chat_vlm_survives_ctrl_c_and_bad_frame_counts(tmp_path, capsys, monkeyp
     assert "num_frames must be a positive int, got 0" in capsys.readouterr().out
 
 
-def test_image_markers_are_written_as_each_family_writes_them(tmp_path, monkeypatch):
+def test_image_markers_are_written_as_each_family_writes_them(tmp_path):
     """NVILA/VILA: the marker straight before the text (the placeholder ends in its own "\\n" row);
-    LLaVA: "<image>\\n" before the text."""
-    from tinyq.chat import ChatSession
+    LLaVA: "<image>\\n" before the text. The markers come from the message's media record."""
     from tinyq.models.llava import LlavaModel
     from tinyq.vlm.session import VLMChatSession
     from tinyq.vlm.tiny import random_tiny_nvila
@@ -313,10 +327,8 @@ def test_image_markers_are_written_as_each_family_writes_them(tmp_path, monkeypa
     model, tok = random_tiny_nvila()
     s = VLMChatSession(model, tok, max_seq_len=512, max_new_tokens=2)
     s.add_images(_frames(2, (40, 40)))
-    sent = []
-    monkeypatch.setattr(ChatSession, "send", lambda self, text, sampling=None: sent.append(text))
-    s.send("what is this?")
-    assert sent == ["<image><image>what is this?"]
+    assert "user\n<image><image>what is this?<|im_end|>" in s._render([{"role": "user", "content": "what is this?",
+                                                                       "media": 2}])
     assert model.placeholder_ids(s.images[0], tok)[-len(model.newline_ids):] == tok.encode("\n", add_special_tokens=False)
     from tests.vlm_tiny import make_llava_dir
 
@@ -324,6 +336,70 @@ def test_image_markers_are_written_as_each_family_writes_them(tmp_path, monkeypa
     llava, ltok = load_vlm(str(tmp_path), "fp32", device="cpu", max_seq_len=512)
     assert isinstance(llava, LlavaModel)
     s = VLMChatSession(llava, ltok, max_seq_len=512, max_new_tokens=2)
-    s.add_images(_frames(1, (40, 40)))
-    s.send("what is this?")
-    assert sent[-1] == "<image>\nwhat is this?"
+    assert "<image>\nwhat is this?" in s._render([{"role": "user", "content": "what is this?", "media": 1}])
+
+
+def test_chat_vlm_paths_with_commas_tilde_and_quotes(tmp_path, capsys, monkeypatch):
+    """A file whose name holds a comma is one path; ~ is expanded; a path dragged into a terminal
+    (quoted) is unquoted; several paths are still comma-separated. /drop discards what was added."""
+    mod = _chat_vlm_example()
+    (tmp_path / "imgs").mkdir()
+    for name in ("beach, sunset.png", "my photo.png", "a.png"):
+        _frames(1, (60, 40))[0].save(tmp_path / "imgs" / name)
+    gif = tmp_path / "imgs" / "my clip.gif"
+    frames = _frames(3, (40, 40))
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    comma = str(tmp_path / "imgs" / "beach, sunset.png")
+    assert mod.main(["--random-tiny", "--image", comma, "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert "[1 image(s)" in capsys.readouterr().out
+    monkeypatch.setenv("HOME", str(tmp_path))
+    a = tmp_path / "imgs" / "a.png"
+    lines = iter(["/image ~/imgs/my photo.png", f"/image '{tmp_path}/imgs/my photo.png'", f'/image "{comma}"',
+                  f"/image {a}, ~/imgs/a.png", '/video "~/imgs/my clip.gif"', "/drop", "/drop", "hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert mod.main(["--random-tiny", "--frames", "3", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "error" not in out and out.count("[1 image(s)") == 3 and "[2 image(s)" in out and "[video: 3 frames" in out
+    assert "[6 media item(s) not yet sent dropped]" in out and "[no media waiting to be sent]" in out
+    assert "vision encoder 0 ms" in out  # the message went without the dropped media
+    assert mod.image_paths("x.png, y.png") == ["x.png", "y.png"]
+
+
+def test_chat_vlm_context_full_speaks_cli(tmp_path, capsys, monkeypatch):
+    """A video too long for --max-seq-len is refused when added, so later messages still work; a
+    message that does not fit with the media waiting for it suggests /drop and /reset (not the API's
+    reset() / drop_oldest_turns()), and /drop lets it through with the history kept."""
+    mod = _chat_vlm_example()
+    gif = tmp_path / "clip.gif"
+    frames = _frames(32, (40, 40))
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    img = tmp_path / "a.png"
+    _frames(1, (70, 50))[0].save(img)
+    long = "y" * 60
+    lines = iter(["hello", f"/video {gif}", "what happens?", f"/image {img}", long, "/drop", long, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert mod.main(["--random-tiny", "--frames", "32", "--max-seq-len", "200", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert f"error: video {gif} (32 frames): " in out and "nothing was added" in out
+    assert "error: this message, with the 1 media item(s) added for it, needs " in out
+    assert "--max-seq-len is 200; nothing was sent and the history is kept: /drop discards the media not yet sent, " \
+           "/reset starts a new conversation" in out
+    assert "reset()" not in out and "drop_oldest_turns" not in out
+    assert "[1 media item(s) not yet sent dropped]" in out and out.count("[TTFT") == 3
+
+
+def test_chat_vlm_bad_text_and_empty_prompt(capsys, monkeypatch):
+    """A line that is not valid text is an error and the chat goes on; <image> typed in a message is
+    text, said so in the chat's terms; --prompt '' is a usage error (exit code 2), not the interactive chat."""
+    mod = _chat_vlm_example()
+    lines = iter(["hello", "caf\udce9?", "still there?", "what is <image>?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert mod.main(["--random-tiny", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "error: the message is not valid text (surrogates not allowed at character 3)" in out
+    assert "[<image> in a message is text, not an image, and is removed; /image adds images]" in out
+    assert out.count("[TTFT") == 3 and out.count("(random weights") == 3  # not after the error
+    for empty in ("", "   "):
+        with pytest.raises(SystemExit) as exc:
+            mod.main(["--random-tiny", "--prompt", empty])
+        assert exc.value.code == 2 and "--prompt is empty" in capsys.readouterr().err

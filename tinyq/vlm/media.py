@@ -23,13 +23,28 @@ def _pil():
     return Image
 
 
+def is_image(obj) -> bool:
+    """Whether ``obj`` is a PIL image."""
+    Image = _pil()
+    return isinstance(obj, Image.Image)
+
+
+def as_path(path, expected: str) -> str:
+    """``path`` (a str, bytes or ``os.PathLike``) as a str; anything else is a TypeError saying what
+    was ``expected``."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"expected {expected}, got {type(path).__name__}")
+    return os.fsdecode(path)
+
+
 def load_image(image):
-    """A path (or a PIL image) -> an RGB PIL image (:func:`to_rgb`); an unreadable file is a
-    ValueError naming it. A file is turned as its EXIF orientation says (as transformers'
-    ``load_image`` does: a phone photo reaches the model upright)."""
+    """A path (str or ``os.PathLike``) or a PIL image -> an RGB PIL image (:func:`to_rgb`); an
+    unreadable file is a ValueError naming it. A file is turned as its EXIF orientation says (as
+    transformers' ``load_image`` does: a phone photo reaches the model upright)."""
     Image = _pil()
     if isinstance(image, Image.Image):
         return to_rgb(image)
+    image = as_path(image, "an image path (str or os.PathLike) or a PIL image")
     if not os.path.isfile(image):
         raise ValueError(f"image not found: {image}")
     try:
@@ -102,7 +117,8 @@ def pixel_values(processor, images: Sequence):
 def uniform_indices(total: int, n: int) -> List[int]:
     """``n`` frame indices spread evenly over ``total`` frames, first and last included:
     ``round(linspace(0, total - 1, n))`` with ties to even, the frames VILA's loader picks
-    (NVlabs/VILA llava/utils/media.py, ``_load_video``), so a video gives the model its training inputs."""
+    (NVlabs/VILA llava/utils/media.py, ``_load_video``), so a video gives the model its training inputs.
+    With ``n > total`` some frames repeat (3 of 8: 0, 0, 1, 1, 1, 1, 2, 2), as in VILA."""
     if n < 1 or total < 1:
         raise ValueError(f"cannot pick {n} of {total} frames")
     if n == 1:
@@ -111,30 +127,31 @@ def uniform_indices(total: int, n: int) -> List[int]:
     return [round(i * step) for i in range(n - 1)] + [total - 1]
 
 
-def load_video_frames(path: str, num_frames: int) -> List:
-    """``num_frames`` RGB frames sampled uniformly from a directory of images (sorted by name), an
-    animated GIF/WebP, or (with PyAV installed) a video file. Fewer frames than asked is a ValueError."""
+def load_video_frames(path, num_frames: int) -> List:
+    """``num_frames`` RGB frames sampled uniformly (:func:`uniform_indices`) from a directory of
+    images (sorted by name; extensions :data:`FRAME_EXTENSIONS`), an animated GIF/WebP, or (with PyAV
+    installed) a video file. A clip with fewer frames than asked repeats some, as VILA's loader does;
+    one with no frame at all is a ValueError naming it."""
     Image = _pil()
+    path = as_path(path, "a video path (str or os.PathLike)")
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if os.path.isdir(path):
         files = sorted(f for f in os.listdir(path) if f.lower().endswith(FRAME_EXTENSIONS))
-        _enough(path, len(files), num_frames)
+        if not files:
+            raise ValueError(f"frames directory {path} has no frame images (files ending in "
+                             f"{', '.join(FRAME_EXTENSIONS)})")
         return [load_image(os.path.join(path, files[i])) for i in uniform_indices(len(files), num_frames)]
     if not os.path.isfile(path):
         raise ValueError(f"video not found: {path}")
     if path.lower().endswith((".gif", ".webp")):
         try:
             with Image.open(path) as im:
-                total = getattr(im, "n_frames", 1)
-                _enough(path, total, num_frames)
                 frames = []
-                for i in uniform_indices(total, num_frames):
+                for i in uniform_indices(getattr(im, "n_frames", 1), num_frames):  # a still image: 1 frame
                     im.seek(i)
                     frames.append(to_rgb(im))
                 return frames
-        except ValueError:
-            raise
         except Exception as exc:
             raise ValueError(f"cannot read video {path}: {exc}") from exc
     try:
@@ -145,11 +162,12 @@ def load_video_frames(path: str, num_frames: int) -> List:
     try:
         with av.open(path) as container:
             total = container.streams.video[0].frames  # 0 where the container does not say
-        frames = _decode_frames(av, path, total, num_frames) if total >= num_frames else None
+        frames = _decode_frames(av, path, total, num_frames) if total >= 1 else None
         if frames is None:  # no frame count, or a wrong one: count by decoding, then pick
             with av.open(path) as container:
                 total = sum(1 for _ in container.decode(video=0))
-            _enough(path, total, num_frames)
+            if total == 0:
+                raise ValueError(f"video {path} has no frame that PyAV can decode")
             frames = _decode_frames(av, path, total, num_frames)
     except ValueError:
         raise
@@ -171,8 +189,3 @@ def _decode_frames(av, path: str, total: int, num_frames: int):
                 if len(kept) == len(wanted):
                     break
     return [kept[i] for i in picks] if len(kept) == len(wanted) else None
-
-
-def _enough(path: str, have: int, want: int) -> None:
-    if have < want:
-        raise ValueError(f"video {path} has {have} frame(s), fewer than the {want} asked for")

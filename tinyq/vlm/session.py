@@ -4,15 +4,23 @@ A :class:`VLMChatSession` is a :class:`tinyq.chat.ChatSession` (same turn, rollb
 rules) whose prompt may hold images:
 
 - ``add_images`` / ``add_video`` encode the media at once (vision tower + projector), once: the
-  feature rows are kept for the whole conversation, and the next ``send`` puts one
-  ``<image>`` marker per new media item before its text (a video is one item where the model has
-  a video encoder, VILA / NVILA: :mod:`tinyq.models.vila_video`; else one per frame).
+  feature rows are kept for the whole conversation, and the next ``send`` places the new media
+  items before its text (a video is one item where the model has a video encoder, VILA / NVILA:
+  :mod:`tinyq.models.vila_video`; else one per frame). Media that could not fit the cache even in a
+  conversation of their own are refused when added; ``drop_pending_media`` discards those not yet sent.
+- Each user message of the history records how many media items went before its text
+  (``message["media"]``, written when its answer completes): the count, not the text, says where
+  the images are. ``<image>`` written in any message's text is text, and is removed before
+  rendering, as VILA's ``extract_media`` removes it (NVlabs/VILA llava/utils/media.py): only real
+  media become placeholders.
 - Rendering: the model's legacy conversation format where it has one (VILA-1.5,
   :mod:`tinyq.vlm.conversation`), else the chat template (the tokenizer's, else the model family's),
-  over messages whose text holds the markers; each marker becomes the model's placeholder ids for that image
-  (:meth:`VisionLanguageModel.placeholder_ids`; a video's rows hold their own framing tokens, so
-  its placeholder is just one image token per row), and the session records at which absolute
-  position each item's rows start.
+  over messages whose text holds one ``<image>`` marker per media item; each marker becomes the
+  model's placeholder ids for that item (:meth:`VisionLanguageModel.placeholder_ids`; a video's rows
+  hold their own framing tokens, so its placeholder is just one image token per row), and the
+  session records at which absolute position each item's rows start. A tokenizer that puts a BOS
+  before a text (Llama's ``<s>``) gets one at the start of the conversation where the template
+  writes none, as the reference processors' tokenizer call adds it.
 - Prefill goes through :class:`tinyq.generate.Generator` with an ``embed_fn`` that embeds the ids
   and writes the feature rows over the image positions that fall in the chunk. Later turns reuse
   the cached prefix (context streaming), so they prefill only their new text; a new image in a
@@ -20,18 +28,22 @@ rules) whose prompt may hold images:
 """
 from __future__ import annotations
 
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from tinyq.chat import ChatSession
-from tinyq.generate import Generator
+from tinyq.chat import ChatSession, check_message
+from tinyq.generate import DeltaStream, Generator
 from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel, expand_images
 from tinyq.vlm import media
 from tinyq.vlm.conversation import tokenize_pieces
 from tinyq.warmup import CompileTracker, WarmupReport, warm_up
+
+MEDIA = "media"  # a user message's key: how many media items go before its text
 
 
 @dataclass
@@ -58,6 +70,7 @@ class VLMChatSession(ChatSession):
         self.last_vision_capture_s = 0.0  # ... and the tower's CUDA-graph captures (first use of a chunk size)
         self._next_serial = 0
         self._cached_items: Dict[int, int] = {}  # first position -> serial of the items the cache was filled with
+        self._bos = _default_bos(tokenizer)
         gen = Generator(model.llm, tokenizer, max_seq_len, embed_fn=self._embed)
         super().__init__(model.llm, tokenizer, system_prompt=system_prompt, sampling=sampling, generator=gen,
                          **settings)
@@ -78,7 +91,7 @@ class VLMChatSession(ChatSession):
 
     @property
     def pending_images(self) -> int:
-        """Images added but not yet sent with a message."""
+        """Media items added but not yet sent with a message."""
         return len(self._items) - self._sent_images()
 
     @property
@@ -87,22 +100,32 @@ class VLMChatSession(ChatSession):
         return sum(item.vision_s for item in self._items[self._sent_images():])
 
     def _sent_images(self) -> int:
-        return sum(m["content"].count(IMAGE_MARKER) for m in self.messages)
+        """Media items sent so far: the sum of the history's user messages' records."""
+        return sum(m.get(MEDIA, 0) for m in self.messages if m["role"] == "user")
 
-    def add_images(self, images: Sequence) -> List[int]:
-        """Encode ``images`` (paths or PIL images) now; they go with the next message. Several at
-        once are encoded as one batch (NVILA then gives each one tile). Returns tokens per image."""
-        if not len(images):
+    def add_images(self, images) -> List[int]:
+        """Encode ``images`` (paths or PIL images, or one of either) now; they go with the next
+        message. Several at once are encoded as one batch (NVILA then gives each one tile). Returns
+        tokens per image. Images that could not fit the cache even alone in a new conversation
+        are a ValueError, and nothing is added."""
+        images = _as_list(images)
+        if not images:
             raise ValueError("add_images: no images given")
         loaded = [media.load_image(im) for im in images]  # an unreadable file fails before any work
-        return self._add_media(self._timed(self.vlm.encode_images, loaded), video=False, sources=loaded)
+        return self._add_images(loaded, _describe_images(images))
 
-    def add_video(self, path: str, num_frames: Optional[int] = None) -> List[int]:
+    def _add_images(self, loaded: list, label: str) -> List[int]:
+        feats = self._timed(self.vlm.encode_images, loaded)
+        return self._add_media(feats, video=False, label=label, sources=loaded)
+
+    def add_video(self, path, num_frames: Optional[int] = None) -> List[int]:
         """``num_frames`` frames sampled uniformly from ``path`` (default: the checkpoint's
-        ``num_video_frames`` where it has one, else 8). A model with a video encoder (VILA / NVILA)
+        ``num_video_frames`` where it has one, else 8; a shorter clip repeats frames:
+        :func:`tinyq.vlm.media.load_video_frames`). A model with a video encoder (VILA / NVILA)
         makes them one media item of ``[tokens, hidden]`` rows (its frames pooled where the
         checkpoint says so); otherwise each frame is an image in the prompt. Returns the tokens per
-        media item added."""
+        media item added; a video that could not fit the cache is a ValueError, and nothing is added."""
+        path = media.as_path(path, "a video path (str or os.PathLike)")
         encoder = getattr(self.vlm, "video_encoder", None)
         if num_frames is None:
             num_frames = getattr(self.vlm, "num_video_frames", 8)
@@ -113,9 +136,23 @@ class VLMChatSession(ChatSession):
                 raise ValueError(self.vlm.video_unsupported)
             encoder.check_frames(num_frames)  # before any frame is decoded
         frames = media.load_video_frames(path, num_frames)
+        label = f"video {path} ({num_frames} frames)"
         if encoder is None:
-            return self.add_images(frames)
-        return self._add_media(self._timed(lambda fr: [self.vlm.encode_video(fr)], frames), video=True)
+            return self._add_images(frames, label)
+        feats = self._timed(lambda fr: [self.vlm.encode_video(fr)], frames)
+        return self._add_media(feats, video=True, label=label)
+
+    def drop_pending_media(self) -> int:
+        """Discard the media items added since the last message (not yet sent); returns how many.
+        The conversation and its cache are kept. A turn already sent with them and not finished
+        raises :class:`tinyq.generate.SupersededError` when resumed (it would record media that are gone)."""
+        sent = self._sent_images()
+        dropped = len(self._items) - sent
+        if dropped:
+            del self._items[sent:]
+            self._slots = [(pos, k) for pos, k in self._slots if k < sent]
+            self.gen.supersede()
+        return dropped
 
     def _timed(self, encode, items) -> List[torch.Tensor]:
         """``encode(items)``, its encoder time in ``last_vision_s`` (Triton compilation and CUDA-graph
@@ -132,12 +169,28 @@ class VLMChatSession(ChatSession):
         self.last_vision_s = time.perf_counter() - t0 - self.last_vision_compile_s - self.last_vision_capture_s
         return feats
 
-    def _add_media(self, feats: List[torch.Tensor], video: bool, sources: Optional[list] = None) -> List[int]:
-        for k, rows in enumerate(feats):
-            self._items.append(MediaItem(rows, self.last_vision_s / len(feats), video, self._next_serial,
-                                         sources[k] if sources else None, len(feats) == 1))
-            self._next_serial += 1
+    def _add_media(self, feats: List[torch.Tensor], video: bool, label: str,
+                   sources: Optional[list] = None) -> List[int]:
+        new = [MediaItem(rows, self.last_vision_s / len(feats), video, self._next_serial + k,
+                         sources[k] if sources else None, len(feats) == 1) for k, rows in enumerate(feats)]
+        self._refuse_if_never_fits(new, label)
+        self._items.extend(new)
+        self._next_serial += len(new)
         return [f.shape[0] for f in feats]
+
+    def _refuse_if_never_fits(self, new: List[MediaItem], label: str) -> None:
+        """ValueError naming ``label`` when ``new`` (media that go in one message) could not be sent
+        even with no history: the system prompt, one message of them and one token of text, and the
+        answer's first token, over ``max_seq_len``. Such media, kept pending, would make every
+        later message fail."""
+        head = [m for m in self.messages[:1] if m["role"] == "system"]
+        alone = head + [{"role": "user", "content": "?", MEDIA: len(new)}]
+        need = len(self._expand(alone, new)[0]) + 1
+        if need > self.max_seq_len:
+            tokens = sum(item.rows.shape[0] for item in new)
+            raise ValueError(f"{label}: {tokens} tokens; one message with only {'it' if len(new) == 1 else 'them'} "
+                             f"needs {need} tokens of context (prompt format and the answer's first token "
+                             f"included), more than max_seq_len={self.max_seq_len}; nothing was added")
 
     def warm_up(self) -> WarmupReport:
         """Compile the LLM's prefill/decode kernels and capture the decode graph
@@ -172,7 +225,7 @@ class VLMChatSession(ChatSession):
         self._items, self._slots, self._cached_items = [], [], {}
 
     def drop_oldest_turns(self, n: int = 1) -> int:
-        """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' images go with them."""
+        """As :meth:`ChatSession.drop_oldest_turns`; the dropped turns' media go with them."""
         before = self._sent_images()
         dropped = super().drop_oldest_turns(n)
         gone = before - self._sent_images()
@@ -180,11 +233,17 @@ class VLMChatSession(ChatSession):
         return dropped
 
     def send(self, text: str, sampling=None):
-        """Stream the answer to ``text``, with the pending images placed before it."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("empty message: type something to send")
+        """Stream the answer to ``text``, with the pending media placed before it. When the answer
+        completes, its user message records how many media items it carried (``message["media"]``);
+        a turn that fails or is interrupted records nothing, and its media stay pending.
+        ``<image>`` in ``text`` is text, not an image: it is removed, with a warning."""
+        check_message(text)
+        if IMAGE_MARKER in text:
+            warnings.warn(f"{IMAGE_MARKER} in the message is text, not an image, and is removed; add images "
+                          "with add_images()", stacklevel=2)
         self._encode_pending_together()
-        return super().send((IMAGE_MARKER + self.vlm.image_text_separator) * self.pending_images + text, sampling)
+        pending = self.pending_images
+        return _MediaTurn(self, super().send(text, sampling), pending)
 
     def _encode_pending_together(self) -> None:
         """Images added one at a time for the same message are encoded again as one batch when the
@@ -205,24 +264,29 @@ class VLMChatSession(ChatSession):
                 item.alone = False
 
     def prompt_ids(self, text: str) -> List[int]:
-        """The whole conversation's ids if ``text`` (with its markers) were sent now; records where
-        each image's rows go. Raises ValueError when markers and images do not match in number.
-        Write each marker as :meth:`send` does: followed by the model's ``image_text_separator``."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("empty message: type something to send")
-        rendered = self._render(self.messages + [{"role": "user", "content": text}])
-        pieces = self._tokenize_pieces(rendered)
+        """The whole conversation's ids if ``text`` were sent now, the pending media before it;
+        records where each item's rows go. ``text`` is checked as :meth:`ChatSession.prompt_ids`
+        checks it (not empty, valid text); ``<image>`` in it is removed (:meth:`send`)."""
+        check_message(text)
+        messages = self.messages + [{"role": "user", "content": text, MEDIA: self.pending_images}]
+        ids, slots = self._expand(messages, self._items)
+        self._slots = slots
+        self._forget_other_items(slots)
+        return ids
+
+    def _expand(self, messages: List[Dict], items: Sequence[MediaItem]) -> Tuple[List[int], List[Tuple[int, int]]]:
+        """Ids of ``messages`` (each user message's media count before its text) with ``items``'
+        placeholders written in, in order; and each item's ``(first position, index in items)``."""
+        pieces = self._tokenize_pieces(self._render(messages))
         # a video's rows hold their own framing tokens (the video encoder's): only its positions are placeholders
         placeholders = [[self.vlm.image_token_id] * item.rows.shape[0] if item.video
-                        else self.vlm.placeholder_ids(item.rows, self.tokenizer) for item in self._items]
+                        else self.vlm.placeholder_ids(item.rows, self.tokenizer) for item in items]
         ids = expand_images(pieces, placeholders)
         slots, pos = [], len(pieces[0])
         for k, (ph, piece) in enumerate(zip(placeholders, pieces[1:])):
             slots.append((pos, k))
             pos += len(ph) + len(piece)
-        self._slots = slots
-        self._forget_other_items(slots)
-        return ids
+        return ids, slots
 
     def _forget_other_items(self, slots) -> None:
         """Cut the cache before the first item whose rows it does not hold at that position. Every
@@ -237,26 +301,36 @@ class VLMChatSession(ChatSession):
             self.gen.truncate(keep)
         self._cached_items = {pos: self._items[k].serial for pos, k in slots}
 
-    def _render(self, messages: List[Dict[str, str]]) -> str:
+    def _render(self, messages: List[Dict]) -> str:
         """The model's legacy conversation format if it has one (VILA-1.5), else the chat template
-        (the tokenizer's, else the family's) over ``messages``. A processor-style template (llava-hf's
-        ``chat_template.json``: content lists with ``{"type": "image"}`` entries, for which it writes the
-        marker itself) gets the messages in that form."""
+        (the tokenizer's, else the family's) over ``messages``, each user message's media as that
+        many markers before its text. A processor-style template (llava-hf's ``chat_template.json``:
+        content lists with ``{"type": "image"}`` entries, for which it writes the marker itself) gets
+        the messages in that form."""
         if self.vlm.conversation is not None:
-            return self.vlm.conversation.render(messages)
+            return self.vlm.conversation.render([self._with_markers(m) for m in messages])
         template = getattr(self.tokenizer, "chat_template", None) or self.vlm.chat_template
         if not template:
             raise ValueError("neither the tokenizer nor the model family has a chat template")
         if "'image'" in template or '"image"' in template:
             messages = [_as_parts(m) for m in messages]
+        else:
+            messages = [self._with_markers(m) for m in messages]
         return self.tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
                                                   tokenize=False)
+
+    def _with_markers(self, message: Dict) -> Dict[str, str]:
+        """``message`` as the template sees it: one marker (and the model's separator) per media
+        item, then its text with any marker written in it removed."""
+        marks = (IMAGE_MARKER + self.vlm.image_text_separator) * _media_count(message)
+        return {"role": message["role"], "content": marks + _strip_markers(message["content"])}
 
     def _tokenize_pieces(self, rendered: str) -> List[List[int]]:
         """Token ids of ``rendered`` split at each image marker. When the tokenizer knows the marker
         as one token, the whole text is tokenized once (as the reference processors do) and split
         at that id, so the pieces' boundaries tokenize exactly as in the whole text. A legacy
-        conversation format tokenizes piece by piece, special tokens included, as VILA does."""
+        conversation format tokenizes piece by piece, special tokens included, as VILA does.
+        The BOS a tokenizer adds by default opens the prompt where the template wrote none."""
         tok = self.tokenizer
         if self.vlm.conversation is not None:
             return tokenize_pieces(tok, rendered, IMAGE_MARKER)
@@ -269,8 +343,15 @@ class VLMChatSession(ChatSession):
                     cur = []
                 else:
                     cur.append(t)
-            return pieces + [cur]
-        return [tok.encode(p, add_special_tokens=False) for p in rendered.split(IMAGE_MARKER)]
+            pieces.append(cur)
+        else:
+            pieces = [tok.encode(p, add_special_tokens=False) for p in rendered.split(IMAGE_MARKER)]
+        # Templates are tokenized without special tokens, as ChatSession does (Llama-3's and Qwen's write
+        # their own or want none); llava-hf's and the Vicuna fallback write no <s>, which LlavaProcessor's
+        # tokenizer call adds. The whole conversation is rendered each turn, so this is the one BOS.
+        if self._bos is not None and pieces[0][:1] != [self._bos]:
+            pieces[0] = [self._bos] + pieces[0]
+        return pieces
 
     # ------------------------------------------------------------------ prefill hook
 
@@ -286,9 +367,59 @@ class VLMChatSession(ChatSession):
         return embeds
 
 
-def _as_parts(message: Dict[str, str]) -> Dict:
-    """``{"content": "<image>\\n<image>\\ntext"}`` -> content ``[{"type": "image"}] * 2 + [{"type": "text", ...}]``."""
-    text = message["content"]
-    n = text.count(IMAGE_MARKER)
-    text = text.replace(IMAGE_MARKER + "\n", "").replace(IMAGE_MARKER, "")
-    return {"role": message["role"], "content": [{"type": "image"}] * n + [{"type": "text", "text": text}]}
+class _MediaTurn(DeltaStream):
+    """A :class:`ChatSession` turn that, once its answer completes (the turn has then appended its
+    user message and the answer to the history), records on that user message how many media items
+    went with it. A turn that fails or is dropped appends nothing, so nothing is recorded."""
+
+    def __init__(self, session: VLMChatSession, turn: DeltaStream, media_items: int):
+        self._it = self._run(session, turn, media_items)
+
+    def _run(self, session, turn, media_items):
+        yield from turn
+        session.messages[-2][MEDIA] = media_items
+        self.result = turn.result
+
+
+def _strip_markers(text: str) -> str:
+    """``text`` without any ``<image>`` in it (repeated: removing one may join another, "<im<image>age>")."""
+    while IMAGE_MARKER in text:
+        text = text.replace(IMAGE_MARKER, "")
+    return text
+
+
+def _media_count(message: Dict) -> int:
+    return message.get(MEDIA, 0) if message["role"] == "user" else 0
+
+
+def _as_parts(message: Dict) -> Dict:
+    """A message with ``"media": 2`` -> content ``[{"type": "image"}] * 2 + [{"type": "text", ...}]``."""
+    text = _strip_markers(message["content"])
+    return {"role": message["role"],
+            "content": [{"type": "image"}] * _media_count(message) + [{"type": "text", "text": text}]}
+
+
+def _default_bos(tokenizer) -> Optional[int]:
+    """The BOS id ``tokenizer`` puts before a text by default (a Llama tokenizer's ``<s>``), else None."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    return bos if list(tokenizer("x").input_ids[:1]) == [bos] else None
+
+
+def _as_list(images) -> list:
+    """One path or PIL image as a list of one (a str is not a sequence of images); else a list."""
+    if isinstance(images, (str, bytes, os.PathLike)) or media.is_image(images):
+        return [images]
+    try:
+        return list(images)
+    except TypeError:
+        raise TypeError(f"images must be paths or PIL images (or a list of them), "
+                        f"got {type(images).__name__}") from None
+
+
+def _describe_images(images: list) -> str:
+    """"image a.jpg", or "3 images (a.jpg, b.jpg, a PIL image)", for error messages."""
+    names = [os.fsdecode(im) if isinstance(im, (str, bytes, os.PathLike))
+             else getattr(im, "filename", "") or "a PIL image" for im in images]
+    return f"image {names[0]}" if len(names) == 1 else f"{len(names)} images ({', '.join(names)})"
