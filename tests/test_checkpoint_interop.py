@@ -124,6 +124,19 @@ def test_portable_config_rope_scaling(source):
     assert out["rope_parameters"] == {"rope_type": "llama3", "rope_theta": 500000.0, **scaling}
 
 
+def test_portable_config_keeps_rope_scaling_added_to_resaved_parameters():
+    """A transformers-5 config (``rope_parameters`` of the default type) with a ``rope_scaling`` block
+    added by hand: the block wins, as in the reader and transformers, so the export keeps it."""
+    from tinyq.kernels.rope import RopeConfig
+
+    cfg = {"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+           "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "hidden_size": 64, "num_attention_heads": 4}
+    out = ck.portable_config(cfg, torch.float16)
+    assert out["rope_scaling"] == {"rope_type": "linear", "type": "linear", "factor": 4.0}
+    assert out["rope_parameters"] == {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}
+    assert RopeConfig.from_hf(out) == RopeConfig.from_hf(cfg)
+
+
 def test_loaders_refuse_unindexed_extra_safetensors(tmp_path):
     """An index-less directory with two *.safetensors (an old export's awq_search.safetensors) is refused by both
     readers instead of merged; tinyq's own exports keep search results in a subfolder."""

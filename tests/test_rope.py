@@ -55,10 +55,75 @@ def test_from_hf_reads_both_config_styles(variant):
 def test_from_hf_rejects_unsupported():
     with pytest.raises(ValueError, match="not supported"):
         RopeConfig.from_hf({"head_dim": 64, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
-    with pytest.raises(ValueError, match="partial_rotary_factor"):
-        RopeConfig.from_hf({"head_dim": 64, "partial_rotary_factor": 0.5})
+    # transformers' scaled rules read partial_rotary_factor (and then fail in the model); default RoPE ignores it
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5 with rope_type 'linear'"):
+        RopeConfig.from_hf({"head_dim": 64, "partial_rotary_factor": 0.5,
+                            "rope_scaling": {"rope_type": "linear", "factor": 4.0}})
     with pytest.raises(ValueError, match="even head_dim"):
         RopeConfig(head_dim=63)
+
+
+# A config re-saved by transformers 5 holds rope_parameters {"rope_type": "default"}; a rope_scaling block
+# added to it (Qwen2.5's long-context recipe) is what transformers applies.
+RESAVED = {"hidden_size": 256, "num_attention_heads": 4, "max_position_embeddings": 4096,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+
+
+@pytest.mark.parametrize("scaling", [
+    {"type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 512},
+    {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0},
+])
+@pytest.mark.parametrize("theta", [10000.0, 1e6])
+def test_rope_scaling_wins_over_rope_parameters(scaling, theta):
+    """transformers: ``rope_parameters = rope_scaling or rope_parameters``: the rope_parameters dict is
+    dropped whole, its rope_theta too (then the top-level rope_theta, else 10000, is used)."""
+    hf = {**RESAVED, "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_scaling": dict(scaling)}
+    ours = RopeConfig.from_hf(hf)
+    assert ours.rope_type == scaling.get("rope_type", scaling.get("type"))
+    theirs = LlamaRotaryEmbedding(LlamaConfig.from_dict(hf)).inv_freq
+    torch.testing.assert_close(ours.inv_freq("cpu"), theirs.float(), rtol=1e-6, atol=0)
+
+
+def test_rope_scaling_null_or_empty_keeps_rope_parameters():
+    for scaling in (None, {}):
+        hf = {**RESAVED, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+              "rope_scaling": scaling}
+        assert RopeConfig.from_hf(hf) == RopeConfig(head_dim=64, theta=1e6, rope_type="linear", factor=2.0)
+
+
+def test_unsupported_rope_scaling_is_refused_over_default_rope_parameters():
+    hf = {**RESAVED, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}}
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        RopeConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize("in_dict", [True, False])
+def test_top_level_original_max_position_embeddings_wins(in_dict):
+    """Phi-3 style: transformers' standardize_rope_params gives a top-level original_max_position_embeddings
+    priority over the one in the llama3 dict (and over max_position_embeddings when the dict has none)."""
+    llama3 = {k: v for k, v in LLAMA3.items() if in_dict or k != "original_max_position_embeddings"}
+    hf = {"hidden_size": 256, "num_attention_heads": 4, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+          "rope_scaling": llama3, "original_max_position_embeddings": 2048}
+    ours = RopeConfig.from_hf(hf)
+    assert ours.original_max_position_embeddings == 2048
+    theirs = LlamaRotaryEmbedding(LlamaConfig.from_dict(hf)).inv_freq
+    torch.testing.assert_close(ours.inv_freq("cpu"), theirs.float(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("where", ["top", "rope_parameters"])
+def test_partial_rotary_factor_is_ignored_with_default_rope(where):
+    """transformers' Llama/Qwen2/Mistral rotate the whole head with default RoPE whatever the factor."""
+    hf = {"hidden_size": 256, "num_attention_heads": 4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+    if where == "top":
+        hf["partial_rotary_factor"] = 0.5
+    else:
+        hf["rope_parameters"]["partial_rotary_factor"] = 0.5
+    ours = RopeConfig.from_hf(hf)
+    theirs = LlamaRotaryEmbedding(LlamaConfig.from_dict(hf)).inv_freq
+    assert ours.head_dim == 64
+    torch.testing.assert_close(ours.inv_freq("cpu"), theirs.float(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

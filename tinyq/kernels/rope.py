@@ -54,17 +54,18 @@ class RopeConfig:
 
     @classmethod
     def from_hf(cls, config, head_dim: Optional[int] = None) -> "RopeConfig":
-        """Read a transformers config (object or dict) in either style:
-        5.x ``rope_parameters = {"rope_type", "rope_theta", "factor", ...}`` or the older
-        ``rope_theta`` + ``rope_scaling = {"rope_type" | "type", "factor", ...}``."""
+        """Read a transformers config (object or dict) in either style, 5.x ``rope_parameters =
+        {"rope_type", "rope_theta", "factor", ...}`` or the older ``rope_theta`` + ``rope_scaling =
+        {"rope_type" | "type", "factor", ...}``, with transformers 5's precedence
+        (``PreTrainedConfig.convert_rope_params_to_dict`` and ``standardize_rope_params``)."""
         get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-        params = dict(get("rope_scaling") or {})
-        params.update(get("rope_parameters") or {})  # 5.x: a superset that also holds rope_theta
+        # transformers: ``rope_parameters = rope_scaling or rope_parameters``. A config re-saved by
+        # transformers 5 holds ``rope_parameters: {"rope_type": "default"}``; a rope_scaling block added
+        # to it (Qwen2.5's long-context recipe) replaces it whole, its rope_theta included.
+        params = dict(get("rope_scaling") or get("rope_parameters") or {})
         theta = params.get("rope_theta", get("rope_theta", None))
         theta = 10000.0 if theta is None else float(theta)
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
-        if float(params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported")
         if head_dim is None:
             head_dim = get("head_dim", None) or get("hidden_size") // get("num_attention_heads")
         kw = dict(head_dim=int(head_dim), theta=theta, rope_type=rope_type)
@@ -73,10 +74,15 @@ class RopeConfig:
         if rope_type == "llama3":
             kw["low_freq_factor"] = float(params.get("low_freq_factor", 1.0))
             kw["high_freq_factor"] = float(params.get("high_freq_factor", 4.0))
+            # a top-level key (Phi-3 style) wins over the one inside the rope dict, as in transformers
             kw["original_max_position_embeddings"] = int(
-                params.get("original_max_position_embeddings") or get("max_position_embeddings", 8192)
+                get("original_max_position_embeddings", None)
+                or params.get("original_max_position_embeddings")
+                or get("max_position_embeddings", 8192)
             )
-        return cls(**kw)
+        rope = cls(**kw)  # refuses an unsupported rope_type first
+        check_partial_rotary(params.get("partial_rotary_factor", get("partial_rotary_factor", None)), rope_type)
+        return rope
 
     def inv_freq(self, device=None) -> torch.Tensor:
         """float32 ``[head_dim / 2]`` with the scaling applied; memoized per device (so a CUDA
@@ -101,6 +107,16 @@ class RopeConfig:
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             return torch.where(medium, blended, scaled)
         return inv
+
+
+def check_partial_rotary(factor, rope_type: str) -> None:
+    """Refuse a ``partial_rotary_factor`` that transformers would apply. With default RoPE, transformers'
+    Llama, Qwen2 and Mistral rotate the whole head and never read it; their scaled rules (linear,
+    llama3) do read it, and then fail on the shape mismatch (transformers 5.x), so tinyq refuses."""
+    if factor is None or rope_type == "default" or float(factor) == 1.0:
+        return
+    raise ValueError(f"partial_rotary_factor={factor} with rope_type {rope_type!r} is not supported (tinyq "
+                     "rotates the whole head: a factor of 1, or default RoPE, where transformers ignores it)")
 
 
 def _as_inv_freq(rope, device) -> torch.Tensor:

@@ -28,6 +28,7 @@ from torch import nn
 
 from tinyq.cache import StaticKVCache
 from tinyq.generate import generate
+from tinyq.kernels.flash_attention import check_head_dim
 from tinyq.kernels.rope import RopeConfig, apply_rope_reference
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
@@ -45,6 +46,12 @@ PRENORM_MAX_HIDDEN = 1024
 # HF architectures -> family flavour; the loader lists these in its "unsupported" error.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "llama"}
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "llama"}
+# transformers' ACT2FN maps both names to SiLU, the activation of tinyq's MLP (silu(gate) * up)
+SILU_ACTS = ("silu", "swish")
+# transformers' MistralConfig.sliding_window and Qwen2Config.sliding_window when config.json has no such key
+DEFAULT_WINDOW = 4096
+# transformers' Qwen2Config.max_window_layers when config.json has no such key
+QWEN2_DEFAULT_MAX_WINDOW_LAYERS = 28
 
 
 @dataclass
@@ -72,7 +79,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":
-        """From a ``config.json`` dict. Raises ValueError for an unsupported architecture."""
+        """From a ``config.json`` dict, read as transformers reads it. Raises ValueError for an
+        unsupported architecture or a setting tinyq's decoder would silently compute differently."""
         archs = hf.get("architectures") or []
         arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
         arch = arch or MODEL_TYPES.get(hf.get("model_type"))
@@ -80,20 +88,13 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {sorted(ARCHITECTURES)}"
             )
-        # transformers' Llama puts attention_bias on o_proj too, and mlp_bias on gate/up/down; tinyq's
-        # decoder has biases on q/k/v only (Qwen2's), so such a checkpoint would lose some
-        if arch == "llama" and hf.get("attention_bias"):
-            raise ValueError("attention_bias=True (biases on q/k/v and o_proj) is not supported for Llama-family "
-                             "models; Qwen2's q/k/v biases are")
-        if hf.get("mlp_bias"):
-            raise ValueError("mlp_bias=True (biases on the MLP's linears) is not supported")
-        if hf.get("sliding_window") and hf.get("use_sliding_window"):  # Qwen2's per-layer windows
-            raise ValueError("sliding-window attention (use_sliding_window) is not supported")
-        # transformers' Mistral applies ``sliding_window`` whenever it is set (no use_sliding_window flag)
         mistral = "MistralForCausalLM" in archs or hf.get("model_type") == "mistral"
-        window = int(hf["sliding_window"]) if mistral and hf.get("sliding_window") else None
+        family = "mistral" if mistral else arch
+        check_mlp_activation(hf)
+        check_biases(hf, family)
         heads = int(hf["num_attention_heads"])
         head_dim = int(hf.get("head_dim") or hf["hidden_size"] // heads)
+        check_head_dim(head_dim, "model config")  # the attention kernels' (and the CPU path's) limits
         eos = hf.get("eos_token_id")
         eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -112,7 +113,7 @@ class ModelConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos,
-            sliding_window=window,
+            sliding_window=sliding_window(hf, family),
         )
 
     def check_window(self, n_tokens: int) -> None:
@@ -120,8 +121,66 @@ class ModelConfig:
         if self.sliding_window is not None and n_tokens > self.sliding_window:
             raise ValueError(
                 f"{n_tokens} tokens exceed the model's sliding_window={self.sliding_window}: tinyq runs full "
-                f"attention, which matches the windowed model only up to {self.sliding_window} tokens"
+                f"attention, which matches the windowed model only up to {self.sliding_window} tokens (a Mistral "
+                f"config.json without sliding_window gets transformers' default, {DEFAULT_WINDOW}; null "
+                "means no window)"
             )
+
+
+def check_mlp_activation(hf: dict) -> None:
+    """transformers applies ``ACT2FN[hidden_act]`` to the gate; tinyq's MLP computes silu(gate) * up."""
+    act = hf.get("hidden_act", "silu")
+    if act not in SILU_ACTS:
+        raise ValueError(f"hidden_act={act!r} is not supported: tinyq's MLP computes silu(gate) * up "
+                         f"(hidden_act one of {SILU_ACTS})")
+
+
+def check_biases(hf: dict, family: str) -> None:
+    """transformers' Llama puts attention_bias on q/k/v and o_proj, and mlp_bias on gate/up/down; tinyq's
+    decoder has biases on q/k/v only (Qwen2's), so such a checkpoint would lose some. transformers'
+    Qwen2 and Mistral hard-code their biases and read neither key, so neither does tinyq there."""
+    if family != "llama":
+        return
+    for key, where in (("attention_bias", "on q/k/v and o_proj"), ("mlp_bias", "on the MLP's linears")):
+        if hf.get(key):
+            raise ValueError(f"{key}={hf[key]!r} (biases {where}) is not supported for Llama models; "
+                             "Qwen2's q/k/v biases are")
+
+
+def sliding_window(hf: dict, family: str) -> Optional[int]:
+    """The attention window transformers applies to this config (None: full attention everywhere).
+
+    Mistral windows every layer with ``sliding_window``, 4096 when the key is absent (only an explicit
+    null turns it off). Qwen2 windows only when ``use_sliding_window``, and only the layers that
+    ``layer_types`` marks (by default those from ``max_window_layers`` on): tinyq refuses those. Llama
+    has no window."""
+    if family == "mistral":
+        window = hf.get("sliding_window", DEFAULT_WINDOW)
+        if window is None:
+            return None
+        if int(window) <= 0:
+            raise ValueError(f"sliding_window={window!r} must be a positive number of tokens or null")
+        return int(window)
+    qwen2_window = hf.get("sliding_window", DEFAULT_WINDOW)
+    if family == "qwen2" and hf.get("use_sliding_window") and qwen2_window is not None:
+        windowed = qwen2_windowed_layers(hf)
+        if windowed:
+            source = ("layer_types" if hf.get("layer_types") else
+                      f"max_window_layers={hf.get('max_window_layers', QWEN2_DEFAULT_MAX_WINDOW_LAYERS)}")
+            raise ValueError(
+                f"use_sliding_window=True with sliding_window={qwen2_window} windows the attention of "
+                f"layers {windowed} ({source}); Qwen2's per-layer sliding-window attention is not supported"
+            )
+    return None
+
+
+def qwen2_windowed_layers(hf: dict) -> list:
+    """The layers transformers' Qwen2Config marks ``sliding_attention``: from ``layer_types`` when given,
+    else layer i >= max_window_layers (all full attention when max_window_layers >= num_hidden_layers)."""
+    n = int(hf["num_hidden_layers"])
+    first = int(hf.get("max_window_layers", QWEN2_DEFAULT_MAX_WINDOW_LAYERS))
+    types = hf.get("layer_types") or ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    return [i for i, t in enumerate(types) if t == "sliding_attention"]
 
 
 class RMSNorm(nn.Module):

@@ -105,10 +105,11 @@ def portable_config(config: dict, dtype: torch.dtype) -> dict:
     ``dtype``, 4.x ``rope_theta`` + ``rope_scaling`` (with ``rope_type`` and the older ``type``) and
     ``torch_dtype``. A 4.x reader that misses ``rope_theta`` silently uses 10000."""
     out = dict(config)
-    rope = dict(out.get("rope_parameters") or {})
-    scaling = dict(out.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    rope = {**scaling, **rope, "rope_type": rope_type}
+    # the reader's precedence (tinyq.kernels.rope.RopeConfig.from_hf, as transformers 5): a rope_scaling
+    # block replaces rope_parameters whole
+    rope = dict(out.get("rope_scaling") or out.get("rope_parameters") or {})
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    rope["rope_type"] = rope_type
     rope.pop("type", None)
     theta = rope.get("rope_theta", out.get("rope_theta"))
     if theta is not None:
