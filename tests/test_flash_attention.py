@@ -65,6 +65,15 @@ def test_flash_vision_shape_and_scale(causal):
     assert_close_rel(run_kernel(q, k, v, causal, scale=0.1), ref(q, k, v, causal, scale=0.1))
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.0])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_any_scale(scale, causal):
+    """Any float scale, as SDPA takes one: negative, zero (uniform weights) and large. 70 keys span
+    several mask-free blocks of the interpreter's 16-key tiles, then the masked ones."""
+    q, k, v = make(1, 70, 2, 1, 64, torch.float16)
+    assert_close_rel(run_kernel(q, k, v, causal, scale=scale), ref(q, k, v, causal, scale=scale))
+
+
 @pytest.mark.parametrize("row", [72, 75, 80])
 def test_flash_strided_views(row):
     """q/k/v/out as views into wider rows (a fused qkv buffer, padding): strides that are multiples
