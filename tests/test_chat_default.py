@@ -38,3 +38,31 @@ def test_default_chat_uses_awq_checkpoint(tmp_path, monkeypatch, capsys, quant, 
     assert (calls == [64]) == expect_awq
     assert loaded == [str(tmp_path / "tiny")] if expect_awq else loaded == ["default"]
     assert "assistant> " in capsys.readouterr().out
+
+
+def test_default_chat_replaces_a_damaged_cache(tmp_path, monkeypatch, capsys):
+    """A zero-byte model.safetensors in the cache stopped every `tinyq chat` with a load error; now the
+    cache is named as unusable, quantized again (a tiny checkpoint here, not the 40-s search) and the
+    chat starts."""
+    from tinyq.models import gguf
+    from tinyq.quant import checkpoint as ck
+
+    model, tokenizer = make_model_dir(tmp_path / "tiny", "llama", seed=1)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(gguf, "default_model_path", lambda: "SmolLM2.gguf")
+    calls = []
+
+    def fake_quantize(job, out_dir, fmt="tinyq", replace=True):
+        calls.append(out_dir)
+        extra = {k: v for k, v in default_awq.recipe(job).items() if k in ("method", "n_grid", "calibration")}
+        ck.save_quantized(model, out_dir, job.awq.group_size, tokenizer, quant_extra=extra, replace=replace)
+
+    monkeypatch.setattr(default_awq, "quantize_to_checkpoint", fake_quantize)
+    cached = default_awq.ensure_default_awq_checkpoint(64)
+    (cached / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n/exit\n"))
+    rc = main(["chat", "--temperature", "0", "--max-new-tokens", "3", "--max-seq-len", "128", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"the cached AWQ default model at {cached} is unusable" in err and "model.safetensors: 0 bytes" in err
+    assert calls == [cached, cached] and "assistant> " in out

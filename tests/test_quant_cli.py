@@ -119,51 +119,6 @@ def test_bad_inputs(model_dir, tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_default_checkpoint_is_cached(tmp_path, monkeypatch, capsys):
-    from tinyq.quant import default_awq
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    calls = []
-
-    def fake_quantize(job, out_dir, fmt="tinyq", replace=True):
-        calls.append((job.model, job.method, job.awq.group_size, job.calib.n_blocks, replace))
-        out_dir.mkdir(parents=True)
-        (out_dir / "config.json").write_text("{}")
-        (out_dir / "model.safetensors").write_bytes(b"")
-        return {"path": str(out_dir)}
-
-    monkeypatch.setattr(default_awq, "quantize_to_checkpoint", fake_quantize)
-    path = default_awq.ensure_default_awq_checkpoint(group_size=64)
-    assert path == tmp_path / "cache" / "tinyq" / f"smollm2-135m-instruct-awq-w4g64-v{default_awq.CACHE_VERSION}"
-    assert calls == [("default", "awq", 64, default_awq.DEFAULT_CALIB["n_blocks"], False)]
-    assert str(path) in capsys.readouterr().err
-    assert default_awq.ensure_default_awq_checkpoint(group_size=64) == path
-    assert len(calls) == 1 and f"using the cached AWQ default model at {path}" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="does not divide SmolLM2's hidden size 576"):
-        default_awq.ensure_default_awq_checkpoint(group_size=128)
-
-
-def test_default_checkpoint_race(tmp_path, monkeypatch, capsys):
-    """Two first uses at once: the one that finishes second keeps the first one's checkpoint."""
-    from awq_tiny_models import tiny_model
-
-    from tinyq.quant import checkpoint as ck
-    from tinyq.quant import default_awq
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    model = tiny_model("llama")
-
-    def slower_process(job, out_dir, fmt="tinyq", replace=True):
-        ck.save_quantized(model, out_dir, 64)  # the other process finishes while this one quantizes
-        ck.save_quantized(model, out_dir, 32, replace=replace)
-        return {"path": str(out_dir)}
-
-    monkeypatch.setattr(default_awq, "quantize_to_checkpoint", slower_process)
-    path = default_awq.ensure_default_awq_checkpoint(group_size=64)
-    assert json.loads((path / "config.json").read_text())["quantization_config"]["group_size"] == 64
-    assert f"cached the AWQ default model at {path}" in capsys.readouterr().err
-
-
 def test_search_and_output_paths_are_checked_before_the_model_loads(tmp_path, capsys):
     """A --save-search that is a directory, a --load-search that is missing or not safetensors, or
     for other settings, and an --out that cannot be created are refused before any work: --model
