@@ -10,7 +10,8 @@ VILA-1.5 checkpoints are prompted in the legacy format VILA picks by their name 
 hermes-2); ``--conversation template`` uses the tokenizer's chat template instead.
 
 In the chat: ``/image PATH[,PATH]`` adds images to the next message, ``/video PATH`` a video,
-``/drop`` discards the media not yet sent, ``/reset`` forgets everything, ``/exit`` quits. Paths may
+``/drop`` discards the media not yet sent, ``/forget`` the oldest exchange (its media with it, for a
+message that no longer fits), ``/reset`` forgets everything, ``/exit`` quits. Paths may
 start with ``~`` and come quoted (as dragged into a terminal). After each answer: time to first
 token, vision encoder time and decode ms/token. ``--prompt TEXT`` answers one message and exits.
 """
@@ -34,7 +35,7 @@ RANDOM_WARNING = """
 """
 
 
-COMMANDS = "/image PATH[,PATH]  /video PATH  /drop (media not yet sent)  /reset  /exit"
+COMMANDS = "/image PATH[,PATH]  /video PATH  /drop (media not yet sent)  /forget (oldest exchange)  /reset  /exit"
 
 
 def parse_args(argv=None):
@@ -148,9 +149,10 @@ def context_full(chat, text) -> str:
     need = len(chat.prompt_ids(text)) + 1  # the prompt and the answer's first token
     pending = chat.pending_images
     waiting = f", with the {pending} media item(s) added for it," if pending else ""
-    ways = "/drop discards the media not yet sent, /reset" if pending else "/reset"
+    ways = "/drop discards the media not yet sent, " if pending else ""
+    ways += "/forget drops the oldest exchange (with its media), " if chat.turns else ""
     return (f"this message{waiting} needs {need} tokens of context (history: {chat.turns} turns) but "
-            f"--max-seq-len is {chat.max_seq_len}; nothing was sent and the history is kept: {ways} "
+            f"--max-seq-len is {chat.max_seq_len}; nothing was sent and the history is kept: {ways}/reset "
             "starts a new conversation")
 
 
@@ -219,11 +221,14 @@ def main(argv=None):
         elif line == "/drop":
             dropped = chat.drop_pending_media()
             print(f"[{dropped} media item(s) not yet sent dropped]" if dropped else "[no media waiting to be sent]")
+        elif line == "/forget":
+            print("[the oldest exchange and its media forgotten]" if chat.drop_oldest_turns(1)
+                  else "[no exchange to forget]")
         elif line.startswith("/image ") and line[len("/image "):].strip():
             add_media(chat, images=line[len("/image "):])
         elif line.startswith("/video ") and line[len("/video "):].strip():
             add_media(chat, video=line[len("/video "):], frames=args.frames)
-        elif line.startswith("/") and line.split()[0] in ("/image", "/video", "/drop", "/reset", "/exit"):
+        elif line.startswith("/") and line.split()[0] in ("/image", "/video", "/drop", "/forget", "/reset", "/exit"):
             print(f"usage: {COMMANDS}")  # a command without its path, or with extra words
         elif re.fullmatch(r"/[a-z]+", line.split()[0]):  # a mistyped command, not a message like "/etc/hosts?"
             print(f"unknown command {line.split()[0]}; {COMMANDS}")

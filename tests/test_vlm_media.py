@@ -367,7 +367,7 @@ def test_chat_vlm_paths_with_commas_tilde_and_quotes(tmp_path, capsys, monkeypat
 
 def test_chat_vlm_context_full_speaks_cli(tmp_path, capsys, monkeypatch):
     """A video too long for --max-seq-len is refused when added, so later messages still work; a
-    message that does not fit with the media waiting for it suggests /drop and /reset (not the API's
+    message that does not fit with the media waiting for it suggests /drop, /forget and /reset (not the API's
     reset() / drop_oldest_turns()), and /drop lets it through with the history kept."""
     mod = _chat_vlm_example()
     gif = tmp_path / "clip.gif"
@@ -383,9 +383,36 @@ def test_chat_vlm_context_full_speaks_cli(tmp_path, capsys, monkeypatch):
     assert f"error: video {gif} (32 frames): " in out and "nothing was added" in out
     assert "error: this message, with the 1 media item(s) added for it, needs " in out
     assert "--max-seq-len is 200; nothing was sent and the history is kept: /drop discards the media not yet sent, " \
-           "/reset starts a new conversation" in out
+           "/forget drops the oldest exchange (with its media), /reset starts a new conversation" in out
     assert "reset()" not in out and "drop_oldest_turns" not in out
     assert "[1 media item(s) not yet sent dropped]" in out and out.count("[TTFT") == 3
+
+
+def test_chat_vlm_forget_makes_room_and_keeps_the_rest(tmp_path, capsys, monkeypatch):
+    """When the history fills the context, the hint offers /forget, which drops the oldest exchange
+    (its image with it) so the message fits, the later exchanges kept."""
+    mod = _chat_vlm_example()
+    img = tmp_path / "a.png"
+    _frames(1, (70, 50))[0].save(img)
+    long = "y" * 60
+    lines = iter(["/forget", f"/image {img}", "first", "second", long, "/forget", long, "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    sessions = []
+    real = mod.VLMChatSession
+
+    def spy(*a, **k):
+        sessions.append(real(*a, **k))
+        return sessions[-1]
+
+    monkeypatch.setattr(mod, "VLMChatSession", spy)
+    assert mod.main(["--random-tiny", "--max-seq-len", "200", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "[no exchange to forget]" in out
+    assert "/forget drops the oldest exchange (with its media), /reset starts a new conversation" in out
+    assert "[the oldest exchange and its media forgotten]" in out and out.count("[TTFT") == 3
+    chat = sessions[0]
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["second", long]
+    assert chat.pending_images == 0 and len(chat._items) == 0  # the image went with its exchange
 
 
 def test_chat_vlm_bad_text_and_empty_prompt(capsys, monkeypatch):
