@@ -61,9 +61,9 @@ def _qc_edit(key, value):
 
 
 DAMAGE = {
-    "zero-byte weights": (lambda p: (p / "model.safetensors").write_bytes(b""), "too few for its safetensors header"),
+    "zero-byte weights": (lambda p: (p / "model.safetensors").write_bytes(b""), "model.safetensors: not a readable safetensors file"),
     "truncated weights": (lambda p: os.truncate(p / "model.safetensors", (p / "model.safetensors").stat().st_size - 1),
-                          "but its header describes"),
+                          "model.safetensors: not a readable safetensors file"),
     "weights missing": (lambda p: (p / "model.safetensors").unlink(), "no *.safetensors weights"),
     "truncated config": (lambda p: os.truncate(p / "config.json", 40), "config.json: not valid JSON"),
     "config missing": (lambda p: (p / "config.json").unlink(), "config.json"),

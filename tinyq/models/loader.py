@@ -63,7 +63,7 @@ class TensorSource:
             path = os.path.join(folder, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} is listed in the index but missing")
-            handle = _open_safetensors(path)
+            handle = open_safetensors(path)
             self._files[name] = handle
             if weight_map is None:
                 for key in handle.keys():
@@ -91,7 +91,7 @@ class TensorSource:
             raise ValueError(f"{os.path.join(self.where, file)}: cannot read tensor {name!r} ({exc})") from exc
 
 
-def _open_safetensors(path: str):
+def open_safetensors(path: str):
     """``safe_open`` with a one-line error naming a truncated or corrupt file."""
     from safetensors import SafetensorError, safe_open
 

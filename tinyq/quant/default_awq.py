@@ -12,7 +12,6 @@ the checkpoint is quantized into a temporary folder removed at exit, with a warn
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import sys
@@ -66,29 +65,12 @@ def recipe(job: QuantizeJob) -> dict:
             "calibration": {"blocks": job.calib.n_blocks, "block_len": job.calib.block_len, "files": "default"}}
 
 
-def _check_safetensors(path: Path) -> None:
-    """A ValueError unless ``path``'s size is exactly what its header describes (a zero-byte or
-    truncated file); reads the header only."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else None
-        if n is None or 8 + n > size:
-            raise ValueError(f"{path}: {size} bytes, too few for its safetensors header (truncated)")
-        try:
-            header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-            raise ValueError(f"{path}: not a readable safetensors header ({exc})") from None
-    if 8 + n + end != size:
-        raise ValueError(f"{path}: {size} bytes, but its header describes {8 + n + end} (truncated or corrupt)")
-
-
 def cache_problem(dest: Path, job: QuantizeJob) -> Optional[str]:
     """Why the checkpoint at ``dest`` is not a whole cache of ``job``'s recipe, or None when it is:
     checks config.json against :func:`recipe`, every weight file's size against its header and that
     the tokenizer files are JSON (milliseconds; tensor contents are not checksummed)."""
     from tinyq.json_io import read_json
+    from tinyq.models.loader import open_safetensors
     from tinyq.quant.checkpoint import weight_files
 
     if not dest.is_dir():
@@ -101,7 +83,8 @@ def cache_problem(dest: Path, job: QuantizeJob) -> Optional[str]:
             if qc.get(key) != want:
                 return f"its {key} is {qc.get(key)!r}, not {want!r}: made by another tinyq version or recipe"
         for name in weight_files(dest)[0]:
-            _check_safetensors(dest / name)
+            with open_safetensors(str(dest / name)):  # a truncated file fails its header check
+                pass
         for name in TOKENIZER_FILES:
             read_json(dest / name)
     except (OSError, ValueError) as exc:
