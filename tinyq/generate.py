@@ -16,16 +16,17 @@ and a handful of host calls. On CPU the same steps run eagerly.
 """
 from __future__ import annotations
 
-import numbers
 import operator
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from tinyq.graphs import PREFILL_BUCKETS, DecodeGraph, PrefillGraphs
-from tinyq.sampling import Sampler, checked_token, sampler_key
+from tinyq.sampling import (  # SamplingConfig and make_config re-exported: the public API names them here
+    SamplingConfig, Sampler, checked_token, is_int, make_config, sampler_key,
+)
 from tinyq.warmup import CompileTracker
 
 # Tokens per prefill forward: bounds activation memory (Llama-3-8B's gate/up output is 235 MB at
@@ -48,68 +49,6 @@ class SupersededError(RuntimeError):
             "the same Generator, which changed its KV cache; nothing of it was committed (to the cache or a chat "
             "history): start it again"
         )
-
-
-def _is_int(x) -> bool:
-    """An integer, not a bool (``True`` is an int to Python, but never a meant count or token id)."""
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick tokens and when to stop. ``temperature == 0`` is greedy decoding."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the context
-    seed: Optional[int] = None
-    stop_token_ids: Sequence[int] = ()  # in addition to the tokenizer's / model's EOS
-    stop_strings: Sequence[str] = ()
-
-    def validate(self, vocab_size: Optional[int] = None) -> "SamplingConfig":
-        """Check every setting (a ValueError naming the bad one) and return ``self``, normalized: one
-        stop string or one stop token id becomes a tuple of one. With ``vocab_size`` (a generator
-        knows its model's), stop token ids must also be ids of that vocabulary."""
-        def bad(msg):
-            raise ValueError(f"invalid sampling setting: {msg}")
-
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-            bad(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not (_is_number(self.temperature) and 0 <= self.temperature < float("inf")):
-            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
-            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if 0 < self.temperature < 1e-30:  # 1 / temperature must stay a float32
-            bad(f"temperature {self.temperature!r} is too small to divide by; use 0 for greedy decoding")
-        if self.seed is not None and not (_is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):
-            bad(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
-        if isinstance(self.stop_strings, str):  # one stop string, not one per character
-            self.stop_strings = (self.stop_strings,)
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            bad(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}")
-        ids = self.stop_token_ids
-        if _is_int(ids):  # one stop token id
-            ids = (ids,)
-        elif isinstance(ids, Iterable) and not isinstance(ids, (str, bytes)):
-            ids = tuple(ids)
-        if not isinstance(ids, tuple) or not all(_is_int(t) for t in ids):
-            bad(f"stop_token_ids must be token ids (ints; a stop text goes in stop_strings), got {ids!r}")
-        self.stop_token_ids = tuple(int(t) for t in ids)
-        out = [t for t in self.stop_token_ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
-        if out:
-            bad(f"stop token id {out[0]} is not a token of the model"
-                + (f" (vocab_size={vocab_size})" if vocab_size is not None else " (ids are >= 0)"))
-        return self
 
 
 @dataclass
@@ -144,15 +83,6 @@ class GenerationResult:
     token_ids: List[int]
     finish_reason: str  # "stop" (stop token/string), "length" (max_new_tokens), "context_full"
     stats: GenerationStats = field(default_factory=GenerationStats)
-
-
-def make_config(**settings) -> SamplingConfig:
-    """A validated :class:`SamplingConfig`; an unknown setting is a ValueError naming it."""
-    known = SamplingConfig.__dataclass_fields__
-    unknown = sorted(k for k in settings if k not in known)
-    if unknown:
-        raise ValueError(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
-    return SamplingConfig(**settings).validate()
 
 
 def sample_token(logits: torch.Tensor, cfg: SamplingConfig, context_ids: Sequence[int] = (), rng=None) -> int:
@@ -514,7 +444,7 @@ def _prompt_ids(tokenizer, prompt) -> list:
 
 def check_max_seq_len(max_seq_len) -> None:
     """None (the model's own) or a positive int; a ValueError otherwise (0 is not "the default")."""
-    if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):
+    if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 1):
         raise ValueError(f"max_seq_len must be a positive int, or None for the model's own; got {max_seq_len!r}")
 
 

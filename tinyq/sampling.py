@@ -1,7 +1,8 @@
 """Token sampling on the device, in torch ops and tinyq's one-launch argmax, so a CUDA graph can
 capture it with the decode step.
 
-Math, for logits ``l [V]`` (float32) and a :class:`tinyq.generate.SamplingConfig`:
+Math, for logits ``l [V]`` (float32) and a :class:`SamplingConfig` (the settings, checked once by
+:meth:`SamplingConfig.validate`):
 
 1. repetition penalty ``r`` (HF's rule): for every token already in the context,
    ``l_i <- l_i / r`` if ``l_i > 0`` else ``l_i * r``; the context is a boolean mask ``seen [V]``
@@ -25,11 +26,84 @@ by writing them, so one captured graph serves every generation with the same :fu
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import numbers
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from tinyq.ops.reduce import argmax
+
+
+def is_int(x) -> bool:
+    """An integer, not a bool (``True`` is an int to Python, but never a meant count or token id)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick tokens and when to stop. ``temperature == 0`` is greedy decoding."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens already in the context
+    seed: Optional[int] = None
+    stop_token_ids: Sequence[int] = ()  # in addition to the tokenizer's / model's EOS
+    stop_strings: Sequence[str] = ()
+
+    def validate(self, vocab_size: Optional[int] = None) -> "SamplingConfig":
+        """Check every setting (a ValueError naming the bad one) and return ``self``, normalized: one
+        stop string or one stop token id becomes a tuple of one. With ``vocab_size`` (a generator
+        knows its model's), stop token ids must also be ids of that vocabulary."""
+        def bad(msg):
+            raise ValueError(f"invalid sampling setting: {msg}")
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not (_is_number(self.temperature) and 0 <= self.temperature < float("inf")):
+            bad(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if 0 < self.temperature < 1e-30:  # 1 / temperature must stay a float32
+            bad(f"temperature {self.temperature!r} is too small to divide by; use 0 for greedy decoding")
+        if self.seed is not None and not (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):
+            bad(f"seed must be an int in [-2**63, 2**64), got {self.seed!r}")
+        if isinstance(self.stop_strings, str):  # one stop string, not one per character
+            self.stop_strings = (self.stop_strings,)
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            bad(f"stop_strings must be non-empty strings, got {list(self.stop_strings)!r}")
+        ids = self.stop_token_ids
+        if is_int(ids):  # one stop token id
+            ids = (ids,)
+        elif isinstance(ids, Iterable) and not isinstance(ids, (str, bytes)):
+            ids = tuple(ids)
+        if not isinstance(ids, tuple) or not all(is_int(t) for t in ids):
+            bad(f"stop_token_ids must be token ids (ints; a stop text goes in stop_strings), got {ids!r}")
+        self.stop_token_ids = tuple(int(t) for t in ids)
+        out = [t for t in self.stop_token_ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+        if out:
+            bad(f"stop token id {out[0]} is not a token of the model"
+                + (f" (vocab_size={vocab_size})" if vocab_size is not None else " (ids are >= 0)"))
+        return self
+
+
+def make_config(**settings) -> SamplingConfig:
+    """A validated :class:`SamplingConfig`; an unknown setting is a ValueError naming it."""
+    known = SamplingConfig.__dataclass_fields__
+    unknown = sorted(k for k in settings if k not in known)
+    if unknown:
+        raise ValueError(f"unknown sampling setting(s) {unknown}; known: {sorted(known)}")
+    return SamplingConfig(**settings).validate()
 
 
 def sampler_key(cfg, vocab_size: int) -> tuple:
