@@ -157,7 +157,7 @@ def _flash(d, causal, hq=16, hkv=16, s=1024, dtype=torch.float16):
         q = torch.zeros(1, s, hq, d, dtype=dtype)
         kv = torch.zeros(1, hkv, s, d, dtype=dtype)
         d_hi, d_lo = flash_attention.head_dim_split(d)
-        cfg = FLASH["sm90"][max(32, triton.next_power_of_2(d_hi + d_lo))]
+        cfg = FLASH["sm90"].get(d) or FLASH["sm90"][max(32, triton.next_power_of_2(d_hi + d_lo))]
         flash_attention.flash_attention_fwd(q, kv, kv, causal=causal, config=cfg)
     return launch
 

@@ -64,6 +64,20 @@ def test_gpu_arch_keys_the_config_tables(monkeypatch, hip, capability, arch, fla
     assert ac.flash_config(128, torch.device("cpu")) == ac.FLASH["interpret"][128]
 
 
+def test_flash_config_exact_head_dim_wins(monkeypatch):
+    """An exact head_dim entry (SigLIP's 72 on sm90) wins over its padded width; 80, with no entry
+    of its own, takes the padded 128's."""
+    from tinyq.kernels import attention_configs as ac
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cuda = torch.device("cuda")
+    assert ac.flash_config(128, cuda, 72) == ac.FLASH["sm90"][72] != ac.FLASH["sm90"][128]
+    assert ac.flash_config(128, cuda, 80) == ac.FLASH["sm90"][128]
+    assert ac.flash_config(128, cuda) == ac.FLASH["sm90"][128]
+
+
 def test_uninitialized_memory_is_poisoned_in_tests():
     """conftest's poison reaches what the launchers allocate (torch.empty / empty_like by attribute)."""
     import tinyq.kernels.silu_mul as silu_mul_kernel

@@ -1,7 +1,7 @@
 """Shipped launch configs for the attention kernels, so nobody waits for autotuning.
 
 ``FLASH[arch][head_dim_pad]`` -> (BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill /
-chunked-prefill kernel; ``DECODE[arch][head_dim_pad]`` -> (BLOCK_N, num_warps, num_stages) of the
+chunked-prefill kernel (an exact head_dim key, such as 72, wins over its padded width); ``DECODE[arch][head_dim_pad]`` -> (BLOCK_N, num_warps, num_stages) of the
 split-KV decode kernel. ``benchmarks/bench_attention.py --sweep`` measures candidates on a GPU and
 prints winners in this format. Shared-memory budget of the sm90 entries: q tile + num_stages x
 (K + V tiles), e.g. d=128: 128x128x2 + 3 x 2 x 64x128x2 = 128 KiB of the H100's 227 KiB.
@@ -17,7 +17,10 @@ from tinyq.backend import gpu_arch, interpreting
 FLASH = {
     "sm90": {
         32: (128, 64, 4, 3),
-        64: (128, 64, 4, 3),
+        64: (64, 64, 4, 3),
+        # SigLIP's 72 (64 + 16 columns, the last 8 masked) takes 134 registers a thread on 8 warps,
+        # one CTA an SM; on 4 warps two fit (docs/perf_notes.md, 2026-12-06)
+        72: (128, 64, 4, 3),
         128: (128, 64, 8, 3),
         256: (64, 32, 4, 2),
     },
@@ -49,8 +52,10 @@ def _dim_key(head_dim_pad: int) -> int:
     return max(32, min(256, head_dim_pad))
 
 
-def flash_config(head_dim_pad: int, device: torch.device):
-    return FLASH.get(attention_arch(device), FLASH["default"])[_dim_key(head_dim_pad)]
+def flash_config(head_dim_pad: int, device: torch.device, head_dim: int = 0):
+    """The entry for the exact ``head_dim`` where the table has one, else for the padded width."""
+    table = FLASH.get(attention_arch(device), FLASH["default"])
+    return table.get(head_dim) or table[_dim_key(head_dim_pad)]
 
 
 def decode_config(head_dim_pad: int, device: torch.device):

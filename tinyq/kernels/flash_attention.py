@@ -141,11 +141,12 @@ def _attn_blocks(
     acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, lo, hi, q_pos, kv_len, qk_scale,
     offs_n, offs_dh, offs_dl,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, MAX_FIRST: tl.constexpr,
 ):
     """Online-softmax update of (acc_h, acc_l, l_i, m_i) over key blocks [lo, hi). Columns
     ``[0, D_HI)`` go through ``*_h``, columns ``[D_HI, D_HI + D_LO)`` through ``*_l`` (only when
-    ``D_LO > 0``; then all D_HI columns are real)."""
+    ``D_LO > 0``; then all D_HI columns are real). With ``MAX_FIRST`` (a positive scale) ``m_i``
+    holds unscaled row maxima: see :func:`online_softmax_weights_unscaled`."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n = start_n + offs_n
@@ -156,13 +157,17 @@ def _attn_blocks(
             k_l, v_l = _load_kv_cols(k_base, v_base, stride_kn, stride_vn, n, offs_dl, kv_len, HEAD_DIM,
                                      D_HI + D_LO, MASKED, DOT_FP32)
             qk = tl.dot(q_l, k_l, qk)
-        qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
+        if not MAX_FIRST:
+            qk = qk * qk_scale  # [BLOCK_M, BLOCK_N], log2 domain
         if MASKED:
             keep = n[None, :] < kv_len
             if CAUSAL:
                 keep = keep & (n[None, :] <= q_pos[:, None])
             qk = tl.where(keep, qk, float("-inf"))
-        p, alpha, l_i, m_i = online_softmax_weights(l_i, m_i, qk)
+        if MAX_FIRST:
+            p, alpha, l_i, m_i = online_softmax_weights_unscaled(l_i, m_i, qk, qk_scale)
+        else:
+            p, alpha, l_i, m_i = online_softmax_weights(l_i, m_i, qk)
         acc_h = tl.dot(p.to(v_h.dtype), v_h, acc_h * alpha[:, None])
         if D_LO > 0:
             acc_l = tl.dot(p.to(v_l.dtype), v_l, acc_l * alpha[:, None])
@@ -188,6 +193,20 @@ def online_softmax_weights(l_i, m_i, qk):
 
 
 @triton.jit
+def online_softmax_weights_unscaled(l_i, m_i, qk, qk_scale):
+    """:func:`online_softmax_weights` on unscaled scores ``qk = q . k`` with a scale ``s > 0``
+    (log2 units). Since ``max_j(s * qk) = s * max_j qk`` for ``s >= 0``, the running max ``m_i``
+    is kept unscaled and the scale folds into the exponent: ``p = exp2(qk * s - m' * s)`` is one
+    fused multiply-add a score where scaling first costs a multiply, then a subtract."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_scaled = tl.where(m_new == float("-inf"), 0.0, m_new) * qk_scale
+    p = tl.math.exp2(qk * qk_scale - m_scaled[:, None])
+    alpha = tl.math.exp2(m_i * qk_scale - m_scaled)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@triton.jit
 def online_softmax_update(acc, l_i, m_i, qk, v):
     """:func:`online_softmax_weights` with one accumulator ``acc [M, D]`` (fp32) and ``v [N, D]``
     (shared with the decode kernel)."""
@@ -206,7 +225,7 @@ def _flash_attention_kernel(
     stride_ob, stride_ol, stride_oh,
     HEAD_DIM: tl.constexpr, D_HI: tl.constexpr, D_LO: tl.constexpr, CAUSAL: tl.constexpr,
     KV_LEN_FROM_DEVICE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    STRIDE_UNIT: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr, MAX_FIRST: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16)
     # The JIT marks an integer argument divisible by 16 or not at all; a head_dim of 72 makes the
@@ -267,10 +286,10 @@ def _flash_attention_kernel(
     full = (full // BLOCK_N) * BLOCK_N
     acc_h, acc_l, l_i, m_i = _attn_blocks(
         acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, 0, full, q_pos, kv_len, qk_scale,
-        offs_n, offs_dh, offs_dl, BLOCK_N, HEAD_DIM, D_HI, D_LO, False, CAUSAL, DOT_FP32)
+        offs_n, offs_dh, offs_dl, BLOCK_N, HEAD_DIM, D_HI, D_LO, False, CAUSAL, DOT_FP32, MAX_FIRST)
     acc_h, acc_l, l_i, m_i = _attn_blocks(
         acc_h, acc_l, l_i, m_i, q_h, q_l, k_base, v_base, stride_kn, stride_vn, full, hi, q_pos, kv_len, qk_scale,
-        offs_n, offs_dh, offs_dl, BLOCK_N, HEAD_DIM, D_HI, D_LO, True, CAUSAL, DOT_FP32)
+        offs_n, offs_dh, offs_dl, BLOCK_N, HEAD_DIM, D_HI, D_LO, True, CAUSAL, DOT_FP32, MAX_FIRST)
     inv_l = 1.0 / l_i[:, None]
     tl.store(o_rows + offs_dh[None, :], (acc_h * inv_l).to(O.dtype.element_ty), mask=io_mask_h)
     if D_LO > 0:
@@ -294,7 +313,7 @@ def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = N
     check_unit_stride("flash_attention", q=q, k=k, v=v)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     d_hi, d_lo = head_dim_split(D)
-    block_m, block_n, num_warps, num_stages = config or flash_config(triton.next_power_of_2(d_hi + d_lo), q.device)
+    block_m, block_n, num_warps, num_stages = config or flash_config(triton.next_power_of_2(d_hi + d_lo), q.device, D)
     if out is None:
         out = torch.empty((B, LQ, HQ, D), dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(LQ, block_m), B * HQ)
@@ -306,7 +325,7 @@ def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = N
         *(st // unit for st in strides),
         HEAD_DIM=D, D_HI=d_hi, D_LO=d_lo, CAUSAL=bool(causal), KV_LEN_FROM_DEVICE=seq_pos is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=interpreting() and q.dtype == torch.bfloat16,
-        STRIDE_UNIT=unit,
+        STRIDE_UNIT=unit, MAX_FIRST=scale > 0,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
