@@ -168,6 +168,45 @@ def test_apply_rejects_mismatched_results(tmp_path):
         AwqResults.read_info(tmp_path / "other.safetensors")
 
 
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == [], f"a refused apply_awq changed {changed[:4]}"
+
+
+def test_apply_checks_every_layer_before_changing_any():
+    """Results that fit layer 0's attention but not something later (the MLP width, a later layer's
+    clip) are refused before anything is folded, so applying the right results afterwards gives
+    exactly what a fresh model gets: no scale is folded twice."""
+    res = awq_search(tiny_model("llama", hidden=64, inter=128), _blocks(n=2, length=16), AwqConfig(group_size=32),
+                     progress=False)
+    wider = tiny_model("llama", hidden=64, inter=192)
+    before = _state(wider)
+    with pytest.raises(ValueError, match=r"scale layers\.0\.mlp\.up_proj: shape \(128,\) does not match the model's \(192,\)"):
+        apply_awq(wider, res)
+    _assert_unchanged(wider, before)
+
+    model, fresh = tiny_model("llama", hidden=64, inter=128), tiny_model("llama", hidden=64, inter=128)
+    before = _state(model)
+    bad_clip = AwqResults(res.config, res.family, res.num_layers, dict(res.scales), dict(res.clips))
+    bad_clip.clips["layers.1.mlp.down_proj"] = res.clips["layers.1.mlp.down_proj"][:, :1]  # the last one applied
+    with pytest.raises(ValueError, match=r"clip layers\.1\.mlp\.down_proj: shape \(64, 1, 2\) does not match \(64, 4\)"):
+        apply_awq(model, bad_clip)
+    _assert_unchanged(model, before)
+    bad_scale = AwqResults(res.config, res.family, res.num_layers, dict(res.scales), dict(res.clips))
+    bad_scale.scales["layers.1.mlp.up_proj"] = torch.full((128,), float("nan"))
+    with pytest.raises(ValueError, match=r"scale layers\.1\.mlp\.up_proj: holds values that are not finite"):
+        apply_awq(model, bad_scale)
+    _assert_unchanged(model, before)
+    apply_awq(model, res)  # the retry
+    apply_awq(fresh, res)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 def test_non_finite_activations_or_losses_are_a_clear_error():
     """Activations that overflowed (inf/NaN) would make every loss NaN and leave no scale to fold:
     the search stops with the layer and group named, before folding a NaN scale into the weights."""

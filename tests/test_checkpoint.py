@@ -330,3 +330,75 @@ def test_transformers_loader_refuses_a_missing_or_extra_bias(tmp_path):
     _edit(path, tensor_fn=lambda t: t.update({"model.layers.0.mlp.up_proj.bias": torch.zeros(256)}))
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up_proj.bias' is in the checkpoint"):
         ck.load_quantized_model(path, dtype=torch.float32)
+
+
+def test_a_truncated_shard_is_named_by_every_loader(tmp_path):
+    """safetensors' own error for a truncated file names no file; every reader names the shard."""
+    from tinyq.models import load_model
+
+    path = ck.save_quantized(tiny_model("llama"), tmp_path / "q", 64, word_tokenizer(), max_shard_bytes=64 * 1024)
+    shard = sorted(p.name for p in path.glob("model-*.safetensors"))[1]
+    size = (path / shard).stat().st_size
+    with open(path / shard, "r+b") as f:
+        f.truncate(size - 100)
+    match = rf"{shard}: not a readable safetensors file, truncated or corrupt\?"
+    for load in (lambda: ck.read_quantized_state(path), lambda: ck.load_quantized_model(path),
+                 lambda: load_model(str(path), precision="w4a16", device="cpu")):
+        with pytest.raises(ValueError, match=match):
+            load()
+
+
+@pytest.mark.parametrize("fmt,leaf,where,value", [
+    ("tinyq", "zeros", (0, 0), 99.5), ("tinyq", "zeros", (3, 1), 16.0), ("tinyq", "zeros", (2, 0), float("nan")),
+    ("tinyq", "scales", (0, 1), float("nan")), ("awq", "scales", (1, 5), float("inf")),
+])
+def test_corrupt_grid_values_are_refused_by_both_loaders(tmp_path, fmt, leaf, where, value):
+    """A zero point off the 4-bit grid or a non-finite scale once loaded silently and gave
+    non-finite logits; both loaders now name the file, the tensor, the value and its index."""
+    from tinyq.models import load_model
+
+    path = ck.save_quantized(tiny_model("llama"), tmp_path / "q", 64, word_tokenizer(), fmt=fmt)
+    name = f"model.layers.0.mlp.up_proj.{leaf}"
+
+    def corrupt(t):
+        t[name][where] = value
+
+    _edit(path, tensor_fn=corrupt)
+    match = rf"model\.safetensors: tensor '{name}' holds {value} at \[{where[0]}, {where[1]}\]"
+    for load in (lambda: ck.read_quantized_state(path), lambda: ck.load_quantized_model(path),
+                 lambda: load_model(str(path), precision="w4a16", device="cpu")):
+        with pytest.raises(ValueError, match=match):
+            load()
+
+
+def test_bf16_scales_beyond_fp16_are_refused_at_load(tmp_path):
+    """A bf16 checkpoint's scales are converted to fp16 for fp32/fp16 activations: one beyond fp16's
+    range would become inf, so the loader says to load in bf16 (which works)."""
+    from tinyq.models import load_model
+
+    path = ck.save_quantized(tiny_model("llama").to(torch.bfloat16), tmp_path / "q", 64, word_tokenizer())
+    _edit(path, tensor_fn=lambda t: t["model.layers.1.self_attn.o_proj.scales"].__setitem__((1, 0), 1e6))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.1\.self_attn\.o_proj\.scales' "
+                                         r"holds values up to .* beyond torch\.float16; .*dtype=torch\.bfloat16"):
+        load_model(str(path), precision="w4a16", device="cpu", dtype=torch.float32)
+    model, _ = load_model(str(path), precision="w4a16", device="cpu", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(model(_ids(n=1)).float()).all()
+
+
+def test_fp16_scale_overflow_names_the_linear_when_saving_or_loading(tmp_path):
+    """fp32 weights whose group range exceeds 15 * 65504 would store inf fp16 scales: the checkpoint
+    writer and the runtime loader (RTN at load) name the linear; nothing is written."""
+    from tinyq.models import load_model
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e7)
+    match = r"model\.layers\.1\.mlp\.down_proj: weight of shape \(128, 256\): a group spans .* overflows torch\.float16"
+    with pytest.raises(ValueError, match=match):
+        ck.save_quantized(model, tmp_path / "q", 64, word_tokenizer())
+    assert not (tmp_path / "q").exists()
+    model.save_pretrained(str(tmp_path / "fp"))
+    word_tokenizer().save_pretrained(str(tmp_path / "fp"))
+    with pytest.raises(ValueError, match=match):
+        load_model(str(tmp_path / "fp"), precision="w4a16", device="cpu", group_size=64)

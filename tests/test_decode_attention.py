@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from tests.out_buffers import WRONG_OUTS, wrong_out
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
 from tinyq.cache import StaticKVCache
@@ -135,6 +136,47 @@ def test_decode_bad_input():
                              *make_cache(1, 2, 16, 64, 4, torch.float16), seq_pos)
         with pytest.raises(ValueError, match="fp16 or bf16"):
             decode_attention(torch.randn(1, 1, 2, 64, dtype=torch.bfloat16, device=DEV), kc, vc, seq_pos)
+
+
+@pytest.mark.parametrize("bad", WRONG_OUTS)
+def test_decode_out_is_checked(bad):
+    """A wrong ``out=`` is refused before the launch (a smaller one was written out of bounds,
+    another dtype or shape accepted silently)."""
+    kc, vc = make_cache(1, 2, 16, 64, 5, torch.float16)
+    q = torch.randn(1, 1, 4, 64, dtype=torch.float16, device=DEV)
+    seq_pos = torch.tensor([4], dtype=torch.int32, device=DEV)
+    backing = torch.zeros(4096, dtype=torch.float16, device=DEV)
+    out = wrong_out(bad, (1, 1, 4, 64), torch.float16, backing)
+    with force_backend("triton"), pytest.raises(ValueError, match="decode_attention: out (must be|needs)"):
+        decode_attention(q, kc, vc, seq_pos, out=out)
+    assert not backing.any()
+
+
+def test_seq_pos_must_be_an_integer():
+    """The cache fill is read on the device as an integer: a float seq_pos is a clear error in
+    every launcher that reads it (it failed inside the compiler), int64 works like int32."""
+    from tinyq.kernels.flash_attention import flash_attention_fwd
+    from tinyq.kernels.rope import rope_cache_write
+
+    kc, vc = make_cache(1, 2, 16, 64, 5, torch.float16)
+    q = torch.randn(1, 1, 4, 64, dtype=torch.float16, device=DEV)
+    k = torch.randn(1, 1, 2, 64, dtype=torch.float16, device=DEV)
+    inv_freq = RopeConfig(64).inv_freq(DEV)
+    pos = torch.tensor([4.0], device=DEV)
+    with force_backend("triton"):
+        with pytest.raises(ValueError, match="decode_attention: seq_pos must hold one int32"):
+            decode_attention(q, kc, vc, pos)
+        with pytest.raises(ValueError, match="flash_attention: seq_pos must hold one int32"):
+            flash_attention_fwd(q, kc, vc, seq_pos=pos)
+        with pytest.raises(ValueError, match="rope_cache_write: seq_pos must hold one int32"):
+            rope_cache_write(q, k, k, kc, vc, pos, inv_freq)
+        with pytest.raises(ValueError, match="seq_pos must hold one int32"):
+            decode_attention(q, kc, vc, torch.tensor([4, 4], dtype=torch.int32, device=DEV))
+    assert_close_rel(run(q, kc, vc, 5), decode_attention_reference(q, kc, vc, 5))
+    out = torch.full_like(q, float("nan"))
+    with force_backend("triton"):
+        decode_attention(q, kc, vc, torch.tensor([4], device=DEV), out=out)  # int64
+    assert_close_rel(out, decode_attention_reference(q, kc, vc, 5))
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tests.out_buffers import WRONG_OUTS, wrong_out
 from tests.tolerances import assert_close_rel
 from tinyq.backend import force_backend
 from tinyq.kernels.flash_attention import (
@@ -125,6 +126,47 @@ def test_flash_bad_input():
         flash_attention(q, k.to("meta"), v)
     with pytest.raises(ValueError, match="fp16 or bf16"), force_backend("triton"):
         flash_attention_fwd(q.float(), k.float().transpose(1, 2), v.float().transpose(1, 2))
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, -50.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_flash_attention_op_torch_path_any_scale(scale, dtype):
+    """The CPU path with a scale <= 0: torch's CPU SDPA applies ``is_causal``'s -inf before the
+    scale (NaN rows), so causal attention takes an explicit mask there."""
+    q, k, v = make(1, 17, 4, 2, 64, dtype, device="cpu")
+    for causal in (True, False):
+        with force_backend("torch"):
+            out = flash_attention(q, k, v, causal=causal, scale=scale)
+        assert_close_rel(out, ref(q, k, v, causal, scale), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attention_nan_query_row_stays_nan(backend, causal):
+    """A query row holding NaN gives a NaN output row on both paths, as the float32 reference does
+    (torch's fused CPU SDPA alone returned zeros there); the other rows are unaffected."""
+    q, k, v = make(1, 5, 2, 1, 64, torch.float16, device=DEV if backend == "triton" else "cpu")
+    q[0, 2, 0, 7] = float("nan")
+    with force_backend(backend):
+        out = flash_attention(q, k, v, causal=causal)
+    expected = ref(q, k, v, causal)
+    assert expected[0, 2, 0].isnan().all()
+    assert torch.equal(out.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert_close_rel(out[keep], expected[keep])
+
+
+@pytest.mark.parametrize("bad", WRONG_OUTS)
+def test_flash_out_is_checked(bad):
+    """A wrong ``out=`` is refused before the launch: the kernel writes the whole
+    ``[B, Lq, Hq, D]`` through out's strides, so a smaller buffer was written out of bounds and
+    another dtype rounded to silently."""
+    q, k, v = make(1, 5, 2, 1, 64, torch.float16)
+    backing = torch.zeros(4096, dtype=torch.float16, device=DEV)
+    out = wrong_out(bad, (1, 5, 2, 64), torch.float16, backing)
+    with force_backend("triton"), pytest.raises(ValueError, match="flash_attention: out (must be|needs)"):
+        flash_attention_fwd(q, k.transpose(1, 2), v.transpose(1, 2), causal=True, out=out)
+    assert not backing.any()  # nothing written
 
 
 @pytest.mark.gpu

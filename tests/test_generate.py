@@ -153,6 +153,18 @@ def test_generator_reuses_cached_prefix(tiny):
     assert gen.cache.length == len(gen.cached_ids)
 
 
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True, "8", None])
+def test_prefill_chunk_must_be_a_positive_int(tiny, chunk):
+    """0 would never advance through the prompt, -1 and 2.5 broke deep in the prefill: all are refused
+    when the Generator is made, naming the setting."""
+    model, tok = tiny
+    with pytest.raises(ValueError, match=rf"prefill_chunk must be a positive int .*got {chunk!r}"):
+        Generator(model, tok, 64, prefill_chunk=chunk)
+    s = Generator(model, tok, 64, prefill_chunk=1).stream([5, 6, 7], temperature=0, max_new_tokens=3)
+    s.text()
+    assert s.result.token_ids  # a one-token chunk, the smallest, works
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision", ["fp16", "w4a16"])
 def test_cuda_graph_decode_matches_eager(tmp_path, precision):
@@ -254,3 +266,17 @@ def test_a_paused_stream_resumed_after_another_is_refused(tiny):
     late.text()
     assert late.result.token_ids == expected
     assert generate(model, tok, "abc abc", **kw).token_ids == expected
+
+
+def test_generate_after_the_model_is_cast_rebuilds_its_cache(tmp_path):
+    """generate() keeps a Generator on the model; after ``model.to(torch.bfloat16)`` its fp32 cache
+    would be refused by attention, so the next call builds a new one in the model's dtype."""
+    make_model_dir(tmp_path, "llama", seed=3)
+    model, tok = load_model(str(tmp_path), precision="fp32", device="cpu")
+    generate(model, tok, "hello", max_new_tokens=3, temperature=0, max_seq_len=32)
+    assert model._tinyq_generator.cache.dtype == torch.float32
+    model.to(torch.bfloat16)
+    cast = generate(model, tok, "hello", max_new_tokens=3, temperature=0, max_seq_len=32).token_ids
+    assert model._tinyq_generator.cache.dtype == torch.bfloat16
+    fresh, _ = load_model(str(tmp_path), precision="fp32", device="cpu", dtype=torch.bfloat16)
+    assert cast == generate(fresh, tok, "hello", max_new_tokens=3, temperature=0, max_seq_len=32).token_ids

@@ -142,6 +142,29 @@ def test_bad_input():
         int8_matmul_reference(big, torch.zeros(2, MAX_K + 1, dtype=torch.int8), torch.ones(1), torch.ones(2))
 
 
+def test_no_features():
+    """K = 0: the kernel path and the reference (whose ``reshape(-1, 0)`` raised) both give the bias."""
+    xq, wq = torch.empty(3, 0, dtype=torch.int8), torch.empty(4, 0, dtype=torch.int8)
+    bias = torch.randn(4, dtype=torch.float16)
+    y = int8_matmul(xq, wq, torch.ones(3), torch.ones(4), bias, torch.float16)
+    y_ref = int8_matmul_reference(xq, wq, torch.ones(3), torch.ones(4), bias, torch.float16)
+    assert torch.equal(y, y_ref) and torch.equal(y_ref, bias.expand(3, 4))
+    y3 = int8_matmul_reference(xq.reshape(1, 3, 0), wq, torch.ones(1, 3), torch.ones(4), None, torch.float32)
+    assert torch.equal(y3, torch.zeros(1, 3, 4))
+
+
+def test_strided_bias_is_refused():
+    """The kernels read the bias at unit stride: a strided view (a column of a packed tensor) gave
+    wrong outputs silently; it is refused, as the W8A8 module checks its weights once."""
+    xq, wq, s_x, s_w, _ = make_case(3, 8, 64, bias=False, device="cpu")
+    bias = torch.randn(8, 2, dtype=torch.float16)[:, 0]
+    for call in (int8_matmul, int8_matmul_reference):
+        with pytest.raises(ValueError, match="bias must be contiguous"):
+            call(xq, wq, s_x, s_w, bias)
+    assert_close_rel(int8_matmul(xq, wq, s_x, s_w, bias.contiguous()),
+                     int8_matmul_reference(xq, wq, s_x, s_w, bias.contiguous()))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_every_shipped_config_on_gpu(arch):

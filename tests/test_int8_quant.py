@@ -258,3 +258,83 @@ def test_bad_input():
         silu_mul_quant_reference(torch.randn(2, 7))
     with pytest.raises(ValueError, match="approximate must be"):
         gelu_quant_reference(x, "sigmoid")
+
+
+def _quantizers(x, static):
+    """Every row quantizer's (kernel, reference) pair on ``x``, weights of ones."""
+    w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    return {
+        "quantize_per_token": (lambda: quantize_per_token(x, static), lambda: quantize_per_token_reference(x, static)),
+        "rmsnorm_quant": (lambda: rmsnorm_quant(x, w, 1e-5, x, static_scale=static),
+                          lambda: rmsnorm_quant_reference(x, w, 1e-5, x, static_scale=static)),
+        "layernorm_quant": (lambda: layernorm_quant(x, w, w, 1e-5, static, x),
+                            lambda: layernorm_quant_reference(x, w, w, 1e-5, static, x)),
+        "silu_mul_quant": (lambda: silu_mul_quant(x, static), lambda: silu_mul_quant_reference(x, static)),
+        "gelu_quant": (lambda: gelu_quant(x, "none", static), lambda: gelu_quant_reference(x, "none", static)),
+    }
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_rows_of_no_features(static):
+    """``x [M, 0]``: empty int8 rows and defined scales (an all-zero row's, or the static one) from
+    the kernels and the references alike. The launchers crashed (a negative shift in the row split,
+    ``reshape(-1, 0)``) or launched with N = 0, or left the scales unwritten; the references could
+    not reduce the empty rows."""
+    x = torch.randn(3, 0, dtype=torch.float16, device=DEV)
+    s = torch.tensor([0.25], device=DEV) if static else None
+    expected = torch.full((3,), 0.25) if static else torch.full((3,), 1e-10) / torch.full((3,), 127.0)
+    for name, (kernel, reference) in _quantizers(x, s).items():
+        with force_backend("triton"):
+            got = kernel()
+        want = reference()
+        for out in (got, want):
+            assert out[0].shape == (3, 0) and out[0].dtype == torch.int8, name
+            torch.testing.assert_close(out[1].cpu(), expected, rtol=0, atol=0, msg=name)
+        if len(got) == 3:  # the residual sum h = x + residual
+            assert got[2].shape == want[2].shape == (3, 0)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_layernorm_quant_strided_weight_and_bias(with_residual):
+    """Weight and bias that are strided views quantize like their contiguous copies (the kernel
+    reads them at unit stride; the launcher copies such a view)."""
+    x = torch.randn(5, 96, dtype=torch.float16) * 2 + 1
+    res = torch.randn(5, 96, dtype=torch.float16) if with_residual else None
+    w = (torch.rand(96, 2) + 0.5).half()[:, 0]
+    b = torch.randn(96, 2, dtype=torch.float16)[:, 1]
+    with force_backend("triton"):
+        got = layernorm_quant(x, w, b, 1e-5, None, res)
+        want = layernorm_quant(x, w.contiguous(), b.contiguous(), 1e-5, None, res)
+    assert all(torch.equal(g, e) for g, e in zip(got, want))
+    ref = layernorm_quant_reference(x, w, b, 1e-5, None, res)
+    close_quant(got[0], got[1], ref[0], ref[1])
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, float("inf"), float("nan")])
+def test_static_scale_must_be_positive_where_it_is_free_to_read(value):
+    """A static scale <= 0 (or inf/NaN) is refused where reading it costs no device sync: a CPU
+    tensor (every quantizer, both paths) or ``check_value`` (a module's one-time weight check). On
+    another device without ``check_value`` its value is never read (no sync on a GPU hot path)."""
+    from tinyq.kernels.int8_quant import check_static_scale
+
+    x = torch.randn(2, 8, dtype=torch.float16)
+    s = torch.tensor([value])
+    for name, (kernel, reference) in _quantizers(x, s).items():
+        for call in (kernel, reference):
+            with pytest.raises(ValueError, match="static activation scale must be positive and finite"):
+                call()
+    meta = torch.tensor([value], device="meta")
+    check_static_scale(meta, meta.device)  # not read: no error, no sync
+    check_static_scale(torch.tensor([0.5]), torch.device("cpu"), check_value=True)
+
+
+def test_more_bad_input():
+    x = torch.randn(2, 8)
+    for call in (layernorm_quant_reference, layernorm_quant):
+        with pytest.raises(ValueError, match="weight must be a float tensor"):
+            call(x, torch.ones(8, dtype=torch.int32), None, 1e-5)
+        with pytest.raises(ValueError, match="0-d"):
+            call(torch.tensor(1.0), torch.ones(1), None, 1e-5)
+    for call in (rmsnorm_quant_reference, rmsnorm_quant):
+        with pytest.raises(ValueError, match="0-d"):
+            call(torch.tensor(1.0), torch.ones(1), 1e-5)

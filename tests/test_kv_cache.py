@@ -103,6 +103,7 @@ def test_bad_input_is_a_clear_error_and_leaves_the_cache(backend):
     q, k, v = qkv(3)
     cases = [
         ((q, k, v, c, 2, rope), "layer_idx"),
+        ((q, k, v, c, True, rope), "layer_idx True"),  # a bool is an int to isinstance, not a layer
         ((q.float(), k.float(), v.float(), c, 0, rope), "cache dtype"),
         ((q, k, v.to(torch.bfloat16), c, 0, rope), "share one dtype"),
         ((q[:, :, :3], k, v, c, 0, rope), "not a multiple"),
@@ -119,6 +120,29 @@ def test_bad_input_is_a_clear_error_and_leaves_the_cache(backend):
             with pytest.raises(ValueError, match=msg):
                 attention_with_cache(*args)
             assert_unchanged(c, snap)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [-0.125, 0.0])
+def test_any_scale_over_the_cache(backend, scale):
+    """Chunks at position 0 (plain causal) and later, with a scale <= 0, match the float32
+    reference: the CPU path's first chunk was all NaN (torch's CPU SDPA masks before it scales)."""
+    from tests.tolerances import assert_close_rel
+    from tinyq.kernels.flash_attention import attention_reference
+    from tinyq.kernels.rope import apply_rope_reference
+
+    rope = RopeConfig(head_dim=64)
+    c = StaticKVCache(1, 2, 64, 16, dtype=torch.float16)
+    q, k, v = qkv(7)
+    positions = torch.arange(7)
+    kr = apply_rope_reference(k, positions, rope).half().transpose(1, 2)  # as the cache holds them
+    qr = apply_rope_reference(q, positions, rope)
+    with force_backend(backend):
+        for lo, hi in ((0, 4), (4, 7)):
+            out = attention_with_cache(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], c, 0, rope, scale)
+            c.advance(hi - lo)
+            expected = attention_reference(qr[:, lo:hi], kr[:, :, :hi], v[:, :hi].transpose(1, 2), True, scale)
+            assert_close_rel(out, expected, torch.float16)
 
 
 def test_unsupported_head_dim():

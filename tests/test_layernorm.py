@@ -70,3 +70,60 @@ def test_bad_input():
         layernorm_reference(x, torch.ones(8), torch.ones(8), 1e-5, x.half())
     with pytest.raises(ValueError, match="x must be"):
         layernorm_reference(x.int(), torch.ones(8), torch.ones(8), 1e-5)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_strided_weight_and_bias(with_residual):
+    """Weight and bias that are strided views (columns of a packed parameter) give the right
+    answer: the kernel reads them at unit stride, so the launcher copies such a view."""
+    x = torch.randn(5, 96, dtype=torch.float16) * 2 + 1
+    res = torch.randn(5, 96, dtype=torch.float16) if with_residual else None
+    w = (torch.rand(96, 2) + 0.5).half()[:, 0]
+    b = torch.randn(96, 2, dtype=torch.float16)[:, 1]
+    assert w.stride() == (2,) and b.stride() == (2,)
+    with force_backend("triton"):
+        out = layernorm(x, w, b, 1e-5, res)
+    ref = layernorm_reference(x, w.contiguous(), b.contiguous(), 1e-5, res)
+    if with_residual:
+        (out, h), (ref, ref_h) = out, ref
+        assert torch.equal(h, ref_h)
+    assert_close_rel(out, ref)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bias_is_optional(backend):
+    """``bias=None`` is a LayerNorm without bias, as in ``torch.nn.functional.layer_norm`` and
+    layer_norm_quant (it raised AttributeError)."""
+    x, r = torch.randn(3, 72).half(), torch.randn(3, 72).half()
+    w = (torch.rand(72) + 0.5).half()
+    expected = torch.nn.functional.layer_norm(x.float(), (72,), w.float(), None, 1e-5)
+    h_expected = (x.float() + r.float()).half()
+    expected_h = torch.nn.functional.layer_norm(h_expected.float(), (72,), w.float(), None, 1e-5)
+    with force_backend(backend):
+        out = layer_norm(x, w, None, 1e-5)
+        out_h, h = add_layer_norm(x, r, w, None, 1e-5)
+    assert_close_rel(out, expected, torch.float16)
+    assert torch.equal(h, h_expected)
+    assert_close_rel(out_h, expected_h, torch.float16)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_of_no_features(backend):
+    """``x [M, 0]`` gives empty outputs, as torch does, without a launch (it crashed in the
+    launcher's row split and reshape)."""
+    x, w = torch.randn(3, 0, dtype=torch.float16), torch.ones(0, dtype=torch.float16)
+    with force_backend(backend):
+        assert layer_norm(x, w, w, 1e-5).shape == (3, 0)
+        out, h = add_layer_norm(x, x, w, w, 1e-5)
+    assert out.shape == h.shape == (3, 0)
+
+
+def test_bad_weights_and_0d_input():
+    x = torch.randn(2, 8)
+    for call in (layernorm_reference, layernorm):
+        with pytest.raises(ValueError, match="weight must be a float tensor"):
+            call(x, torch.ones(8, dtype=torch.int32), torch.ones(8), 1e-5)
+        with pytest.raises(ValueError, match="bias must be a float tensor"):
+            call(x, torch.ones(8), torch.ones(8, dtype=torch.int32), 1e-5)
+        with pytest.raises(ValueError, match="0-d"):
+            call(torch.tensor(1.0), torch.ones(1), torch.ones(1), 1e-5)

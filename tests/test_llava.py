@@ -1,5 +1,7 @@
 """tinyq LLaVA vs transformers LlavaForConditionalGeneration (fp32, random tiny checkpoints):
 logits with 1 and 2 images, 16 greedy tokens through the chat session, follow-up turns, errors."""
+import re
+
 import pytest
 import torch
 
@@ -112,6 +114,23 @@ def test_bad_input(llava, tmp_path):
     ids = torch.tensor([[5] + [model.image_token_id] * 3])
     with pytest.raises(ValueError, match="3 image-token positions"):
         model.logits(ids, features=list(model.encode_pixels(torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))))
+
+
+def test_projector_of_the_wrong_shape_names_the_tensor_and_its_file(tmp_path):
+    """A projector tensor whose shape the configs do not give is a one-line ValueError naming the tensor
+    and the file holding it (what examples/chat_vlm.py prints), not load_state_dict's RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    make_llava_dir(tmp_path, "clip", "llama")
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(str(file))
+    name = "model.multi_modal_projector.linear_2.weight"
+    rows, cols = tensors[name].shape
+    tensors[name] = torch.zeros(rows, cols // 2)
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: tensor '{name}' has shape \({rows}, {cols // 2}\), "
+                                         rf"expected \({rows}, {cols}\) from the sizes in config.json$"):
+        load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)
 
 
 def test_w4a16_llm_loads_quantized(tmp_path):

@@ -2,6 +2,8 @@
 plain-torch VILA projector + Qwen2ForCausalLM with inputs_embeds) following the published code
 (NVlabs/VILA llava/mm_utils.py, base_projector.py; sglang python/sglang/srt/models/nvila.py);
 tiling and token counts against hand-computed values."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -425,6 +427,23 @@ def test_unsupported_aspect_ratio_mode_is_named(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, image_aspect_ratio="dynamic")))
     with pytest.raises(ValueError, match="config.json: image_aspect_ratio 'dynamic' is not supported"):
+        load_nvila(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)
+
+
+def test_projector_of_the_wrong_shape_names_the_tensor_and_its_file(tmp_path):
+    """A projector tensor whose shape the configs do not give is a one-line ValueError naming the tensor
+    and mm_projector's file (what examples/chat_vlm.py prints), not load_state_dict's RuntimeError."""
+    from safetensors.torch import load_file, save_file
+
+    make_nvila_dir(tmp_path, projector="mlp_downsample", s2=False, image_size=35)
+    file = tmp_path / "mm_projector" / "model.safetensors"
+    tensors = load_file(str(file))
+    name = "layers.4.weight"  # the last linear, read after every other tensor
+    rows, cols = tensors[name].shape
+    tensors[name] = torch.zeros(rows, cols // 2)
+    save_file(tensors, str(file))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: tensor '{name}' has shape \({rows}, {cols // 2}\), "
+                                         rf"expected \({rows}, {cols}\) from the sizes in the configs"):
         load_nvila(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)
 
 

@@ -170,3 +170,21 @@ def test_a_failed_search_save_names_the_destination(model_dir, tmp_path, monkeyp
     err = capsys.readouterr().err
     assert f"could not write the AWQ search results to {search}: No space left on device" in err, err
     assert ".tmp-x" not in err and not search.exists()
+
+
+@pytest.mark.parametrize("backend", ["transformers", "tinyq"])
+def test_eval_of_a_truncated_checkpoint_is_a_one_line_error(model_dir, tmp_path, capsys, backend):
+    """``tinyq eval --backend transformers`` once died with a traceback from safetensors naming no file."""
+    from awq_tiny_models import tiny_model, word_tokenizer
+
+    from tinyq.quant.checkpoint import save_quantized
+
+    path = save_quantized(tiny_model("llama"), tmp_path / "q", 32, word_tokenizer(), max_shard_bytes=64 * 1024)
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    assert _cli(eval_cmd, ["eval", "--model", str(path), "--ppl-file", str(model_dir / "eval.txt"), "--window", "32",
+                           "--backend", backend, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinyq eval: error: ") and err.count("\n") == 1
+    assert f"{shard}: not a readable safetensors file, truncated or corrupt?" in err

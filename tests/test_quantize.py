@@ -279,3 +279,57 @@ def test_load_into_a_meta_module(tmp_path):
     save_safetensors(tied("cpu"), str(tmp_path / "t.safetensors"))
     dst = load_safetensors(tied("meta"), str(tmp_path / "t.safetensors"), device="cpu")
     assert dst["head"].weight is dst["emb"].weight and dst["head"].weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("config", [
+    tinyq.W4A16Config(group_size=32),
+    tinyq.W8A8Config(),
+    tinyq.W8A8Config(act_quant="tensor", act_scales={"0": torch.full((64,), 3.0), "2": torch.full((32,), 2.0)}),
+], ids=["w4a16", "w8a8-token", "w8a8-tensor"])
+def test_quantize_a_meta_skeleton_then_load_its_weights(tmp_path, config):
+    """The gpt-fast path: build the float model on meta (no memory), quantize_ it (shapes only, no
+    value checks to run), then load_safetensors fills it from a model quantized the same way."""
+    def model(device):
+        return nn.Sequential(nn.Linear(64, 32, device=device), nn.ReLU(), nn.Linear(32, 8, device=device))
+
+    src = tinyq.quantize_(model("cpu"), config)
+    save_safetensors(src, str(tmp_path / "q.safetensors"))
+    skeleton = tinyq.quantize_(model("meta"), config)
+    assert [type(m) for m in skeleton] == [type(m) for m in src] and skeleton[0].qweight.is_meta
+    load_safetensors(skeleton, str(tmp_path / "q.safetensors"), device="cpu")
+    x = torch.randn(3, 64)
+    assert skeleton[0].qweight.device.type == "cpu" and torch.equal(skeleton(x), src(x))
+
+
+def test_fp16_scale_overflow_is_refused_naming_the_layer_and_changes_nothing():
+    """fp32 weights whose group range exceeds 15 * 65504 would get inf fp16 scales and NaN outputs:
+    quantize_ names the layer, suggests bf16 scales and (replacements are all built before any is
+    swapped in) leaves the model as it was, the earlier quantizable layer included."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    with torch.no_grad():
+        model[1].weight.mul_(1e7)  # |w| up to ~1.8e6: finite in fp32 and bf16
+    with pytest.raises(ValueError, match=r"layer '1': weight of shape \(16, 32\): a group spans .* overflows "
+                                         r"torch\.float16 .*W4A16Config\(dtype=torch\.bfloat16\)"):
+        tinyq.quantize_(model, tinyq.W4A16Config(group_size=32))
+    assert [type(m) for m in model] == [nn.Linear, nn.Linear]
+    x = torch.randn(2, 64)
+    ref = model(x)
+    tinyq.quantize_(model, tinyq.W4A16Config(group_size=32, dtype=torch.bfloat16))
+    assert model[1].scales.dtype == torch.bfloat16 and torch.isfinite(model(x)).all()
+    assert ((model(x) - ref).norm() / ref.norm()) < 0.2
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_layer_without_outputs_is_quantized_like_any_other():
+    """out_features=0 once crashed pack_int4's range check (no max of an empty tensor) after the layer
+    before it had been swapped in."""
+    for config in (tinyq.W4A16Config(group_size=32), tinyq.W8A8Config()):
+        model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 0))
+        tinyq.quantize_(model, config)
+        assert all(type(m).__name__.endswith("Linear") and type(m) is not nn.Linear for m in model)
+        for dtype in (torch.float32, torch.float16):
+            assert model(torch.randn(2, 64, dtype=dtype)).shape == (2, 0)
+    from tinyq.quant.format import pack_int4
+    assert pack_int4(torch.zeros(0, 32, dtype=torch.uint8)).shape == (0, 4)
+    with pytest.raises(ValueError, match=r"int4 values must lie in 0\.\.15, got 0\.\.16"):
+        pack_int4(torch.tensor([[16] + [0] * 31], dtype=torch.uint8))

@@ -113,3 +113,15 @@ def test_strided_weights_and_empty_rows():
         assert silu_mul(torch.randn(3, 0)).shape == (3, 0)
     with pytest.raises(ValueError, match="weight must be a float tensor"):
         rmsnorm(x, torch.ones(64, dtype=torch.int32), 1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_of_no_features_with_residual_and_0d_input(backend):
+    """``add_rms_norm`` of ``x [M, 0]`` gives empty outputs (the residual's ``reshape(-1, 0)``
+    raised); a 0-d x is a clear error, not an IndexError."""
+    x, w = torch.randn(3, 0, dtype=torch.float16), torch.ones(0, dtype=torch.float16)
+    with force_backend(backend):
+        out, h = add_rms_norm(x, x, w, 1e-5)
+        assert out.shape == h.shape == (3, 0)
+        with pytest.raises(ValueError, match="0-d"):
+            rms_norm(torch.tensor(1.0), torch.ones(1), 1e-5)

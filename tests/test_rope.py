@@ -184,3 +184,46 @@ def test_rope_kernel_far_positions():
     with force_backend("triton"):
         q_out = rope_cache_write(q, k, k, kc, vc, seq_pos, rope.inv_freq(DEV))
     assert_close_rel(q_out, apply_rope_reference(q, torch.arange(pos, pos + L), rope), torch.float16)
+
+
+def test_rope_cache_write_checks_q_out_and_inv_freq():
+    """``q_out`` must be q's shape, dtype and device (a smaller one was written out of bounds);
+    ``inv_freq`` is read at unit stride, so a strided view is refused here (the op copies it)."""
+    from tinyq.backend import force_backend
+
+    q = torch.randn(1, 3, 4, 64, dtype=torch.float16, device=DEV)
+    k = torch.randn(1, 3, 2, 64, dtype=torch.float16, device=DEV)
+    kc, vc = make_cache(1, 2, 8, 64, torch.float16)
+    seq_pos = torch.tensor([0], dtype=torch.int32, device=DEV)
+    inv_freq = RopeConfig(64).inv_freq(DEV)
+    backing = torch.zeros(4096, dtype=torch.float16, device=DEV)
+    bad_outs = [torch.zeros(1, 3, 4, 64, dtype=torch.bfloat16, device=DEV), backing[:64].view(1, 1, 1, 64),
+                torch.zeros(2, 3, 4, 64, dtype=torch.float16, device=DEV)]
+    with force_backend("triton"):
+        for q_out in bad_outs:
+            with pytest.raises(ValueError, match="rope_cache_write: q_out must be"):
+                rope_cache_write(q, k, k, kc, vc, seq_pos, inv_freq, q_out=q_out)
+        strided = torch.stack([inv_freq, torch.zeros_like(inv_freq)], 1)[:, 0]
+        with pytest.raises(ValueError, match="rope_cache_write: inv_freq must be a contiguous"):
+            rope_cache_write(q, k, k, kc, vc, seq_pos, strided)
+    assert not backing.any() and kc.isnan().all()  # nothing written
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_attention_with_cache_takes_a_strided_inv_freq(backend):
+    """An ``inv_freq`` that is a strided view (a column of a table) rotates like its contiguous
+    copy: the Triton kernel read it at unit stride, i.e. the wrong frequencies."""
+    from tinyq.backend import force_backend
+    from tinyq.cache import StaticKVCache
+    from tinyq.ops import attention_with_cache
+
+    inv_freq = RopeConfig(64).inv_freq(DEV)
+    strided = torch.stack([inv_freq, torch.zeros_like(inv_freq)], 1)[:, 0]
+    q = torch.randn(1, 4, 2, 64, dtype=torch.float16, device=DEV)
+    k, v = (torch.randn(1, 4, 1, 64, dtype=torch.float16, device=DEV) for _ in range(2))
+    results = []
+    for freq in (inv_freq, strided):
+        cache = StaticKVCache(1, 1, 64, 8, 1, torch.float16, device=DEV)
+        with force_backend(backend):
+            results.append((attention_with_cache(q, k, v, cache, 0, freq), cache.k[..., :4, :].clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

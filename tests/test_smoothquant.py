@@ -136,3 +136,100 @@ def test_a_channel_never_active_keeps_scale_one(dtype):
         ref, out = model(blocks).logits.float(), smoothed(blocks).logits.float()
     assert torch.isfinite(out).all()
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()  # half-precision rounding of the folded weights
+
+
+def _overflowing_model(dtype=torch.float32):
+    """Layer 0's down_proj writes ~3e38 (float32) / ~6e4 (float16) per input into residual channel 5,
+    so some tokens' layer-0 outputs overflow and layer 1 sees inf/NaN."""
+    model = tiny_model("llama", hidden=64, inter=128, layers=2, heads=4, kv=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[5, :] = torch.finfo(dtype).max
+    return model.to(dtype)
+
+
+def _params(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_unchanged(model, before):
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == [], f"a refused call changed {changed[:4]}"
+
+
+@pytest.mark.parametrize("dtype,advice", [(torch.float32, "so large that float32 overflows"),
+                                          (torch.float16, "float16 activations overflow above 65504")])
+def test_calibration_that_overflows_is_refused_naming_the_layer(dtype, advice):
+    """Non-finite statistics would read as "never active" channels (NaN > clamp is False) and become NaN
+    static input scales: calibrate stops at the first layer whose inputs overflowed, naming it, its
+    linear and what to do, and leaves the model as it was."""
+    model = _overflowing_model(dtype)
+    before = _params(model)
+    blocks = torch.randint(3, 200, (3, 17), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"SmoothQuant calibration, layer 1: the inputs of "
+                                         rf"model\.layers\.1\.self_attn\.q_proj hold inf/NaN.*{advice}"):
+        calibrate(model, blocks, progress=False)
+    _assert_unchanged(model, before)
+
+
+def test_non_finite_statistics_are_refused_before_anything_is_folded(model_and_blocks):
+    model, blocks = model_and_blocks
+    stats = calibrate(model, blocks, progress=False)
+    model = copy.deepcopy(model)
+    before = _params(model)
+    for name in ("model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"):  # smoothed, or only returned
+        bad = dict(stats, **{name: stats[name].clone()})
+        bad[name][7] = float("nan")
+        with pytest.raises(ValueError, match=rf"act_scales\['{name}'\] holds inf/NaN"):
+            smooth_(model, bad, alpha=0.5)
+        _assert_unchanged(model, before)
+
+
+def test_a_refused_smooth_leaves_every_layer_unchanged(model_and_blocks):
+    """Statistics that fit layer 0 but not layer 1 (missing, or another width) are refused before layer 0
+    is folded: a retry with the right statistics does not smooth layer 0 twice."""
+    model, blocks = model_and_blocks
+    stats = calibrate(model, blocks, progress=False)
+    target, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    before = _params(target)
+    no_layer_1 = {k: v for k, v in stats.items() if ".layers.1." not in k}
+    with pytest.raises(ValueError, match=r"no statistics for 'model\.layers\.1\.self_attn\.q_proj'"):
+        smooth_(target, no_layer_1, alpha=0.5)
+    _assert_unchanged(target, before)
+    narrow = dict(stats, **{"model.layers.1.mlp.up_proj": torch.ones(32)})
+    with pytest.raises(ValueError, match=r"act_scales for 'model\.layers\.1\.mlp\.up_proj': shape \(32,\), expected \(64,\)"):
+        smooth_(target, narrow, alpha=0.5)
+    _assert_unchanged(target, before)
+    got, want = smooth_(target, stats, alpha=0.5), smooth_(fresh, stats, alpha=0.5)
+    _assert_unchanged(target, _params(fresh))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_fold_smoothing_refuses_non_finite_inputs_and_changes_nothing():
+    """The fold's own guard (the vision tower calls it directly): NaN statistics or inf weights are an
+    error naming the group, never a NaN or zero scale folded into the norm."""
+    from tinyq.quant.smoothquant import fold_smoothing
+
+    norm, lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 4)
+    before = [t.clone() for t in (norm.weight, norm.bias, lin.weight)]
+    x_max = torch.ones(8)
+    x_max[2] = float("nan")
+    with pytest.raises(ValueError, match="layers.3 -> fc1: the activation statistics hold inf/NaN in 1 of 8"):
+        fold_smoothing(norm, [lin], x_max, 0.5, where="layers.3 -> fc1")
+    with torch.no_grad():
+        norm.weight[1] = float("nan")
+    with pytest.raises(ValueError, match="smoothing scale is not finite and positive in 1 channels"):
+        fold_smoothing(norm, [lin], torch.ones(8), 0.5)
+    assert torch.equal(norm.bias, before[1]) and torch.equal(lin.weight, before[2])
+
+
+def test_static_scales_from_non_finite_statistics_are_never_written(model_and_blocks, tmp_path):
+    from tinyq.quant.w8a8_checkpoint import save_w8a8
+
+    model, blocks = model_and_blocks
+    stats = calibrate(model, blocks, progress=False)
+    name = "model.layers.1.self_attn.o_proj"
+    stats[name] = stats[name].clone()
+    stats[name][0] = float("inf")
+    with pytest.raises(ValueError, match=rf"'{name}' hold inf/NaN .*no static input scale can be written"):
+        save_w8a8(copy.deepcopy(model), tmp_path / "out", None, act_quant="tensor", static_stats=stats)
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temporary left behind

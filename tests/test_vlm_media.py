@@ -113,6 +113,65 @@ def test_images_reach_the_model_as_transformers_loads_them(tmp_path):
     assert abs(float(grey.mean()) - 127.5) < 2 and (grey == 255).mean() < 0.01
 
 
+def _image_in_mode(mode):
+    """A random 5 x 7 image in ``mode``; "+t" adds a transparent colour (``info["transparency"]``, as a
+    PNG's tRNS chunk loads) equal to the top-left pixel."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base, _, transparent = mode.partition("+")
+    rgba = Image.fromarray(rng.integers(0, 256, (5, 7, 4), dtype=np.uint8), "RGBA")
+    rgba.putpixel((1, 0), rgba.getpixel((1, 0))[:3] + (0,))  # one fully transparent pixel
+    image = rgba if base == "RGBA" else rgba.convert("RGB" if base == "P" else base)
+    if base == "P":  # a palette image: quantized, the way a GIF or palette PNG holds one
+        image = image.quantize(colors=16)
+    if transparent:
+        image.info["transparency"] = image.getpixel((0, 0))
+    return image
+
+
+TRANSFORMERS_MODES = ["1", "L", "L+t", "LA", "RGBA", "P", "P+t", "PA", "RGB", "RGB+t", "CMYK", "F", "RGBa", "YCbCr"]
+
+
+@pytest.mark.parametrize("mode", TRANSFORMERS_MODES)
+def test_to_rgb_matches_transformers_convert_to_rgb(mode):
+    """Every mode transformers' convert_to_rgb takes gives its pixels exactly: transparency (an alpha
+    band, or a transparent colour in ``info``) laid on white, everything else converted by Pillow."""
+    import inspect
+
+    import numpy as np
+    from transformers.image_transforms import convert_to_rgb
+
+    if "return_numpy" not in inspect.signature(convert_to_rgb).parameters:
+        pytest.skip("transformers < 5 composites by another rule (every non-RGB image)")
+    image = _image_in_mode(mode)
+    want = convert_to_rgb(image.copy(), return_numpy=True)
+    got = media.to_rgb(image.copy())
+    assert got.mode == "RGB" and np.array_equal(np.asarray(got), want)
+
+
+def test_transparency_is_laid_on_white_in_every_form():
+    """Hand-checked pixels: a transparent colour in a grey, palette or RGB image turns white, and so does
+    a transparent pixel of PA and of premultiplied La (which transformers cannot convert at all)."""
+    import numpy as np
+    from PIL import Image
+
+    for mode in ("L+t", "P+t", "RGB+t"):
+        image = _image_in_mode(mode)
+        transparent = np.asarray(image) == np.asarray(image.info["transparency"])  # [H, W(, C)]
+        transparent = transparent.reshape(*transparent.shape[:2], -1).all(-1)  # [H, W]
+        out, plain = np.asarray(media.to_rgb(image)), np.asarray(image.convert("RGB"))
+        assert transparent[0, 0] and (out[transparent] == 255).all(), mode
+        assert np.array_equal(out[~transparent], plain[~transparent]), mode  # the rest as it was
+    for mode in ("PA", "LA", "La"):
+        image = _image_in_mode("RGBA").convert("PA" if mode == "PA" else "LA").convert(mode)
+        assert media.to_rgb(image).getpixel((1, 0)) == (255, 255, 255), mode  # the pixel of alpha 0
+    grey = Image.new("LA", (2, 1), (100, 255))
+    grey.putpixel((1, 0), (100, 0))
+    assert [media.to_rgb(grey.convert("La")).getpixel((x, 0)) for x in (0, 1)] == [(100,) * 3, (255,) * 3]
+
+
 def test_expand_to_square_pads_with_the_mean_colour():
     from PIL import Image
 

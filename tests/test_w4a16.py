@@ -366,3 +366,40 @@ def test_gpu_gemm_ptx_dequant(m, n, k, group_size, swap_ab, block_m, split_k, un
                           num_warps=4, num_stages=3)
         torch.cuda.synchronize()
         assert torch.equal(y_fused, y) and not counters(y.device, 1).any()
+
+
+def test_bias_must_be_contiguous_and_float():
+    """The kernels read the bias at unit stride and convert it as loaded: a strided view gave wrong
+    outputs silently, an int32 bias was taken at small M and an internal torch error at large M.
+    Both are named errors of the weight check that modules (and the fused ops' callers) run once."""
+    from tinyq.nn import W4A16Linear
+    from tinyq.ops.linear import check_w4a16_weight
+
+    x, qw, s, z, _ = make_case(3, 16, 128, 64, torch.float16)
+    strided = torch.randn(16, 2, dtype=torch.float16, device=DEV)[:, 0]
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        check_w4a16_weight(qw, s, z, strided)
+    mod = W4A16Linear.from_quantized(qw, s, z, strided)
+    for backend in ("torch", "triton"):
+        with force_backend(backend):
+            with pytest.raises(ValueError, match="bias must be contiguous"):
+                w4a16_linear(x, qw, s, z, strided)
+            with pytest.raises(ValueError, match="bias must be contiguous"):
+                mod(x)
+            with pytest.raises(ValueError, match="bias must be a float tensor, got torch.int32"):
+                w4a16_linear(x, qw, s, z, torch.ones(16, dtype=torch.int32, device=DEV))
+            with pytest.raises(ValueError, match="0-d"):
+                w4a16_linear(torch.tensor(1.0, dtype=torch.float16), qw, s, z)
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [3, 300])
+def test_bias_of_another_float_dtype(m, bias_dtype):
+    """A float bias of another dtype works at every M: the GEMV/GEMM kernels convert it as they load
+    it, and the large-M path (dequantize + addmm, which takes x's dtype only) converts it first."""
+    x, qw, s, z, _ = make_case(m, 16, 128, 64, torch.float16)
+    b = torch.randn(16, device=DEV).to(bias_dtype)
+    with force_backend("triton"):
+        y = w4a16_linear(x, qw, s, z, b)
+    assert y.dtype == torch.float16
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))

@@ -245,3 +245,23 @@ def test_empty_batch_gives_empty_rows():
     assert m(torch.randn(0, 64, dtype=torch.float16)).shape == (0, 32)
     assert m(torch.randn(2, 0, 64, dtype=torch.float16)).shape == (2, 0, 32)
 
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_module_weight_check_refuses_strided_bias_and_bad_static_scale(backend):
+    """The weight side a W8A8Linear checks once: a strided bias (the kernels read it at unit stride:
+    wrong outputs before) and a static activation scale <= 0 or non-finite (read there once, on any
+    device) are named errors."""
+    base = W8A8Linear.from_linear(linear(32, 8, dtype=torch.float16), act_scale=0.05)
+    x = torch.randn(3, 32, dtype=torch.float16)
+    strided = W8A8Linear.from_quantized(base.qweight, base.weight_scale, torch.randn(8, 2).half()[:, 0])
+    with force_backend(backend), pytest.raises(ValueError, match="bias must be contiguous"):
+        strided(x)
+    for bad in (0.0, -0.05, float("nan")):
+        mod = W8A8Linear.from_quantized(base.qweight, base.weight_scale, base.bias, torch.tensor([bad]))
+        with force_backend(backend), pytest.raises(ValueError, match="static activation scale must be positive"):
+            mod(x)
+    with force_backend(backend):
+        y = base(x)
+    assert_close_rel(y, w8a8_linear(x, base.qweight, base.weight_scale, base.bias, base.input_scale))
+

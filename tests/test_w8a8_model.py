@@ -148,6 +148,25 @@ def test_smoothquant_checkpoint_cli(tiny_dir, tmp_path, capsys, act_quant):
         load_model(str(out), precision="w4a16", device="cpu")
 
 
+def test_smoothquant_cli_refuses_a_model_whose_calibration_overflows(tiny_dir, tmp_path, capsys):
+    """Activations that overflow float32 (layer 0's down_proj writes ~3e38 per input) would give NaN
+    statistics and a checkpoint of NaN input scales: the command fails naming the layer, writes nothing."""
+    from awq_tiny_models import tiny_model
+
+    model = tiny_model("llama", hidden=64, inter=128, layers=2, heads=4, kv=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[5, :] = 3e38
+    model.save_pretrained(str(tmp_path / "fp"))
+    word_tokenizer().save_pretrained(str(tmp_path / "fp"))
+    argv = ["quantize", "--model", str(tmp_path / "fp"), "--method", "smoothquant", "--act-quant", "tensor",
+            "--out", str(tmp_path / "out"), "--calib-file", str(tiny_dir / "calib.txt"), "--calib-blocks", "3",
+            "--calib-len", "17", "--device", "cpu", "--quiet"]
+    assert _cli(quantize_cmd, argv) == 2
+    assert re.search(r"SmoothQuant calibration, layer 1: the inputs of model\.layers\.1\.\S+ hold inf/NaN",
+                     capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp"]
+
+
 @pytest.mark.gpu
 def test_w8a8_cuda_graph_decode_matches_eager(tmp_path):
     """Greedy generation through generate() (decode replayed from a CUDA graph) gives the tokens of an

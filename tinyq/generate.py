@@ -142,6 +142,7 @@ class Generator:
                  prefill_chunk: int = PREFILL_CHUNK, embed_fn: Optional[Callable] = None,
                  prefill_buckets: Sequence[int] = PREFILL_BUCKETS):
         check_max_seq_len(max_seq_len)
+        check_prefill_chunk(prefill_chunk)
         self.model, self.tokenizer = model, tokenizer
         # (ids [1, S] on the device, position of ids[0]) -> inputs_embeds [1, S, hidden]: how a VLM
         # splices image features into the prefill (tinyq.vlm.session); None embeds the ids.
@@ -448,15 +449,30 @@ def check_max_seq_len(max_seq_len) -> None:
         raise ValueError(f"max_seq_len must be a positive int, or None for the model's own; got {max_seq_len!r}")
 
 
+def check_prefill_chunk(prefill_chunk) -> None:
+    """A positive int: the prefill's step through the prompt (0 would never advance, a float cannot
+    slice it), checked before a cache is allocated."""
+    if not is_int(prefill_chunk) or prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk must be a positive int (tokens per prefill step); got {prefill_chunk!r}")
+
+
 def _generator_for(model, tokenizer, max_seq_len: Optional[int]) -> Generator:
     """One Generator (cache + CUDA graph) kept on the model and reused across calls."""
     check_max_seq_len(max_seq_len)
     want = int(model.max_seq_len if max_seq_len is None else max_seq_len)
     gen = getattr(model, "_tinyq_generator", None)
-    if gen is None or gen.max_seq_len != want or gen.tokenizer is not tokenizer:
+    if gen is None or not _still_fits(gen, model, tokenizer, want):
         gen = Generator(model, tokenizer, want)
         model._tinyq_generator = gen
     return gen
+
+
+def _still_fits(gen: Generator, model, tokenizer, max_seq_len: int) -> bool:
+    """Whether the kept Generator can serve this call. A model cast (``.to(torch.bfloat16)``) or moved
+    (``.to("cuda")``) since it was built leaves its cache in the old dtype/device, which attention
+    refuses, and its CUDA graphs bound to the old weights: such a Generator is rebuilt."""
+    return (gen.max_seq_len == max_seq_len and gen.tokenizer is tokenizer
+            and gen.cache.dtype == model.dtype and gen.cache.device == model.device)
 
 
 def stream(model, tokenizer, prompt, max_seq_len: Optional[int] = None, **sampling) -> TextStream:

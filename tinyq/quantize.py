@@ -12,7 +12,7 @@ from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.nn.w8a8_linear import ACT_QUANT, W8A8Linear
 from tinyq.quant.format import GROUP_SIZES
-from tinyq.quant.int8_format import MAX_K, QMAX
+from tinyq.quant.int8_format import MAX_K, QMAX, quantize_weight_int8
 
 
 @dataclass
@@ -106,12 +106,39 @@ def _finite(weight: torch.Tensor) -> bool:
     return weight.is_meta or bool(torch.isfinite(weight).all())  # meta: no values to check
 
 
+def _swap_all(model: nn.Module, chosen: list, build) -> nn.Module:
+    """Build the replacement of every chosen ``(names, linear, *args)`` with ``build(linear, *args)``,
+    and only then swap them in: a layer that fails to quantize (its error names it) leaves the model
+    untouched. Peak memory is what replacing one by one gave: ``chosen`` holds every original until
+    the end either way."""
+    built = []
+    for names, linear, *args in chosen:
+        try:
+            built.append((names, build(linear, *args)))
+        except ValueError as exc:
+            raise ValueError(f"layer {names[0]!r}: {exc}") from exc
+    for names, new in built:
+        _replace(model, names, new)
+    return model
+
+
+def _w8a8_from_linear(linear: nn.Linear, static: float | None) -> W8A8Linear:
+    """``W8A8Linear.from_linear``, except for a meta skeleton with a static activation scale:
+    ``from_linear`` reads the scale's value back from the weight's device, which meta cannot do
+    (``_quantize_w8a8`` has checked the value already)."""
+    if static is None or not linear.weight.is_meta:
+        return W8A8Linear.from_linear(linear, static)
+    qweight, weight_scale = quantize_weight_int8(linear.weight)
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return W8A8Linear.from_quantized(qweight, weight_scale, bias, torch.full((1,), static, device="meta"))
+
+
 def quantize_(model: nn.Module, config=None) -> nn.Module:
     """Replace every selected ``nn.Linear`` of ``model`` in place: by a :class:`W4A16Linear` (RTN) for
     a :class:`W4A16Config` (the default), by a :class:`W8A8Linear` for a :class:`W8A8Config`.
 
     Returns the model. Raises ``ValueError`` naming the first layer that cannot be quantized, before
-    anything is changed.
+    anything is changed: every replacement is built before the first is swapped in.
     """
     config = config or W4A16Config()
     if isinstance(config, W8A8Config):
@@ -129,9 +156,7 @@ def quantize_(model: nn.Module, config=None) -> nn.Module:
         if not _finite(mod.weight):  # checked for every layer before any is replaced
             raise ValueError(f"layer {name!r}: its weight has inf/NaN values, which 4-bit scales cannot represent")
         chosen.append((names, mod))
-    for names, linear in chosen:
-        _replace(model, names, W4A16Linear.from_linear(linear, config.group_size, config.dtype))
-    return model
+    return _swap_all(model, chosen, lambda linear: W4A16Linear.from_linear(linear, config.group_size, config.dtype))
 
 
 def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
@@ -154,6 +179,4 @@ def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
                 raise ValueError(f"layer {name!r}: its act_scales entry is not finite (max|x| {float(peak)})")
             static = float(peak.clamp(min=1e-8)) / QMAX
         chosen.append((names, mod, static))
-    for names, linear, static in chosen:
-        _replace(model, names, W8A8Linear.from_linear(linear, static))
-    return model
+    return _swap_all(model, chosen, _w8a8_from_linear)

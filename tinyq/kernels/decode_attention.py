@@ -47,7 +47,8 @@ import triton.language as tl
 from tinyq.backend import check_kernel_device, interpreting
 from tinyq.kernels.attention_configs import decode_config, sm_count
 from tinyq.kernels.flash_attention import (
-    LOG2E, attention_reference, check_attention_args, check_unit_stride, online_softmax_update,
+    LOG2E, attention_reference, check_attention_args, check_out, check_seq_pos, check_unit_stride,
+    online_softmax_update,
 )
 from tinyq.kernels.paired import PairedRows, out_operand, paired_offsets, paired_plane
 from tinyq.kernels.semaphore import arrive, counters
@@ -242,6 +243,9 @@ def decode_attention(q, k_cache, v_cache, seq_pos, scale: Optional[float] = None
     if LQ * group > MAX_DECODE_ROWS:
         raise ValueError(f"decode_attention: {LQ} tokens x {group} heads per kv head > {MAX_DECODE_ROWS} rows")
     check_unit_stride("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache)
+    check_seq_pos("decode_attention", seq_pos)
+    if out is not None and not isinstance(out, PairedRows):  # a paired out is checked below
+        check_out("decode_attention", out, q, (B, LQ, HQ, D))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     d_pad = max(16, triton.next_power_of_2(D))
     cfg_n, cfg_warps, cfg_stages = decode_config(d_pad, q.device)

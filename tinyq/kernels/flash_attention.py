@@ -78,6 +78,27 @@ def check_unit_stride(where: str, **tensors) -> None:
             raise ValueError(f"{where}: {name} needs a contiguous last dimension")
 
 
+def check_out(where: str, out, like: torch.Tensor, shape, name: str = "out") -> None:
+    """A caller's output buffer: exactly ``shape`` in ``like``'s dtype and on its device, unit
+    stride along head_dim. The kernels write the whole ``shape`` through its strides, so a smaller
+    buffer would be written out of bounds and another dtype silently rounded to."""
+    if not torch.is_tensor(out):
+        raise ValueError(f"{where}: {name} must be a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{where}: {name} must be {like.dtype} {tuple(shape)} on {like.device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"{where}: {name} needs a contiguous last dimension (got strides {out.stride()})")
+
+
+def check_seq_pos(where: str, seq_pos: torch.Tensor) -> None:
+    """The cache fill the kernels read on the device: one integer (int32 as the cache keeps it;
+    int64 loads alike). A float one fails deep in the compiler."""
+    if seq_pos.dtype not in (torch.int32, torch.int64) or seq_pos.numel() != 1:
+        raise ValueError(f"{where}: seq_pos must hold one int32 (or int64) value, got "
+                         f"{seq_pos.dtype} {tuple(seq_pos.shape)}")
+
+
 def attention_reference(q, k, v, causal: bool = True, scale: Optional[float] = None, kv_len: Optional[int] = None):
     """Float32 reference. ``q [B, Lq, Hq, D]``, ``k, v [B, Hkv, S, D]`` (heads-first); attends to
     keys ``[0, kv_len)`` (default ``S``) with bottom-right causality; returns ``[B, Lq, Hq, D]`` in
@@ -310,7 +331,11 @@ def flash_attention_fwd(q, k, v, causal: bool = True, scale: Optional[float] = N
     _, HKV, S, _ = k.shape
     if seq_pos is None and LQ > S:
         raise ValueError(f"flash_attention: {LQ} queries but only {S} keys")
+    if seq_pos is not None:
+        check_seq_pos("flash_attention", seq_pos)
     check_unit_stride("flash_attention", q=q, k=k, v=v)
+    if out is not None:
+        check_out("flash_attention", out, q, (B, LQ, HQ, D))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     d_hi, d_lo = head_dim_split(D)
     block_m, block_n, num_warps, num_stages = config or flash_config(triton.next_power_of_2(d_hi + d_lo), q.device, D)

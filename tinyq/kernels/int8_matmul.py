@@ -8,6 +8,7 @@ tensor descriptors (:mod:`tinyq.kernels.int8_gemm_tma`). ``out_dtype=torch.int32
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -25,7 +26,8 @@ OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.int32)
 
 def check_int8_weight_args(wq, s_w, bias) -> None:
     """Validate the weight side of an int8 matmul: int8 ``wq [N, K]`` with ``K <= MAX_K``, float32
-    ``s_w [N]``, a float ``bias [N]`` or none, all on one device."""
+    ``s_w [N]``, a float ``bias [N]`` (contiguous: the kernels read it at unit stride) or none, all
+    on one device."""
     if wq.dtype != torch.int8 or wq.dim() != 2:
         raise ValueError(f"int8 matmul: weight must be a 2-D int8 tensor [N, K], got {wq.dtype} {tuple(wq.shape)}")
     n, k = wq.shape
@@ -35,6 +37,8 @@ def check_int8_weight_args(wq, s_w, bias) -> None:
         raise ValueError(f"weight scale must be float32 [{n}], got {s_w.dtype} {tuple(s_w.shape)}")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_floating_point()):
         raise ValueError(f"bias must be a float tensor of shape ({n},), got {bias.dtype} {tuple(bias.shape)}")
+    if bias is not None and bias.stride(0) != 1:
+        raise ValueError(f"bias must be contiguous (got strides {bias.stride()})")
     devs = {t.device for t in (wq, s_w) + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
         raise ValueError(f"int8 matmul: weight tensors on different devices: {sorted(map(str, devs))}")
@@ -99,7 +103,7 @@ def int8_matmul_reference(xq, wq, s_x, s_w, bias=None, out_dtype=torch.float16) 
     epilogue; ``out_dtype=torch.int32`` returns the accumulator. This is also the CPU path of the ops."""
     check_int8_matmul_args(xq, wq, s_x, s_w, bias, out_dtype)
     lead = xq.shape[:-1]
-    x2 = xq.reshape(-1, xq.shape[-1])
+    x2 = xq.reshape(math.prod(lead), xq.shape[-1])  # (not -1: K may be 0)
     if x2.shape[0] > 0 and x2.shape[1] > 0:
         # exact int32 accumulation on the CPU (~5x an fp32 matmul there); CUDA's _int_mm has shape limits
         acc = torch._int_mm(x2.cpu().contiguous(), wq.cpu().t()).to(xq.device)

@@ -11,7 +11,8 @@ Math, per row of ``N`` features (all in float32)::
 residual stream in fp16/bf16 does, so fused and unfused runs see the same residual.
 
 Tensors: ``x`` and ``residual`` ``[M, N]`` (leading dims flattened by the launcher),
-fp16/bf16/fp32, last dim contiguous; ``weight`` and ``bias`` ``[N]`` (any float dtype). Outputs
+fp16/bf16/fp32, last dim contiguous; ``weight`` and ``bias`` ``[N]`` (any float dtype; bias optional,
+as in ``torch.nn.functional.layer_norm``). Outputs
 ``out`` and ``h`` are ``[M, N]`` in ``x.dtype``.
 
 One program normalizes one row held in registers as two power-of-two blocks
@@ -23,12 +24,14 @@ residual stream per layer.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.residual import as_rows, load_row_add_residual, row_blocks, row_columns, row_warps
+from tinyq.kernels.residual import as_rows, load_row_add_residual, row_blocks, row_columns, row_warps, unit_stride
 
 MAX_N = 32768  # one row per program must fit a register tile
 
@@ -71,24 +74,30 @@ def _layernorm_kernel(
     X, RES, W, B, OUT, H_OUT,
     N, eps,
     stride_x, stride_r, stride_o, stride_h,
-    HAS_RESIDUAL: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     ha, ca, ma, hb, cb, mb, mean, rstd = load_row_stats(X, RES, H_OUT, row, N, eps, stride_x, stride_r, stride_h,
                                                         HAS_RESIDUAL, HEAD, TAIL)
     out = OUT + row * stride_o
-    tl.store(out + ca, normalize(ha, ca, ma, mean, rstd, W, B, True).to(OUT.dtype.element_ty), mask=ma)
+    tl.store(out + ca, normalize(ha, ca, ma, mean, rstd, W, B, HAS_BIAS).to(OUT.dtype.element_ty), mask=ma)
     if TAIL > 0:
-        tl.store(out + cb, normalize(hb, cb, mb, mean, rstd, W, B, True).to(OUT.dtype.element_ty), mask=mb)
+        tl.store(out + cb, normalize(hb, cb, mb, mean, rstd, W, B, HAS_BIAS).to(OUT.dtype.element_ty), mask=mb)
 
 
 def _check(x, weight, bias, residual):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"layernorm: x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("layernorm: x must be [..., N], got a 0-d tensor")
     n = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
+        if t is None and name == "bias":  # optional, as in torch.nn.functional.layer_norm
+            continue
         if t.dim() != 1 or t.shape[0] != n:
             raise ValueError(f"layernorm: {name} must be [{n}], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"layernorm: {name} must be a float tensor, got {t.dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(
             f"layernorm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
@@ -98,34 +107,37 @@ def _check(x, weight, bias, residual):
         raise ValueError(f"layernorm: rows of {n} features exceed the supported {MAX_N}")
 
 
-def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
               residual: torch.Tensor = None):
     """Triton launcher. Returns ``out`` when ``residual`` is None, else ``(out, h)``."""
     _check(x, weight, bias, residual)
-    check_kernel_device("layernorm", x, weight, bias, *(() if residual is None else (residual,)))
+    check_kernel_device("layernorm", x, weight, *(t for t in (bias, residual) if t is not None))
+    weight, bias = (unit_stride(t) for t in (weight, bias))
     shape, n = x.shape, x.shape[-1]
     x2 = as_rows(x, n)
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
+    m = x2.shape[0]
+    r2 = None if residual is None else residual.reshape(m, n).contiguous()
     out = torch.empty_like(x2)
     h = torch.empty_like(x2) if residual is not None else out  # unused when no residual
-    m = x2.shape[0]
-    if m > 0:
+    if m > 0 and n > 0:  # rows of no features: nothing to compute
         head, tail = row_blocks(n)
         _layernorm_kernel[(m,)](
-            x2, r2 if r2 is not None else x2, weight, bias, out, h,
+            x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, out, h,
             n, float(eps),
             x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None, HEAD=head, TAIL=tail, num_warps=row_warps(head, tail, m),
+            HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, HEAD=head, TAIL=tail,
+            num_warps=row_warps(head, tail, m),
         )
     if residual is None:
         return out.reshape(shape)
     return out.reshape(shape), h.reshape(shape)
 
 
-def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,
                         residual: torch.Tensor = None):
     """Plain torch (float32 math, outputs in ``x.dtype``); same returns as :func:`layernorm`."""
     _check(x, weight, bias, residual)
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
-    out = torch.nn.functional.layer_norm(h.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+    b = None if bias is None else bias.float()
+    out = torch.nn.functional.layer_norm(h.float(), (x.shape[-1],), weight.float(), b, eps).to(x.dtype)
     return out if residual is None else (out, h)

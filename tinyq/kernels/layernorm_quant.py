@@ -21,11 +21,11 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_store_row
+from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_rows, quantize_store_row
 from tinyq.kernels.layernorm import load_row_stats, normalize
-from tinyq.kernels.residual import as_rows, row_blocks, row_warps
+from tinyq.kernels.residual import as_rows, row_blocks, row_warps, unit_stride
 from tinyq.kernels.rmsnorm import MAX_N
-from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
+from tinyq.quant.int8_format import MIN_ABSMAX
 
 
 @triton.jit
@@ -50,9 +50,15 @@ def _layernorm_quant_kernel(
 def _check(x, weight, bias, static_scale, residual=None):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"layernorm_quant: x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("layernorm_quant: x must be [..., K], got a 0-d tensor")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[-1]):
+        if t is None and name == "bias":  # optional, as in torch.nn.functional.layer_norm
+            continue
+        if t.dim() != 1 or t.shape[0] != x.shape[-1]:
             raise ValueError(f"layernorm_quant: {name} must be [{x.shape[-1]}], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"layernorm_quant: {name} must be a float tensor, got {t.dtype}")
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"layernorm_quant: residual must match x ({tuple(x.shape)}, {x.dtype}), "
                          f"got {tuple(residual.shape)}, {residual.dtype}")
@@ -67,14 +73,15 @@ def layernorm_quant(x, weight, bias, eps: float, static_scale=None, residual=Non
     _check(x, weight, bias, static_scale, residual)
     extra = tuple(t for t in (bias, static_scale, residual) if t is not None)
     check_kernel_device("layernorm_quant", x, weight, *extra)
+    weight, bias = (unit_stride(t) for t in (weight, bias))
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    q, scale = int8_row_outputs(m, n, x.device)
+    r2 = None if residual is None else residual.reshape(m, n).contiguous()  # (not -1: n may be 0)
+    q, scale = int8_row_outputs(m, n, x.device, static_scale)
     h = torch.empty_like(x2) if residual is not None else x2  # unused without a residual
-    if m > 0:
+    if m > 0 and n > 0:  # rows of no features: int8_row_outputs set their scales
         head, tail = row_blocks(n)
         _layernorm_quant_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, bias if bias is not None else weight, q, scale, h,
@@ -93,6 +100,6 @@ def layernorm_quant_reference(x, weight, bias, eps: float, static_scale=None, re
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     n = x.shape[-1]
     v = torch.nn.functional.layer_norm(h.float(), (n,), weight.float(), None if bias is None else bias.float(), eps)
-    q, scale = quantize_rows_reference(v.reshape(-1, n), static_scale)
+    q, scale = quantize_rows(as_rows(v, n), static_scale)
     out = (q.reshape(x.shape), scale.reshape(x.shape[:-1]))
     return out if residual is None else out + (h,)

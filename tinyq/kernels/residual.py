@@ -2,6 +2,7 @@
 launchers' flattening to rows, the split of a row into register blocks, and the fused norms'
 residual-add prologue."""
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -14,12 +15,20 @@ def as_rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """A per-feature vector (a norm's weight or bias) the kernels read at unit stride: a copy only
+    when a view breaks that (a column of a packed parameter, say); None stays None."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def row_blocks(width: int) -> tuple[int, int]:
     """A row of ``width`` features as two power-of-two register blocks, ``head + tail >= width``:
     the largest power of two not above ``width``, then the rest rounded up (0 when ``width`` is a
     power of two). SigLIP's 1152 is 1024 + 128 and its MLP's 4304 is 4096 + 256, where one
     ``next_pow2`` block (2048, 8192) would be 44-47% padding, and these kernels are issue-bound:
     every lane of a block runs every instruction, masked or not (docs/perf_notes.md)."""
+    if width < 1:  # launchers return rows of no features without launching
+        raise ValueError(f"row_blocks: a row needs at least one feature, got width {width}")
     head = 1 << (width.bit_length() - 1)
     rest = width - head
     return head, (triton.next_power_of_2(rest) if rest else 0)

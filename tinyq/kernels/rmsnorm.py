@@ -63,6 +63,8 @@ def inv_rms(row_ptr, n, eps, BLOCK: tl.constexpr):
 def _check(x, residual, weight):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"rmsnorm: x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("rmsnorm: x must be [..., N], got a 0-d tensor")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rmsnorm: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
     if not weight.is_floating_point():
@@ -85,8 +87,8 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     m = x2.shape[0]
+    r2 = None if residual is None else residual.reshape(m, n).contiguous()  # (not -1: n may be 0)
     out_rows = empty_paired_rows(m, n, x.dtype, x.device) if paired else torch.empty_like(x2)
     out, out_plane = out_operand(out_rows)
     h = torch.empty_like(x2) if residual is not None else out  # unused when no residual

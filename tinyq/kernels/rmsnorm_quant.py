@@ -25,12 +25,13 @@ from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import (
     check_static_scale,
     int8_row_outputs,
+    quantize_rows,
     quantize_with_absmax,
     sum_and_max,
 )
 from tinyq.kernels.residual import as_rows, load_row_add_residual, row_warps
 from tinyq.kernels.rmsnorm import MAX_N
-from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
+from tinyq.quant.int8_format import MIN_ABSMAX
 
 
 @triton.jit
@@ -59,6 +60,8 @@ def _rmsnorm_quant_kernel(
 def _check(x, weight, residual, static_scale):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"rmsnorm_quant: x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("rmsnorm_quant: x must be [..., K], got a 0-d tensor")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"rmsnorm_quant: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
     if not weight.is_floating_point():
@@ -80,11 +83,11 @@ def rmsnorm_quant(x, weight, eps: float, residual=None, static_scale=None):
     shape = x.shape
     n = shape[-1]
     x2 = as_rows(x, n)
-    r2 = None if residual is None else residual.reshape(-1, n).contiguous()
     m = x2.shape[0]
-    q, scale = int8_row_outputs(m, n, x.device)
+    r2 = None if residual is None else residual.reshape(m, n).contiguous()  # (not -1: n may be 0)
+    q, scale = int8_row_outputs(m, n, x.device, static_scale)
     h = torch.empty_like(x2) if residual is not None else x2  # unused without a residual
-    if m > 0:
+    if m > 0 and n > 0:  # rows of no features: int8_row_outputs set their scales
         block = triton.next_power_of_2(n)
         _rmsnorm_quant_kernel[(m,)](
             x2, r2 if r2 is not None else x2, weight, q, scale, h, static_scale if static_scale is not None else scale,
@@ -104,6 +107,6 @@ def rmsnorm_quant_reference(x, weight, eps: float, residual=None, static_scale=N
     hf = h.float()
     v = (hf * weight.float()) * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     n = x.shape[-1]
-    q, scale = quantize_rows_reference(v.reshape(-1, n), static_scale)
+    q, scale = quantize_rows(as_rows(v, n), static_scale)
     out = (q.reshape(x.shape), scale.reshape(x.shape[:-1]))
     return out if residual is None else out + (h,)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels.flash_attention import check_out, check_seq_pos
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -223,8 +224,14 @@ def rope_cache_write(q, k, v, k_cache, v_cache, seq_pos, inv_freq, q_out=None) -
             raise ValueError(f"rope_cache_write: {name} needs a contiguous last dimension")
     if k_cache.stride() != v_cache.stride():
         raise ValueError("rope_cache_write: k_cache and v_cache must share one layout")
+    check_seq_pos("rope_cache_write", seq_pos)
+    if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32 or inv_freq.stride(0) != 1:
+        raise ValueError(f"rope_cache_write: inv_freq must be a contiguous float32 [{D // 2}], got "
+                         f"{inv_freq.dtype} {tuple(inv_freq.shape)} with strides {inv_freq.stride()}")
     if q_out is None:
         q_out = torch.empty((B, L, HQ, D), dtype=q.dtype, device=q.device)
+    else:
+        check_out("rope_cache_write", q_out, q, (B, L, HQ, D), name="q_out")
     half = D // 2
     _rope_cache_write_kernel[(B * L,)](
         q, k, v, q_out, k_cache, v_cache, seq_pos, inv_freq,

@@ -44,16 +44,20 @@ def check_w4a16_weight(qweight, scales, zeros, bias) -> None:
         raise ValueError(f"zeros must match scales ({tuple(scales.shape)}, {scales.dtype}), got {tuple(zeros.shape)}, {zeros.dtype}")
     if bias is not None and (bias.shape != (n,)):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"bias must be a float tensor, got {bias.dtype}")
     devs = {t.device for t in (qweight, scales, zeros) + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
         raise ValueError(f"w4a16: weight tensors on different devices: {sorted(map(str, devs))}")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if not t.is_contiguous():
+    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros), ("bias", bias)):
+        if t is not None and not t.is_contiguous():  # the kernels read them at unit stride
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()})")
 
 
 def check_w4a16_input(x, qweight, scales) -> None:
     """Validate the activations against already-validated weights (cheap: a few attribute reads)."""
+    if x.dim() == 0:
+        raise ValueError("w4a16: x must be [..., K], got a 0-d tensor")
     k = qweight.shape[1] * PACK
     if x.shape[-1] != k:
         raise ValueError(f"input has {x.shape[-1]} features but the weight expects K={k} (x shape {tuple(x.shape)})")
@@ -122,7 +126,10 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         k = x.shape[1]
         w = scratch(n * k, x.dtype, x.device).view(n, k)
         launch_w4a16_dequant(qweight, scales, zeros, w, **cfg)
-        return torch.addmm(bias, x, w.t(), out=y) if bias is not None else torch.mm(x, w.t(), out=y)
+        if bias is None:
+            return torch.mm(x, w.t(), out=y)
+        # the GEMV/GEMM kernels take a bias of any float dtype (converted as loaded); addmm takes x's only
+        return torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x, w.t(), out=y)
     if acc_fp16 is not None:
         cfg = dict(cfg, acc_fp16=acc_fp16)
     return launch_w4a16_gemm(x, qweight, scales, zeros, bias, y, **cfg)

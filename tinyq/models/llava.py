@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyq.models.loader import TensorSource, build_model, load_tokenizer, peak_host_memory_mb
+from tinyq.models.loader import TensorSource, build_model, checked_tensors, load_tokenizer, peak_host_memory_mb
 from tinyq.models.vision import VisionConfig, VisionTower, load_vision_tower
 from tinyq.models.vlm import VisionLanguageModel
 from tinyq.nn.dense_linear import DenseLinear
@@ -141,7 +141,7 @@ def load_llava(path: str, precision: str = "w4a16", group_size: int = 64, device
     layers = 1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer)
     proj = LlavaProjector(vcfg.hidden_size * layers, llm.config.hidden_size, cfg.projector_hidden_act,
                           cfg.multimodal_projector_bias)
-    proj.load_state_dict({n: src.get(proj_prefix + n) for n in proj.state_dict()}, strict=True)
+    proj.load_state_dict(checked_tensors(proj, src, lambda name: proj_prefix + name, "config.json"), strict=True)
     proj.to(llm.device, llm.dtype).requires_grad_(False)
     processor = media.image_processor(vcfg.kind, vcfg.image_size, path)
     model = LlavaModel(tower, proj, llm, cfg.image_token_id, cfg.vision_feature_layer,

@@ -30,7 +30,7 @@ from tinyq.models.w8a8 import fused_w8a8_linear, use_w8a8_layers
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.nn.w8a8_linear import W8A8Linear
 from tinyq.quant.checkpoint import check_quantization_config, weight_files
-from tinyq.quant.format import GROUP_SIZES, from_awq_gemm, quantize_weight, scale_dtype_for
+from tinyq.quant.format import GROUP_SIZES, check_grid_values, from_awq_gemm, quantize_weight, scale_dtype_for
 from tinyq.quant.int8_format import quantize_weight_int8
 from tinyq.quant.w8a8_checkpoint import QUANT_METHOD as W8A8_METHOD
 
@@ -77,6 +77,12 @@ class TensorSource:
     def names(self) -> List[str]:
         return list(self._dict if self._dict is not None else self._where)
 
+    def location(self, name: str) -> str:
+        """Where ``name`` is stored, for errors: its file (``folder/model-0001.safetensors``), or
+        the source's ``where``."""
+        file = self._where.get(name) if self._dict is None else None
+        return os.path.join(self.where, file) if file else self.where
+
     def get(self, name: str) -> torch.Tensor:
         if name not in self:
             raise ValueError(f"{self.where}: the checkpoint has no tensor {name!r}")
@@ -99,6 +105,22 @@ def open_safetensors(path: str):
         return safe_open(path, framework="pt", device="cpu")
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt? ({exc})") from exc
+
+
+def checked_tensors(module: nn.Module, src, stored_name, sizes_from: str) -> dict:
+    """``module``'s state read from ``src`` (the checkpoint calls tensor ``name`` ``stored_name(name)``),
+    for ``load_state_dict``. One whose shape is not the module's (built from the sizes in
+    ``sizes_from``) is a ValueError naming the tensor and its file: load_state_dict's own error names
+    neither and is not a ValueError."""
+    tensors = {}
+    for name, want in module.state_dict().items():
+        stored = stored_name(name)
+        t = src.get(stored)
+        if t.shape != want.shape:
+            raise ValueError(f"{src.location(stored)}: tensor {stored!r} has shape {tuple(t.shape)}, expected "
+                             f"{tuple(want.shape)} from the sizes in {sizes_from}")
+        tensors[name] = t
+    return tensors
 
 
 def peak_host_memory_mb() -> float:
@@ -125,6 +147,12 @@ class _ReadLog:
     def get(self, name: str) -> torch.Tensor:
         self.read.add(name)
         return self.src.get(name)
+
+    def location(self, name: str) -> str:
+        """The file holding ``name`` (for errors); a wrapping source (llava's renamed view) gives its folder."""
+        if hasattr(self.src, "location"):
+            return self.src.location(name)
+        return getattr(self.src, "where", None) or getattr(getattr(self.src, "src", None), "where", "checkpoint")
 
 
 def _part_rows(cfg: ModelConfig, sub: str, out_features: int) -> List[int]:
@@ -236,6 +264,16 @@ class _Loader:
     def _scale_dtype(self):
         return scale_dtype_for(self.dtype)
 
+    def _runtime_scales(self, name: str, scales: torch.Tensor) -> torch.Tensor:
+        """``scales`` in the kernels' dtype for this model; a bf16 scale beyond fp16's range would
+        become inf there (checked only when converting: a second pass over a small tensor)."""
+        out = scales.to(self._scale_dtype())
+        if out.dtype != scales.dtype and not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{self.src.location(name + '.scales')}: tensor {name + '.scales'!r} holds values up to "
+                             f"{float(scales.float().abs().max()):.4g}, beyond {out.dtype}; load the model with "
+                             "dtype=torch.bfloat16")
+        return out
+
     def _prequantized(self, names: List[str], meta: nn.Linear, rows: List[int]) -> W4A16Linear:
         if self.precision != "w4a16":
             raise ValueError(f"this checkpoint is W4A16-quantized; load it with precision='w4a16' (got {self.precision!r})")
@@ -246,11 +284,13 @@ class _Loader:
             if awq:
                 raw = [self.src.get(n + suffix) for suffix in (".qweight", ".qzeros", ".scales")]
                 _check_awq_part(n, *raw, k, group, r)
+                check_grid_values(raw[2], None, n, self.src.location(n + ".scales"))
                 q, s, z = from_awq_gemm(*raw)
             else:
                 q, s, z = (self.src.get(n + suffix) for suffix in (".qweight", ".scales", ".zeros"))
                 _check_part(n, q, s, z, k, group, r)
-            parts.append((q, s.to(self._scale_dtype()), z.to(self._scale_dtype())))
+                check_grid_values(s, z, n, self.src.location(n + ".scales"))
+            parts.append((q, self._runtime_scales(n, s), z.to(self._scale_dtype())))
         qweight, scales, zeros = (torch.cat([p[i] for p in parts]).to(self.device) for i in range(3))
         bias = self._bias(names, rows, meta)
         _expect(names[0] + ".qweight (fused)", qweight, (meta.out_features, meta.in_features // 8))

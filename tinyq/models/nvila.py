@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyq.models.loader import TensorSource, build_model, load_tokenizer, peak_host_memory_mb
+from tinyq.models.loader import TensorSource, build_model, checked_tensors, load_tokenizer, peak_host_memory_mb
 from tinyq.models.vision import LayerNorm, VisionConfig, VisionTower, load_vision_tower
 from tinyq.models.vlm import IMAGE_MARKER, VisionLanguageModel
 from tinyq.models.vila_video import VideoEncoder
@@ -317,9 +317,10 @@ def load_nvila(path: str, precision: str = "w4a16", group_size: int = 64, device
         s2 = [int(s) for s in (scales.split(",") if isinstance(scales, str) else scales)]
     mm_hidden = vcfg.hidden_size * (len(s2) if s2 else 1)
     projector, _ = build_projector(proj_cfg.get("mm_projector_type", ""), mm_hidden, llm.config.hidden_size)
-    psrc = TensorSource(folder=proj_dir)
-    names = list(projector.state_dict())
-    projector.load_state_dict({n: psrc.get(n if n in psrc else "layers." + n) for n in names}, strict=True)
+    proj_src = TensorSource(folder=proj_dir)
+    stored = lambda name: name if name in proj_src else "layers." + name  # noqa: E731 (VILA's `layers.N.*`)
+    projector.load_state_dict(
+        checked_tensors(projector, proj_src, stored, "the configs (llm/, vision_tower/, mm_projector/)"), strict=True)
     projector.to(llm.device, llm.dtype).requires_grad_(False)
     tokenizer = load_tokenizer(llm_dir)
     model = NvilaModel(

@@ -79,13 +79,20 @@ def _torch_attention(q, k, v, causal: bool, scale: float, kv_len: int) -> torch.
     kh, vh = k[:, :, :kv_len].float(), v[:, :, :kv_len].float()  # no copy for an fp32 cache
     mask, is_causal = None, False
     if causal and L > 1:
-        if kv_len == L:
+        # torch's CPU kernel applies is_causal's -inf before the scale (torch 2.13): a scale <= 0
+        # makes it +inf or NaN and every row but the first NaN; the boolean mask applies after it
+        if kv_len == L and scale > 0:
             is_causal = True
         else:  # chunk at offset kv_len - L: bottom-right aligned causality
             i = torch.arange(L, device=q.device)[:, None]
             mask = torch.arange(kv_len, device=q.device)[None, :] <= (kv_len - L) + i
     gqa = qh.shape[1] != kh.shape[1]
     out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    # The fused CPU kernel returns zeros for a query row holding inf/NaN, where the reference and
+    # the Triton kernels give NaN (every score of such a row is NaN or +-inf). Marking the rows
+    # costs one pass over q; the math backend, which propagates, is ~8x slower at 1000 tokens.
+    # In place: SDPA's own layout (what the fake implementations' strides match) is kept.
+    out.masked_fill_(~torch.isfinite(qh).all(-1, keepdim=True), float("nan"))
     return out.transpose(1, 2)
 
 
@@ -146,7 +153,8 @@ def attention_with_cache(
             f"{where}: k {tuple(k.shape)} does not fit the cache (batch {cache.batch_size}, "
             f"{cache.num_kv_heads} kv heads, head_dim {cache.head_dim})"
         )
-    if not isinstance(layer_idx, int) or not 0 <= layer_idx < cache.num_layers:
+    # bool is an int subclass: True would index the layer dim as a new axis, not layer 1
+    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool) or not 0 <= layer_idx < cache.num_layers:
         raise ValueError(f"{where}: layer_idx {layer_idx!r} out of range [0, {cache.num_layers})")
     if not torch.compiler.is_compiling():  # a host-int guard would recompile every step
         cache.check_room(L)
@@ -159,6 +167,8 @@ def attention_with_cache(
         if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32 or inv_freq.device != q.device:
             raise ValueError(f"{where}: inv_freq must be float32 [{D // 2}] on {q.device}, got "
                              f"{inv_freq.dtype} {tuple(inv_freq.shape)} on {inv_freq.device}")
+        if inv_freq.stride(0) != 1:  # the RoPE kernel reads it at unit stride (a column of a table, say)
+            inv_freq = inv_freq.contiguous()
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     op = _attention_with_cache_op if torch.compiler.is_compiling() else _attention_with_cache_impl

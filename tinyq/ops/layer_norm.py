@@ -6,7 +6,7 @@ implementations (``torch.compile`` / CUDA graphs). CUDA tensors run the Triton k
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -16,7 +16,7 @@ from tinyq.kernels.layernorm import layernorm_reference
 
 
 @torch.library.custom_op("tinyq::layer_norm", mutates_args=())
-def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     return _layernorm_triton(x, weight, bias, eps)
 
 
@@ -27,7 +27,7 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("tinyq::add_layer_norm", mutates_args=())
 def _add_layer_norm_op(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return _layernorm_triton(x, weight, bias, eps, residual)
 
@@ -37,14 +37,16 @@ def _(x, residual, weight, bias, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; ``x [..., N]``."""
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; ``x [..., N]``, ``bias``
+    optional."""
     if use_triton(x):
         return _layer_norm_op(x, weight, bias, float(eps))
     return layernorm_reference(x, weight, bias, eps)
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   eps: float):
     """``h = x + residual``; returns ``(layer_norm(h), h)``, both in ``x.dtype``."""
     if use_triton(x):
         return _add_layer_norm_op(x, residual, weight, bias, float(eps))

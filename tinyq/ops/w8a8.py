@@ -183,7 +183,8 @@ def _int8_linear_impl(xq: torch.Tensor, x_scale: torch.Tensor, qweight: torch.Te
     from tinyq.kernels.int8_matmul import int8_matmul_checked
 
     k = xq.shape[-1]
-    y = int8_matmul_checked(xq.reshape(-1, k), qweight, x_scale.reshape(-1), weight_scale, bias, out_dtype)
+    m = x_scale.numel()  # the rows (not -1: a K of 0 leaves nothing to infer them from)
+    y = int8_matmul_checked(xq.reshape(m, k), qweight, x_scale.reshape(m), weight_scale, bias, out_dtype)
     return y.reshape(*xq.shape[:-1], qweight.shape[0])
 
 
@@ -197,7 +198,10 @@ def check_w8a8_weight(qweight, weight_scale, bias=None, input_scale=None) -> Non
     """Validate a W8A8 linear's weight side once (``W8A8Linear.checked_weights``): the int8 matmul's
     weight arguments and the static activation scale, if any, on the weight's device."""
     check_int8_weight_args(qweight, weight_scale, bias)
-    _iq.check_static_scale(input_scale, qweight.device)
+    # once per tensor object: the one place a GPU scale's value is read (a device sync), except
+    # while torch.compile traces or a CUDA graph captures (no sync allowed there)
+    read = not torch.compiler.is_compiling() and not (qweight.is_cuda and torch.cuda.is_current_stream_capturing())
+    _iq.check_static_scale(input_scale, qweight.device, check_value=read)
 
 
 def w8a8_linear_prechecked(x, qweight, weight_scale, bias=None, input_scale=None) -> torch.Tensor:

@@ -215,15 +215,17 @@ def clip_weight_(weight: torch.Tensor, ratio: torch.Tensor, group_size: int) -> 
     g.copy_(torch.maximum(torch.minimum(g, hi), lo))
 
 
-def _overflow_error(where: str, what: str, dtype: torch.dtype) -> ValueError:
-    """The search cannot go on: NaN statistics or losses would fold a NaN scale into the weights."""
+def overflow_error(where: str, what: str, dtype: torch.dtype, step: str = "AWQ search") -> ValueError:
+    """``step`` (AWQ's search, SmoothQuant's calibration) cannot go on: its activations, statistics or
+    losses hold inf/NaN, and a scale chosen from them would fold NaN into the weights or be written as NaN."""
     if dtype == torch.float16:
-        why = ("float16 activations overflow above 65504: search in float32 or bfloat16 (a search on the CPU "
-               "runs in float32: --device cpu)")
+        why = ("float16 activations overflow above 65504: run it in float32 or bfloat16 (on the CPU it runs in "
+               "float32: --device cpu)")
     else:
-        why = (f"in {str(dtype).replace('torch.', '')} that points at weights or embeddings that are not finite "
-               "(a float16 overflow is avoided by searching in float32 or bfloat16)")
-    return ValueError(f"AWQ search, {where}: {what} hold inf/NaN, so no scale can be chosen; {why}")
+        name = str(dtype).replace("torch.", "")
+        why = (f"in {name} that points at weights or embeddings that are not finite, or so large that {name} "
+               "overflows (a float16 overflow is avoided by running in float32 or bfloat16)")
+    return ValueError(f"{step}, {where}: {what} hold inf/NaN, so no scale can be chosen; {why}")
 
 
 @torch.no_grad()
@@ -255,7 +257,7 @@ def _search_scale(layer, group, x_mean, inputs, kw, cfg, where: str = "") -> tor
     for lin, w in zip(linears, originals):
         lin.weight.data.copy_(w)
     if best is None:  # every loss was NaN/inf: the module's own output overflows
-        raise _overflow_error(where or group.prev, f"the losses of every alpha at {group.inspect or group.linears[0]}",
+        raise overflow_error(where or group.prev, f"the losses of every alpha at {group.inspect or group.linears[0]}",
                               originals[0].dtype)
     return best
 
@@ -384,7 +386,7 @@ def awq_search(model: nn.Module, blocks: torch.Tensor, cfg: AwqConfig = None, de
                     continue
                 where = f"layer {i}, scale group {group.prev} -> {', '.join(group.linears)}"
                 if not torch.isfinite(x_mean[first]).all():  # before a NaN scale is folded into the weights
-                    raise _overflow_error(where, f"the inputs of {first}", x.dtype)
+                    raise overflow_error(where, f"the inputs of {first}", x.dtype)
                 s = _search_scale(layer, group, x_mean[first], kept[first], kw, cfg, where)
                 _fold_scale(layer, group.prev, group.linears, s)
                 results.scales[f"layers.{i}.{group.prev}"] = s.float().cpu()
@@ -411,34 +413,64 @@ def awq_search(model: nn.Module, blocks: torch.Tensor, cfg: AwqConfig = None, de
 
 @torch.no_grad()
 def apply_awq(model: nn.Module, results: AwqResults) -> nn.Module:
-    """Fold saved scales and apply saved clips to a fresh (unmodified) model, in place."""
+    """Fold saved scales and apply saved clips to a fresh (unmodified) model, in place.
+
+    Every scale and clip is checked against the model before the first is applied: results that do
+    not fit (another width, layer count or family) are a ValueError and leave the model untouched,
+    so a retry with the right results does not fold scales twice."""
     fam = family_for(model.config)
     if fam.name != results.family:
         raise ValueError(f"search results are for the {results.family!r} family, the model is {fam.name!r}")
     layers = decoder_of(model).layers
     if len(layers) != results.num_layers:
         raise ValueError(f"search results cover {results.num_layers} layers, the model has {len(layers)}")
-    gs = results.config["group_size"]
+    gs = results.config.get("group_size")
+    if not isinstance(gs, int) or gs < 1:
+        raise ValueError(f"search results: config group_size {gs!r} is not a positive integer")
+    for i, layer in enumerate(layers):
+        _check_layer_results(i, layer, fam, results, gs)
+    # Nothing below raises for results that passed the checks: the model is changed whole or not at all.
     for i, layer in enumerate(layers):
         for group in fam.groups:
             key = f"layers.{i}.{group.prev}"
-            if key not in results.scales:
-                continue
-            s = results.scales[key]
-            prev = layer.get_submodule(group.prev)
-            width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
-            if s.shape != (width,):
-                raise ValueError(f"scale {key}: shape {tuple(s.shape)} does not match the model's ({width},)")
-            _fold_scale(layer, group.prev, group.linears, s)
+            if key in results.scales:
+                _fold_scale(layer, group.prev, group.linears, results.scales[key])
         for name in fam.linears:
             key = f"layers.{i}.{name}"
             if key in results.clips:
-                w = layer.get_submodule(name).weight
-                want = (w.shape[0], w.shape[1] // gs)
-                if tuple(results.clips[key].shape[:2]) != want:
-                    raise ValueError(f"clip {key}: shape {tuple(results.clips[key].shape)} does not match {want}")
-                clip_weight_(w, results.clips[key], gs)
+                clip_weight_(layer.get_submodule(name).weight, results.clips[key], gs)
     return model
+
+
+def _check_layer_results(i: int, layer: nn.Module, fam, results: AwqResults, gs: int) -> None:
+    """A ValueError naming the first of layer ``i``'s scales or clips that does not fit the model:
+    a shape other than the layer's, or a value a fold would turn into inf/NaN weights."""
+    for group in fam.groups:
+        key = f"layers.{i}.{group.prev}"
+        if key not in results.scales:
+            continue
+        s = results.scales[key]
+        prev = layer.get_submodule(group.prev)
+        width = prev.out_features if isinstance(prev, nn.Linear) else prev.weight.shape[0]
+        if tuple(s.shape) != (width,):
+            raise ValueError(f"scale {key}: shape {tuple(s.shape)} does not match the model's ({width},)")
+        if not (torch.isfinite(s).all() and (s > 0).all()):  # the prev op's outputs are divided by s
+            raise ValueError(f"scale {key}: holds values that are not finite and positive, so folding it would "
+                             "put inf/NaN into the weights")
+    for name in fam.linears:
+        key = f"layers.{i}.{name}"
+        if key not in results.clips:
+            continue
+        ratio = results.clips[key]
+        n, k = layer.get_submodule(name).weight.shape
+        if k % gs:
+            raise ValueError(f"clip {key}: the model's in_features={k} is not divisible by the results' "
+                             f"group_size={gs}")
+        want = (n, k // gs)
+        if tuple(ratio.shape[:2]) != want or tuple(ratio.shape[2:]) not in ((), (2,)):
+            raise ValueError(f"clip {key}: shape {tuple(ratio.shape)} does not match {want} or {want + (2,)}")
+        if not torch.isfinite(ratio).all():
+            raise ValueError(f"clip {key}: holds inf/NaN ratios")
 
 
 @torch.no_grad()

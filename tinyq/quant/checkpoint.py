@@ -31,7 +31,7 @@ from torch import nn
 from tinyq.atomic_io import exchange, fsync_path, seal_tree
 from tinyq.json_io import read_json
 from tinyq.quant.arch import decoder_of, expected_linear_shapes, family_for
-from tinyq.quant.format import PACK, from_awq_gemm, quantize_weight, to_awq_gemm
+from tinyq.quant.format import PACK, check_grid_values, from_awq_gemm, quantize_weight, to_awq_gemm
 
 FORMATS = ("tinyq", "awq")
 TINYQ_VERSION = 1
@@ -311,13 +311,23 @@ def check_quantization_config(qc: dict, where) -> int:
     return gs
 
 
-def _load_tensors(folder: Path) -> dict:
-    from safetensors.torch import load_file
+def _load_tensors(folder: Path):
+    """``(tensors, files)``: every tensor of the checkpoint's weight files by name, and the path of
+    the file holding each (for errors). A truncated or corrupt file gives a one-line ``ValueError``
+    naming it (safetensors' own errors name no file)."""
+    from tinyq.models.loader import open_safetensors  # tinyq.models.loader imports this module
 
-    tensors = {}
+    tensors, files = {}, {}
     for name in weight_files(folder)[0]:
-        tensors.update(load_file(str(folder / name)))
-    return tensors
+        path = str(folder / name)
+        with open_safetensors(path) as f:
+            for key in f.keys():
+                try:
+                    tensors[key] = f.get_tensor(key)
+                except Exception as exc:  # safetensors raises its own error types; name the file
+                    raise ValueError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
+                files[key] = path
+    return tensors, files
 
 
 def _expect(cond: bool, tensor: str, msg: str) -> None:
@@ -345,7 +355,7 @@ def read_quantized_state(path):
     gs = check_quantization_config(qc, cfg_path)
     method = str(qc["quant_method"]).lower()
     shapes = expected_linear_shapes(config)
-    tensors = _load_tensors(folder)
+    tensors, files = _load_tensors(folder)
     quantized = {}
     for key in [k for k in tensors if k.endswith(".qweight")]:
         prefix = key[: -len(".qweight")]
@@ -368,6 +378,7 @@ def read_quantized_state(path):
                     f"(group_size {gs})")
             _expect(tuple(zeros.shape) == (k // gs, n // PACK), names[0],
                     f"shape {tuple(zeros.shape)}, expected {(k // gs, n // PACK)}")
+            check_grid_values(scales, None, prefix, files[names[1]])  # its zeros are 4-bit: always 0..15
             qweight, scales, zeros = from_awq_gemm(qweight, zeros, scales)
         else:
             _expect(tuple(qweight.shape) == (n, k // PACK), key, f"shape {tuple(qweight.shape)}, expected {(n, k // PACK)} "
@@ -376,6 +387,7 @@ def read_quantized_state(path):
                     f"(group_size {gs})")
             _expect(tuple(zeros.shape) == (n, k // gs), names[0], f"shape {tuple(zeros.shape)}, expected {(n, k // gs)}")
             _expect(zeros.dtype == scales.dtype, names[0], f"dtype {zeros.dtype} differs from the scales' {scales.dtype}")
+            check_grid_values(scales, zeros, prefix, files[names[1]])
         bias = tensors.pop(f"{prefix}.bias", None)
         if bias is not None:
             _expect(tuple(bias.shape) == (n,), f"{prefix}.bias", f"shape {tuple(bias.shape)}, expected {(n,)}")

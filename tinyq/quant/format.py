@@ -37,6 +37,13 @@ PACK = 8  # int4 values per int32 word
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ "gemm": nibble i holds column 8c + AWQ_ORDER[i]
 
 
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds values a range check can read: a meta tensor (a model skeleton quantized
+    before its weights are loaded) has only a shape, and an empty one (a layer with no outputs) has
+    no max."""
+    return not t.is_meta and t.numel() > 0
+
+
 def check_group_size(group_size: int, k: int, what: str = "weight") -> None:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size={group_size} is not supported; choose one of {GROUP_SIZES}")
@@ -68,6 +75,28 @@ def group_scale_zero(lo: torch.Tensor, hi: torch.Tensor, n_bit: int, scale_dtype
     return scale, (-torch.round(lo / scale)).clamp(0, qmax)
 
 
+def check_scales_fit(scale: torch.Tensor, groups: torch.Tensor, n_bit: int, scale_dtype) -> None:
+    """Raise ``ValueError`` if a scale of :func:`group_scale_zero` is not finite: a group spanning
+    more than ``15 * 65504`` (fp16's max) rounds its scale to inf in fp16, and every output using it
+    becomes NaN. ``groups`` is the float32 weight ``[N, K/G, G]`` the scales came from.
+
+    Checked where scales are stored (:func:`quantize_groupwise`: quantize_, the loader, checkpoints),
+    once per weight; not inside :func:`group_scale_zero`, which AWQ's search calls per candidate and
+    where a non-finite result only rejects that candidate."""
+    if not _has_values(scale) or bool(torch.isfinite(scale).all()):
+        return
+    shape = (groups.shape[0], groups.shape[1] * groups.shape[2])
+    if not bool(torch.isfinite(groups).all()):
+        raise ValueError(f"weight of shape {shape} has inf/NaN values, which {scale_dtype} scales cannot represent")
+    span = float((groups.amax(dim=-1).clamp(min=0) - groups.amin(dim=-1).clamp(max=0)).max())
+    hint = ("; store bfloat16 scales instead (W4A16Config(dtype=torch.bfloat16), a bf16 model, or "
+            "scale_dtype=torch.bfloat16) or rescale the weight") if scale_dtype != torch.bfloat16 else ""
+    raise ValueError(
+        f"weight of shape {shape}: a group spans {span:.4g}, so its scale ({span / (2**n_bit - 1):.4g}) "
+        f"overflows {scale_dtype} (max {torch.finfo(scale_dtype).max:.6g}){hint}"
+    )
+
+
 def quantize_to_grid(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, n_bit: int) -> torch.Tensor:
     """``q = clamp(round(g / s) + z, 0, 2^b - 1)`` as float32 (values outside the grid land on its ends)."""
     return (torch.round(g / scale) + zero).clamp(0, 2**n_bit - 1)
@@ -90,6 +119,7 @@ def quantize_groupwise(w: torch.Tensor, group_size: int, n_bit: int = 4, scale_d
         raise ValueError(f"weight of shape {tuple(w.shape)}: K={k} is not divisible by group_size={group_size}")
     g = w.detach().float().reshape(n, k // group_size, group_size)
     scale, zero = group_scale_zero(g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True), n_bit, scale_dtype)
+    check_scales_fit(scale, g, n_bit, scale_dtype)
     q = quantize_to_grid(g, scale, zero, n_bit)
     return q.reshape(n, k).to(torch.uint8), scale.squeeze(-1).to(scale_dtype), zero.squeeze(-1).to(scale_dtype)
 
@@ -153,8 +183,8 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     if k % BLOCK != 0:
         raise ValueError(f"K={k} must be a multiple of {BLOCK} for tinyq's int4 packing")
-    if int(q.max()) > 15 or int(q.min()) < 0:
-        raise ValueError("int4 values must lie in 0..15")
+    if _has_values(q) and (int(q.max()) > 15 or int(q.min()) < 0):
+        raise ValueError(f"int4 values must lie in 0..15, got {int(q.min())}..{int(q.max())} in q of shape {tuple(q.shape)}")
     # [N, K/32, 8 (nibble i), 4 (word w)] -> [N, K/32, 4, 8] -> [N, K/8, 8]: word 4b+w, nibble i
     planar = q.reshape(n, k // BLOCK, PACK, 4).transpose(2, 3).reshape(n, k // PACK, PACK)
     return _pack_last_dim(planar.reshape(n, k))
@@ -172,6 +202,31 @@ def quantize_weight(w: torch.Tensor, group_size: int, scale_dtype=torch.float16)
     check_group_size(group_size, w.shape[-1])
     q, s, z = quantize_groupwise(w, group_size, 4, scale_dtype)
     return pack_int4(q), s, z
+
+
+def check_grid_values(scales: torch.Tensor, zeros, prefix: str, where: str) -> None:
+    """Raise ``ValueError`` naming ``where`` (the file) and the tensor ``<prefix>.scales`` /
+    ``<prefix>.zeros`` unless every scale is finite and every zero point an integer in 0..15, as the
+    quantizer writes them: a corrupt value would otherwise load silently and turn the layer's
+    outputs (and the logits) into inf/NaN. One pass over each tensor at load time, never per
+    forward; both are ``K / G`` times smaller than the weight. ``zeros`` None: AutoAWQ's, unpacked
+    from 4 bits, cannot be out of range. Indices in the message are those of the tensors given
+    (pass them as stored)."""
+    if _has_values(scales):
+        bad = ~torch.isfinite(scales)
+        if bool(bad.any()):
+            _raise_bad_value(bad, scales, f"{prefix}.scales", where, "scales must be finite")
+    if zeros is not None and _has_values(zeros):
+        z = zeros.float()
+        bad = (z != z.round()) | (z < 0) | (z > 15)  # NaN fails the first test
+        if bool(bad.any()):
+            _raise_bad_value(bad, zeros, f"{prefix}.zeros", where, "zero points must be integers in 0..15")
+
+
+def _raise_bad_value(bad: torch.Tensor, t: torch.Tensor, name: str, where: str, rule: str) -> None:
+    first = tuple(bad.nonzero()[0].tolist())
+    raise ValueError(f"{where}: tensor {name!r} holds {t[first].item()} at {list(first)} ({int(bad.sum())} of "
+                     f"{t.numel()} values bad); {rule}: is the file corrupt?")
 
 
 def dequantize_weight(qweight, scales, zeros) -> torch.Tensor:

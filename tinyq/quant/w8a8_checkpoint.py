@@ -41,13 +41,23 @@ def w8a8_state_dict(model: nn.Module, static_stats: dict = None) -> dict:
         elif prefix in names and leaf == "weight":
             out[f"{prefix}.qweight"], out[f"{prefix}.weight_scale"] = quantize_weight_int8(t)
             if static_stats is not None:
-                if prefix not in static_stats:
-                    raise ValueError(f"no calibrated activation statistics for {prefix!r}")
-                amax = static_stats[prefix].float().max().clamp(min=1e-8)
-                out[f"{prefix}.input_scale"] = (amax / QMAX).reshape(1)
+                out[f"{prefix}.input_scale"] = _static_input_scale(prefix, static_stats)
         else:
             out[key] = t.detach().to(dtype if t.is_floating_point() else t.dtype).contiguous()
     return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def _static_input_scale(prefix: str, static_stats: dict) -> torch.Tensor:
+    """``max|x| / 127`` (float32 ``[1]``) of linear ``prefix``'s calibrated input. Statistics holding
+    inf/NaN are refused: the clamp below lets NaN through, and a NaN scale would make every output NaN."""
+    if prefix not in static_stats:
+        raise ValueError(f"no calibrated activation statistics for {prefix!r}")
+    stats = torch.as_tensor(static_stats[prefix]).float()
+    if not torch.isfinite(stats).all():
+        raise ValueError(f"the activation statistics of {prefix!r} hold inf/NaN (calibration overflowed: "
+                         "calibrate in float32 or bfloat16), so no static input scale can be written")
+    amax = stats.max().clamp(min=1e-8)
+    return (amax / QMAX).reshape(1)
 
 
 def save_w8a8(model: nn.Module, out_dir, tokenizer=None, act_quant: str = "token", static_stats: dict = None,

@@ -57,21 +57,41 @@ def load_image(image):
 
 
 def to_rgb(image):
-    """RGB as transformers' processors make it (``image_transforms.convert_to_rgb``): an image with
-    transparency is laid on white first; 16- and 32-bit grey images are scaled to 8 bits (Pillow's
-    own conversion clips them, so most of a 16-bit photo would turn white)."""
+    """RGB as transformers' processors make it (``image_transforms.convert_to_rgb``): an image with an
+    alpha band (RGBA, LA, PA) or a ``transparency`` entry (the transparent colour of a grey, palette or
+    RGB PNG) is laid on white; anything else is converted as Pillow does. Two additions: 16- and 32-bit
+    grey images are scaled to 8 bits (Pillow's own conversion clips them, so most of a 16-bit photo
+    would turn white), and premultiplied grey + alpha ("La", which Pillow cannot turn into RGB) is
+    un-premultiplied to LA first. A mode Pillow cannot convert is a ValueError naming it."""
     Image = _pil()
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        import numpy as np
+        image = _grey_to_8_bits(image)
+    if image.mode == "La":
+        image = image.convert("LA")
+    try:
+        if _has_transparency(image):
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as exc:  # Pillow: "conversion from X to Y not supported"
+        raise ValueError(f"cannot convert a {image.mode} image to RGB ({exc})") from exc
 
-        values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        image = Image.fromarray(np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+
+def _has_transparency(image) -> bool:
+    """transformers' test: an "A" band, or a transparent colour or palette alpha in ``info``. The
+    premultiplied "a" of RGBa does not count (transformers converts RGBa straight to RGB too)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def _grey_to_8_bits(image):
+    """A 16-bit (``I;16*``: full scale 65535) or 32-bit (``I``: full scale its maximum) grey image as L."""
+    import numpy as np
+
+    Image = _pil()
+    values = np.asarray(image, dtype=np.float64)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+    return Image.fromarray(np.clip(values * (255.0 / top) + 0.5, 0, 255).astype(np.uint8), "L")
 
 
 def expand_to_square(image, mean: Sequence[float]):
