@@ -111,6 +111,9 @@ def test_cpu_module_checks_its_weights_and_input():
         bad(torch.randn(2, 128))
     with pytest.raises(ValueError, match="takes float activations"):
         q(torch.ones(2, 128, dtype=torch.int32))
+    for x in (torch.randn(2, 64), torch.tensor(1.0)):  # wrong width; a 0-d input has no features at all
+        with pytest.raises(ValueError, match=r"input has shape .*last dimension must be the 128 input features"):
+            q(x)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     with torch.no_grad():
         model[1].weight[0, 0] = float("nan")

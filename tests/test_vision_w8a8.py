@@ -5,6 +5,7 @@ output channels 40x larger than the rest, the linears they feed scaled down to m
 floating-point function is unchanged but per-token int8 activations lose those tokens' detail.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -110,6 +111,24 @@ def test_bad_input():
     q = quantized(tower, None, smooth=False)
     with pytest.raises(ValueError, match="smooth the floating-point tower"):
         smooth_tower_(q, stats)
+
+
+@pytest.mark.parametrize("bad", ["missing", "nan"])
+def test_a_refused_smoothing_leaves_every_layer_unchanged(bad):
+    """Statistics missing, or holding NaN, for the last layer are refused before the first layer is
+    folded (each layer used to be folded as it was checked, so a retry folded them twice)."""
+    tower = planted_tower()
+    with torch.no_grad(), record_tower_inputs(tower) as stats:
+        tower.last_hidden_state(pixels(2, 3))
+    last = f"layers.{len(tower.layers) - 1}.fc1"
+    if bad == "missing":
+        del stats[last]
+    else:
+        stats[last] = stats[last].clone().fill_(float("nan"))
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape(last) if bad == "missing" else "inf/NaN"):
+        smooth_tower_(tower, stats)
+    assert all(torch.equal(before[k], v) for k, v in tower.state_dict().items())
 
 
 @pytest.mark.gpu

@@ -33,7 +33,7 @@ from torch import nn
 from tinyq.nn.w8a8_linear import W8A8Linear
 from tinyq.ops.attention import flash_attention
 from tinyq.ops.w8a8 import add_layer_norm_quant, gelu_quant, layer_norm_quant
-from tinyq.quant.smoothquant import fold_smoothing
+from tinyq.quant.smoothquant import apply_smoothing, smoothing_scale
 
 TOWER_ALPHA = 0.3
 LINEARS = ("qkv_proj", "out_proj", "fc1", "fc2")
@@ -76,6 +76,7 @@ def smooth_tower_(tower: nn.Module, act_scales: dict, alpha: float = TOWER_ALPHA
     ``hidden_states[-2]`` never runs the last one)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    folds = []  # every pair is checked and its scale computed before any is folded
     for i, layer in enumerate(tower.layers):
         if skip_unused and not any(f"layers.{i}.{n}" in act_scales for n in LINEARS):
             continue
@@ -89,7 +90,11 @@ def smooth_tower_(tower: nn.Module, act_scales: dict, alpha: float = TOWER_ALPHA
             if act_scales[key].shape != (lin.in_features,):
                 raise ValueError(f"act_scales[{key!r}] has shape {tuple(act_scales[key].shape)}, "
                                  f"expected ({lin.in_features},)")
-            fold_smoothing(getattr(layer, norm_name), [lin], act_scales[key], alpha)
+            norm = getattr(layer, norm_name)
+            s = smoothing_scale(norm, [lin], act_scales[key], alpha, where=f"layers.{i}.{norm_name} -> {key}")
+            folds.append((norm, lin, s))
+    for norm, lin, s in folds:
+        apply_smoothing(norm, [lin], s)
     if hasattr(tower, "drop_graphs"):
         tower.drop_graphs()
     return tower

@@ -97,8 +97,9 @@ class W4A16Linear(nn.Module):
 
     def forward(self, x):
         if not x.is_cuda and not use_triton(x) and not torch.compiler.is_compiling():
-            if x.shape[-1] != self.in_features:
-                raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features} (x {tuple(x.shape)})")
+            if x.dim() == 0 or x.shape[-1] != self.in_features:
+                raise ValueError(f"input has shape {tuple(x.shape)}; its last dimension must be the "
+                                 f"{self.in_features} input features")
             if not x.is_floating_point():
                 raise ValueError(f"W4A16Linear takes float activations, got {x.dtype}")
             self.checked_weights()  # the same weight checks as on the GPU (once per tensor object)

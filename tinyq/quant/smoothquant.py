@@ -134,11 +134,13 @@ def fold_smoothing(norm: nn.Module, linears, x_max: torch.Tensor, alpha: float,
     (and bias) ``/ s`` and the linears' weight columns ``* s``, in place. Returns ``s`` (float32).
     The rules and errors are :func:`smoothing_scale`'s; an error leaves the modules unchanged."""
     s = smoothing_scale(norm, linears, x_max, alpha, where)
-    _fold(norm, linears, s)
+    apply_smoothing(norm, linears, s)
     return s
 
 
-def _fold(norm: nn.Module, linears, s: torch.Tensor) -> None:
+def apply_smoothing(norm: nn.Module, linears, s: torch.Tensor) -> None:
+    """Divide ``norm``'s weight (and bias) by ``s`` and multiply the linears' weight columns by it,
+    in place: ``s`` from :func:`smoothing_scale`, which checked it."""
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
@@ -186,7 +188,7 @@ def smooth_(model: nn.Module, act_scales: dict, alpha: float = DEFAULT_ALPHA) ->
              for lname, layer in layers for norm_name, layouts in SMOOTH_GROUPS]
     out = dict(act_scales)
     for norm, linears, full, s in folds:  # every check passed: nothing below raises
-        _fold(norm, linears, s)
+        apply_smoothing(norm, linears, s)
         for name in full:
             if name in out:
                 out[name] = (out[name].float().to(s.device) / s).cpu()
