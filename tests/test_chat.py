@@ -62,6 +62,21 @@ def test_overflow_keeps_history_then_drop_or_reset(tiny):
         chat.send("x" * 200)  # too long even alone: still a clear error
     with pytest.raises(ValueError, match="empty message"):
         chat.send("   ")
+    with pytest.raises(ValueError, match="a message is a str, got bytes"):
+        chat.send(b"hi")
+    with pytest.raises(ValueError, match="sampling must be a SamplingConfig"):
+        chat.send("hi", {"temperature": 0})
+    assert chat.messages == []
+
+
+def test_overflow_message_counts_the_first_answer_token(tiny):
+    """At a max_seq_len equal to the prompt's length the turn does not fit (the answer's first token
+    needs a slot): the error says it needs one more than max_seq_len, not exactly max_seq_len."""
+    model, tok = tiny
+    n = len(ChatSession(model, tok, max_seq_len=256).prompt_ids("Hello there"))
+    chat = ChatSession(model, tok, max_seq_len=n)
+    with pytest.raises(ContextOverflowError, match=rf"needs {n + 1} tokens of context .* max_seq_len is {n};"):
+        chat.send("Hello there")
 
 
 def test_interrupt_mid_answer_rolls_back(tiny, monkeypatch):

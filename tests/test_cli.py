@@ -62,6 +62,8 @@ def test_chat_overflow_then_eof(model_dir):
               "--max-seq-len", "96"], "hi\n" + "word " * 12 + "\nd\n")  # 103 tokens with history, 77 alone
     assert p.returncode == 0, p.stderr
     assert "[context full]" in p.stdout and p.stdout.count("assistant> ") == 2
+    # said in the chat's terms, not the Python API's
+    assert "more than --max-seq-len 96" in p.stdout and "drop_oldest_turns()" not in p.stdout
 
 
 def test_chat_bad_arguments():
@@ -136,7 +138,10 @@ def test_ctrl_c_at_the_context_full_prompt_cancels(capsys):
     from tinyq.generate import ContextOverflowError
 
     class FullSession:
-        turns, resets = 3, 0
+        turns, resets, max_seq_len = 3, 0, 64
+
+        def prompt_ids(self, text):
+            return [0] * 80
 
         def send(self, text):
             raise ContextOverflowError("too long")
@@ -154,7 +159,8 @@ def test_ctrl_c_at_the_context_full_prompt_cancels(capsys):
     except KeyboardInterrupt:  # would end the chat (and this test run)
         pytest.fail("Ctrl-C at the prompt escaped the chat loop")
     assert session.turns == 3 and session.resets == 0
-    assert "(cancelled; the history is kept)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "needs 81 tokens, more than --max-seq-len 64" in out and "(cancelled; the history is kept)" in out
 
 
 

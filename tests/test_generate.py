@@ -26,6 +26,7 @@ def tiny(tmp_path_factory):
 @pytest.mark.parametrize("bad, match", [
     (dict(temperature=-1), "temperature"), (dict(top_k=-2), "top_k"), (dict(top_p=0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty must be finite"),
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(seed="x"), "seed"), (dict(stop_strings=[""]), "stop_strings"),
     (dict(temprature=0.5), "unknown sampling setting"),
     (dict(temperature=1e-39), "too small to divide by"), (dict(seed=2 ** 64), "seed must be an int in"),

@@ -32,7 +32,9 @@ def render_chat(tokenizer, messages: List[Dict[str, str]]) -> List[int]:
 
 def check_message(text) -> None:
     """A ValueError unless ``text`` is a message to send: a non-empty str of valid text."""
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise ValueError(f"a message is a str, got {type(text).__name__}")
+    if not text.strip():
         raise ValueError("empty message: type something to send")
     try:
         text.encode("utf-8")
@@ -103,11 +105,15 @@ class ChatSession:
 
     def send(self, text: str, sampling: Optional[SamplingConfig] = None):
         """Stream the answer to ``text`` (an iterator of text deltas; ``.result`` when done)."""
+        if sampling is not None and not isinstance(sampling, SamplingConfig):
+            raise ValueError(f"sampling must be a SamplingConfig (tinyq.sampling.make_config(...) builds one), "
+                             f"got {type(sampling).__name__}")
         ids = self.prompt_ids(text)
-        if len(ids) + 1 > self.max_seq_len:
+        if len(ids) + 1 > self.max_seq_len:  # the prompt and the answer's first token
             raise ContextOverflowError(
-                f"this turn needs {len(ids)} tokens of context (history: {self.turns} turns) but max_seq_len is "
-                f"{self.max_seq_len}; the history is kept: reset() or drop_oldest_turns() and send again"
+                f"this turn needs {len(ids) + 1} tokens of context (the conversation so far, this message and the "
+                f"answer's first token; history: {self.turns} turns) but max_seq_len is {self.max_seq_len}; the "
+                "history is kept: reset() or drop_oldest_turns() and send again"
             )
         return _Turn(self, text, ids, (sampling or self.sampling).validate(self.gen.vocab_size))
 

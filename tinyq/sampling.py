@@ -72,8 +72,8 @@ class SamplingConfig:
             bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not (_is_number(self.top_p) and 0 < self.top_p <= 1):
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (_is_number(self.repetition_penalty) and self.repetition_penalty > 0):
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not (_is_number(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf")):
+            bad(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty!r}")
         if 0 < self.temperature < 1e-30:  # 1 / temperature must stay a float32
             bad(f"temperature {self.temperature!r} is too small to divide by; use 0 for greedy decoding")
         if self.seed is not None and not (is_int(self.seed) and -2 ** 63 <= self.seed < 2 ** 64):

@@ -168,8 +168,10 @@ def _answer(session, text: str, inp: _Input) -> bool:
     """One turn; returns False when the user chose to quit."""
     try:
         turn = session.send(text)
-    except ContextOverflowError as exc:
-        print(f"[context full] {exc}")
+    except ContextOverflowError:
+        need = len(session.prompt_ids(text)) + 1  # the API's message names API calls; say it in the chat's terms
+        print(f"[context full] this message with the conversation so far needs {need} tokens, more than "
+              f"--max-seq-len {session.max_seq_len}; the history is kept")
         try:
             choice = inp.read("[r]eset the conversation, [d]rop the oldest turns, or [c]ancel? ")
         except KeyboardInterrupt:  # Ctrl-C at this prompt means cancel, not quit

@@ -114,8 +114,8 @@ def layer_kwargs(decoder: nn.Module, hidden: torch.Tensor) -> dict:
     kw = {"inputs_embeds" if "inputs_embeds" in params else "input_embeds": hidden}
     if "cache_position" in params:
         kw["cache_position"] = position_ids[0]
-    mask = create_causal_mask(config=decoder.config, attention_mask=None, past_key_values=None,
-                              position_ids=position_ids, **kw)
+    kw["cache" if "cache" in params else "past_key_values"] = None  # renamed in transformers 5.x
+    mask = create_causal_mask(config=decoder.config, attention_mask=None, position_ids=position_ids, **kw)
     return {
         "attention_mask": mask,
         "position_ids": position_ids,
