@@ -209,3 +209,84 @@ def test_llama_gguf_with_biases_or_unknown_tensors_is_refused(gguf_models, tmp_p
     w.close()
     with pytest.raises(ValueError, match=r"extra.gguf: tensor 'blk.0.ffn_gate_inp.weight' has no place"):
         load_model(str(extra), precision="fp32", device="cpu", tokenizer=None)
+
+
+def _tensor_table(data: bytes, path: str) -> dict:
+    """``{name: (byte position of its ndim field, ndim)}`` in a GGUF file's tensor table."""
+    import struct
+
+    from tinyq.models.gguf import _Cursor
+
+    cur = _Cursor(memoryview(data), path)
+    cur.pos = 4
+    _, n_tensors, n_kv = cur.take("I"), cur.take("Q"), cur.take("Q")
+    for _ in range(n_kv):
+        cur.string()
+        cur.value(cur.take("I"))
+    table = {}
+    for _ in range(n_tensors):
+        name = cur.string()
+        table[name] = (cur.pos, struct.unpack_from("<I", data, cur.pos)[0])
+        cur.pos += 4 + 8 * table[name][1] + 4 + 8  # ndim, dims, type, offset
+    return table
+
+
+def _damaged_copy(src: str, dst, tensor: str, field: str, value: int) -> str:
+    """A copy of ``src`` with one tensor-table ``field`` (ndim, type, or dims fastest-first as dim0/dim1) set."""
+    import struct
+
+    data = bytearray(open(src, "rb").read())
+    pos, ndim = _tensor_table(bytes(data), src)[tensor]
+    at = {"ndim": (pos, "<I"), "type": (pos + 4 + 8 * ndim, "<I"), "dim0": (pos + 4, "<Q"),
+          "dim1": (pos + 12, "<Q")}[field]
+    struct.pack_into(at[1], data, at[0], value)
+    dst.write_bytes(bytes(data))
+    return str(dst)
+
+
+NORM, Q = "blk.0.attn_norm.weight", "blk.0.attn_q.weight"
+
+
+@pytest.mark.parametrize("tensor,field,value,message", [
+    (NORM, "type", 28, f"tensor '{NORM}' has type F64, which tinyq cannot read"),
+    (NORM, "type", 24, f"tensor '{NORM}' has type I8, which tinyq cannot read"),
+    (Q, "type", 15, f"tensor '{Q}' has type Q8_K, which tinyq cannot read"),
+    (Q, "type", 99, f"tensor '{Q}' has unknown GGML type 99, which tinyq cannot read"),
+    # Q4_K packs 256 values a block; the tiny model's rows hold 64 (rounding down once read garbage)
+    (Q, "type", 12, rf"tensor '{Q}' \(64, 64\) has type Q4_K, whose blocks of 256 values do not divide its rows of 64"),
+    (Q, "dim0", 0, rf"tensor '{Q}' has shape \(64, 0\), with a zero dimension"),
+    (Q, "ndim", 5, f"tensor '{Q}' claims 5 dimensions"),
+])
+def test_unreadable_tensor_types_and_shapes_are_refused_on_the_header(gguf_models, tmp_path, tensor, field, value,
+                                                                      message):
+    """Such files once raised NotImplementedError / a bare enum ValueError naming no file, or misread rows."""
+    path = _damaged_copy(gguf_models["llama"][0], tmp_path / "bad.gguf", tensor, field, value)
+    with pytest.raises(ValueError, match=f"^{path}: {message}"):
+        read_gguf_header(path)
+
+
+def test_a_type_gguf_cannot_dequantize_is_refused_at_read_time_too(gguf_models, tmp_path, monkeypatch):
+    """Without gguf's type registry to check the header against, the read itself names the tensor."""
+    from tinyq.models import gguf as gguf_mod
+
+    monkeypatch.setattr(gguf_mod, "_readable_types", lambda: None)
+    path = _damaged_copy(gguf_models["llama"][0], tmp_path / "f64.gguf", NORM, "type", 28)
+    with pytest.raises(ValueError, match=f"^{path}: tensor '{NORM}' has type F64, which tinyq cannot read"):
+        read_gguf(path, tokenizer=False)
+
+
+def test_eval_of_an_unreadable_gguf_is_a_one_line_error(gguf_models, tmp_path, capsys):
+    import argparse
+
+    from tinyq.commands import eval as eval_cmd
+
+    path = _damaged_copy(gguf_models["llama"][0], tmp_path / "f64.gguf", NORM, "type", 28)
+    text = tmp_path / "eval.txt"
+    text.write_text("hello world " * 50)
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--model", path, "--ppl-file", str(text), "--window", "32", "--quiet"])
+    assert eval_cmd.run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tinyq eval: error: ") and err.count("\n") == 1, err
+    assert f"{path}: tensor '{NORM}' has type F64, which tinyq cannot read" in err

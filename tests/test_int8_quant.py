@@ -338,3 +338,15 @@ def test_more_bad_input():
     for call in (rmsnorm_quant_reference, rmsnorm_quant):
         with pytest.raises(ValueError, match="0-d"):
             call(torch.tensor(1.0), torch.ones(1), 1e-5)
+
+
+def test_non_finite_rows_are_reported_by_flat_row_number():
+    """Scales of a [B, S] batch once listed (batch, position) pairs flattened, read as rows 0, 0, 0, 1, ..."""
+    from tinyq.quant.int8_format import check_finite_scales
+
+    scale = torch.ones(2, 3)
+    scale[0, 2], scale[1, 1] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"^x: activations contain inf/NaN \(rows \[2, 4\]\)"):
+        check_finite_scales(scale, "x")
+    with pytest.raises(ValueError, match=r"\(rows \[1\]\)"):
+        check_finite_scales(torch.tensor([1.0, float("nan"), 2.0]), "x")

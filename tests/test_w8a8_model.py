@@ -292,3 +292,90 @@ def test_chat_and_quantize_cli_options_for_w8a8(tiny_dir, tmp_path, capsys):
                        env=dict(os.environ, PYTHONPATH=root), cwd=root)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("assistant> ") == 1 and "ms/token" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def w8a8_dirs(tmp_path_factory):
+    """``act_quant -> (folder of a saved W8A8 checkpoint, its tensors)`` for a tiny Llama."""
+    from safetensors.torch import load_file
+
+    from tinyq.quant.w8a8_checkpoint import save_w8a8
+
+    root = tmp_path_factory.mktemp("w8a8_damaged")
+    hf, tok = make_model_dir(root / "fp", "llama")
+    stats = calibrate(hf, torch.randint(3, 50, (2, 16)), progress=False)
+    out = {}
+    for act_quant in ("token", "tensor"):
+        path = save_w8a8(hf, root / act_quant, tok, act_quant=act_quant,
+                         static_stats=stats if act_quant == "tensor" else None)
+        files = sorted(path.glob("*.safetensors"))
+        out[act_quant] = (path, {k: v for f in files for k, v in load_file(str(f)).items()})
+    return out
+
+
+def _damaged_w8a8(w8a8_dirs, act_quant, dst, edit_tensors=None, edit_quant=None) -> str:
+    """A one-file copy of the ``act_quant`` checkpoint with its tensors and/or quantization_config edited."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, tensors = w8a8_dirs[act_quant]
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors*"))
+    tensors = {k: v.clone() for k, v in tensors.items()}
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, str(dst / "model.safetensors"))
+    if edit_quant:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_quant(cfg["quantization_config"])
+        (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+UP = "model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -0.5])
+def test_w8a8_weight_scale_that_is_not_finite_and_positive_is_refused(w8a8_dirs, tmp_path, bad):
+    """A NaN weight_scale once loaded silently and failed later in silu_mul_quant naming no tensor."""
+    path = _damaged_w8a8(w8a8_dirs, "token", tmp_path / "ws", lambda t: t[UP + ".weight_scale"].__setitem__(3, bad))
+    with pytest.raises(ValueError, match=rf"^{path}/model.safetensors: tensor '{UP}.weight_scale' has 1 scale\(s\) "
+                                         r"that are not finite and positive \(rows \[3\]"):
+        load_model(path, precision="w8a8", device="cpu")
+
+
+def test_w8a8_missing_qweight_of_one_fused_part_is_named(w8a8_dirs, tmp_path):
+    """With up_proj.qweight gone the loader once fell back to the dense path and asked for gate_proj.weight."""
+    path = _damaged_w8a8(w8a8_dirs, "token", tmp_path / "noq", lambda t: t.pop(UP + ".qweight"))
+    with pytest.raises(ValueError, match=rf"^{path}: the checkpoint has no tensor '{UP}.qweight', though "
+                                         r"'model.layers.1.mlp.gate_proj' is quantized"):
+        load_model(path, precision="w8a8", device="cpu")
+
+
+def test_w8a8_act_quant_in_config_is_checked_and_enforced(w8a8_dirs, tmp_path):
+    bad = _damaged_w8a8(w8a8_dirs, "token", tmp_path / "bad", edit_quant=lambda q: q.update(act_quant="channel"))
+    with pytest.raises(ValueError, match=rf"^{bad}/config.json: quantization_config.act_quant 'channel' is not one of"):
+        load_model(bad, precision="w8a8", device="cpu")
+    # per-token config with static scales: one stray scale, or a whole static checkpoint relabelled
+    o_proj = "model.layers.1.self_attn.o_proj.input_scale"
+    stray = _damaged_w8a8(w8a8_dirs, "token", tmp_path / "stray", lambda t: t.update({o_proj: torch.tensor([0.01])}))
+    relabelled = _damaged_w8a8(w8a8_dirs, "tensor", tmp_path / "relabelled",
+                               edit_quant=lambda q: q.update(act_quant="token"))
+    for path, name in ((stray, o_proj), (relabelled, "model.layers.0.self_attn.q_proj.input_scale")):
+        with pytest.raises(ValueError, match=rf"^{path}/model.safetensors: tensor '{name}' is a static activation "
+                                             "scale, but config.json says act_quant 'token'"):
+            load_model(path, precision="w8a8", device="cpu")
+
+
+def test_fused_w8a8_linear_names_the_file_when_only_some_parts_have_an_input_scale():
+    from tinyq.models.loader import TensorSource
+    from tinyq.models.w8a8 import fused_w8a8_linear
+
+    parts = {}
+    for n in ("a", "b"):
+        parts[n + ".qweight"] = torch.ones(2, 4, dtype=torch.int8)
+        parts[n + ".weight_scale"] = torch.ones(2)
+    parts["b.input_scale"] = torch.tensor([0.5])
+    src = TensorSource(parts, where="some/folder")
+    with pytest.raises(ValueError, match=r"^some/folder: only some of \['a', 'b'\] have an input_scale"):
+        fused_w8a8_linear(src, ["a", "b"], None, "cpu", [2, 2], 4)

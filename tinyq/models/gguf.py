@@ -33,6 +33,7 @@ _MAGIC = b"GGUF"
 # GGUF metadata value types -> struct format (strings and arrays handled separately).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
+_MAX_DIMS = 4  # ggml's GGML_MAX_DIMS: a larger ndim means a corrupt tensor table
 
 # GGUF tensor names -> HF LlamaForCausalLM / Qwen2ForCausalLM names ({i} = layer index).
 GGUF_TO_HF = {
@@ -118,8 +119,6 @@ class _Cursor:
 def read_gguf_header(path: str):
     """``(metadata dict, tensor infos {name: (numpy shape, ggml type, absolute byte offset, row bytes)},
     the file's memmap)``. Raises ValueError naming the file when a tensor runs past its end."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: the file is empty (not a GGUF model)")
     mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -138,16 +137,18 @@ def read_gguf_header(path: str):
     for _ in range(n_tensors):
         name = cur.string()
         ndim = cur.take("I")
+        if not 1 <= ndim <= _MAX_DIMS:
+            raise ValueError(f"{path}: tensor {name!r} claims {ndim} dimensions "
+                             f"(GGUF allows 1 to {_MAX_DIMS}; corrupt file?)")
         dims = [cur.take("Q") for _ in range(ndim)]
         ttype, offset = cur.take("I"), cur.take("Q")
-        infos.append((name, dims, GGMLQuantizationType(ttype), offset))
+        infos.append((name, dims, _tensor_type(path, name, ttype), offset))
     align = int(meta.get("general.alignment", 32))
     data_start = (cur.pos + align - 1) // align * align
     tensors = {}
     for name, dims, ttype, offset in infos:
-        block, type_size = GGML_QUANT_SIZES[ttype]
         shape = tuple(reversed(dims))  # GGUF lists the fastest dim first
-        row_bytes = shape[-1] // block * type_size
+        row_bytes = _row_bytes(path, name, shape, ttype)
         start = data_start + offset
         end = start + int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
         if end > len(mm):
@@ -155,6 +156,46 @@ def read_gguf_header(path: str):
                              "(truncated download?)")
         tensors[name] = (shape, ttype, start, row_bytes)
     return meta, tensors, mm
+
+
+def _readable_types():
+    """The GGML types ``gguf.quants.dequantize`` implements: F32, F16 and its registered quant classes
+    (others, e.g. F64, I8, Q8_K, raise NotImplementedError only when a tensor is read). None when the
+    installed gguf keeps no such registry; :func:`_read_tensor` still catches those at read time."""
+    from gguf import quants
+    from gguf.constants import GGMLQuantizationType
+
+    traits = getattr(quants, "_type_traits", None)
+    return None if traits is None else {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *traits}
+
+
+def _tensor_type(path: str, name: str, type_id: int):
+    """The tensor's ``GGMLQuantizationType``, checked here so a file tinyq cannot read fails on its header."""
+    from gguf.constants import GGMLQuantizationType
+
+    try:
+        ttype = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise ValueError(f"{path}: tensor {name!r} has unknown GGML type {type_id}, which tinyq cannot read "
+                         "(corrupt file, or a type newer than the installed gguf package?)") from None
+    readable = _readable_types()
+    if readable is not None and ttype not in readable:
+        raise ValueError(f"{path}: tensor {name!r} has type {ttype.name}, which tinyq cannot read")
+    return ttype
+
+
+def _row_bytes(path: str, name: str, shape: tuple, ttype) -> int:
+    """Bytes per row of ``shape[-1]`` values; a zero dimension or a row its block does not divide is
+    refused (``shape[-1] // block`` would silently drop the remainder and misread every later row)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, type_size = GGML_QUANT_SIZES[ttype]
+    if 0 in shape:
+        raise ValueError(f"{path}: tensor {name!r} has shape {shape}, with a zero dimension (corrupt file?)")
+    if shape[-1] % block:
+        raise ValueError(f"{path}: tensor {name!r} {shape} has type {ttype.name}, whose blocks of {block} values "
+                         f"do not divide its rows of {shape[-1]}")
+    return shape[-1] // block * type_size
 
 
 def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -280,7 +321,7 @@ def gguf_config(meta: dict, tensor_names, where: str = "GGUF file", rope_freqs=N
     return cfg
 
 
-def _read_tensor(mm, info, dtype) -> torch.Tensor:
+def _read_tensor(mm, info, dtype, path: str, name: str) -> torch.Tensor:
     from gguf.quants import dequantize
 
     shape, ttype, start, row_bytes = info
@@ -288,7 +329,11 @@ def _read_tensor(mm, info, dtype) -> torch.Tensor:
     raw = mm[start : start + rows * row_bytes].reshape(*shape[:-1], row_bytes) if len(shape) > 1 else (
         mm[start : start + row_bytes]
     )
-    return torch.from_numpy(np.array(dequantize(raw, ttype), dtype=np.float32).reshape(shape)).to(dtype)
+    try:
+        values = dequantize(raw, ttype)
+    except NotImplementedError:  # a type the header check could not rule out (see _readable_types)
+        raise ValueError(f"{path}: tensor {name!r} has type {ttype.name}, which tinyq cannot read") from None
+    return torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape)).to(dtype)
 
 
 def read_gguf(path: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[dict, Dict[str, torch.Tensor], object]:
@@ -301,7 +346,9 @@ def read_gguf(path: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[d
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     meta, infos, mm = read_gguf_header(path)
-    rope_freqs = _read_tensor(mm, infos[ROPE_FREQS], torch.float32).numpy() if ROPE_FREQS in infos else None
+    rope_freqs = None
+    if ROPE_FREQS in infos:
+        rope_freqs = _read_tensor(mm, infos[ROPE_FREQS], torch.float32, path, ROPE_FREQS).numpy()
     config = gguf_config(meta, infos, path, rope_freqs)
     permuted = meta["general.architecture"] in PERMUTED_QK_ARCHS
     state = {}
@@ -312,7 +359,7 @@ def read_gguf(path: str, dtype=torch.float32, tokenizer: bool = True) -> Tuple[d
                              "(a feature it does not support?)")
         if hf is None:
             continue
-        w = _read_tensor(mm, info, dtype)
+        w = _read_tensor(mm, info, dtype, path, name)
         if permuted and ".q_proj." in hf:
             w = unpermute_qk(w, config["num_attention_heads"])
         elif permuted and ".k_proj." in hf:

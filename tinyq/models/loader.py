@@ -28,7 +28,7 @@ from tinyq.models.llama import ARCHITECTURES, CausalLM, ModelConfig
 from tinyq.nn.dense_linear import DenseLinear
 from tinyq.models.w8a8 import fused_w8a8_linear, use_w8a8_layers
 from tinyq.nn.w4a16_linear import W4A16Linear
-from tinyq.nn.w8a8_linear import W8A8Linear
+from tinyq.nn.w8a8_linear import ACT_QUANT, W8A8Linear
 from tinyq.quant.checkpoint import check_quantization_config, weight_files
 from tinyq.quant.format import GROUP_SIZES, check_grid_values, from_awq_gemm, quantize_weight, scale_dtype_for
 from tinyq.quant.int8_format import quantize_weight_int8
@@ -214,6 +214,7 @@ class _Loader:
         meta: nn.Linear = getattr(owner, attr)
         names = [prefix + s for s in FUSED.get(sub, (sub,))]
         rows = _part_rows(self.model.config, sub, meta.out_features)
+        self._check_qweights_whole(names)
         if all(n + ".qweight" in self.src for n in names) and self._w8a8_checkpoint():
             new = self._prequantized_w8a8(names, meta, rows)
         elif all(n + ".qweight" in self.src for n in names):
@@ -245,6 +246,15 @@ class _Loader:
         return torch.cat([_expect(n + ".bias", self.src.get(n + ".bias"), (r,)) for n, r in zip(names, rows)]).to(
             self.device, self.dtype)
 
+    def _check_qweights_whole(self, names: List[str]) -> None:
+        """Parts fused into one linear are all quantized or none: with some ``qweight`` missing, the dense
+        fallback would complain about a ``.weight`` the checkpoint never meant to hold."""
+        present = [n for n in names if n + ".qweight" in self.src]
+        missing = [n + ".qweight" for n in names if n not in present]
+        if present and missing:
+            raise ValueError(f"{self.src.location(missing[0])}: the checkpoint has no tensor {missing[0]!r}, though "
+                             f"{present[0]!r} is quantized")
+
     def _w8a8_checkpoint(self) -> bool:
         return bool(self.quant) and self.quant.get("quant_method") == W8A8_METHOD
 
@@ -257,6 +267,11 @@ class _Loader:
             if missing:
                 raise ValueError(f"{missing[0]}: missing; config.json says act_quant 'tensor' (static activation "
                                  "scales), and without it the layer would quantize per token")
+        else:  # a static scale here would switch this linear to act_quant 'tensor' against config.json
+            extra = [n + ".input_scale" for n in names if n + ".input_scale" in self.src]
+            if extra:
+                raise ValueError(f"{self.src.location(extra[0])}: tensor {extra[0]!r} is a static activation scale, "
+                                 "but config.json says act_quant 'token' (per-token scales)")
         new = fused_w8a8_linear(self.src, names, bias, self.device, rows, meta.in_features)
         _expect(names[0] + ".qweight (fused)", new.qweight, (meta.out_features, meta.in_features))
         return new
@@ -320,6 +335,14 @@ def _check_awq_part(name: str, qweight, qzeros, scales, k: int, group: int, n: i
         raise ValueError(f"{name}: qweight/qzeros dtype {qweight.dtype}/{qzeros.dtype}, expected torch.int32")
 
 
+def _check_act_quant(quant: dict, folder: str) -> None:
+    """A W8A8 ``act_quant`` tinyq does not know would load as per-token quantization, silently."""
+    act_quant = quant.get("act_quant", "token")
+    if act_quant not in ACT_QUANT:
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: quantization_config.act_quant {act_quant!r} is not "
+                         f"one of {ACT_QUANT}")
+
+
 def default_activation_dtype(precision: str, device: torch.device) -> torch.dtype:
     """fp16/bf16/fp32 as asked; for w4a16: fp16 on GPU, fp32 on CPU (torch's CPU GEMV in fp32 was
     faster than bf16 on the 2-core test machine, see the README)."""
@@ -341,6 +364,7 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     if quant is not None and quant.get("quant_method") == W8A8_METHOD:
         if precision != "w8a8":
             raise ValueError(f"this checkpoint is W8A8-quantized; load it with precision='w8a8' (got {precision!r})")
+        _check_act_quant(quant, getattr(source, "where", "checkpoint"))
     elif quant is not None:
         check_quantization_config(quant, "config.json")
     elif precision == "w4a16" and group_size not in GROUP_SIZES:

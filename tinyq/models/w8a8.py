@@ -86,6 +86,17 @@ def use_w8a8_layers(model: nn.Module) -> nn.Module:
     return model
 
 
+def _check_weight_scale(src, name: str) -> None:
+    """A NaN, inf, zero or negative per-row weight scale loads silently and poisons (or flips) every
+    output of its row; one pass over a float32 ``[N]`` tensor rules it out."""
+    scale = src.get(name)
+    bad = ~(torch.isfinite(scale) & (scale > 0))
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten()
+        raise ValueError(f"{src.location(name)}: tensor {name!r} has {len(rows)} scale(s) that are not finite and "
+                         f"positive (rows {rows[:5].tolist()}, first {float(scale[rows[0]])})")
+
+
 def fused_w8a8_linear(src, names, bias, device, rows, k: int) -> W8A8Linear:
     """One W8A8Linear from checkpoint parts ``names`` of ``rows[i]`` outputs and ``k`` inputs each
     (q/k/v or gate/up, concatenated along N).
@@ -96,6 +107,7 @@ def fused_w8a8_linear(src, names, bias, device, rows, k: int) -> W8A8Linear:
             t = src.get(n + leaf)
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"checkpoint tensor {n + leaf!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
+        _check_weight_scale(src, n + ".weight_scale")
         if n + ".input_scale" in src and src.get(n + ".input_scale").numel() != 1:
             raise ValueError(f"checkpoint tensor {n + '.input_scale'!r} has shape "
                              f"{tuple(src.get(n + '.input_scale').shape)}, expected one element")
@@ -103,7 +115,8 @@ def fused_w8a8_linear(src, names, bias, device, rows, k: int) -> W8A8Linear:
     weight_scale = torch.cat([src.get(n + ".weight_scale") for n in names]).to(device)
     statics = [n + ".input_scale" in src for n in names]
     if any(statics) and not all(statics):
-        raise ValueError(f"checkpoint: only some of {names} have an input_scale")
+        where = src.location(names[statics.index(True)] + ".input_scale")
+        raise ValueError(f"{where}: only some of {names} have an input_scale")
     input_scale = None
     if all(statics):
         input_scale = torch.stack([src.get(n + ".input_scale").float().reshape(()) for n in names]).amax().reshape(1)

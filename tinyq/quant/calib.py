@@ -111,18 +111,19 @@ def stdlib_docstrings(max_chars: int = 2_000_000) -> str:
 
 
 def read_text_files(paths) -> str:
-    """Text of the given files and directories (searched recursively for text and HTML files)."""
+    """Text of the given files and directories (searched recursively for text and HTML files).
+    Errors say "text file", not "calibration": ``tinyq eval --ppl-file`` reads its text here too."""
     files = []
     for p in map(Path, [paths] if isinstance(paths, (str, os.PathLike)) else paths):
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES + HTML_SUFFIXES)
             if not found:
-                raise ValueError(f"calibration directory {p} holds no text files ({', '.join(TEXT_SUFFIXES + HTML_SUFFIXES)})")
+                raise ValueError(f"directory {p} holds no text files ({', '.join(TEXT_SUFFIXES + HTML_SUFFIXES)})")
             files += found
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"calibration text {p} does not exist")
+            raise FileNotFoundError(f"text file {p} does not exist")
     parts = []
     for f in files:
         raw = f.read_text(encoding="utf-8", errors="replace")

@@ -87,7 +87,7 @@ def check_finite_scales(scale: torch.Tensor, what: str) -> None:
     device: called on the CPU path always, on CUDA only when asked (see :mod:`tinyq.ops.w8a8`)."""
     bad = ~torch.isfinite(scale)
     if bool(bad.any()):
-        rows = bad.nonzero().flatten()[:5].tolist()
+        rows = bad.reshape(-1).nonzero().flatten()[:5].tolist()  # flat row numbers ([B, S] scales too)
         raise ValueError(f"{what}: activations contain inf/NaN (rows {rows}{'...' if int(bad.sum()) > 5 else ''}); "
                          "int8 quantization cannot represent them")
 
