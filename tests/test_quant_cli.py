@@ -191,7 +191,8 @@ def test_eval_of_a_truncated_checkpoint_is_a_one_line_error(model_dir, tmp_path,
 
 
 def test_eval_of_a_missing_ppl_file_does_not_call_it_calibration_text(model_dir, tmp_path, capsys):
+    """A missing text file is the one line on stderr: it is read before the model is loaded."""
     missing = tmp_path / "missing.txt"
     assert _cli(eval_cmd, ["eval", "--model", str(model_dir / "fp"), "--ppl-file", str(missing), "--quiet"]) == 2
-    err = capsys.readouterr().err.splitlines()[-1]  # after the model's loading bar
-    assert err == f"tinyq eval: error: text file {missing} does not exist", err
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"tinyq eval: error: text file {missing} does not exist"], err

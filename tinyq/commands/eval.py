@@ -111,10 +111,11 @@ def run(args) -> int:
             if value is not None and value < least:  # before the model is loaded
                 raise ValueError(f"{flag} must be at least {least}, got {value}")
         check_search_flags(args)
+        # the text first: a missing or empty file is reported before minutes of loading
+        text = calib.handbook_text("eval") if args.ppl_handbook else calib.read_text_files(args.ppl_file)
         model, tok, what = load_for_eval(args)
         if tok is None:
             raise ValueError(f"{args.model} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
-        text = calib.handbook_text("eval") if args.ppl_handbook else calib.read_text_files(args.ppl_file)
         wins = windows(calib.encode(tok, text), args.window, args.max_windows)
         ppl = perplexity(model, wins, batch=args.batch, device=args.device or default_device(), progress=not args.quiet)
     except (ValueError, OSError) as exc:  # OSError: a file that cannot be read or written
