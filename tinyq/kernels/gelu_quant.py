@@ -20,10 +20,10 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import (
-    MAX_K, check_static_scale, int8_row_outputs, quantize_rows, quantize_store_row,
+    MAX_K, check_static_scale, int8_row_outputs, quantize_store_row,
 )
 from tinyq.kernels.residual import as_rows, row_blocks, row_columns, row_warps
-from tinyq.quant.int8_format import MIN_ABSMAX
+from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 APPROXIMATIONS = ("none", "tanh")  # torch.nn.functional.gelu's names: "none" is the exact erf form
 
@@ -86,6 +86,6 @@ def gelu_quant_reference(x: torch.Tensor, approximate: str = "none", static_scal
     _check(x, approximate, static_scale)
     k = x.shape[-1]
     v = torch.nn.functional.gelu(x.float(), approximate=approximate)
-    q, scale = quantize_rows(as_rows(v, k), static_scale)
+    q, scale = quantize_rows_reference(as_rows(v, k), static_scale)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.residual import as_rows, row_blocks, row_columns, row_warps
-from tinyq.quant.int8_format import MIN_ABSMAX, QMAX, quantize_rows_reference
+from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 MAX_K = 65536  # one row per program must fit a register tile
 ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,30 +105,11 @@ def _quant_rows_kernel(X, Q, SCALE, STATIC_S, K, stride_x, stride_q,
 
 def int8_row_outputs(m: int, k: int, device, static_scale=None):
     """The outputs of a row quantizer: int8 rows ``[m, k]`` and their float32 scales ``[m]``. Rows
-    of no features (``k == 0``) launch no kernel, so their scales are set here
-    (:func:`zero_width_scales`); otherwise the kernel writes every one."""
-    q = torch.empty((m, k), dtype=torch.int8, device=device)
+    of no features (``k == 0``) launch no kernel, so their scales are the reference's, set here;
+    otherwise the kernel writes every one."""
     if k == 0:
-        return q, zero_width_scales(m, static_scale, device)
-    return q, torch.empty((m,), dtype=torch.float32, device=device)
-
-
-def zero_width_scales(m: int, static_scale, device) -> torch.Tensor:
-    """The float32 scales ``[m]`` of rows of no features: the static scale, or an all-zero row's
-    (``max |x|`` over no values is 0, floored at ``MIN_ABSMAX``) as the quantizer's math gives."""
-    if static_scale is not None:
-        return static_scale.float().reshape(1).expand(m).clone()
-    absmax = torch.full((m,), MIN_ABSMAX, dtype=torch.float32, device=device)
-    return absmax / torch.full_like(absmax, QMAX)  # as quantize_rows_reference rounds it
-
-
-def quantize_rows(v: torch.Tensor, static_scale=None):
-    """:func:`tinyq.quant.int8_format.quantize_rows_reference` of float32 rows ``v [M, K]``, also
-    for ``K == 0``, where torch cannot take a max over the empty rows."""
-    if v.shape[1] == 0:
-        q = torch.empty(v.shape, dtype=torch.int8, device=v.device)
-        return q, zero_width_scales(v.shape[0], static_scale, v.device)
-    return quantize_rows_reference(v, static_scale)
+        return quantize_rows_reference(torch.empty((m, 0), device=device), static_scale)
+    return torch.empty((m, k), dtype=torch.int8, device=device), torch.empty((m,), dtype=torch.float32, device=device)
 
 
 def check_static_scale(static_scale, device, check_value: bool = False) -> None:
@@ -179,5 +160,5 @@ def quantize_per_token_reference(x: torch.Tensor, static_scale: torch.Tensor | N
     """Plain torch (float32 math); same returns as :func:`quantize_per_token`."""
     _check(x, static_scale)
     k = x.shape[-1]
-    q, scale = quantize_rows(as_rows(x, k).float(), static_scale)
+    q, scale = quantize_rows_reference(as_rows(x, k).float(), static_scale)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])

@@ -21,11 +21,11 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_rows, quantize_store_row
+from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_store_row
 from tinyq.kernels.layernorm import load_row_stats, normalize
 from tinyq.kernels.residual import as_rows, row_blocks, row_warps, unit_stride
 from tinyq.kernels.rmsnorm import MAX_N
-from tinyq.quant.int8_format import MIN_ABSMAX
+from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 
 @triton.jit
@@ -100,6 +100,6 @@ def layernorm_quant_reference(x, weight, bias, eps: float, static_scale=None, re
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     n = x.shape[-1]
     v = torch.nn.functional.layer_norm(h.float(), (n,), weight.float(), None if bias is None else bias.float(), eps)
-    q, scale = quantize_rows(as_rows(v, n), static_scale)
+    q, scale = quantize_rows_reference(as_rows(v, n), static_scale)
     out = (q.reshape(x.shape), scale.reshape(x.shape[:-1]))
     return out if residual is None else out + (h,)

@@ -25,13 +25,12 @@ from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import (
     check_static_scale,
     int8_row_outputs,
-    quantize_rows,
     quantize_with_absmax,
     sum_and_max,
 )
 from tinyq.kernels.residual import as_rows, load_row_add_residual, row_warps
 from tinyq.kernels.rmsnorm import MAX_N
-from tinyq.quant.int8_format import MIN_ABSMAX
+from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 
 @triton.jit
@@ -107,6 +106,6 @@ def rmsnorm_quant_reference(x, weight, eps: float, residual=None, static_scale=N
     hf = h.float()
     v = (hf * weight.float()) * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     n = x.shape[-1]
-    q, scale = quantize_rows(as_rows(v, n), static_scale)
+    q, scale = quantize_rows_reference(as_rows(v, n), static_scale)
     out = (q.reshape(x.shape), scale.reshape(x.shape[:-1]))
     return out if residual is None else out + (h,)

@@ -20,10 +20,10 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import (
-    MAX_K, check_static_scale, int8_row_outputs, quantize_rows, quantize_store_row,
+    MAX_K, check_static_scale, int8_row_outputs, quantize_store_row,
 )
 from tinyq.kernels.residual import as_rows, row_blocks, row_columns, row_warps
-from tinyq.quant.int8_format import MIN_ABSMAX
+from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
 
 @triton.jit
@@ -78,5 +78,5 @@ def silu_mul_quant_reference(x: torch.Tensor, static_scale=None):
     _check(x, static_scale)
     gate, up = x.float().chunk(2, dim=-1)
     i = gate.shape[-1]
-    q, scale = quantize_rows(as_rows(torch.nn.functional.silu(gate) * up, i), static_scale)
+    q, scale = quantize_rows_reference(as_rows(torch.nn.functional.silu(gate) * up, i), static_scale)
     return q.reshape(*x.shape[:-1], i), scale.reshape(x.shape[:-1])

@@ -56,8 +56,8 @@ def round_half_away(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_rows_reference(v: torch.Tensor, static_scale: torch.Tensor | None = None):
-    """Per-row (or static per-tensor) int8 quantization of float32 ``v [M, K]``, the math every
-    quantizing kernel implements. Returns ``(q int8 [M, K], scale float32 [M])``.
+    """Per-row (or static per-tensor) int8 quantization of float32 ``v [M, K]`` (``K`` may be 0), the
+    math every quantizing kernel implements. Returns ``(q int8 [M, K], scale float32 [M])``.
 
     A row holding inf or NaN gets a NaN scale (and q = 0 there), so a product using it is NaN
     rather than a silently wrong number; callers on the CPU raise on it (:func:`check_finite_scales`).
@@ -66,7 +66,9 @@ def quantize_rows_reference(v: torch.Tensor, static_scale: torch.Tensor | None =
     finite = torch.isfinite(v)
     row_ok = finite.all(dim=-1)
     if static_scale is None:
-        absmax = torch.where(finite, v.abs(), torch.zeros_like(v)).amax(dim=-1).clamp(min=MIN_ABSMAX)
+        mag = torch.where(finite, v.abs(), torch.zeros_like(v))
+        # rows of no features: max |x| over no values is 0 (torch has no max of an empty dim)
+        absmax = (mag.amax(dim=-1) if v.shape[-1] else mag.new_zeros(v.shape[:-1])).clamp(min=MIN_ABSMAX)
         # tensor by tensor, both ways: torch computes ``127 / absmax`` as ``absmax.reciprocal() * 127``
         # and (on CUDA) ``absmax / 127`` as a multiply by the reciprocal; either differs from the
         # kernels' correctly rounded quotient in the last bit for about one row in four
