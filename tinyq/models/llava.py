@@ -114,6 +114,13 @@ class RenamedSource:
     def get(self, name: str) -> torch.Tensor:
         return self.src.get(self._name(name))
 
+    @property
+    def where(self) -> str:
+        return self.src.where
+
+    def location(self, name: str) -> str:
+        return self.src.location(self._name(name))
+
 
 def load_llava(path: str, precision: str = "w4a16", group_size: int = 64, device=None,
                max_seq_len: int = 4096, dtype: Optional[torch.dtype] = None):

@@ -149,10 +149,8 @@ class _ReadLog:
         return self.src.get(name)
 
     def location(self, name: str) -> str:
-        """The file holding ``name`` (for errors); a wrapping source (llava's renamed view) gives its folder."""
-        if hasattr(self.src, "location"):
-            return self.src.location(name)
-        return getattr(self.src, "where", None) or getattr(getattr(self.src, "src", None), "where", "checkpoint")
+        """The file holding ``name`` (for errors)."""
+        return self.src.location(name)
 
 
 def _part_rows(cfg: ModelConfig, sub: str, out_features: int) -> List[int]:
@@ -364,7 +362,7 @@ def build_model(hf_config: dict, source: TensorSource, precision: str = "w4a16",
     if quant is not None and quant.get("quant_method") == W8A8_METHOD:
         if precision != "w8a8":
             raise ValueError(f"this checkpoint is W8A8-quantized; load it with precision='w8a8' (got {precision!r})")
-        _check_act_quant(quant, getattr(source, "where", "checkpoint"))
+        _check_act_quant(quant, source.where)
     elif quant is not None:
         check_quantization_config(quant, "config.json")
     elif precision == "w4a16" and group_size not in GROUP_SIZES:
