@@ -12,7 +12,7 @@ from tinyq.nn.dense_linear import DenseLinear
 from tinyq.nn.w4a16_linear import W4A16Linear
 from tinyq.nn.w8a8_linear import ACT_QUANT, W8A8Linear
 from tinyq.quant.format import GROUP_SIZES
-from tinyq.quant.int8_format import MAX_K, QMAX, quantize_weight_int8
+from tinyq.quant.int8_format import MAX_K, QMAX
 
 
 @dataclass
@@ -122,17 +122,6 @@ def _swap_all(model: nn.Module, chosen: list, build) -> nn.Module:
     return model
 
 
-def _w8a8_from_linear(linear: nn.Linear, static: float | None) -> W8A8Linear:
-    """``W8A8Linear.from_linear``, except for a meta skeleton with a static activation scale:
-    ``from_linear`` reads the scale's value back from the weight's device, which meta cannot do
-    (``_quantize_w8a8`` has checked the value already)."""
-    if static is None or not linear.weight.is_meta:
-        return W8A8Linear.from_linear(linear, static)
-    qweight, weight_scale = quantize_weight_int8(linear.weight)
-    bias = None if linear.bias is None else linear.bias.detach().clone()
-    return W8A8Linear.from_quantized(qweight, weight_scale, bias, torch.full((1,), static, device="meta"))
-
-
 def quantize_(model: nn.Module, config=None) -> nn.Module:
     """Replace every selected ``nn.Linear`` of ``model`` in place: by a :class:`W4A16Linear` (RTN) for
     a :class:`W4A16Config` (the default), by a :class:`W8A8Linear` for a :class:`W8A8Config`.
@@ -179,4 +168,4 @@ def _quantize_w8a8(model: nn.Module, config: W8A8Config) -> nn.Module:
                 raise ValueError(f"layer {name!r}: its act_scales entry is not finite (max|x| {float(peak)})")
             static = float(peak.clamp(min=1e-8)) / QMAX
         chosen.append((names, mod, static))
-    return _swap_all(model, chosen, _w8a8_from_linear)
+    return _swap_all(model, chosen, W8A8Linear.from_linear)

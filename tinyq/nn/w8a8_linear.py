@@ -12,10 +12,11 @@ ACT_QUANT = ("token", "tensor")
 
 
 def _static_scale(act_scale, device) -> torch.Tensor:
-    s = torch.as_tensor(act_scale, dtype=torch.float32).reshape(-1).to(device)
+    # checked where it was given, then moved: a meta skeleton's device holds no value to read back
+    s = torch.as_tensor(act_scale, dtype=torch.float32).reshape(-1)
     if s.numel() != 1 or not bool(torch.isfinite(s).all()) or float(s) <= 0:
         raise ValueError(f"act_scale must be one positive finite number (max|x| / 127), got {act_scale!r}")
-    return s
+    return s.to(device)
 
 
 class W8A8Linear(nn.Module):
