@@ -312,22 +312,13 @@ def check_quantization_config(qc: dict, where) -> int:
 
 
 def _load_tensors(folder: Path):
-    """``(tensors, files)``: every tensor of the checkpoint's weight files by name, and the path of
-    the file holding each (for errors). A truncated or corrupt file gives a one-line ``ValueError``
-    naming it (safetensors' own errors name no file)."""
-    from tinyq.models.loader import open_safetensors  # tinyq.models.loader imports this module
+    """``(tensors, location)``: every tensor of the checkpoint by name, read through the loader's
+    :class:`~tinyq.models.loader.TensorSource` (whose errors name a truncated or corrupt file), and
+    its ``location(name)``, the file holding a tensor (for errors)."""
+    from tinyq.models.loader import TensorSource  # tinyq.models.loader imports this module
 
-    tensors, files = {}, {}
-    for name in weight_files(folder)[0]:
-        path = str(folder / name)
-        with open_safetensors(path) as f:
-            for key in f.keys():
-                try:
-                    tensors[key] = f.get_tensor(key)
-                except Exception as exc:  # safetensors raises its own error types; name the file
-                    raise ValueError(f"{path}: cannot read tensor {key!r} ({exc})") from exc
-                files[key] = path
-    return tensors, files
+    src = TensorSource(folder=str(folder))
+    return {name: src.get(name) for name in src.names()}, src.location
 
 
 def _expect(cond: bool, tensor: str, msg: str) -> None:
@@ -355,7 +346,7 @@ def read_quantized_state(path):
     gs = check_quantization_config(qc, cfg_path)
     method = str(qc["quant_method"]).lower()
     shapes = expected_linear_shapes(config)
-    tensors, files = _load_tensors(folder)
+    tensors, location = _load_tensors(folder)
     quantized = {}
     for key in [k for k in tensors if k.endswith(".qweight")]:
         prefix = key[: -len(".qweight")]
@@ -378,7 +369,7 @@ def read_quantized_state(path):
                     f"(group_size {gs})")
             _expect(tuple(zeros.shape) == (k // gs, n // PACK), names[0],
                     f"shape {tuple(zeros.shape)}, expected {(k // gs, n // PACK)}")
-            check_grid_values(scales, None, prefix, files[names[1]])  # its zeros are 4-bit: always 0..15
+            check_grid_values(scales, None, prefix, location(names[1]))  # its zeros are 4-bit: always 0..15
             qweight, scales, zeros = from_awq_gemm(qweight, zeros, scales)
         else:
             _expect(tuple(qweight.shape) == (n, k // PACK), key, f"shape {tuple(qweight.shape)}, expected {(n, k // PACK)} "
@@ -387,7 +378,7 @@ def read_quantized_state(path):
                     f"(group_size {gs})")
             _expect(tuple(zeros.shape) == (n, k // gs), names[0], f"shape {tuple(zeros.shape)}, expected {(n, k // gs)}")
             _expect(zeros.dtype == scales.dtype, names[0], f"dtype {zeros.dtype} differs from the scales' {scales.dtype}")
-            check_grid_values(scales, zeros, prefix, files[names[1]])
+            check_grid_values(scales, zeros, prefix, location(names[1]))
         bias = tensors.pop(f"{prefix}.bias", None)
         if bias is not None:
             _expect(tuple(bias.shape) == (n,), f"{prefix}.bias", f"shape {tuple(bias.shape)}, expected {(n,)}")
