@@ -84,3 +84,35 @@ def test_uninitialized_memory_is_poisoned_in_tests():
 
     assert silu_mul_kernel.torch.empty(3).isnan().all()
     assert torch.empty_like(torch.zeros(2, dtype=torch.int8)).eq(-128).all()
+
+
+def _eager_op_calls():
+    """(module, custom-op attribute, call) for every op whose eager call must reach the launcher
+    without the custom-op dispatcher (its autograd wrapper cost more host time than the launch)."""
+    from tinyq.ops import attention, layer_norm, norm
+
+    x = torch.randn(3, 64)
+    w, b = torch.rand(64) + 0.5, torch.randn(64)
+    q = torch.randn(1, 5, 2, 16, dtype=torch.float16)
+    return [
+        (layer_norm, "_layer_norm_op", lambda: layer_norm.layer_norm(x, w, b, 1e-5)),
+        (layer_norm, "_add_layer_norm_op", lambda: layer_norm.add_layer_norm(x, x, w, b, 1e-5)),
+        (norm, "_rms_norm_op", lambda: norm.rms_norm(x, w, 1e-5)),
+        (norm, "_add_rms_norm_op", lambda: norm.add_rms_norm(x, x, w, 1e-5)),
+        (norm, "_silu_mul_op", lambda: norm.silu_mul(x)),
+        (attention, "_flash_attention_op", lambda: attention.flash_attention(q, q, q, causal=False)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(6))
+def test_eager_calls_skip_the_custom_op_dispatcher(monkeypatch, index):
+    module, name, call = _eager_op_calls()[index]
+
+    def dispatched(*args, **kwargs):
+        raise AssertionError(f"{module.__name__}.{name} went through the custom-op dispatcher in eager mode")
+
+    monkeypatch.setattr(module, name, dispatched)
+    with backend.force_backend("triton"):
+        out = call()
+    first = out[0] if isinstance(out, tuple) else out
+    assert torch.isfinite(first).all()

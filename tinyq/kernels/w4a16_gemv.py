@@ -113,8 +113,10 @@ def _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0, K, stride_wn
     kb = k0 + 32 * blk  # [NBO, 1, NBI]: first input of each block
     n3 = rows[None, :, None]
     mask = row_ok[None, :, None] & (kb < K)  # [NBO, BN, NBI]
+    # Each weight word is read once per call: evict_first lets the stream pass through L2 without
+    # pushing out what is read again (activations, scales, the KV cache; measured in docs/perf_notes.md).
     words = tl.load(qw_ptr + (n3 * stride_wn + k0 // 8 + 4 * blk)[:, :, :, None] + offs_w[None, None, None, :],
-                    mask=mask[:, :, :, None], other=0)
+                    mask=mask[:, :, :, None], other=0, eviction_policy="evict_first")
     sz = n3 * stride_sn + kb // GROUP_SIZE
     s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + sz, mask=mask, other=0.0).to(tl.float32)

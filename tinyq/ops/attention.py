@@ -183,12 +183,14 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- attention without a cache
 
 
-@torch.library.custom_op("tinyq::flash_attention", mutates_args=())
-def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
+def _flash_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float) -> torch.Tensor:
     kh, vh = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, S, D] views
     if use_triton(q):
         return flash_attention_fwd(q, kh, vh, causal=causal, scale=scale)
     return _torch_attention(q, kh, vh, causal, scale, kh.shape[2]).to(q.dtype)
+
+
+_flash_attention_op = torch.library.custom_op("tinyq::flash_attention", _flash_attention_impl, mutates_args=())
 
 
 @_flash_attention_op.register_fake
@@ -206,4 +208,5 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _check_qkv("flash_attention", q, k, v)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return _flash_attention_op(q, k, v, bool(causal), scale)
+    op = _flash_attention_op if torch.compiler.is_compiling() else _flash_attention_impl  # no dispatcher in eager
+    return op(q, k, v, bool(causal), scale)

@@ -1,8 +1,10 @@
 """Functional LayerNorm, optionally fused with the residual add (vision towers and projectors).
 
 ``tinyq::layer_norm`` and ``tinyq::add_layer_norm`` are torch custom ops with fake
-implementations (``torch.compile`` / CUDA graphs). CUDA tensors run the Triton kernel
-(:mod:`tinyq.kernels.layernorm`); CPU tensors call the float32 torch reference directly.
+implementations, for ``torch.compile``. CUDA tensors run the Triton kernel
+(:mod:`tinyq.kernels.layernorm`); CPU tensors call the float32 torch reference directly. Outside
+``torch.compile`` the launcher is called directly: the custom-op dispatcher (with its autograd
+wrapper) cost more host time per call than the launch itself.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim; ``x [..., N]``, ``bias``
     optional."""
     if use_triton(x):
-        return _layer_norm_op(x, weight, bias, float(eps))
+        op = _layer_norm_op if torch.compiler.is_compiling() else _layernorm_triton
+        return op(x, weight, bias, float(eps))
     return layernorm_reference(x, weight, bias, eps)
 
 
@@ -49,5 +52,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
                    eps: float):
     """``h = x + residual``; returns ``(layer_norm(h), h)``, both in ``x.dtype``."""
     if use_triton(x):
-        return _add_layer_norm_op(x, residual, weight, bias, float(eps))
+        if torch.compiler.is_compiling():
+            return _add_layer_norm_op(x, residual, weight, bias, float(eps))
+        return _layernorm_triton(x, weight, bias, eps, residual)
     return layernorm_reference(x, weight, bias, eps, residual)
