@@ -138,11 +138,25 @@ compiler could not prove 16-byte alignment) and, with ``sass``, the top SASS opc
            "narrow_loads": len(re.findall(r"ld\.global(?:\.[a-z0-9:_]+)*\.[bsuf](?:8|16)\b", compiled.asm["ptx"])),
            "narrow_copies": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*\], (?:0x[48]|[48]),",
                                            compiled.asm["ptx"]))}
+    words = _words_lanes(compiled.asm["ttgir"])
+    if words:
+        out["words_tile"], out["words_lanes"] = words
     if sass:
         ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]+)", dump, re.M)
         out["sass_count"] = len(ops)
         out["sass_top"] = Counter(ops).most_common(10)
     return out
+
+
+def _words_lanes(ttgir: str):
+    """``(tile shape, lanes a warp gives each dim)`` of the GEMVs' 4-D load of packed int32 words
+    (``[..., 4 words]`` tiles), or None for kernels without one: which tile dims a warp's lanes walk
+    is a layout choice of Triton's coalescing, not visible in the kernel source."""
+    load = re.search(r"tt\.load [^:]*: tensor<(\d+)x(\d+)x(\d+)x4x!tt\.ptr<i32>, #(\w+)>", ttgir)
+    if load is None:
+        return None
+    layout = re.search(rf"#{load.group(4)} = #ttg\.blocked<{{[^}}]*threadsPerWarp = \[([\d, ]+)\]", ttgir)
+    return [int(load.group(i)) for i in (1, 2, 3)] + [4], [int(v) for v in layout.group(1).split(",")]
 
 
 # ---- targets: real shapes, shipped configs ----

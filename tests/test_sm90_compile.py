@@ -1,8 +1,9 @@
 """The kernels compile for Hopper (sm90) on this CPU machine, through their launchers and shipped
 configs (``scripts/compile_sm90.py``): a kernel that only the interpreter has seen is caught here,
 with no GPU. Also checked: no register spills, and the attention loads stay 16 bytes wide for
-every head_dim the tower and LLM paths use (a head_dim of 72 once compiled to 2-byte loads), and every
-GEMM asynchronous copy is 16 bytes (the split-K W4A16 GEMM once copied its weights 8 bytes at a time)."""
+every head_dim the tower and LLM paths use (a head_dim of 72 once compiled to 2-byte loads), every
+GEMM asynchronous copy is 16 bytes (the split-K W4A16 GEMM once copied its weights 8 bytes at a time),
+and the paired GEMVs' lanes walk one row's blocks (a layout Triton 3.6 and 3.7+ reach from different tiles)."""
 import json
 import os
 import subprocess
@@ -42,3 +43,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     copies = {k: r["narrow_copies"] for k, r in results.items() if "gemm" in k and r["narrow_copies"]}
     assert not copies, f"GEMM asynchronous copies narrower than 16 bytes (alignment not proven): {copies}"
     assert results["flash-d72:_flash_attention_kernel"]["wgmma"] == 8  # 64 + 16 columns: two dots each way
+    # With paired x a GEMV warp's lanes walk the step's 32 blocks of one row (512 contiguous bytes a
+    # weight load), whatever Triton's coalescing does with ties (tinyq.kernels.w4a16_gemv.gemv_rows).
+    paired = {k: r for k, r in results.items() if "words_tile" in r and "paired" in k}
+    bad = {k: (r["words_tile"], r["words_lanes"]) for k, r in paired.items() if r["words_lanes"][r["words_tile"].index(32)] != 32}
+    assert len(paired) >= 4 and not bad, f"paired GEMV lanes (tile, lanes a dim) not along the blocks: {bad}"

@@ -43,6 +43,11 @@ from tinyq.kernels.rmsnorm import inv_rms
 from tinyq.quant.format import dequantize_weight
 
 
+# Whether Triton's coalescing hands lanes to equally contiguous tile dims last dim first (3.7 and
+# later) rather than first dim first (3.6 and earlier): read from the TTGIR of 3.6, 3.7.1, 3.8 and 3.9.
+_TIES_LAST_FIRST = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 7))
+
+
 # One int32 word of 8 nibbles -> sum_i (q_i - z) * x_i, fp16 arithmetic inside, fp32 out.
 # The fp16 pairs of (q - z) / 16 come from tinyq/kernels/int4_ptx.py (kind f16_div16, exact), so a
 # product is at most 15/16 |x| and a sum of two at most 1.9 |x|: no fp16 overflow for |x| < 34,000,
@@ -106,13 +111,12 @@ def _pack_half2(lo, hi):
 
 
 @triton.jit
-def _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0, K, stride_wn, stride_sn,
+def _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr):
     """The words ``[NBO, BN, NBI, 4]`` (uint32), scales and zeros ``[NBO, BN, NBI]`` (fp32) of the K
     step at ``k0``; ``blk [NBO, 1, NBI]`` numbers the step's 32-input blocks (all masked to 0 past K)."""
     kb = k0 + 32 * blk  # [NBO, 1, NBI]: first input of each block
-    n3 = rows[None, :, None]
-    mask = row_ok[None, :, None] & (kb < K)  # [NBO, BN, NBI]
+    mask = ok3 & (kb < K)  # the 3-D tile
     # Each weight word is read once per call: evict_first lets the stream pass through L2 without
     # pushing out what is read again (activations, scales, the KV cache; measured in docs/perf_notes.md).
     words = tl.load(qw_ptr + (n3 * stride_wn + k0 // 8 + 4 * blk)[:, :, :, None] + offs_w[None, None, None, :],
@@ -151,12 +155,21 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
     ``rows`` (any ``BLOCK_N`` row indices; ``row_ok`` masks the rest to 0). The main loop of every
     W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue).
 
-    A K step's ``BLOCK_K / 32`` blocks are split as ``[NBO, NBI]`` with ``NBI = WARP_BLOCKS``, and
-    the tiles are ``[NBO, BLOCK_N, NBI, 4 words]``: Triton spreads a warp's threads over the inner
-    dims first, so a warp covers ``32 / WARP_BLOCKS`` rows x ``WARP_BLOCKS`` blocks.
-    ``WARP_BLOCKS = BLOCK_K / 32`` gives each warp one row and a whole step, and every warp then
-    loads the same activations (32 sectors per x load instruction); a small ``WARP_BLOCKS`` lets the
-    rows of a warp share each x load (``WARP_BLOCKS`` sectors), for the same 16-byte weight loads.
+    A K step's ``BLOCK_K / 32`` blocks are split as ``[NBO, NBI]`` with ``NBI = WARP_BLOCKS``. Each
+    thread loads a block's 4 words (16 bytes, the last tile dim). Triton's coalescing sees no
+    contiguity across the other dims (blocks are 16 bytes apart, rows a row stride) and hands lanes
+    to such ties in dim order up to Triton 3.6, in reverse dim order from 3.7 (:data:`_TIES_LAST_FIRST`).
+    The tile is ``[NBO, BLOCK_N, NBI, 4]`` except with paired x on Triton 3.6 and earlier, where it is
+    ``[NBO, NBI, BLOCK_N, 4]``. With the shipped step (NBO = 1):
+
+    - paired x, every Triton: a warp's lanes along 32 blocks of one row, so each weight load and each
+      x plane load is 512 contiguous bytes (4 L1 wavefronts, where 8 rows a quarter-warp took 8
+      each) and a warp's scales share one line;
+    - natural x: on 3.6 a warp covers 8 rows x 4 blocks, rows fastest, so the 8 rows share each
+      8-byte x load (one line, not 8); from 3.7 its lanes walk 32 blocks of one row. (The 3.7+ tile
+      that gives 8 rows x 4 blocks spills 32 bytes in the SmolLM2 RoPE GEMV; neither is timed on 3.7+.)
+
+    ``tests/test_sm90_compile.py`` checks the paired lane layout in the compiled kernels.
 
     ``x_plane`` (a constexpr) > 0: ``x_row`` is an int32 pointer to the row in the paired layout
     (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart; a constant, so the
@@ -172,17 +185,26 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
     NBO: tl.constexpr = NB // WARP_BLOCKS
     IS_BF16: tl.constexpr = s_ptr.dtype.element_ty == tl.bfloat16
     X_PAIRED: tl.constexpr = x_plane > 0
-    blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, None, :]  # [NBO, 1, NBI]
+    ROWS_LAST: tl.constexpr = X_PAIRED and not _TIES_LAST_FIRST  # the tile's dim order (above)
+    if ROWS_LAST:  # [NBO, NBI, BN]
+        blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, :, None]
+        n3 = rows[None, None, :]
+        ok3 = row_ok[None, None, :]
+        acc = tl.zeros((NBO, WARP_BLOCKS, BLOCK_N, 4), dtype=tl.float32)
+    else:  # [NBO, BN, NBI]
+        blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, None, :]
+        n3 = rows[None, :, None]
+        ok3 = row_ok[None, :, None]
+        acc = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
     offs_w = tl.arange(0, 4)
-    acc = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
     # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
     # double-buffering), so each program keeps two steps of weight bytes in flight
-    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, 0, K, stride_wn, stride_sn,
+    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, 0, K, stride_wn, stride_sn,
                                    GROUP_SIZE)
     for k0 in range(0, K, BLOCK_K):
         x_ok = ((k0 + 32 * blk) < K)[:, :, :, None]  # [NBO, 1, NBI, 1]
         words, s, z = words_n, s_n, z_n
-        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, rows, row_ok, blk, offs_w, k0 + BLOCK_K, K,
+        words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, k0 + BLOCK_K, K,
                                        stride_wn, stride_sn, GROUP_SIZE)
         if X_PAIRED:
             x_blk = x_row + k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4] int32
@@ -207,7 +229,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
             )
             acc += (16.0 * s)[:, :, :, None] * dots
         else:
-            part = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
+            part = tl.zeros_like(acc)
             high = words >> 16  # nibbles 4..7 at bits 0..15
             zz = z[:, :, :, None]
             for j in tl.static_range(4):
@@ -220,7 +242,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
                 part += _nibble_minus_zero(words, j, zz, PTX_DEQUANT == 1) * lo
                 part += _nibble_minus_zero(high, j, zz, PTX_DEQUANT == 1) * hi
             acc += s[:, :, :, None] * part
-    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=0)
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1 if ROWS_LAST else 2), axis=0)
 
 
 @triton.jit
