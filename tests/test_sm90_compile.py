@@ -48,3 +48,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     paired = {k: r for k, r in results.items() if "words_tile" in r and "paired" in k}
     bad = {k: (r["words_tile"], r["words_lanes"]) for k, r in paired.items() if r["words_lanes"][r["words_tile"].index(32)] != 32}
     assert len(paired) >= 4 and not bad, f"paired GEMV lanes (tile, lanes a dim) not along the blocks: {bad}"
+    # ... and every GEMV thread loads a block's 4 words in one 16-byte access (a row stride Triton could
+    # not prove 16-byte aligned once split them over 4 lanes: SmolLM2's K = 576)
+    split = {k: r["words_lanes"] for k, r in results.items() if "words_tile" in r and r["words_lanes"][-1] != 1}
+    assert not split, f"GEMV word loads split across lanes: {split}"

@@ -20,7 +20,8 @@ scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us
 ``[BN, BK/8, 8] -> [BN, BK]`` reshape unpack took 314 us.
 
 Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``, unit column stride); ``qweight`` int32
-[N, K/8]; ``scales``/``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in x's dtype.
+[N, K/8], contiguous, its row stride passed as ``stride_w16`` in 16-byte units (K/32); ``scales``/
+``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in x's dtype.
 
 The words, scales and zeros of step k + 1 are loaded before step k computes (register
 double-buffering), two steps of weight bytes in flight per program.
@@ -111,15 +112,16 @@ def _pack_half2(lo, hi):
 
 
 @triton.jit
-def _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, k0, K, stride_wn, stride_sn,
+def _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, k0, K, stride_w16, stride_sn,
                GROUP_SIZE: tl.constexpr):
-    """The words ``[NBO, BN, NBI, 4]`` (uint32), scales and zeros ``[NBO, BN, NBI]`` (fp32) of the K
-    step at ``k0``; ``blk [NBO, 1, NBI]`` numbers the step's 32-input blocks (all masked to 0 past K)."""
-    kb = k0 + 32 * blk  # [NBO, 1, NBI]: first input of each block
+    """The words (uint32, the 3-D tile of :func:`gemv_rows` x 4), scales and zeros (fp32, the tile)
+    of the K step at ``k0``: ``n3`` / ``ok3`` hold the tile's rows and their mask, ``blk`` numbers
+    the step's 32-input blocks (all masked to 0 past K); each is 1 along the dims it does not vary."""
+    kb = k0 + 32 * blk  # first input of each block
     mask = ok3 & (kb < K)  # the 3-D tile
     # Each weight word is read once per call: evict_first lets the stream pass through L2 without
     # pushing out what is read again (activations, scales, the KV cache; measured in docs/perf_notes.md).
-    words = tl.load(qw_ptr + (n3 * stride_wn + k0 // 8 + 4 * blk)[:, :, :, None] + offs_w[None, None, None, :],
+    words = tl.load(qw_ptr + (n3 * (4 * stride_w16) + k0 // 8 + 4 * blk)[:, :, :, None] + offs_w[None, None, None, :],
                     mask=mask[:, :, :, None], other=0, eviction_policy="evict_first")
     sz = n3 * stride_sn + kb // GROUP_SIZE
     s = tl.load(s_ptr + sz, mask=mask, other=0.0).to(tl.float32)
@@ -148,7 +150,7 @@ def _half_pair_to_f32(pair, IS_BF16: tl.constexpr):
 
 
 @triton.jit
-def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, stride_sn,
+def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16, stride_sn,
               GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr):
     """float32 ``[BLOCK_N]``: the dot products of the activation row at ``x_row`` with weight rows
@@ -199,17 +201,17 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
     offs_w = tl.arange(0, 4)
     # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
     # double-buffering), so each program keeps two steps of weight bytes in flight
-    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, 0, K, stride_wn, stride_sn,
+    words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, 0, K, stride_w16, stride_sn,
                                    GROUP_SIZE)
     for k0 in range(0, K, BLOCK_K):
-        x_ok = ((k0 + 32 * blk) < K)[:, :, :, None]  # [NBO, 1, NBI, 1]
+        x_ok = ((k0 + 32 * blk) < K)[:, :, :, None]  # the tile with one row, x 1
         words, s, z = words_n, s_n, z_n
         words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, k0 + BLOCK_K, K,
-                                       stride_wn, stride_sn, GROUP_SIZE)
+                                       stride_w16, stride_sn, GROUP_SIZE)
         if X_PAIRED:
-            x_blk = x_row + k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4] int32
+            x_blk = x_row + k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # one row, x 4 int32
         else:
-            x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # [NBO, 1, NBI, 4]
+            x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # one row, x 4 inputs
         if PTX_DEQUANT == 2:
             # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]).
             if X_PAIRED:
@@ -236,7 +238,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
                 if X_PAIRED:
                     lo, hi = _half_pair_to_f32(_x_load(x_blk + j * x_plane, x_ok, EVEN_K), IS_BF16)
                 else:
-                    lo = _x_load(x_blk + 4 * j, x_ok, EVEN_K).to(tl.float32)  # [NBO, 1, NBI, 4]
+                    lo = _x_load(x_blk + 4 * j, x_ok, EVEN_K).to(tl.float32)  # one row, x 4 inputs
                     hi = _x_load(x_blk + 4 * j + 16, x_ok, EVEN_K).to(tl.float32)
                 # two separate updates: one FFMA each, where a + b*lo + c*hi costs an FMUL and an FADD more
                 part += _nibble_minus_zero(words, j, zz, PTX_DEQUANT == 1) * lo
@@ -246,7 +248,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, 
 
 
 @triton.jit
-def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, x_plane, eps, stride_wn,
+def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_ok, K, x_plane, eps, stride_w16,
                         stride_sn, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
                         PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr, EVEN_K: tl.constexpr):
@@ -255,7 +257,7 @@ def gemv_rows_prenormed(x_row, qw_ptr, s_ptr, z_ptr, bias_ptr, h_row, rows, row_
     ``1 / rms(h)`` of the row at ``h_row`` (``ROW`` = next_pow2(K) lanes)."""
     if PRENORM:
         rstd = inv_rms(h_row, K, eps, ROW)
-    dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_wn, stride_sn,
+    dots = gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16, stride_sn,
                      GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
     if PRENORM:
         dots = dots * rstd
@@ -279,7 +281,7 @@ def gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias=None, prenorm=
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_ym, stride_wn, stride_sn,
+    stride_xm, stride_ym, stride_w16, stride_sn,
     GROUP_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PTX_DEQUANT: tl.constexpr,
@@ -294,10 +296,11 @@ def _w4a16_gemv_kernel(
     pid_n = pid // M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    # Row strides come in as arguments (K // 8 and K // G computed on the host): Triton then knows
-    # they are multiples of 16 and loads 4 words per thread in one 16-byte access. Derived in the
-    # kernel they left the alignment unknown and every word was a separate 4-byte load.
-    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_wn, stride_sn,
+    # The weight row stride comes in 16-byte units (K // 32, computed on the host) and is multiplied
+    # by 4 words here, so Triton knows every row starts 16-byte aligned and loads a block's 4 words
+    # in one access. Passed in words, it was proven aligned only where K // 8 is a multiple of 16
+    # (Triton's argument specialization): SmolLM2's K = 576 and 1536 got 4-byte loads.
+    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_w16, stride_sn,
                     GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -336,7 +339,7 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
     _w4a16_gemv_kernel[grid](
         x_arg, qweight, scales, zeros, bias if bias is not None else y, y,
         m, n, k,
-        x_arg.stride(0), y.stride(0), qweight.stride(0), scales.stride(0),
+        x_arg.stride(0), y.stride(0), qweight.stride(0) // 4, scales.stride(0),
         GROUP_SIZE=group_size,
         HAS_BIAS=bias is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0,

@@ -31,14 +31,14 @@ from tinyq.kernels.w4a16_matmul import w4a16_linear_reference
 @triton.jit
 def _w4a16_gemv_residual_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, w_ptr, h_ptr, hw_ptr,
-    N, K, stride_wn, stride_sn,
+    N, K, stride_w16, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, X_PLANE: tl.constexpr,
     HW_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
-    dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, X_PLANE, stride_wn, stride_sn,
+    dots = gemv_rows(x_ptr, qw_ptr, s_ptr, z_ptr, rows, ok, K, X_PLANE, stride_w16, stride_sn,
                      GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
     if HAS_BIAS:
         dots += tl.load(bias_ptr + rows, mask=ok, other=0.0).to(tl.float32)
@@ -69,7 +69,7 @@ def launch_w4a16_gemv_residual(x, qweight, scales, zeros, bias, residual, norm_w
     _w4a16_gemv_residual_kernel[(triton.cdiv(n, block_n),)](
         x_arg, qweight, scales, zeros, bias if bias is not None else h, residual,
         norm_weight if norm_weight is not None else h, h, hw_arg if hw is not None else h,
-        n, k, qweight.stride(0), scales.stride(0),
+        n, k, qweight.stride(0) // 4, scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, HAS_NORM=norm_weight is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), X_PLANE=x_plane, HW_PLANE=hw_plane,

@@ -28,7 +28,7 @@ from tinyq.kernels.w4a16_gemv import (
 def _w4a16_gemv_rope_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, q_ptr, kc_ptr, vc_ptr, seq_pos_ptr, inv_freq_ptr, h_ptr,
     HQ, HKV, K, MAX_SEQ, ROPE_PROGRAMS, eps,
-    stride_wn, stride_sn, stride_ch, stride_cn,
+    stride_w16, stride_sn, stride_ch, stride_cn,
     HEAD_DIM: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr,
     PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr,
     ROW: tl.constexpr, X_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
@@ -37,7 +37,7 @@ def _w4a16_gemv_rope_kernel(
     pos = tl.load(seq_pos_ptr)
     rows, ok = qkv_rows(pid, ROPE_PROGRAMS, HQ, HKV, HEAD_DIM, BLOCK_N)
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
-    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_wn,
+    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_w16,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
                                ROW, EVEN_K)
     store_qkv_rope(dots, ok, pid, ROPE_PROGRAMS, pos, q_ptr, kc_ptr, vc_ptr, inv_freq_ptr, HQ, HKV, MAX_SEQ,
@@ -57,7 +57,7 @@ def launch_w4a16_gemv_rope(x, qweight, scales, zeros, bias, q_out, k_cache, v_ca
     _w4a16_gemv_rope_kernel[(programs,)](
         x_arg, qweight, scales, zeros, bias if bias is not None else q_out, q_out, k_cache, v_cache, seq_pos, inv_freq,
         h, num_heads, num_kv_heads, k, k_cache.shape[2], rope_programs, float(eps),
-        qweight.stride(0), scales.stride(0), k_cache.stride(1), k_cache.stride(2),
+        qweight.stride(0) // 4, scales.stride(0), k_cache.stride(1), k_cache.stride(2),
         HEAD_DIM=d, GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),

@@ -36,7 +36,7 @@ from tinyq.kernels.w4a16_gemv import (
 @triton.jit
 def _w4a16_gemv_silu_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr, h_ptr,
-    I, K, eps, stride_wn, stride_sn,
+    I, K, eps, stride_w16, stride_sn,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PRENORM: tl.constexpr, PTX_DEQUANT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, ROW: tl.constexpr,
     X_PLANE: tl.constexpr, Y_PLANE: tl.constexpr, EVEN_K: tl.constexpr,
@@ -47,7 +47,7 @@ def _w4a16_gemv_silu_kernel(
     rows = i + (r % 2) * I  # gate row i, then up row I + i
     ok = i < I
     # with PRENORM, x holds h * w of the preceding RMSNorm and 1 / rms(h) scales the dot products
-    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_wn,
+    dots = gemv_rows_prenormed(x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, h_ptr, rows, ok, K, X_PLANE, eps, stride_w16,
                                stride_sn, GROUP_SIZE, HAS_BIAS, PRENORM, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
                                ROW, EVEN_K)
     gate, up = tl.split(tl.reshape(dots, (HALF, 2)))
@@ -76,7 +76,7 @@ def launch_w4a16_gemv_silu(x, qweight, scales, zeros, bias, y, *, block_n: int, 
     h, eps = prenorm if prenorm is not None else (y_arg, 0.0)
     _w4a16_gemv_silu_kernel[(triton.cdiv(inter, block_n // 2),)](
         x_arg, qweight, scales, zeros, bias if bias is not None else y_arg, y_arg, h,
-        inter, k, float(eps), qweight.stride(0), scales.stride(0),
+        inter, k, float(eps), qweight.stride(0) // 4, scales.stride(0),
         GROUP_SIZE=k // scales.shape[1], HAS_BIAS=bias is not None, PRENORM=prenorm is not None,
         PTX_DEQUANT=gemv_ptx(x) if ptx_dequant else 0, BLOCK_N=block_n, BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks), ROW=triton.next_power_of_2(k),
