@@ -161,17 +161,16 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
     thread loads a block's 4 words (16 bytes, the last tile dim). Triton's coalescing sees no
     contiguity across the other dims (blocks are 16 bytes apart, rows a row stride) and hands lanes
     to such ties in dim order up to Triton 3.6, in reverse dim order from 3.7 (:data:`_TIES_LAST_FIRST`).
-    The tile is ``[NBO, BLOCK_N, NBI, 4]`` except with paired x on Triton 3.6 and earlier, where it is
-    ``[NBO, NBI, BLOCK_N, 4]``. With the shipped step (NBO = 1):
+    So the tile is ``[NBO, BLOCK_N, NBI, 4]`` or ``[NBO, NBI, BLOCK_N, 4]``, whichever gives, on the
+    Triton at hand and with the shipped step (NBO = 1):
 
-    - paired x, every Triton: a warp's lanes along 32 blocks of one row, so each weight load and each
-      x plane load is 512 contiguous bytes (4 L1 wavefronts, where 8 rows a quarter-warp took 8
-      each) and a warp's scales share one line;
-    - natural x: on 3.6 a warp covers 8 rows x 4 blocks, rows fastest, so the 8 rows share each
-      8-byte x load (one line, not 8); from 3.7 its lanes walk 32 blocks of one row. (The 3.7+ tile
-      that gives 8 rows x 4 blocks spills 32 bytes in the SmolLM2 RoPE GEMV; neither is timed on 3.7+.)
+    - natural x: a warp over 8 rows x 4 blocks, rows fastest, so the 8 rows share each 8-byte x load
+      (one line, not 8), which matters more than the weights' 8 rows a quarter-warp;
+    - paired x: a warp's lanes along 32 blocks of one row, so each weight load and each x plane load
+      is 512 contiguous bytes (4 L1 wavefronts, where 8 rows a quarter-warp took 8 each) and a warp's
+      scales share one line.
 
-    ``tests/test_sm90_compile.py`` checks the paired lane layout in the compiled kernels.
+    ``tests/test_sm90_compile.py`` checks both lane layouts in the compiled kernels.
 
     ``x_plane`` (a constexpr) > 0: ``x_row`` is an int32 pointer to the row in the paired layout
     (:class:`tinyq.kernels.paired.PairedRows`, planes ``x_plane`` words apart; a constant, so the
@@ -187,7 +186,7 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
     NBO: tl.constexpr = NB // WARP_BLOCKS
     IS_BF16: tl.constexpr = s_ptr.dtype.element_ty == tl.bfloat16
     X_PAIRED: tl.constexpr = x_plane > 0
-    ROWS_LAST: tl.constexpr = X_PAIRED and not _TIES_LAST_FIRST  # the tile's dim order (above)
+    ROWS_LAST: tl.constexpr = X_PAIRED != _TIES_LAST_FIRST  # the tile's dim order (above)
     if ROWS_LAST:  # [NBO, NBI, BN]
         blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, :, None]
         n3 = rows[None, None, :]
