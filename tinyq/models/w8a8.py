@@ -86,39 +86,41 @@ def use_w8a8_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_weight_scale(src, name: str) -> None:
+def _check_weight_scale(scale: torch.Tensor, name: str, where: str) -> None:
     """A NaN, inf, zero or negative per-row weight scale loads silently and poisons (or flips) every
     output of its row; one pass over a float32 ``[N]`` tensor rules it out."""
-    scale = src.get(name)
     bad = ~(torch.isfinite(scale) & (scale > 0))
     if bool(bad.any()):
         rows = bad.nonzero().flatten()
-        raise ValueError(f"{src.location(name)}: tensor {name!r} has {len(rows)} scale(s) that are not finite and "
+        raise ValueError(f"{where}: tensor {name!r} has {len(rows)} scale(s) that are not finite and "
                          f"positive (rows {rows[:5].tolist()}, first {float(scale[rows[0]])})")
 
 
 def fused_w8a8_linear(src, names, bias, device, rows, k: int) -> W8A8Linear:
     """One W8A8Linear from checkpoint parts ``names`` of ``rows[i]`` outputs and ``k`` inputs each
-    (q/k/v or gate/up, concatenated along N).
+    (q/k/v or gate/up, concatenated along N). Each tensor is read from ``src`` once.
 
     Parts that share an input share its static scale; the largest is kept (no part clips)."""
+    qweights, weight_scales, input_scales = [], [], []
     for n, r in zip(names, rows, strict=True):
-        for leaf, dtype, shape in ((".qweight", torch.int8, (r, k)), (".weight_scale", torch.float32, (r,))):
-            t = src.get(n + leaf)
+        q, ws = src.get(n + ".qweight"), src.get(n + ".weight_scale")
+        for leaf, t, dtype, shape in ((".qweight", q, torch.int8, (r, k)), (".weight_scale", ws, torch.float32, (r,))):
             if t.dtype != dtype or tuple(t.shape) != shape:
                 raise ValueError(f"checkpoint tensor {n + leaf!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shape}")
-        _check_weight_scale(src, n + ".weight_scale")
-        if n + ".input_scale" in src and src.get(n + ".input_scale").numel() != 1:
-            raise ValueError(f"checkpoint tensor {n + '.input_scale'!r} has shape "
-                             f"{tuple(src.get(n + '.input_scale').shape)}, expected one element")
-    qweight = torch.cat([src.get(n + ".qweight") for n in names]).to(device)
-    weight_scale = torch.cat([src.get(n + ".weight_scale") for n in names]).to(device)
-    statics = [n + ".input_scale" in src for n in names]
-    if any(statics) and not all(statics):
-        where = src.location(names[statics.index(True)] + ".input_scale")
-        raise ValueError(f"{where}: only some of {names} have an input_scale")
+        _check_weight_scale(ws, n + ".weight_scale", src.location(n + ".weight_scale"))
+        if n + ".input_scale" in src:
+            s = src.get(n + ".input_scale")
+            if s.numel() != 1:
+                raise ValueError(f"checkpoint tensor {n + '.input_scale'!r} has shape {tuple(s.shape)}, expected one element")
+            input_scales.append(s)
+        qweights.append(q)
+        weight_scales.append(ws)
+    if input_scales and len(input_scales) != len(names):
+        first = next(n for n in names if n + ".input_scale" in src)
+        raise ValueError(f"{src.location(first + '.input_scale')}: only some of {names} have an input_scale")
+    qweight = torch.cat(qweights).to(device)
+    weight_scale = torch.cat(weight_scales).to(device)
     input_scale = None
-    if all(statics):
-        input_scale = torch.stack([src.get(n + ".input_scale").float().reshape(()) for n in names]).amax().reshape(1)
-        input_scale = input_scale.to(device)
+    if input_scales:
+        input_scale = torch.stack([s.float().reshape(()) for s in input_scales]).amax().reshape(1).to(device)
     return W8A8Linear.from_quantized(qweight.contiguous(), weight_scale.contiguous(), bias, input_scale)
