@@ -31,7 +31,9 @@ import triton
 import triton.language as tl
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.residual import as_rows, load_row_add_residual, row_blocks, row_columns, row_warps, unit_stride
+from tinyq.kernels.residual import (
+    as_rows, check_norm_args, load_row_add_residual, row_blocks, row_columns, row_warps, unit_stride,
+)
 
 MAX_N = 32768  # one row per program must fit a register tile
 
@@ -86,25 +88,7 @@ def _layernorm_kernel(
 
 
 def _check(x, weight, bias, residual):
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"layernorm: x must be fp16/bf16/fp32, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("layernorm: x must be [..., N], got a 0-d tensor")
-    n = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":  # optional, as in torch.nn.functional.layer_norm
-            continue
-        if t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"layernorm: {name} must be [{n}], got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"layernorm: {name} must be a float tensor, got {t.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"layernorm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
-            f"got {tuple(residual.shape)}, {residual.dtype}"
-        )
-    if n > MAX_N:
-        raise ValueError(f"layernorm: rows of {n} features exceed the supported {MAX_N}")
+    check_norm_args("layernorm", x, residual, MAX_N, weight=weight, bias=bias)
 
 
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float,

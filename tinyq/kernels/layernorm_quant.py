@@ -23,7 +23,7 @@ import triton.language as tl
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.int8_quant import check_static_scale, int8_row_outputs, quantize_store_row
 from tinyq.kernels.layernorm import load_row_stats, normalize
-from tinyq.kernels.residual import as_rows, row_blocks, row_warps, unit_stride
+from tinyq.kernels.residual import as_rows, check_norm_args, row_blocks, row_warps, unit_stride
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -48,22 +48,7 @@ def _layernorm_quant_kernel(
 
 
 def _check(x, weight, bias, static_scale, residual=None):
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"layernorm_quant: x must be fp16/bf16/fp32, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("layernorm_quant: x must be [..., K], got a 0-d tensor")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None and name == "bias":  # optional, as in torch.nn.functional.layer_norm
-            continue
-        if t.dim() != 1 or t.shape[0] != x.shape[-1]:
-            raise ValueError(f"layernorm_quant: {name} must be [{x.shape[-1]}], got {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"layernorm_quant: {name} must be a float tensor, got {t.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"layernorm_quant: residual must match x ({tuple(x.shape)}, {x.dtype}), "
-                         f"got {tuple(residual.shape)}, {residual.dtype}")
-    if x.shape[-1] > MAX_N:
-        raise ValueError(f"layernorm_quant: rows of {x.shape[-1]} features exceed the supported {MAX_N}")
+    check_norm_args("layernorm_quant", x, residual, MAX_N, weight=weight, bias=bias)
     check_static_scale(static_scale, x.device)
 
 

@@ -21,6 +21,30 @@ def unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def check_norm_args(where: str, x: torch.Tensor, residual: Optional[torch.Tensor], max_n: int, **vectors) -> None:
+    """The argument checks of every row-norm launcher (RMSNorm and LayerNorm, with or without int8
+    output): ``x`` fp16/bf16/fp32 and at least 1-D, a ``residual`` matching it, rows of at most
+    ``max_n`` features, and each per-feature vector (``weight``, and ``bias`` where None means none)
+    1-D of the row width and of a float dtype. Errors start with ``where``."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"{where}: x must be fp16/bf16/fp32, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{where}: x must be [..., N], got a 0-d tensor")
+    n = x.shape[-1]
+    for name, t in vectors.items():
+        if t is None and name == "bias":  # optional, as in torch.nn.functional.layer_norm
+            continue
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"{where}: {name} must be [{n}], got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: {name} must be a float tensor, got {t.dtype}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{where}: residual must match x ({tuple(x.shape)}, {x.dtype}), "
+                         f"got {tuple(residual.shape)}, {residual.dtype}")
+    if n > max_n:
+        raise ValueError(f"{where}: rows of {n} features exceed the supported {max_n}")
+
+
 def row_blocks(width: int) -> tuple[int, int]:
     """A row of ``width`` features as two power-of-two register blocks, ``head + tail >= width``:
     the largest power of two not above ``width``, then the rest rounded up (0 when ``width`` is a

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.paired import empty_paired_rows, out_operand, store_paired_row
-from tinyq.kernels.residual import as_rows, load_row_add_residual, row_warps
+from tinyq.kernels.residual import as_rows, check_norm_args, load_row_add_residual, row_warps
 
 MAX_N = 65536  # one row per program must fit a register tile
 
@@ -61,21 +61,7 @@ def inv_rms(row_ptr, n, eps, BLOCK: tl.constexpr):
 
 
 def _check(x, residual, weight):
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"rmsnorm: x must be fp16/bf16/fp32, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("rmsnorm: x must be [..., N], got a 0-d tensor")
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rmsnorm: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise ValueError(f"rmsnorm: weight must be a float tensor, got {weight.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"rmsnorm: residual must match x ({tuple(x.shape)}, {x.dtype}), "
-            f"got {tuple(residual.shape)}, {residual.dtype}"
-        )
-    if x.shape[-1] > MAX_N:
-        raise ValueError(f"rmsnorm: rows of {x.shape[-1]} features exceed the supported {MAX_N}")
+    check_norm_args("rmsnorm", x, residual, MAX_N, weight=weight)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor = None, paired: bool = False):

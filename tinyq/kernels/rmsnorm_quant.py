@@ -28,7 +28,7 @@ from tinyq.kernels.int8_quant import (
     quantize_with_absmax,
     sum_and_max,
 )
-from tinyq.kernels.residual import as_rows, load_row_add_residual, row_warps
+from tinyq.kernels.residual import as_rows, check_norm_args, load_row_add_residual, row_warps
 from tinyq.kernels.rmsnorm import MAX_N
 from tinyq.quant.int8_format import MIN_ABSMAX, quantize_rows_reference
 
@@ -57,19 +57,7 @@ def _rmsnorm_quant_kernel(
 
 
 def _check(x, weight, residual, static_scale):
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"rmsnorm_quant: x must be fp16/bf16/fp32, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError("rmsnorm_quant: x must be [..., K], got a 0-d tensor")
-    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rmsnorm_quant: weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
-    if not weight.is_floating_point():
-        raise ValueError(f"rmsnorm_quant: weight must be a float tensor, got {weight.dtype}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"rmsnorm_quant: residual must match x ({tuple(x.shape)}, {x.dtype}), "
-                         f"got {tuple(residual.shape)}, {residual.dtype}")
-    if x.shape[-1] > MAX_N:
-        raise ValueError(f"rmsnorm_quant: rows of {x.shape[-1]} features exceed the supported {MAX_N}")
+    check_norm_args("rmsnorm_quant", x, residual, MAX_N, weight=weight)
     check_static_scale(static_scale, x.device)
 
 
