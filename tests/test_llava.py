@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from tests.vlm_tiny import IMAGE_SIZE, PATCH, make_llava_dir
+from tests.vlm_tiny import IMAGE_SIZE, PATCH, halve_columns, make_llava_dir
 from tinyq.models.llava import load_llava
 from tinyq.vlm import media
 from tinyq.vlm.session import VLMChatSession
@@ -119,15 +119,10 @@ def test_bad_input(llava, tmp_path):
 def test_projector_of_the_wrong_shape_names_the_tensor_and_its_file(tmp_path):
     """A projector tensor whose shape the configs do not give is a one-line ValueError naming the tensor
     and the file holding it (what examples/chat_vlm.py prints), not load_state_dict's RuntimeError."""
-    from safetensors.torch import load_file, save_file
-
     make_llava_dir(tmp_path, "clip", "llama")
     file = tmp_path / "model.safetensors"
-    tensors = load_file(str(file))
     name = "model.multi_modal_projector.linear_2.weight"
-    rows, cols = tensors[name].shape
-    tensors[name] = torch.zeros(rows, cols // 2)
-    save_file(tensors, str(file))
+    rows, cols = halve_columns(file, name)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: tensor '{name}' has shape \({rows}, {cols // 2}\), "
                                          rf"expected \({rows}, {cols}\) from the sizes in config.json$"):
         load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)

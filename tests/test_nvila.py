@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.vlm_tiny import make_nvila_dir
+from tests.vlm_tiny import halve_columns, make_nvila_dir
 from tinyq.models.nvila import load_nvila, s2_grid, s2_tiles, s2_token_count
 from tinyq.vlm.session import VLMChatSession
 
@@ -433,15 +433,10 @@ def test_unsupported_aspect_ratio_mode_is_named(tmp_path):
 def test_projector_of_the_wrong_shape_names_the_tensor_and_its_file(tmp_path):
     """A projector tensor whose shape the configs do not give is a one-line ValueError naming the tensor
     and mm_projector's file (what examples/chat_vlm.py prints), not load_state_dict's RuntimeError."""
-    from safetensors.torch import load_file, save_file
-
     make_nvila_dir(tmp_path, projector="mlp_downsample", s2=False, image_size=35)
     file = tmp_path / "mm_projector" / "model.safetensors"
-    tensors = load_file(str(file))
     name = "layers.4.weight"  # the last linear, read after every other tensor
-    rows, cols = tensors[name].shape
-    tensors[name] = torch.zeros(rows, cols // 2)
-    save_file(tensors, str(file))
+    rows, cols = halve_columns(file, name)
     with pytest.raises(ValueError, match=rf"^{re.escape(str(file))}: tensor '{name}' has shape \({rows}, {cols // 2}\), "
                                          rf"expected \({rows}, {cols}\) from the sizes in the configs"):
         load_nvila(str(tmp_path), precision="fp32", device="cpu", max_seq_len=64)

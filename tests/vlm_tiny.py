@@ -164,3 +164,15 @@ def make_nvila_dir(path, projector: str = "mlp_downsample_2x2_fix", s2: bool = T
     save_file({"layers." + k: v.clone() for k, v in proj.state_dict().items()},
               os.path.join(path, "mm_projector", "model.safetensors"))
     return tower, proj, llm, tok, root
+
+
+def halve_columns(file, name: str):
+    """Rewrite safetensors ``file`` with tensor ``name`` cut to half its columns (a checkpoint whose
+    shape disagrees with its config); returns the original ``(rows, cols)``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    rows, cols = tensors[name].shape
+    tensors[name] = torch.zeros(rows, cols // 2)
+    save_file(tensors, str(file))
+    return rows, cols
