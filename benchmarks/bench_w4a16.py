@@ -3,9 +3,10 @@
 Contenders on the Llama-3-8B linears of one layer (qkv 4096->6144, o 4096->4096, gate_up
 4096->28672, down 14336->4096; group 128), for M in {1, 2, 4, ..., 4096}, fp16 and bf16:
 
-- tinyq: ``W4A16Linear`` through its shipped launch plan (or the sweep's winners with ``--sweep``);
-  where that plan is the GEMV, also the GEMV reading x in the paired layout its producer writes in
-  the fused decode path (``paired-x``; :mod:`tinyq.kernels.paired`, pairing not timed);
+- tinyq: the W4A16 op through its shipped dispatch (or the sweep's winners with ``--sweep``). Timed
+  from graphs, so at M = 1 on sm90 that includes pairing the input for the paired GEMV
+  (:mod:`tinyq.kernels.pair_rows`). Where the plan is the GEMV, also that GEMV on an input already
+  paired, as the fused decode ops write it (``paired-x``; :mod:`tinyq.kernels.paired`);
 - cuBLAS: ``F.linear`` on the dense fp16/bf16 weight;
 - tinygemm: ``torch._weight_int4pack_mm`` (int4 g128; bf16 activations, so its fp16 row is nan);
 - dequant+cuBLAS: tinyq's dequantize kernel into a scratch buffer, then cuBLAS (vLLM's AWQ recipe
@@ -36,7 +37,7 @@ from benchmarks.common import (  # noqa: E402
     best_config, copies_of, eager_vs_graph, environment, require_cuda, timed, write_json,
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
-from tinyq.kernels.w4a16_configs import launch_plan  # noqa: E402
+from tinyq.kernels.w4a16_configs import launch_plan, paired_gemv_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
@@ -230,22 +231,25 @@ def main():
             # with --sweep, every M runs the winner of the smallest swept bucket that holds it
             bucket = min((b for b in tuned if b >= m), default=None)
             plan = tuned.get(bucket, plan)
+            # None: the shipped dispatch itself, which pairs a lone row's input inside a graph capture
+            config = tuned.get(bucket)
+            paired_cfg = plan[1] if config else paired_gemv_plan(dtype, torch.cuda.current_device())
             dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():
                 w16, qw, s, z = wts[name]
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
-                y = w4a16_matmul(x, qw, s, z, config=plan)
+                y = w4a16_matmul(x, qw, s, z, config=config)
                 ref = w4a16_linear_reference(x, qw, s, z).float()
                 rel = ((y.float() - ref).abs().max() / ref.abs().max()).item()
-                t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=plan)), rot_q[name], GRAPH_MAX_M)
+                t_q = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=config)), rot_q[name], GRAPH_MAX_M)
                 t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name], GRAPH_MAX_M)
                 t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name], GRAPH_MAX_M)
                 t_tg = t_gl = t_p = float("nan")
                 if plan[0] == "gemv":  # the same GEMV reading x in the paired layout its producer would write
                     xp, yp = pair_rows_reference(x), torch.empty(m, n, device="cuda", dtype=dtype)
-                    yq = launch_w4a16_gemv(xp, qw, s, z, None, yp, **plan[1])
+                    yq = launch_w4a16_gemv(xp, qw, s, z, None, yp, **paired_cfg)
                     rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
-                    t_p = timed(m, lambda a, b, c: (lambda: launch_w4a16_gemv(xp, a, b, c, None, yp, **plan[1])),
+                    t_p = timed(m, lambda a, b, c: (lambda: launch_w4a16_gemv(xp, a, b, c, None, yp, **paired_cfg)),
                                 rot_q[name], GRAPH_MAX_M)
                 if dtype == torch.bfloat16 and rot_tg[name] is not None:
                     t_tg = timed(m, lambda wp, sz: (lambda: torch._weight_int4pack_mm(x, wp, G, sz)), rot_tg[name], GRAPH_MAX_M)

@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tinyq.kernels as kernels_pkg  # noqa: E402
 from tinyq.kernels import (  # noqa: E402
-    argmax, decode_attention, flash_attention, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
+    argmax, decode_attention, flash_attention, pair_rows, paired, w4a16_gemv, w4a16_gemv_residual, w4a16_gemv_rope, w4a16_gemv_silu,
 )
 from tinyq.kernels import (  # noqa: E402
     gelu_quant, int8_gemv_rope, int8_matmul, int8_quant, layernorm, layernorm_quant, rmsnorm, rmsnorm_quant, silu_mul_quant,
@@ -54,12 +54,18 @@ from tinyq.kernels import (  # noqa: E402
 )
 from tinyq.kernels.attention_configs import FLASH  # noqa: E402
 from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
-from tinyq.kernels.w4a16_configs import PLANS  # noqa: E402
+from tinyq.kernels.w4a16_configs import PAIRED_GEMV, PLANS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                  torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 GEMV_M1 = next(cfg for m, kind, cfg in PLANS["sm90"] if kind == "gemv")
+
+
+def _m1(dtype, pair):
+    """The shipped plain M = 1 GEMV plan for ``dtype``, x paired or not (w4a16_configs.PAIRED_GEMV;
+    the fused GEMVs keep ``GEMV_M1``)."""
+    return dict(GEMV_M1, **(PAIRED_GEMV.get(dtype, {}) if pair else {}))
 
 
 class _Recorder:
@@ -195,9 +201,10 @@ def _gemv_silu(hidden, inter, dtype, prenorm, group=128, pair=False):
     return launch
 
 
-def _gemv_rope(hidden, hq, hkv, d, dtype, prenorm, group=128):
+def _gemv_rope(hidden, hq, hkv, d, dtype, prenorm, group=128, pair=False):
     def launch():
         x = torch.zeros(1, hidden, dtype=dtype)
+        x = paired.pair_rows_reference(x) if pair else x
         q = torch.zeros(1, hq * d, dtype=dtype)
         cache = torch.zeros(1, hkv, 4096, d, dtype=dtype)
         pre = (torch.zeros(hidden, dtype=dtype), 1e-5) if prenorm else None
@@ -225,8 +232,12 @@ def _gemv(n, k, dtype, warp_blocks=None, pair=False):
         x = torch.zeros(1, k, dtype=dtype)
         x = paired.pair_rows_reference(x) if pair else x
         w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(1, n, dtype=dtype),
-                                     **dict(GEMV_M1, warp_blocks=warp_blocks))
+                                     **dict(_m1(dtype, pair), warp_blocks=warp_blocks))
     return launch
+
+
+def _pair_rows(k, dtype=torch.float16):
+    return lambda: pair_rows.pair_rows(torch.zeros(1, k, dtype=dtype))
 
 
 def _w4a16_gemm(m, n, k, cfg=None, dtype=torch.float16):
@@ -322,6 +333,10 @@ TARGETS = {
     "gemv-silu-llama3-8b-fp16": _gemv_silu(4096, 14336, torch.float16, False),
     "gemv-silu-llama3-8b-fp16-paired": _gemv_silu(4096, 14336, torch.float16, False, pair=True),
     "gemv-silu-smollm2-prenorm-bf16": _gemv_silu(576, 1536, torch.bfloat16, True, group=64),
+    "gemv-silu-llama3-8b-bf16-paired": _gemv_silu(4096, 14336, torch.bfloat16, False, pair=True),
+    "gemv-rope-llama3-8b-bf16-paired": _gemv_rope(4096, 32, 8, 128, torch.bfloat16, True, pair=True),
+    "gemv-residual-llama3-8b-bf16-paired": _gemv_residual(4096, 14336, torch.bfloat16, True, pair=True),
+    "pair-rows-llama3-8b-down": _pair_rows(14336),
     "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),
     "gemv-rope-smollm2-prenorm-fp16": _gemv_rope(576, 9, 3, 64, torch.float16, True, group=64),
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),

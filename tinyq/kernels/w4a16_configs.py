@@ -57,6 +57,12 @@ PLANS = {
 # unpaired (H100, alternating runs; docs/perf_notes.md).
 PAIRED_DECODE = {"sm90": True, "default": False}
 
+# Changes to the M = 1 plan of the plain GEMV (not the fused decode GEMVs) when its x comes in the
+# paired layout, per dtype, on every arch. bf16 with 16 rows a program: 63.5 against 66.8 us for the
+# four Llama-3-8B linears (fp16: 53.0 against 51.6; natural x: 83.8 against 74.2), H100, alternating
+# rounds (docs/perf_notes.md). The fused GEMVs keep 8 rows: untimed at 16, and the RoPE one spills there.
+PAIRED_GEMV = {torch.bfloat16: dict(block_n=16)}
+
 
 def device_arch(device: torch.device) -> str:
     key = gpu_arch(device)
@@ -91,6 +97,18 @@ def paired_decode(device_index: int) -> bool:
 
 
 _CACHE: dict = {}
+
+
+def pair_plain_gemv(device_index: int) -> bool:
+    """Whether a plain M = 1 W4A16 call inside a CUDA-graph capture pairs its input first (one
+    small kernel) for the paired GEMV: where the fused decode ops pair theirs (``PAIRED_DECODE``).
+    Four Llama-3-8B linears, fp16: 56.7 us with the pairing kernel against 69.1 natural (H100).
+    Cached per device (a device query costs microseconds on every eager call)."""
+    key = ("pair_plain", device_index)
+    pair = _CACHE.get(key)
+    if pair is None:
+        pair = _CACHE[key] = paired_decode(device_index)
+    return pair
 _LAST_FINITE = max(m for m, _, _ in _SM90 if m is not None)
 
 
@@ -102,4 +120,17 @@ def launch_plan(m: int, dtype: torch.dtype, device_index: int):
     if plan is None:
         device = torch.device("cpu") if device_index < 0 else torch.device("cuda", device_index)
         plan = _CACHE[key] = _resolve(m, dtype, device)
+    return plan
+
+
+def paired_gemv_plan(dtype: torch.dtype, device_index: int) -> dict:
+    """The launch kwargs of the plain M = 1 GEMV reading x in the paired layout (:data:`PAIRED_GEMV`);
+    cached like :func:`launch_plan`, not to be mutated."""
+    key = ("paired", dtype, device_index)
+    plan = _CACHE.get(key)
+    if plan is None:
+        kind, cfg = launch_plan(1, dtype, device_index)
+        if kind != "gemv":  # the shipped plans send M = 1 to the GEMV; a custom table must too
+            raise RuntimeError(f"the paired W4A16 GEMV needs a GEMV plan at M=1, got {kind!r}")
+        plan = _CACHE[key] = dict(cfg, **PAIRED_GEMV.get(dtype, {}))
     return plan

@@ -4,7 +4,9 @@
 The launcher dispatches on M (callers never choose a kernel), with the configs and crossovers of
 :mod:`tinyq.kernels.w4a16_configs`:
 
-- ``gemv``: a few rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`);
+- ``gemv``: a few rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`); one row inside a CUDA-graph
+  capture is first rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`) where
+  :func:`~tinyq.kernels.w4a16_configs.pair_plain_gemv` says so;
 - ``gemm``: the fused-dequant tensor-core GEMM, split along K for skinny M
   (:mod:`tinyq.kernels.w4a16_gemm`);
 - ``dequant``: large M is compute-bound, so the weight is dequantized into a reusable scratch
@@ -17,7 +19,8 @@ from typing import Optional
 import torch
 
 from tinyq.backend import check_kernel_device
-from tinyq.kernels.w4a16_configs import launch_plan
+from tinyq.kernels.pair_rows import pair_rows
+from tinyq.kernels.w4a16_configs import launch_plan, pair_plain_gemv, paired_gemv_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, scratch
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
@@ -111,6 +114,11 @@ def w4a16_matmul(
     return w4a16_matmul_checked(x, qweight, scales, zeros, bias, acc_fp16=acc_fp16, config=config)
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (a function, so CPU tests can set it)."""
+    return torch.cuda.is_current_stream_capturing()
+
+
 def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None, config=None):
     """:func:`w4a16_matmul` for arguments already checked (x 2-D, unit stride along K, dtype of the
     scales, on the weights' device): allocate, look up the plan, launch. The per-call path."""
@@ -121,6 +129,11 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         return y
     kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
+        if m == 1 and config is None and pair_plain_gemv(x.get_device()) and capturing():
+            # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the
+            # pass costs (w4a16_configs.pair_plain_gemv); eager calls are host-bound, so they keep one launch.
+            return launch_w4a16_gemv(pair_rows(x), qweight, scales, zeros, bias, y,
+                                     **paired_gemv_plan(x.dtype, x.get_device()))
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":
         k = x.shape[1]
