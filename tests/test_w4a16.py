@@ -408,3 +408,29 @@ def test_bias_of_another_float_dtype(m, bias_dtype):
         y = w4a16_linear(x, qw, s, z, b)
     assert y.dtype == torch.float16
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+def test_module_weights_validated_once_and_again_when_replaced(monkeypatch):
+    """``W4A16Linear`` checks its weight tensors once (host cost), again when one is replaced, and
+    reads a bias assigned after construction to a bias-less layer (a plain attribute, no buffer)."""
+    from tinyq.nn import W4A16Linear
+    from tinyq.nn import w4a16_linear as mod_file
+
+    lin = W4A16Linear.from_linear(torch.nn.Linear(128, 24, bias=False).half(), group_size=64)
+    x = torch.randn(3, 128, dtype=torch.float16)
+    calls = []
+    real_check = mod_file.check_w4a16_weight
+    monkeypatch.setattr(mod_file, "check_w4a16_weight", lambda *a: calls.append(a) or real_check(*a))
+    with force_backend("triton"):
+        y = lin(x)
+        lin(x)
+        assert len(calls) == 1
+        assert_close_rel(y, w4a16_linear_reference(x, lin.qweight, lin.scales, lin.zeros))
+        lin.bias = torch.randn(24, dtype=torch.float16)
+        assert "bias" not in lin._buffers
+        y = lin(x)
+        assert len(calls) == 2
+        assert_close_rel(y, w4a16_linear_reference(x, lin.qweight, lin.scales, lin.zeros, lin.bias))
+        lin.scales = lin.scales[:12].clone()
+        with pytest.raises(ValueError, match=r"scales must be \[N=24, K/G\]"):
+            lin(x)

@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 from tinyq.backend import use_triton
-from tinyq.nn.checked import CheckedTensors
+from tinyq.nn.checked import CheckedTensors, module_tensors
 from tinyq.ops.linear import check_w4a16_weight, w4a16_linear_prechecked
 from tinyq.quant.format import PACK, check_group_size, dequantize_weight, quantize_weight
+
+_WEIGHTS = ("qweight", "scales", "zeros", "bias")
 
 
 class W4A16Linear(nn.Module):
@@ -109,11 +111,11 @@ class W4A16Linear(nn.Module):
     def checked_weights(self):
         """``(qweight, scales, zeros, bias)``, validated once per tensor object (for the fused ops
         that take the weights directly)."""
-        tensors = (self.qweight, self.scales, self.zeros, self.bias)
+        tensors = module_tensors(self, _WEIGHTS)
         if not self._checked.same(tensors):
             check_w4a16_weight(*tensors)
             self._checked.remember(tensors)
-        return self.qweight, self.scales, self.zeros, self.bias
+        return tensors
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._dense = None  # an in-place load into inference tensors leaves no version trace

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tinyq.nn.checked import CheckedTensors
+from tinyq.nn.checked import CheckedTensors, module_tensors
 from tinyq.ops.w8a8 import QuantizedActivation, check_w8a8_weight, w8a8_linear_prechecked
 from tinyq.quant.int8_format import MAX_K, dequantize_weight_int8, quantize_weight_int8
 
@@ -17,6 +17,9 @@ def _static_scale(act_scale, device) -> torch.Tensor:
     if s.numel() != 1 or not bool(torch.isfinite(s).all()) or float(s) <= 0:
         raise ValueError(f"act_scale must be one positive finite number (max|x| / 127), got {act_scale!r}")
     return s.to(device)
+
+
+_WEIGHTS = ("qweight", "weight_scale", "bias", "input_scale")
 
 
 class W8A8Linear(nn.Module):
@@ -98,11 +101,11 @@ class W8A8Linear(nn.Module):
     def checked_weights(self):
         """``(qweight, weight_scale, bias)``, validated once per tensor object: an eager call then
         checks only its input (the host cost of a decode-sized linear is mostly such Python)."""
-        tensors = (self.qweight, self.weight_scale, self.bias, self.input_scale)
+        tensors = module_tensors(self, _WEIGHTS)
         if not self._checked.same(tensors):
             check_w8a8_weight(*tensors)
             self._checked.remember(tensors)
-        return self.qweight, self.weight_scale, self.bias
+        return tensors[:3]
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the scales; ``.half()`` / ``.to(dtype)`` leave them float32 (the
