@@ -37,7 +37,8 @@ from benchmarks.common import (  # noqa: E402
     best_config, copies_of, eager_vs_graph, environment, require_cuda, timed, write_json,
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
-from tinyq.kernels.w4a16_configs import launch_plan, paired_gemv_plan  # noqa: E402
+from tinyq.kernels.pair_rows import pair_rows  # noqa: E402
+from tinyq.kernels.w4a16_configs import launch_plan, pair_plain_gemv, paired_gemv_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
@@ -233,7 +234,11 @@ def main():
             plan = tuned.get(bucket, plan)
             # None: the shipped dispatch itself, which pairs a lone row's input inside a graph capture
             config = tuned.get(bucket)
-            paired_cfg = plan[1] if config else paired_gemv_plan(dtype, torch.cuda.current_device())
+            dev = torch.cuda.current_device()
+            paired_cfg = paired_gemv_plan(dtype, dev) if plan[0] == "gemv" and not config else plan[1]
+            # what the graph-timed tinyq column runs: at M = 1 with pairing on, pair_rows + the paired GEMV
+            pairs_in_graph = m == 1 and plan[0] == "gemv" and not config and pair_plain_gemv(dev)
+            ran = ("pair+gemv", paired_cfg) if pairs_in_graph else plan
             dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():
                 w16, qw, s, z = wts[name]
@@ -249,6 +254,9 @@ def main():
                     xp, yp = pair_rows_reference(x), torch.empty(m, n, device="cuda", dtype=dtype)
                     yq = launch_w4a16_gemv(xp, qw, s, z, None, yp, **paired_cfg)
                     rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
+                    if pairs_in_graph:  # and the pairing kernel the graphs run, checked too
+                        yq = launch_w4a16_gemv(pair_rows(x), qw, s, z, None, yp, **paired_cfg)
+                        rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
                     t_p = timed(m, lambda a, b, c: (lambda: launch_w4a16_gemv(xp, a, b, c, None, yp, **paired_cfg)),
                                 rot_q[name], GRAPH_MAX_M)
                 if dtype == torch.bfloat16 and rot_tg[name] is not None:
@@ -259,12 +267,12 @@ def main():
                     except Exception as e:  # reported; nan
                         print(f"gemlite M={m} {name}: {type(e).__name__}: {str(e)[:120]}")
                 wbytes = qw.numel() * 4 + s.numel() * 2 + z.numel() * 2
-                rows.append(dict(dtype=str(dtype), m=m, shape=name, k=k, n=n, plan=list(plan), max_rel_err=rel,
+                rows.append(dict(dtype=str(dtype), m=m, shape=name, k=k, n=n, plan=list(ran), max_rel_err=rel,
                                  tinyq_us=t_q * 1e3, cublas_us=t_cb * 1e3, tinygemm_us=t_tg * 1e3, gemlite_us=t_gl * 1e3,
                                  dequant_cublas_us=t_dq * 1e3, tinyq_paired_us=t_p * 1e3,
                                  tinyq_gbps=(wbytes + (m * k + m * n) * 2) / t_q / 1e6,
                                  tinyq_tflops=2 * m * n * k / t_q / 1e9))
-                print(f"{str(dtype)[6:]:8s} M={m:5d} {name:8s} tinyq {t_q*1e3:8.1f} us ({plan[0]}) cuBLAS {t_cb*1e3:8.1f}"
+                print(f"{str(dtype)[6:]:8s} M={m:5d} {name:8s} tinyq {t_q*1e3:8.1f} us ({ran[0]}) cuBLAS {t_cb*1e3:8.1f}"
                       f" tinygemm {t_tg*1e3:8.1f} gemlite {t_gl*1e3:8.1f} dq+cuBLAS {t_dq*1e3:8.1f} {rows[-1]['tinyq_gbps']:6.0f} GB/s"
                       f" paired-x {t_p*1e3:8.1f} err {rel:.1e}", flush=True)
 

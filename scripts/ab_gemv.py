@@ -1,8 +1,8 @@
 """A/B of M = 1 W4A16 GEMV variants on the four Llama-3-8B linears (qkv, o, gate_up, down; g128), in
 one process, alternating rounds, each variant timed from CUDA-graph replays over weight copies
 that exceed L2. Prints the median four-layer sum per variant, its runs and its error against the
-float32 reference (max |y - ref| / max |ref| over the four layers); tinygemm (bf16) is timed in
-the same rounds as the peer.
+reference (float32 math rounded to the activations' dtype; max |y - ref| / max |ref| over the four
+layers); tinygemm (bf16) is timed in the same rounds as the peer.
 
     python scripts/ab_gemv.py [--plans 8x1024x8x3,8x1024x4x3] [--modes natural,paired,prologue]
 

@@ -337,6 +337,7 @@ TARGETS = {
     "gemv-rope-llama3-8b-bf16-paired": _gemv_rope(4096, 32, 8, 128, torch.bfloat16, True, pair=True),
     "gemv-residual-llama3-8b-bf16-paired": _gemv_residual(4096, 14336, torch.bfloat16, True, pair=True),
     "pair-rows-llama3-8b-down": _pair_rows(14336),
+    "pair-rows-llama3-8b-down-bf16": _pair_rows(14336, torch.bfloat16),
     "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),
     "gemv-rope-smollm2-prenorm-fp16": _gemv_rope(576, 9, 3, 64, torch.float16, True, group=64),
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),

@@ -294,14 +294,19 @@ def test_gpu_cuda_graph_and_compile(monkeypatch):
     with torch.cuda.stream(s):
         model(static_x)
     torch.cuda.current_stream().wait_stream(s)
+    paired = []
+    real_pair_rows = matmul_mod.pair_rows
+    monkeypatch.setattr(matmul_mod, "pair_rows", lambda t: paired.append(t.shape) or real_pair_rows(t))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         static_y = model(static_x)
+    # both linears pair inside the capture where the plans say so, and nowhere else
+    assert len(paired) == (2 if matmul_mod.pair_plain_gemv(torch.cuda.current_device()) else 0)
     x2 = torch.randn_like(x)
     static_x.copy_(x2)
     g.replay()
     torch.cuda.synchronize()
-    monkeypatch.setattr(matmul_mod, "capturing", lambda: True)  # eager, the path the capture took
+    monkeypatch.setattr(matmul_mod, "capturing", lambda t: True)  # eager, the path the capture took
     assert torch.equal(static_y, model(x2))
     monkeypatch.undo()
     compiled = torch.compile(model, fullgraph=True)

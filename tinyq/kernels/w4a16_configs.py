@@ -90,25 +90,32 @@ def _resolve(m: int, dtype: torch.dtype, device: torch.device):
     raise AssertionError("the last bucket must be open-ended")
 
 
+_ARCHS: dict = {}  # CUDA device index -> device_arch: a device query costs microseconds a call
+
+
+def _arch_of(device_index: int) -> str:
+    if device_index < 0:
+        return device_arch(torch.device("cpu"))
+    arch = _ARCHS.get(device_index)
+    if arch is None:
+        arch = _ARCHS[device_index] = device_arch(torch.device("cuda", device_index))
+    return arch
+
+
 def paired_decode(device_index: int) -> bool:
     """Whether the fused decode ops on CUDA device ``device_index`` (-1: the interpreter) pair GEMV inputs."""
-    device = torch.device("cpu") if device_index < 0 else torch.device("cuda", device_index)
-    return PAIRED_DECODE[device_arch(device)]
-
-
-_CACHE: dict = {}
+    return PAIRED_DECODE[_arch_of(device_index)]
 
 
 def pair_plain_gemv(device_index: int) -> bool:
     """Whether a plain M = 1 W4A16 call inside a CUDA-graph capture pairs its input first (one
-    small kernel) for the paired GEMV: where the fused decode ops pair theirs (``PAIRED_DECODE``).
-    Four Llama-3-8B linears, fp16: 56.7 us with the pairing kernel against 69.1 natural (H100).
-    Cached per device (a device query costs microseconds on every eager call)."""
-    key = ("pair_plain", device_index)
-    pair = _CACHE.get(key)
-    if pair is None:
-        pair = _CACHE[key] = paired_decode(device_index)
-    return pair
+    small kernel) for the paired GEMV: where the fused decode ops pair theirs (``PAIRED_DECODE``,
+    read on every call, so a patched table takes effect at once). Four Llama-3-8B linears, fp16:
+    56.7 us with the pairing kernel against 69.1 natural (H100)."""
+    return paired_decode(device_index)
+
+
+_CACHE: dict = {}
 _LAST_FINITE = max(m for m, _, _ in _SM90 if m is not None)
 
 

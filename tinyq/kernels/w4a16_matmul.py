@@ -6,7 +6,8 @@ The launcher dispatches on M (callers never choose a kernel), with the configs a
 
 - ``gemv``: a few rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`); one row inside a CUDA-graph
   capture is first rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`) where
-  :func:`~tinyq.kernels.w4a16_configs.pair_plain_gemv` says so;
+  :func:`~tinyq.kernels.w4a16_configs.pair_plain_gemv` says so. The paired GEMV sums in another
+  order, so a replay can differ from an eager call in the last bit;
 - ``gemm``: the fused-dequant tensor-core GEMM, split along K for skinny M
   (:mod:`tinyq.kernels.w4a16_gemm`);
 - ``dequant``: large M is compute-bound, so the weight is dequantized into a reusable scratch
@@ -114,9 +115,18 @@ def w4a16_matmul(
     return w4a16_matmul_checked(x, qweight, scales, zeros, bias, acc_fp16=acc_fp16, config=config)
 
 
-def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (a function, so CPU tests can set it)."""
-    return torch.cuda.is_current_stream_capturing()
+def capturing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is on CUDA and the current stream is capturing a graph (a function, so CPU
+    tests can set it; a CPU-only torch has no capture query)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+# (device, dtype, K, N, groups, bias?) of the plain M = 1 calls whose paired path ran once eagerly
+_PAIRED_WARM: set = set()
+
+
+def _paired_gemv(x, qweight, scales, zeros, bias, y):
+    return launch_w4a16_gemv(pair_rows(x), qweight, scales, zeros, bias, y, **paired_gemv_plan(x.dtype, x.get_device()))
 
 
 def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None, config=None):
@@ -129,11 +139,17 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         return y
     kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
-        if m == 1 and config is None and pair_plain_gemv(x.get_device()) and capturing():
+        if m == 1 and config is None and pair_plain_gemv(x.get_device()):
             # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the
-            # pass costs (w4a16_configs.pair_plain_gemv); eager calls are host-bound, so they keep one launch.
-            return launch_w4a16_gemv(pair_rows(x), qweight, scales, zeros, bias, y,
-                                     **paired_gemv_plan(x.dtype, x.get_device()))
+            # pass costs (w4a16_configs.pair_plain_gemv); eager calls are host-bound, so they keep one
+            # launch, except the first of each shape: it runs the paired path, so that its kernels are
+            # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
+            if capturing(x):
+                return _paired_gemv(x, qweight, scales, zeros, bias, y)
+            key = (x.device, x.dtype, x.shape[1], qweight.shape[0], scales.shape[1], bias is None)
+            if key not in _PAIRED_WARM:
+                _PAIRED_WARM.add(key)
+                return _paired_gemv(x, qweight, scales, zeros, bias, y)
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":
         k = x.shape[1]

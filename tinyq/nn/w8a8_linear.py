@@ -90,22 +90,26 @@ class W8A8Linear(nn.Module):
         return dequantize_weight_int8(self.qweight, self.weight_scale)
 
     def forward(self, x) -> torch.Tensor:
-        qweight, weight_scale, bias = self.checked_weights()
+        qweight, weight_scale, bias, input_scale = self._checked_tensors()
         out_dtype = x.dtype
         if bias is not None and bias.dtype != out_dtype and out_dtype in (torch.float16, torch.bfloat16, torch.float32):
             bias = bias.to(out_dtype)
         if isinstance(x, QuantizedActivation) and x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
-        return w8a8_linear_prechecked(x, qweight, weight_scale, bias, self.input_scale)
+        return w8a8_linear_prechecked(x, qweight, weight_scale, bias, input_scale)
 
     def checked_weights(self):
         """``(qweight, weight_scale, bias)``, validated once per tensor object: an eager call then
         checks only its input (the host cost of a decode-sized linear is mostly such Python)."""
+        return self._checked_tensors()[:3]
+
+    def _checked_tensors(self):
+        """``(qweight, weight_scale, bias, input_scale)``, validated once per tensor object."""
         tensors = module_tensors(self, _WEIGHTS)
         if not self._checked.same(tensors):
             check_w8a8_weight(*tensors)
             self._checked.remember(tensors)
-        return tensors[:3]
+        return tensors
 
     def _apply(self, fn, recurse=True):
         """``.to(device)`` moves the scales; ``.half()`` / ``.to(dtype)`` leave them float32 (the
