@@ -38,7 +38,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
 from tinyq.kernels.pair_rows import pair_rows  # noqa: E402
-from tinyq.kernels.w4a16_configs import launch_plan, pair_plain_gemv, paired_gemv_plan  # noqa: E402
+from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
@@ -237,7 +237,7 @@ def main():
             dev = torch.cuda.current_device()
             paired_cfg = paired_gemv_plan(dtype, dev) if plan[0] == "gemv" and not config else plan[1]
             # what the graph-timed tinyq column runs: at M = 1 with pairing on, pair_rows + the paired GEMV
-            pairs_in_graph = m == 1 and plan[0] == "gemv" and not config and pair_plain_gemv(dev)
+            pairs_in_graph = m == 1 and plan[0] == "gemv" and not config and paired_decode(dev)
             ran = ("pair+gemv", paired_cfg) if pairs_in_graph else plan
             dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():

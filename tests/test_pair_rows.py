@@ -12,7 +12,7 @@ from tests.tolerances import assert_close_rel
 from tinyq.kernels import w4a16_configs, w4a16_matmul as matmul_mod
 from tinyq.kernels.pair_rows import BLOCK, pair_rows
 from tinyq.kernels.paired import empty_paired_rows, pair_rows_reference, paired_plane
-from tinyq.kernels.w4a16_configs import launch_plan, pair_plain_gemv, paired_gemv_plan
+from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul
 from tinyq.quant.format import quantize_weight
@@ -63,9 +63,9 @@ def test_plain_pairing_follows_the_paired_decode_table(monkeypatch):
     elsewhere, and follows the table when it is patched."""
     monkeypatch.setattr(w4a16_configs, "_ARCHS", {})
     monkeypatch.setattr(w4a16_configs, "gpu_arch", lambda device: "sm90" if device.index == 0 else "sm80")
-    assert pair_plain_gemv(0) and not pair_plain_gemv(1) and not pair_plain_gemv(-1)
+    assert paired_decode(0) and not paired_decode(1) and not paired_decode(-1)
     monkeypatch.setitem(w4a16_configs.PAIRED_DECODE, "sm90", False)
-    assert not pair_plain_gemv(0)
+    assert not paired_decode(0)
 
 
 def test_paired_plan_takes_16_rows_for_bf16_only():
@@ -81,7 +81,7 @@ def test_plain_call_pairs_its_input_in_a_capture_and_once_eagerly(monkeypatch, d
     plan inside a capture, and at the first eager call of its shape (the warm-up that compiles the
     paired kernels before any capture), giving exactly what that GEMV gives on a pre-paired input.
     Later eager calls, and 3 rows, are not paired."""
-    monkeypatch.setattr(matmul_mod, "pair_plain_gemv", lambda device_index: True)  # as on sm90
+    monkeypatch.setattr(matmul_mod, "paired_decode", lambda device_index: True)  # as on sm90
     monkeypatch.setattr(matmul_mod, "_PAIRED_WARM", set())
     calls, plans = [], []
     monkeypatch.setattr(matmul_mod, "pair_rows", lambda x: calls.append(x.shape) or pair_rows(x))

@@ -278,7 +278,7 @@ def test_gpu_shapes(m, n, k, group_size, dtype):
 @pytest.mark.gpu
 def test_gpu_cuda_graph_and_compile(monkeypatch):
     """The op captures in a CUDA graph and compiles with inductor, giving the eager result. One row
-    in a capture is paired first where the plans say so (w4a16_configs.pair_plain_gemv): the replay
+    in a capture is paired first where the plans say so (w4a16_configs.paired_decode): the replay
     must then equal an eager run that pairs too."""
     import tinyq
     from tinyq.kernels import w4a16_matmul as matmul_mod
@@ -301,7 +301,7 @@ def test_gpu_cuda_graph_and_compile(monkeypatch):
     with torch.cuda.graph(g):
         static_y = model(static_x)
     # both linears pair inside the capture where the plans say so, and nowhere else
-    assert len(paired) == (2 if matmul_mod.pair_plain_gemv(torch.cuda.current_device()) else 0)
+    assert len(paired) == (2 if matmul_mod.paired_decode(torch.cuda.current_device()) else 0)
     x2 = torch.randn_like(x)
     static_x.copy_(x2)
     g.replay()

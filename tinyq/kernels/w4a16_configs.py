@@ -103,16 +103,11 @@ def _arch_of(device_index: int) -> str:
 
 
 def paired_decode(device_index: int) -> bool:
-    """Whether the fused decode ops on CUDA device ``device_index`` (-1: the interpreter) pair GEMV inputs."""
+    """Whether GEMV inputs on CUDA device ``device_index`` (-1: the interpreter) come paired: the
+    fused decode ops write theirs so, and a plain M = 1 W4A16 call inside a CUDA-graph capture pairs
+    its own first (one small kernel; four Llama-3-8B linears, fp16: 56.7 us against 69.1 natural,
+    H100). ``PAIRED_DECODE`` is read on every call, so a patched table takes effect at once."""
     return PAIRED_DECODE[_arch_of(device_index)]
-
-
-def pair_plain_gemv(device_index: int) -> bool:
-    """Whether a plain M = 1 W4A16 call inside a CUDA-graph capture pairs its input first (one
-    small kernel) for the paired GEMV: where the fused decode ops pair theirs (``PAIRED_DECODE``,
-    read on every call, so a patched table takes effect at once). Four Llama-3-8B linears, fp16:
-    56.7 us with the pairing kernel against 69.1 natural (H100)."""
-    return paired_decode(device_index)
 
 
 _CACHE: dict = {}

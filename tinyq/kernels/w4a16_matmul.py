@@ -6,7 +6,7 @@ The launcher dispatches on M (callers never choose a kernel), with the configs a
 
 - ``gemv``: a few rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`); one row inside a CUDA-graph
   capture is first rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`) where
-  :func:`~tinyq.kernels.w4a16_configs.pair_plain_gemv` says so. The paired GEMV sums in another
+  :func:`~tinyq.kernels.w4a16_configs.paired_decode` says so. The paired GEMV sums in another
   order, so a replay can differ from an eager call in the last bit;
 - ``gemm``: the fused-dequant tensor-core GEMM, split along K for skinny M
   (:mod:`tinyq.kernels.w4a16_gemm`);
@@ -21,7 +21,7 @@ import torch
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels.pair_rows import pair_rows
-from tinyq.kernels.w4a16_configs import launch_plan, pair_plain_gemv, paired_gemv_plan
+from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, scratch
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
@@ -139,9 +139,9 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         return y
     kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
-        if m == 1 and config is None and pair_plain_gemv(x.get_device()):
+        if m == 1 and config is None and paired_decode(x.get_device()):
             # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the
-            # pass costs (w4a16_configs.pair_plain_gemv); eager calls are host-bound, so they keep one
+            # pass costs (w4a16_configs.paired_decode); eager calls are host-bound, so they keep one
             # launch, except the first of each shape: it runs the paired path, so that its kernels are
             # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
             if capturing(x):
