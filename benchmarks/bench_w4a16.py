@@ -37,7 +37,8 @@ from benchmarks.common import (  # noqa: E402
     best_config, copies_of, eager_vs_graph, environment, require_cuda, timed, write_json,
 )
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
-from tinyq.kernels.pair_rows import pair_rows  # noqa: E402
+from tinyq.kernels import w4a16_configs  # noqa: E402
+from tinyq.kernels.pair_rows import pair_rows, pair_rows_scaled_reference  # noqa: E402
 from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
@@ -53,6 +54,11 @@ G = 128
 # reported separately (host_cost rows).
 GRAPH_MAX_M = 1 << 30
 ROTATE_BYTES = 200e6  # weight copies in rotation per shape: > 3x the H200's 60 MB L2
+
+
+def random_layers(dtype=torch.float16):
+    """The four ``SHAPES`` as tinyq int4 (group ``G``), quantized from random weights (std 0.02) on the GPU."""
+    return {name: quantize_weight(torch.randn(n, k, device="cuda") * 0.02, G, dtype) for name, (k, n) in SHAPES.items()}
 
 
 
@@ -235,9 +241,13 @@ def main():
             # None: the shipped dispatch itself, which pairs a lone row's input inside a graph capture
             config = tuned.get(bucket)
             dev = torch.cuda.current_device()
-            paired_cfg = paired_gemv_plan(dtype, dev) if plan[0] == "gemv" and not config else plan[1]
-            # what the graph-timed tinyq column runs: at M = 1 with pairing on, pair_rows + the paired GEMV
-            pairs_in_graph = m == 1 and plan[0] == "gemv" and not config and paired_decode(dev)
+            # bf16 rows are paired as fp16 over a power of two, for the fp16 plan (PAIRED_BF16_AS_FP16)
+            scaled = dtype == torch.bfloat16 and w4a16_configs.PAIRED_BF16_AS_FP16
+            pair_dtype = torch.float16 if scaled else dtype
+            paired_cfg = paired_gemv_plan(pair_dtype, dev, m) if plan[0] == "gemv" and not config else plan[1]
+            # what the graph-timed tinyq column runs: on the GEMV (M = 1, 2) with pairing on, pair_rows
+            # + the paired GEMV
+            pairs_in_graph = plan[0] == "gemv" and not config and paired_decode(dev)
             ran = ("pair+gemv", paired_cfg) if pairs_in_graph else plan
             dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():
@@ -251,11 +261,12 @@ def main():
                 t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name], GRAPH_MAX_M)
                 t_tg = t_gl = t_p = float("nan")
                 if plan[0] == "gemv":  # the same GEMV reading x in the paired layout its producer would write
-                    xp, yp = pair_rows_reference(x), torch.empty(m, n, device="cuda", dtype=dtype)
+                    xp = pair_rows_scaled_reference(x) if scaled else pair_rows_reference(x)
+                    yp = torch.empty(m, n, device="cuda", dtype=dtype)
                     yq = launch_w4a16_gemv(xp, qw, s, z, None, yp, **paired_cfg)
                     rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
                     if pairs_in_graph:  # and the pairing kernel the graphs run, checked too
-                        yq = launch_w4a16_gemv(pair_rows(x), qw, s, z, None, yp, **paired_cfg)
+                        yq = launch_w4a16_gemv(pair_rows(x, scaled=scaled), qw, s, z, None, yp, **paired_cfg)
                         rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
                     t_p = timed(m, lambda a, b, c: (lambda: launch_w4a16_gemv(xp, a, b, c, None, yp, **paired_cfg)),
                                 rot_q[name], GRAPH_MAX_M)

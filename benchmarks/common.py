@@ -49,16 +49,20 @@ def graph_ms_rotating(fns, reps: int = 20) -> float:
         for fn in fns:
             fn()
 
-    g = capture_graph(calls)
-    g.replay()
+    return replay_ms(capture_graph(calls), reps) / len(fns)
+
+
+def replay_ms(graph: "torch.cuda.CUDAGraph", reps: int = 20) -> float:
+    """Median ms of one replay of ``graph`` over ``reps`` timed replays, after an untimed one."""
+    graph.replay()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        g.replay()
+        graph.replay()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
+        times.append(a.elapsed_time(b))
     return statistics.median(times)
 
 

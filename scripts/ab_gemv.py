@@ -8,7 +8,8 @@ layers); tinygemm (bf16) is timed in the same rounds as the peer.
 
 A plan is ``BLOCK_N x BLOCK_K x num_warps x num_stages``. Modes: ``natural`` x as the caller holds
 it; ``paired`` x already in the paired layout (as the fused decode ops write it; pairing not
-timed); ``prologue`` x paired by :func:`tinyq.kernels.pair_rows.pair_rows` inside the timed graph.
+timed); ``prologue`` x paired by :func:`tinyq.kernels.pair_rows.pair_rows` inside the timed graph;
+``scaled`` the same with ``scaled=True`` (fp16 pairs over a power of two per row, the fp16 dot).
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def main():
                 return lambda: launch_w4a16_gemv(xs[name], qw, s, z, None, ys[name], **plan)
             if mode == "paired":
                 return lambda: launch_w4a16_gemv(xps[name], qw, s, z, None, ys[name], **plan)
-            out = pair_rows(xs[name])  # the buffer is allocated outside the graph
-            return lambda: launch_w4a16_gemv(pair_rows(xs[name], out), qw, s, z, None, ys[name], **plan)
+            scaled = mode == "scaled"
+            out = pair_rows(xs[name], scaled=scaled)  # the buffer is allocated outside the graph
+            return lambda: launch_w4a16_gemv(pair_rows(xs[name], out, scaled=scaled), qw, s, z, None, ys[name], **plan)
 
         variants = [(mode, p) for p in args.plans.split(",") for mode in args.modes.split(",")]
         errs = {}

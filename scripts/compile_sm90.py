@@ -227,17 +227,18 @@ def _gemv_residual(n, k, dtype, norm, group=128, pair=False):
     return launch
 
 
-def _gemv(n, k, dtype, warp_blocks=None, pair=False):
+def _gemv(n, k, dtype, warp_blocks=None, pair=False, scaled=False, m=1, rows=1):
     def launch():
-        x = torch.zeros(1, k, dtype=dtype)
-        x = paired.pair_rows_reference(x) if pair else x
-        w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(1, n, dtype=dtype),
-                                     **dict(_m1(dtype, pair), warp_blocks=warp_blocks))
+        x = torch.zeros(m, k, dtype=dtype)
+        x = pair_rows.pair_rows_scaled_reference(x) if scaled else paired.pair_rows_reference(x) if pair else x
+        w4a16_gemv.launch_w4a16_gemv(x, *_w4(n, k, dtype), None, torch.zeros(m, n, dtype=dtype),
+                                     **dict(_m1(torch.float16 if scaled else dtype, pair), warp_blocks=warp_blocks,
+                                            rows=rows))
     return launch
 
 
-def _pair_rows(k, dtype=torch.float16):
-    return lambda: pair_rows.pair_rows(torch.zeros(1, k, dtype=dtype))
+def _pair_rows(k, dtype=torch.float16, scaled=False):
+    return lambda: pair_rows.pair_rows(torch.zeros(1, k, dtype=dtype), scaled=scaled)
 
 
 def _w4a16_gemm(m, n, k, cfg=None, dtype=torch.float16):
@@ -338,6 +339,16 @@ TARGETS = {
     "gemv-residual-llama3-8b-bf16-paired": _gemv_residual(4096, 14336, torch.bfloat16, True, pair=True),
     "pair-rows-llama3-8b-down": _pair_rows(14336),
     "pair-rows-llama3-8b-down-bf16": _pair_rows(14336, torch.bfloat16),
+    # bf16 rows as fp16 over a power of two, and the GEMV that applies the row scale
+    "pair-rows-scaled-llama3-8b-down-bf16": _pair_rows(14336, torch.bfloat16, scaled=True),
+    "pair-rows-scaled-llama3-8b-o-bf16": _pair_rows(4096, torch.bfloat16, scaled=True),
+    "gemv-llama3-8b-gate-up-bf16-paired-scaled": _gemv(28672, 4096, torch.bfloat16, pair=True, scaled=True),
+    # two activation rows a program, each word unpacked once (the M = 2 plan; natural x eagerly)
+    "gemv-rows2-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16, m=2, rows=2),
+    "gemv-rows2-llama3-8b-gate-up-fp16-paired": _gemv(28672, 4096, torch.float16, pair=True, m=2, rows=2),
+    "gemv-rows2-llama3-8b-gate-up-bf16": _gemv(28672, 4096, torch.bfloat16, m=2, rows=2),
+    "gemv-rows2-llama3-8b-gate-up-bf16-paired-scaled": _gemv(28672, 4096, torch.bfloat16, pair=True, scaled=True, m=2,
+                                                      rows=2),
     "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),
     "gemv-rope-smollm2-prenorm-fp16": _gemv_rope(576, 9, 3, 64, torch.float16, True, group=64),
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),

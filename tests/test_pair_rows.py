@@ -10,8 +10,9 @@ import torch
 
 from tests.tolerances import assert_close_rel
 from tinyq.kernels import w4a16_configs, w4a16_matmul as matmul_mod
-from tinyq.kernels.pair_rows import BLOCK, pair_rows
-from tinyq.kernels.paired import empty_paired_rows, pair_rows_reference, paired_plane
+from tinyq.kernels.pair_rows import BLOCK, pair_rows, pair_rows_scaled_reference
+from tinyq.kernels.paired import PairedRows, empty_paired_rows, pair_rows_reference, paired_plane, \
+    unpair_rows_reference, x_operand
 from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul
@@ -58,6 +59,83 @@ def test_pair_rows_rejects_what_it_cannot_pair():
             pair_rows(x, out)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 32), (3, 576), (1, BLOCK + 96), (2, 3 * BLOCK + 32)])
+def test_scaled_pairs_hold_each_row_over_a_power_of_two(m, k, dtype):
+    """``scaled``: fp16 pairs whose largest entry lies in [2^14, 2^15), a float32 power of two per row
+    that gives the input back exactly, as the reference writes them; the padding is never written."""
+    x = torch.randn(m, k, dtype=dtype, device=DEV) * torch.logspace(-3, 3, m, device=DEV)[:, None].to(dtype)
+    out = empty_paired_rows(m, k, torch.float16, DEV)
+    out = out._replace(scale=torch.full((m,), float("nan"), device=DEV))
+    out.data.fill_(float("nan"))
+    pair_rows(x, out, scaled=True)
+    planes = out.data.view(m, 4, paired_plane(k))
+    ref = pair_rows_scaled_reference(x)
+    assert torch.equal(planes[:, :, :k // 4], ref.data.view(m, 4, -1)[:, :, :k // 4])
+    assert planes[:, :, k // 4:].isnan().all()
+    assert torch.equal(out.scale, ref.scale)
+    assert torch.equal(out.scale.log2(), out.scale.log2().round())
+    back = unpair_rows_reference(PairedRows(out.data.float(), k)) * out.scale[:, None]
+    assert torch.equal(back, x.float())
+    peak = unpair_rows_reference(out).float().abs().amax(dim=1)
+    assert ((peak >= 2 ** 14) & (peak < 2 ** 15)).all()
+
+
+def test_scaled_pairs_of_extreme_rows():
+    """A row of zeros, one far above fp16's range, one far below it, and one with an inf: each is
+    held (or stays inf) without a NaN appearing, and the scales stay normal floats."""
+    k = 64
+    x = torch.randn(5, k, dtype=torch.float32, device=DEV)
+    x[0] = 0
+    x[1] *= 1e30
+    x[2] *= 1e-30
+    x[3, 5] = float("inf")
+    x[4] = 0
+    x[4, 3] = 1e-40  # a float32 subnormal: the scale is capped at 2^126
+    x = x.to(torch.bfloat16)
+    got = pair_rows(x, scaled=True)
+    ref = pair_rows_scaled_reference(x)
+    assert torch.equal(got.scale, ref.scale) and (got.scale > 0).all() and torch.isfinite(got.scale).all()
+    back = unpair_rows_reference(got).float() * got.scale[:, None]
+    assert torch.equal(back[[0, 1, 2]], x[[0, 1, 2]].float())
+    assert back[3, 5] == float("inf") and not back.isnan().any()
+    assert got.scale[4] == 2.0 ** -126
+
+
+def test_scaled_rows_are_refused_where_the_scale_is_not_applied():
+    """The fused GEMVs read paired rows without a scale; handed scaled ones they refuse rather than
+    return results off by a power of two."""
+    x = torch.randn(1, 64, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(ValueError, match="without a per-row scale"):
+        x_operand(pair_rows(x, scaled=True))
+    assert x_operand(pair_rows(x, scaled=True), scaled_ok=True)[1] == paired_plane(64) // 2
+    with pytest.raises(ValueError, match="scaled=True needs an out with a float32 scale"):
+        pair_rows(x, empty_paired_rows(1, 64, torch.float16, DEV), scaled=True)
+    with pytest.raises(ValueError, match="to be written as scaled float16"):
+        pair_rows(x, empty_paired_rows(1, 64, torch.bfloat16, DEV), scaled=True)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,group", [(1, 67, 576, 64), (2, 40, 256, 32), (3, 9, 1024, 128)])
+def test_gemv_on_scaled_pairs(m, n, k, group, x_dtype):
+    """The GEMV on scaled fp16 pairs applies each row's scale: rows of very different size (one
+    with a 1e5 outlier, past fp16's range) match the float32 reference to the output dtype's
+    rounding, for the plain Triton path and (on a GPU) the fp16 PTX dot."""
+    qw, s, z = (t.to(DEV) for t in quantize_weight(torch.randn(n, k) * 0.02, group, x_dtype))
+    b = torch.randn(n, dtype=x_dtype, device=DEV)
+    x = torch.randn(m, k, device=DEV) * torch.logspace(-2, 2, m, device=DEV)[:, None]
+    if x_dtype == torch.bfloat16:
+        x[-1, 3] = 1e5
+    x = x.to(x_dtype)
+    ref = w4a16_linear_reference(x, qw, s, z, b)
+    for ptx in (False, True):
+        y = torch.full((m, n), float("nan"), dtype=x_dtype, device=DEV)
+        launch_w4a16_gemv(pair_rows(x, scaled=True), qw, s, z, b, y, block_n=8, block_k=256, num_warps=4,
+                          num_stages=2, ptx_dequant=ptx)
+        for r in range(m):  # each row against its own size: a row's error must not scale with another's
+            assert_close_rel(y[r:r + 1], ref[r:r + 1])
+
+
 def test_plain_pairing_follows_the_paired_decode_table(monkeypatch):
     """Pairing a lone row in graphs is on where the fused decode ops pair (an sm90 device), off
     elsewhere, and follows the table when it is patched."""
@@ -72,6 +150,9 @@ def test_paired_plan_takes_16_rows_for_bf16_only():
     base = w4a16_configs.launch_plan(1, torch.float16, -1)[1]
     assert paired_gemv_plan(torch.float16, -1) == base
     assert paired_gemv_plan(torch.bfloat16, -1) == dict(w4a16_configs.launch_plan(1, torch.bfloat16, -1)[1], block_n=16)
+    assert paired_gemv_plan(torch.float16, -1, 2) == dict(base, rows=2)  # the M = 2 bucket's plan
+    with pytest.raises(RuntimeError, match="needs a GEMV plan at M=3, got 'gemm'"):
+        paired_gemv_plan(torch.float16, -1, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -84,7 +165,7 @@ def test_plain_call_pairs_its_input_in_a_capture_and_once_eagerly(monkeypatch, d
     monkeypatch.setattr(matmul_mod, "paired_decode", lambda device_index: True)  # as on sm90
     monkeypatch.setattr(matmul_mod, "_PAIRED_WARM", set())
     calls, plans = [], []
-    monkeypatch.setattr(matmul_mod, "pair_rows", lambda x: calls.append(x.shape) or pair_rows(x))
+    monkeypatch.setattr(matmul_mod, "pair_rows", lambda x, **kw: calls.append(x.shape) or pair_rows(x, **kw))
     real_gemv = matmul_mod.launch_w4a16_gemv
     monkeypatch.setattr(matmul_mod, "launch_w4a16_gemv", lambda *a, **kw: plans.append(kw) or real_gemv(*a, **kw))
     qw, s, z = (t.to(DEV) for t in quantize_weight(torch.randn(67, k) * 0.02, group, dtype))
@@ -92,9 +173,11 @@ def test_plain_call_pairs_its_input_in_a_capture_and_once_eagerly(monkeypatch, d
     x = torch.randn(1, k, dtype=dtype, device=DEV)
     ref = w4a16_linear_reference(x, qw, s, z, b)
     expect = torch.full((1, 67), float("nan"), dtype=dtype, device=DEV)
-    paired_plan = paired_gemv_plan(dtype, x.get_device())
-    launch_w4a16_gemv(pair_rows_reference(x), qw, s, z, b, expect, **paired_plan)
-    assert paired_plan["block_n"] == (16 if dtype == torch.bfloat16 else 8)
+    # bf16 rows go as scaled fp16 pairs through the fp16 plan (w4a16_configs.PAIRED_BF16_AS_FP16)
+    paired_plan = paired_gemv_plan(torch.float16, x.get_device())
+    pairs = pair_rows_scaled_reference(x) if dtype == torch.bfloat16 else pair_rows_reference(x)
+    launch_w4a16_gemv(pairs, qw, s, z, b, expect, **paired_plan)
+    assert paired_plan["block_n"] == 8
 
     monkeypatch.setattr(matmul_mod, "capturing", lambda x: False)
     assert torch.equal(w4a16_matmul(x, qw, s, z, b), expect)  # the first eager call: paired
@@ -111,3 +194,26 @@ def test_plain_call_pairs_its_input_in_a_capture_and_once_eagerly(monkeypatch, d
     x3 = torch.randn(3, k, dtype=dtype, device=DEV)
     assert_close_rel(w4a16_matmul(x3, qw, s, z, b), w4a16_linear_reference(x3, qw, s, z, b))
     assert calls == [(1, k)] * 2
+
+    x2 = torch.randn(2, k, dtype=dtype, device=DEV)  # two rows: the GEMV of two rows a program, paired
+    y2 = w4a16_matmul(x2, qw, s, z, b)
+    assert calls == [(1, k)] * 2 + [(2, k)] and plans[-1] == paired_gemv_plan(torch.float16, x.get_device(), 2)
+    assert plans[-1]["rows"] == 2
+    assert_close_rel(y2, w4a16_linear_reference(x2, qw, s, z, b))
+
+
+def test_bf16_pairs_stay_bf16_when_the_table_says_so(monkeypatch):
+    """With ``PAIRED_BF16_AS_FP16`` off, a captured bf16 row is paired as bf16 and takes the
+    16-row bf16 plan."""
+    monkeypatch.setattr(matmul_mod, "paired_decode", lambda device_index: True)
+    monkeypatch.setattr(matmul_mod, "capturing", lambda x: True)
+    monkeypatch.setattr(w4a16_configs, "PAIRED_BF16_AS_FP16", False)
+    plans = []
+    real_gemv = matmul_mod.launch_w4a16_gemv
+    monkeypatch.setattr(matmul_mod, "launch_w4a16_gemv",
+                        lambda x, *a, **kw: plans.append((x.data.dtype, x.scale, kw)) or real_gemv(x, *a, **kw))
+    qw, s, z = (t.to(DEV) for t in quantize_weight(torch.randn(33, 256) * 0.02, 64, torch.bfloat16))
+    x = torch.randn(1, 256, dtype=torch.bfloat16, device=DEV)
+    assert_close_rel(w4a16_matmul(x, qw, s, z), w4a16_linear_reference(x, qw, s, z))
+    assert plans == [(torch.bfloat16, None, paired_gemv_plan(torch.bfloat16, x.get_device()))]
+    assert plans[0][2]["block_n"] == 16

@@ -20,8 +20,11 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 # SigLIP's d = 72 flash tile ships on 4 warps, two CTAs an SM (8 warps need 134 registers a thread:
 # one CTA). Triton 3.6 compiles it without spills and it was timed there 1.25x faster than 8 warps
 # (docs/perf_notes.md, 2026-12-06); Triton 3.9 spills 32 bytes of it, not yet timed on a GPU. Any
-# other spill, or a larger one, fails.
-KNOWN_SPILLS = {"flash-d72:_flash_attention_kernel": 32}
+# other spill, or a larger one, fails. The M = 2 GEMV on paired x (two rows a program) spills 8 bytes
+# with Triton 3.9 at its 64-register budget; 3.6 compiles it without, and was timed there (78.1 us
+# against the GEMM's 89.3, docs/perf_notes.md, 2026-12-06).
+KNOWN_SPILLS = {"flash-d72:_flash_attention_kernel": 32,
+                "gemv-rows2-llama3-8b-gate-up-fp16-paired:_w4a16_gemv_kernel": 8}
 
 
 @pytest.mark.skipif(not os.path.exists(PTXAS), reason="this Triton build has no CUDA backend tools")

@@ -54,6 +54,25 @@ def test_gemv(m, n, k, group_size, dtype, warp_blocks, paired):
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [2, 3, 4])
+@pytest.mark.parametrize("m,n,k,group_size", [(2, 40, 256, 32), (3, 67, 576, 64), (5, 9, 384, 128), (7, 33, 512, 64)])
+@pytest.mark.parametrize("paired", [False, True])
+def test_gemv_several_rows_a_program(m, n, k, group_size, rows, paired, dtype):
+    """Programs that unpack each weight word once for ``rows`` activation rows: every row of y equals
+    its own reference, including a last group of fewer rows (M not a multiple of ``rows``: the
+    missing rows are neither computed into y nor written past it) and rows of different sizes."""
+    x, qw, s, z, b = make_case(m, n, k, group_size, dtype)
+    x = (x.float() * torch.logspace(-1, 1, m, device=x.device)[:, None]).to(dtype)
+    y = poisoned(m + 1, n, dtype)
+    launch_w4a16_gemv(poisoned_pairs(x) if paired else x, qw, s, z, b, y[:m], block_n=16, block_k=256, num_warps=4,
+                      num_stages=2, ptx_dequant=True, rows=rows)
+    ref = w4a16_linear_reference(x, qw, s, z, b)
+    for r in range(m):
+        assert_close_rel(y[r:r + 1], ref[r:r + 1])
+    assert y[m].isnan().all()
+
+
 def poisoned_pairs(x):
     """``x`` in the GEMV's paired layout with NaN in the plane padding (K=576: 144 of 160 entries used)."""
     paired = pair_rows_reference(x)
@@ -276,17 +295,19 @@ def test_gpu_shapes(m, n, k, group_size, dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_and_compile(monkeypatch):
-    """The op captures in a CUDA graph and compiles with inductor, giving the eager result. One row
-    in a capture is paired first where the plans say so (w4a16_configs.paired_decode): the replay
-    must then equal an eager run that pairs too."""
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 2])
+def test_gpu_cuda_graph_and_compile(monkeypatch, m, dtype):
+    """The op captures in a CUDA graph and compiles with inductor, giving the eager result. One or
+    two rows in a capture are paired first where the plans say so (w4a16_configs.paired_decode;
+    bf16 as scaled fp16 pairs): the replay must then equal an eager run that pairs too."""
     import tinyq
     from tinyq.kernels import w4a16_matmul as matmul_mod
     from torch import nn
 
-    model = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 256)).half().cuda()
+    model = nn.Sequential(nn.Linear(512, 1024), nn.SiLU(), nn.Linear(1024, 256)).to(dtype).cuda()
     tinyq.quantize_(model, tinyq.W4A16Config(group_size=64))
-    x = torch.randn(1, 512, dtype=torch.float16, device="cuda")
+    x = torch.randn(m, 512, dtype=dtype, device="cuda")
     eager = model(x)
     static_x = x.clone()
     s = torch.cuda.Stream()
@@ -296,7 +317,7 @@ def test_gpu_cuda_graph_and_compile(monkeypatch):
     torch.cuda.current_stream().wait_stream(s)
     paired = []
     real_pair_rows = matmul_mod.pair_rows
-    monkeypatch.setattr(matmul_mod, "pair_rows", lambda t: paired.append(t.shape) or real_pair_rows(t))
+    monkeypatch.setattr(matmul_mod, "pair_rows", lambda t, **kw: paired.append(t.shape) or real_pair_rows(t, **kw))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         static_y = model(static_x)
@@ -310,7 +331,7 @@ def test_gpu_cuda_graph_and_compile(monkeypatch):
     assert torch.equal(static_y, model(x2))
     monkeypatch.undo()
     compiled = torch.compile(model, fullgraph=True)
-    assert torch.allclose(compiled(x).float(), eager.float(), atol=1e-2, rtol=1e-2)
+    assert_close_rel(compiled(x), eager)
 
 
 @pytest.mark.gpu

@@ -8,6 +8,14 @@ Tensors: ``x`` [M, K] fp16/bf16 (K a multiple of 32, unit column stride, row str
 out: :class:`~tinyq.kernels.paired.PairedRows`. Program (row, c) rewrites inputs
 ``c * BLOCK .. (c + 1) * BLOCK`` of one row: whole 32-input blocks, so its pairs land in one
 contiguous run of each plane (``BLOCK / 4`` entries from ``c * BLOCK / 4``).
+
+``scaled=True`` writes fp16 rows with a power-of-two scale per row instead (for bf16 x: the GEMV's
+fp16 dot, 2.75 instructions a weight, where bf16 has no packed dot and costs ~4). With ``E`` the
+exponent of ``max |x|`` of the row, the row is stored as ``x * 2^(14 - E)``, so its largest entry
+lies in ``[2^14, 2^15)``: under the 34,000 at which the GEMV's fp16 pair sums could overflow, and
+every bf16 value down to ``2^-31 max |x|`` is held exactly (8 mantissa bits within fp16's 11 and
+its subnormals); smaller ones weigh less than the fp16 rounding of the products. ``scale`` holds
+``2^(E - 14)``. One program holds a whole row (the maximum needs it), ``next_pow2(K)`` inputs.
 """
 from __future__ import annotations
 
@@ -33,18 +41,45 @@ def _pair_rows_kernel(X, OUT, K, stride_x, stride_o, PLANE: tl.constexpr, BLOCK:
     store_paired_row(OUT + row * stride_o + c * (BLOCK // 4), v, K - c * BLOCK, BLOCK, PLANE)
 
 
-def pair_rows(x: torch.Tensor, out: Optional[PairedRows] = None) -> PairedRows:
+@triton.jit
+def _pair_rows_scaled_kernel(X, OUT, SCALE, K, stride_x, stride_o, PLANE: tl.constexpr, ROW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, ROW)
+    v = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+    biased = (tl.max(tl.abs(v), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # 127 + E
+    # the biased exponent of 2^(14 - E); capped so that its inverse stays a normal float (an all-zero
+    # or subnormal row); an inf row gives 2^-114 and stays inf, a NaN stays NaN
+    up = tl.minimum(141 + 127 - biased, 253)
+    tl.store(SCALE + row, ((254 - up) << 23).to(tl.float32, bitcast=True))  # 2^(E - 14), exact
+    scaled = (v * (up << 23).to(tl.float32, bitcast=True)).to(tl.float16)  # exact: a power of two
+    store_paired_row(OUT + row * stride_o, scaled, K, ROW, PLANE)
+
+
+def pair_rows(x: torch.Tensor, out: Optional[PairedRows] = None, *, scaled: bool = False) -> PairedRows:
     """``x [M, K]`` (fp16/bf16, K a multiple of 32, unit stride along K) in the paired layout,
-    written into ``out`` when given (its K, dtype and at least M rows are checked)."""
+    written into ``out`` when given (its K, dtype and at least M rows are checked). ``scaled``:
+    fp16 rows and a power-of-two ``scale`` per row (module docstring)."""
     m, k = x.shape
     if x.stride(1) != 1:
         raise ValueError(f"pair_rows: x must have unit stride along K (strides {x.stride()})")
+    dtype = torch.float16 if scaled else x.dtype
     if out is None:
-        out = empty_paired_rows(m, k, x.dtype, x.device)
-    elif out.k != k or out.data.dtype != x.dtype or out.data.shape[0] < m or out.data.device != x.device:
+        out = empty_paired_rows(m, k, dtype, x.device)
+        if scaled:
+            out = out._replace(scale=torch.empty(m, dtype=torch.float32, device=x.device))
+    elif out.k != k or out.data.dtype != dtype or out.data.shape[0] < m or out.data.device != x.device:
         raise ValueError(f"pair_rows: out holds {out.data.shape[0]} rows of {out.k} inputs, {out.data.dtype} on "
-                         f"{out.data.device}; x is {m} rows of {k}, {x.dtype} on {x.device}")
-    if m and k:
+                         f"{out.data.device}; x is {m} rows of {k}, {x.dtype} on {x.device}"
+                         + (", to be written as scaled float16" if scaled else ""))
+    elif scaled != (out.scale is not None) or (scaled and (out.scale.dtype != torch.float32 or out.scale.numel() < m)):
+        raise ValueError(f"pair_rows: scaled={scaled} needs an out with {'a float32 scale of at least ' + str(m) + ' rows' if scaled else 'no scale'}")
+    if m and k and scaled:
+        row = max(32, triton.next_power_of_2(k))
+        _pair_rows_scaled_kernel[(m,)](
+            x, out.data, out.scale, k, x.stride(0), out.data.stride(0),
+            PLANE=out.data.shape[1] // 4, ROW=row, num_warps=max(4, min(16, row // 1024)),
+        )
+    elif m and k:
         _pair_rows_kernel[(m, triton.cdiv(k, BLOCK))](
             x, out.data, k, x.stride(0), out.data.stride(0),
             PLANE=out.data.shape[1] // 4, BLOCK=BLOCK, num_warps=4,
@@ -52,4 +87,13 @@ def pair_rows(x: torch.Tensor, out: Optional[PairedRows] = None) -> PairedRows:
     return out
 
 
-__all__ = ["BLOCK", "pair_rows", "pair_rows_reference"]  # the reference lives beside the layout's definition
+def pair_rows_scaled_reference(x: torch.Tensor) -> PairedRows:
+    """What ``pair_rows(x, scaled=True)`` writes, in torch (the padding is zero)."""
+    biased = (x.float().abs().amax(dim=1).view(torch.int32) >> 23) & 0xFF
+    up = (268 - biased).clamp(max=253)
+    factor = (up << 23).view(torch.float32)
+    paired = pair_rows_reference((x.float() * factor[:, None]).half())
+    return paired._replace(scale=((254 - up) << 23).view(torch.float32))
+
+
+__all__ = ["BLOCK", "pair_rows", "pair_rows_reference", "pair_rows_scaled_reference"]  # the reference lives beside the layout's definition

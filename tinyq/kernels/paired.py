@@ -16,7 +16,7 @@ padding and never read.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -52,9 +52,14 @@ def paired_plane(k: int) -> int:
 
 class PairedRows(NamedTuple):
     """Rows of ``k`` activations in the paired layout: ``data [M, 4 * paired_plane(k)]``
-    (fp16/bf16, contiguous). Kernels write it through :func:`paired_offsets`."""
+    (fp16/bf16, contiguous). Kernels write it through :func:`paired_offsets`.
+
+    ``scale`` (float32 ``[M]``, or None for 1): row m of the activations is ``data[m] * scale[m]``.
+    :func:`tinyq.kernels.pair_rows.pair_rows` writes bf16 rows so, as fp16 over a power of two, for
+    the fp16 dot of the W4A16 GEMV; a consumer that reads ``data`` must apply it (:func:`x_operand`)."""
     data: torch.Tensor
     k: int
+    scale: Optional[torch.Tensor] = None
 
 
 def empty_paired_rows(m: int, k: int, dtype: torch.dtype, device) -> PairedRows:
@@ -83,10 +88,14 @@ def unpair_rows_reference(x: PairedRows) -> torch.Tensor:
     return planes.reshape(m, 4, k // 32, 4, 2).permute(0, 2, 4, 1, 3).reshape(m, k)
 
 
-def x_operand(x):
+def x_operand(x, scaled_ok: bool = False):
     """``(tensor, plane)`` for a GEMV kernel's activation arguments: a natural ``[M, K]`` tensor as
-    is with plane 0, a :class:`PairedRows` as int32 pairs with its plane stride in words."""
+    is with plane 0, a :class:`PairedRows` as int32 pairs with its plane stride in words. Rows with
+    a ``scale`` only where the caller applies it (``scaled_ok``): read as plain rows they would be
+    silently wrong by a power of two."""
     if isinstance(x, PairedRows):
+        if x.scale is not None and not scaled_ok:
+            raise ValueError("this GEMV reads paired rows without a per-row scale; these carry one")
         return x.data.view(torch.int32), x.data.shape[1] // 8
     return x, 0
 

@@ -19,16 +19,18 @@ Measured on the H100 (four Llama-3-8B linears, M=1): the plain nibble order ``8c
 scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us); an
 ``[BN, BK/8, 8] -> [BN, BK]`` reshape unpack took 314 us.
 
-Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``, unit column stride); ``qweight`` int32
+Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``, unit column stride), or paired rows with
+an optional float32 scale ``xs`` [M] (:class:`~tinyq.kernels.paired.PairedRows`); ``qweight`` int32
 [N, K/8], contiguous, its row stride passed as ``stride_w16`` in 16-byte units (K/32); ``scales``/
 ``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in x's dtype.
 
 The words, scales and zeros of step k + 1 are loaded before step k computes (register
 double-buffering), two steps of weight bytes in flight per program.
 
-Work split: program p handles row ``m = p % M`` and columns ``BLOCK_N * (p // M) ...``. Rows that
-share a column block are neighbours in launch order, so for M > 1 the second read of a weight
-block hits L2. No split-K: with BLOCK_N = 8, N = 4096 already gives 512 programs (4 per SM on an
+Work split: with G = ceil(M / ROWS) groups of ``ROWS`` (1..4) activation rows, program p handles
+rows ``ROWS * (p % G) ...`` and columns ``BLOCK_N * (p // G) ...``: each weight word it loads is
+unpacked once and multiplied into its ROWS rows. Groups that share a column block are neighbours in
+launch order, so for M > ROWS the second read of a weight block hits L2. No split-K: with BLOCK_N = 8, N = 4096 already gives 512 programs (4 per SM on an
 H100), each streaming whole contiguous weight rows (2 KB per row at K = 4096).
 """
 from __future__ import annotations
@@ -149,13 +151,80 @@ def _half_pair_to_f32(pair, IS_BF16: tl.constexpr):
     return lo, hi
 
 
+# One int32 word -> its 4 fp16 pairs of (q - z) / 16 (as in _DEQUANT_DOT_PTX), for several rows of x
+_DEQUANT_PAIRS_PTX = tl.constexpr(
+    "{\n.reg .b32 t1, t2, t3, q0, q1, q2, q3, zz;\nmov.b32 zz, {$5, $5};\n"
+    + nibble_pairs_minus_zero("$4", "zz", "f16_div16")
+    + "\nmov.b32 $0, q0;\nmov.b32 $1, q1;\nmov.b32 $2, q2;\nmov.b32 $3, q3;\n}"
+)
+# Those 4 pairs dotted with 4 pairs of x, as the tail of _DEQUANT_DOT_PTX
+_PAIRS_DOT_PTX = tl.constexpr(
+    "{\n.reg .b32 h0, h1;\n.reg .f16 a, b, c, d;\n.reg .f32 fa, fb, fc, fd;\n"
+    "mul.rn.f16x2 h0, $1, $5;\nfma.rn.f16x2 h0, $2, $6, h0;\n"
+    "mul.rn.f16x2 h1, $3, $7;\nfma.rn.f16x2 h1, $4, $8, h1;\n"
+    "mov.b32 {a, b}, h0;\nmov.b32 {c, d}, h1;\n"
+    "cvt.f32.f16 fa, a;\ncvt.f32.f16 fb, b;\ncvt.f32.f16 fc, c;\ncvt.f32.f16 fd, d;\n"
+    "add.f32 fa, fa, fb;\nadd.f32 fc, fc, fd;\nadd.f32 $0, fa, fc;\n}"
+)
+
+
 @triton.jit
-def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16, stride_sn,
-              GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr):
-    """float32 ``[BLOCK_N]``: the dot products of the activation row at ``x_row`` with weight rows
-    ``rows`` (any ``BLOCK_N`` row indices; ``row_ok`` masks the rest to 0). The main loop of every
-    W4A16 GEMV (the plain one here, and the fused ones that change only the rows and the epilogue).
+def _x_pairs(x_blk, x_ok, x_plane, EVEN_K: tl.constexpr):
+    """The 4 fp16 pairs (as int32) of one row's x that nibbles (j, j + 4) of each word meet:
+    (x[.. + 4j], x[.. + 4j + 16]), from the paired layout (``x_plane`` > 0) or the natural one."""
+    if x_plane > 0:
+        xp0 = _x_load(x_blk, x_ok, EVEN_K)
+        xp1 = _x_load(x_blk + x_plane, x_ok, EVEN_K)
+        xp2 = _x_load(x_blk + 2 * x_plane, x_ok, EVEN_K)
+        xp3 = _x_load(x_blk + 3 * x_plane, x_ok, EVEN_K)
+    else:
+        xp0 = _pack_half2(_x_load(x_blk, x_ok, EVEN_K), _x_load(x_blk + 16, x_ok, EVEN_K))
+        xp1 = _pack_half2(_x_load(x_blk + 4, x_ok, EVEN_K), _x_load(x_blk + 20, x_ok, EVEN_K))
+        xp2 = _pack_half2(_x_load(x_blk + 8, x_ok, EVEN_K), _x_load(x_blk + 24, x_ok, EVEN_K))
+        xp3 = _pack_half2(_x_load(x_blk + 12, x_ok, EVEN_K), _x_load(x_blk + 28, x_ok, EVEN_K))
+    return xp0, xp1, xp2, xp3
+
+
+@triton.jit
+def _pairs_dot(q0, q1, q2, q3, x_blk, x_ok, x_plane, EVEN_K: tl.constexpr):
+    xp0, xp1, xp2, xp3 = _x_pairs(x_blk, x_ok, x_plane, EVEN_K)
+    return tl.inline_asm_elementwise(_PAIRS_DOT_PTX, "=f,r,r,r,r,r,r,r,r", [q0, q1, q2, q3, xp0, xp1, xp2, xp3],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _fma_pair(part, w_lo, w_hi, x_blk, j: tl.constexpr, x_ok, x_plane, EVEN_K: tl.constexpr, X_BF16: tl.constexpr):
+    """``part + w_lo * x[.. + 4j] + w_hi * x[.. + 4j + 16]`` for one row's x (the portable path's pair j)
+    as two separate updates: one FFMA each, where a + b*lo + c*hi costs an FMUL and an FADD more."""
+    if x_plane > 0:
+        lo, hi = _half_pair_to_f32(_x_load(x_blk + j * x_plane, x_ok, EVEN_K), X_BF16)
+    else:
+        lo = _x_load(x_blk + 4 * j, x_ok, EVEN_K).to(tl.float32)  # one row, x 4 inputs
+        hi = _x_load(x_blk + 4 * j + 16, x_ok, EVEN_K).to(tl.float32)
+    part += w_lo * lo
+    part += w_hi * hi
+    return part
+
+
+@triton.jit
+def _acc_sum(acc, ROWS_LAST: tl.constexpr):
+    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1 if ROWS_LAST else 2), axis=0)
+
+
+@triton.jit
+def gemv_rows_n(x_row0, x_row1, x_row2, x_row3, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
+                stride_sn, GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, X_FP16: tl.constexpr,
+                ROWS: tl.constexpr):
+    """float32 ``[BLOCK_N]`` each: the dot products of ``ROWS`` (1..4) activation rows at ``x_row0``
+    .. ``x_row3`` (the ones past ``ROWS`` unused) with weight rows ``rows`` (any ``BLOCK_N`` row
+    indices; ``row_ok`` masks the rest to 0), returned as 4 values (past ``ROWS``, row 0's again).
+    The main loop of every W4A16 GEMV (the plain one here, and the fused ones that change only the
+    rows and the epilogue; :func:`gemv_rows` is its one-row form).
+
+    With several rows each weight word is loaded and dequantized once, and only the multiply-adds
+    and the x loads are per row: the fp16 path splits its asm into the unpack (``q - z`` pairs) and
+    one dot per row.
 
     A K step's ``BLOCK_K / 32`` blocks are split as ``[NBO, NBI]`` with ``NBI = WARP_BLOCKS``. Each
     thread loads a block's 4 words (16 bytes, the last tile dim). Triton's coalescing sees no
@@ -178,25 +247,31 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
     16-byte loads of ready (nibble j, nibble j + 4) pairs, where the natural layout (``x_plane`` 0)
     costs 8 loads of 8 bytes at a 64-byte lane stride and a pack per pair.
 
-    ``EVEN_K``: ``K`` is a multiple of ``BLOCK_K``, so the x loads need no mask (:func:`even_k`)."""
+    ``EVEN_K``: ``K`` is a multiple of ``BLOCK_K``, so the x loads need no mask (:func:`even_k`).
+    ``X_FP16``: paired x holds fp16 pairs whatever the scales' dtype (bf16 rows stored scaled,
+    :func:`tinyq.kernels.pair_rows.pair_rows`); the caller applies the row's scale."""
     tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
     tl.static_assert(GROUP_SIZE % 32 == 0, "groups hold whole 32-input blocks")
+    tl.static_assert(ROWS >= 1 and ROWS <= 4, "1 to 4 activation rows")
     NB: tl.constexpr = BLOCK_K // 32
     tl.static_assert(NB % WARP_BLOCKS == 0, "WARP_BLOCKS divides the step's blocks")
     NBO: tl.constexpr = NB // WARP_BLOCKS
-    IS_BF16: tl.constexpr = s_ptr.dtype.element_ty == tl.bfloat16
+    X_BF16: tl.constexpr = s_ptr.dtype.element_ty == tl.bfloat16 and not X_FP16  # paired x's pair dtype
     X_PAIRED: tl.constexpr = x_plane > 0
     ROWS_LAST: tl.constexpr = X_PAIRED != _TIES_LAST_FIRST  # the tile's dim order (above)
     if ROWS_LAST:  # [NBO, NBI, BN]
         blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, :, None]
         n3 = rows[None, None, :]
         ok3 = row_ok[None, None, :]
-        acc = tl.zeros((NBO, WARP_BLOCKS, BLOCK_N, 4), dtype=tl.float32)
+        acc0 = tl.zeros((NBO, WARP_BLOCKS, BLOCK_N, 4), dtype=tl.float32)
     else:  # [NBO, BN, NBI]
         blk = tl.arange(0, NBO)[:, None, None] * WARP_BLOCKS + tl.arange(0, WARP_BLOCKS)[None, None, :]
         n3 = rows[None, :, None]
         ok3 = row_ok[None, :, None]
-        acc = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
+        acc0 = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
+    acc1 = tl.zeros_like(acc0)  # the accumulators of rows 1..3: untouched (and dropped) past ROWS
+    acc2 = tl.zeros_like(acc0)
+    acc3 = tl.zeros_like(acc0)
     offs_w = tl.arange(0, 4)
     # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
     # double-buffering), so each program keeps two steps of weight bytes in flight
@@ -208,42 +283,78 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
         words_n, s_n, z_n = _load_step(qw_ptr, s_ptr, z_ptr, n3, ok3, blk, offs_w, k0 + BLOCK_K, K,
                                        stride_w16, stride_sn, GROUP_SIZE)
         if X_PAIRED:
-            x_blk = x_row + k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # one row, x 4 int32
+            x_off = k0 // 8 + 4 * blk[:, :, :, None] + offs_w[None, None, None, :]  # one row, x 4 int32
         else:
-            x_blk = x_row + k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # one row, x 4 inputs
+            x_off = k0 + 32 * blk[:, :, :, None] + offs_w[None, None, None, :]  # one row, x 4 inputs
         if PTX_DEQUANT == 2:
             # fp16 only. Pair j = (nibble j, nibble j + 4) meets (x[.. + 4j], x[.. + 4j + 16]).
-            if X_PAIRED:
-                xp0 = _x_load(x_blk, x_ok, EVEN_K)
-                xp1 = _x_load(x_blk + x_plane, x_ok, EVEN_K)
-                xp2 = _x_load(x_blk + 2 * x_plane, x_ok, EVEN_K)
-                xp3 = _x_load(x_blk + 3 * x_plane, x_ok, EVEN_K)
-            else:
-                xp0 = _pack_half2(_x_load(x_blk, x_ok, EVEN_K), _x_load(x_blk + 16, x_ok, EVEN_K))
-                xp1 = _pack_half2(_x_load(x_blk + 4, x_ok, EVEN_K), _x_load(x_blk + 20, x_ok, EVEN_K))
-                xp2 = _pack_half2(_x_load(x_blk + 8, x_ok, EVEN_K), _x_load(x_blk + 24, x_ok, EVEN_K))
-                xp3 = _pack_half2(_x_load(x_blk + 12, x_ok, EVEN_K), _x_load(x_blk + 28, x_ok, EVEN_K))
             z16 = (z * 0.0625 + 64.0).to(tl.float16)[:, :, :, None]  # exact: z is an integer 0..15
-            dots = tl.inline_asm_elementwise(
-                _DEQUANT_DOT_PTX, "=f,r,h,r,r,r,r", [words, z16, xp0, xp1, xp2, xp3],
-                dtype=tl.float32, is_pure=True, pack=1,
-            )
-            acc += (16.0 * s)[:, :, :, None] * dots
+            s16 = (16.0 * s)[:, :, :, None]
+            if ROWS == 1:  # unpack and dot in one asm (the tuned decode kernel)
+                xp0, xp1, xp2, xp3 = _x_pairs(x_row0 + x_off, x_ok, x_plane, EVEN_K)
+                dots = tl.inline_asm_elementwise(
+                    _DEQUANT_DOT_PTX, "=f,r,h,r,r,r,r", [words, z16, xp0, xp1, xp2, xp3],
+                    dtype=tl.float32, is_pure=True, pack=1,
+                )
+                acc0 += s16 * dots
+            else:
+                q0, q1, q2, q3 = tl.inline_asm_elementwise(
+                    _DEQUANT_PAIRS_PTX, "=r,=r,=r,=r,r,h", [words, z16],
+                    dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
+                )
+                acc0 += s16 * _pairs_dot(q0, q1, q2, q3, x_row0 + x_off, x_ok, x_plane, EVEN_K)
+                acc1 += s16 * _pairs_dot(q0, q1, q2, q3, x_row1 + x_off, x_ok, x_plane, EVEN_K)
+                if ROWS >= 3:
+                    acc2 += s16 * _pairs_dot(q0, q1, q2, q3, x_row2 + x_off, x_ok, x_plane, EVEN_K)
+                if ROWS >= 4:
+                    acc3 += s16 * _pairs_dot(q0, q1, q2, q3, x_row3 + x_off, x_ok, x_plane, EVEN_K)
         else:
-            part = tl.zeros_like(acc)
+            part0 = tl.zeros_like(acc0)
+            part1 = tl.zeros_like(acc0)
+            part2 = tl.zeros_like(acc0)
+            part3 = tl.zeros_like(acc0)
             high = words >> 16  # nibbles 4..7 at bits 0..15
             zz = z[:, :, :, None]
             for j in tl.static_range(4):
-                if X_PAIRED:
-                    lo, hi = _half_pair_to_f32(_x_load(x_blk + j * x_plane, x_ok, EVEN_K), IS_BF16)
-                else:
-                    lo = _x_load(x_blk + 4 * j, x_ok, EVEN_K).to(tl.float32)  # one row, x 4 inputs
-                    hi = _x_load(x_blk + 4 * j + 16, x_ok, EVEN_K).to(tl.float32)
-                # two separate updates: one FFMA each, where a + b*lo + c*hi costs an FMUL and an FADD more
-                part += _nibble_minus_zero(words, j, zz, PTX_DEQUANT == 1) * lo
-                part += _nibble_minus_zero(high, j, zz, PTX_DEQUANT == 1) * hi
-            acc += s[:, :, :, None] * part
-    return tl.sum(tl.sum(tl.sum(acc, axis=3), axis=1 if ROWS_LAST else 2), axis=0)
+                w_lo = _nibble_minus_zero(words, j, zz, PTX_DEQUANT == 1)
+                w_hi = _nibble_minus_zero(high, j, zz, PTX_DEQUANT == 1)
+                part0 = _fma_pair(part0, w_lo, w_hi, x_row0 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
+                if ROWS >= 2:
+                    part1 = _fma_pair(part1, w_lo, w_hi, x_row1 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
+                if ROWS >= 3:
+                    part2 = _fma_pair(part2, w_lo, w_hi, x_row2 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
+                if ROWS >= 4:
+                    part3 = _fma_pair(part3, w_lo, w_hi, x_row3 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
+            s4 = s[:, :, :, None]
+            acc0 += s4 * part0
+            if ROWS >= 2:
+                acc1 += s4 * part1
+            if ROWS >= 3:
+                acc2 += s4 * part2
+            if ROWS >= 4:
+                acc3 += s4 * part3
+    d0 = _acc_sum(acc0, ROWS_LAST)
+    d1 = d0
+    d2 = d0
+    d3 = d0
+    if ROWS >= 2:
+        d1 = _acc_sum(acc1, ROWS_LAST)
+    if ROWS >= 3:
+        d2 = _acc_sum(acc2, ROWS_LAST)
+    if ROWS >= 4:
+        d3 = _acc_sum(acc3, ROWS_LAST)
+    return d0, d1, d2, d3
+
+
+@triton.jit
+def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16, stride_sn,
+              GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, X_FP16: tl.constexpr = False):
+    """:func:`gemv_rows_n` of one activation row at ``x_row``: float32 ``[BLOCK_N]``."""
+    d0, d1, d2, d3 = gemv_rows_n(x_row, x_row, x_row, x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane,
+                                 stride_w16, stride_sn, GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
+                                 EVEN_K, X_FP16, 1)
+    return d0
 
 
 @triton.jit
@@ -278,7 +389,7 @@ def gemv_rows_prenormed_reference(x, qweight, scales, zeros, bias=None, prenorm=
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
+    x_ptr, xs_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_ym, stride_w16, stride_sn,
     GROUP_SIZE: tl.constexpr,
@@ -288,22 +399,48 @@ def _w4a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     WARP_BLOCKS: tl.constexpr,
     X_PLANE: tl.constexpr,
+    X_SCALED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    m = pid % M
-    pid_n = pid // M
+    groups = tl.cdiv(M, ROWS)
+    m0 = (pid % groups) * ROWS
+    pid_n = pid // groups
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
+    # rows past M (a last group of fewer than ROWS) read row M - 1 again; their stores are masked
+    m1 = tl.minimum(m0 + 1, M - 1)
+    m2 = tl.minimum(m0 + 2, M - 1)
+    m3 = tl.minimum(m0 + 3, M - 1)
     # The weight row stride comes in 16-byte units (K // 32, computed on the host) and is multiplied
     # by 4 words here, so Triton knows every row starts 16-byte aligned and loads a block's 4 words
     # in one access. Passed in words, it was proven aligned only where K // 8 is a multiple of 16
     # (Triton's argument specialization): SmolLM2's K = 576 and 1536 got 4-byte loads.
-    out = gemv_rows(x_ptr + m * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_w16, stride_sn,
-                    GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K)
+    d0, d1, d2, d3 = gemv_rows_n(x_ptr + m0 * stride_xm, x_ptr + m1 * stride_xm, x_ptr + m2 * stride_xm,
+                                 x_ptr + m3 * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_w16,
+                                 stride_sn, GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K, X_SCALED,
+                                 ROWS)
     if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_mask)
+        bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    _store_row(y_ptr, xs_ptr, m0, stride_ym, offs_n, N, d0, bias, X_SCALED)
+    if ROWS >= 2:  # a row past M stores nothing (no column is below 0)
+        _store_row(y_ptr, xs_ptr, m1, stride_ym, offs_n, tl.where(m0 + 1 < M, N, 0), d1, bias, X_SCALED)
+    if ROWS >= 3:
+        _store_row(y_ptr, xs_ptr, m2, stride_ym, offs_n, tl.where(m0 + 2 < M, N, 0), d2, bias, X_SCALED)
+    if ROWS >= 4:
+        _store_row(y_ptr, xs_ptr, m3, stride_ym, offs_n, tl.where(m0 + 3 < M, N, 0), d3, bias, X_SCALED)
+
+
+@triton.jit
+def _store_row(y_ptr, xs_ptr, m, stride_ym, offs_n, n_end, dots, bias, X_SCALED: tl.constexpr):
+    """Columns below ``n_end`` of row ``m`` of y: the dots, times the row's scale where x was stored
+    scaled (fp16 over a power of two, ``pair_rows(scaled=True)``), plus the bias."""
+    if X_SCALED:
+        dots *= tl.load(xs_ptr + m)
+    tl.store(y_ptr + m * stride_ym + offs_n, (dots + bias).to(y_ptr.dtype.element_ty), mask=offs_n < n_end)
 
 
 def gemv_ptx(x) -> int:
@@ -327,16 +464,19 @@ def warp_blocks_of(block_k: int, warp_blocks=None) -> int:
 
 
 def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block_k: int, num_warps: int,
-                      num_stages: int, ptx_dequant: bool = False, warp_blocks=None):
+                      num_stages: int, ptx_dequant: bool = False, warp_blocks=None, rows: int = 1):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
-    ``x`` ``[M, K]`` or :class:`PairedRows` of M rows."""
+    ``x`` ``[M, K]`` or :class:`PairedRows` of M rows (with or without a row scale). ``rows``
+    (1..4): activation rows a program multiplies by each weight word it unpacks."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    x_arg, x_plane = x_operand(x)
+    x_arg, x_plane = x_operand(x, scaled_ok=True)
+    x_scale = x.scale if isinstance(x, PairedRows) else None
     m = x_arg.shape[0]
     group_size = k // scales.shape[1]
-    grid = (m * triton.cdiv(n, block_n),)
+    rows = min(rows, m) or 1
+    grid = (triton.cdiv(m, rows) * triton.cdiv(n, block_n),)
     _w4a16_gemv_kernel[grid](
-        x_arg, qweight, scales, zeros, bias if bias is not None else y, y,
+        x_arg, x_scale if x_scale is not None else y, qweight, scales, zeros, bias if bias is not None else y, y,
         m, n, k,
         x_arg.stride(0), y.stride(0), qweight.stride(0) // 4, scales.stride(0),
         GROUP_SIZE=group_size,
@@ -346,7 +486,9 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
         BLOCK_K=block_k,
         WARP_BLOCKS=warp_blocks_of(block_k, warp_blocks),
         X_PLANE=x_plane,
+        X_SCALED=x_scale is not None,
         EVEN_K=even_k(k, block_k),
+        ROWS=rows,
         num_warps=num_warps,
         num_stages=num_stages,
     )

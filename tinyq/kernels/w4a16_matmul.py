@@ -4,8 +4,9 @@
 The launcher dispatches on M (callers never choose a kernel), with the configs and crossovers of
 :mod:`tinyq.kernels.w4a16_configs`:
 
-- ``gemv``: a few rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`); one row inside a CUDA-graph
-  capture is first rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`) where
+- ``gemv``: one or two rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`); inside a CUDA-graph
+  capture the rows are first rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`;
+  bf16 as fp16 over a power of two per row) where
   :func:`~tinyq.kernels.w4a16_configs.paired_decode` says so. The paired GEMV sums in another
   order, so a replay can differ from an eager call in the last bit;
 - ``gemm``: the fused-dequant tensor-core GEMM, split along K for skinny M
@@ -20,6 +21,7 @@ from typing import Optional
 import torch
 
 from tinyq.backend import check_kernel_device
+from tinyq.kernels import w4a16_configs
 from tinyq.kernels.pair_rows import pair_rows
 from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, scratch
@@ -121,12 +123,14 @@ def capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-# (device, dtype, K, N, groups, bias?) of the plain M = 1 calls whose paired path ran once eagerly
+# (device, dtype, M, K, N, groups, bias?) of the plain GEMV calls whose paired path ran once eagerly
 _PAIRED_WARM: set = set()
 
 
 def _paired_gemv(x, qweight, scales, zeros, bias, y):
-    return launch_w4a16_gemv(pair_rows(x), qweight, scales, zeros, bias, y, **paired_gemv_plan(x.dtype, x.get_device()))
+    xp = pair_rows(x, scaled=x.dtype == torch.bfloat16 and w4a16_configs.PAIRED_BF16_AS_FP16)
+    plan = paired_gemv_plan(xp.data.dtype, x.get_device(), x.shape[0])
+    return launch_w4a16_gemv(xp, qweight, scales, zeros, bias, y, **plan)
 
 
 def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None, config=None):
@@ -139,14 +143,14 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         return y
     kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
-        if m == 1 and config is None and paired_decode(x.get_device()):
+        if config is None and paired_decode(x.get_device()):
             # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the
             # pass costs (w4a16_configs.paired_decode); eager calls are host-bound, so they keep one
             # launch, except the first of each shape: it runs the paired path, so that its kernels are
             # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
             if capturing(x):
                 return _paired_gemv(x, qweight, scales, zeros, bias, y)
-            key = (x.device, x.dtype, x.shape[1], qweight.shape[0], scales.shape[1], bias is None)
+            key = (x.device, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None)
             if key not in _PAIRED_WARM:
                 _PAIRED_WARM.add(key)
                 return _paired_gemv(x, qweight, scales, zeros, bias, y)
