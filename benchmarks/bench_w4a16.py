@@ -39,7 +39,7 @@ from benchmarks.common import (  # noqa: E402
 from tinyq.kernels.paired import pair_rows_reference  # noqa: E402
 from tinyq.kernels import w4a16_configs  # noqa: E402
 from tinyq.kernels.pair_rows import pair_rows, pair_rows_scaled_reference  # noqa: E402
-from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan  # noqa: E402
+from tinyq.kernels.w4a16_configs import PAIRED_GEMV_ROWS, launch_plan, paired_decode, paired_gemv_plan  # noqa: E402
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv  # noqa: E402
 from tinyq.kernels.w4a16_matmul import w4a16_linear_reference, w4a16_matmul  # noqa: E402
 from tinyq.nn import W4A16Linear  # noqa: E402
@@ -59,10 +59,6 @@ ROTATE_BYTES = 200e6  # weight copies in rotation per shape: > 3x the H200's 60 
 def random_layers(dtype=torch.float16):
     """The four ``SHAPES`` as tinyq int4 (group ``G``), quantized from random weights (std 0.02) on the GPU."""
     return {name: quantize_weight(torch.randn(n, k, device="cuda") * 0.02, G, dtype) for name, (k, n) in SHAPES.items()}
-
-
-
-
 
 
 def tinygemm_pack(n, k, device="cuda"):
@@ -238,16 +234,15 @@ def main():
             # with --sweep, every M runs the winner of the smallest swept bucket that holds it
             bucket = min((b for b in tuned if b >= m), default=None)
             plan = tuned.get(bucket, plan)
-            # None: the shipped dispatch itself, which pairs a lone row's input inside a graph capture
+            # None: the shipped dispatch itself, which pairs 1 or 2 rows inside a graph capture
             config = tuned.get(bucket)
             dev = torch.cuda.current_device()
-            # bf16 rows are paired as fp16 over a power of two, for the fp16 plan (PAIRED_BF16_AS_FP16)
+            # what the graph-timed tinyq column runs: for 1 or 2 rows with pairing on, pair_rows + the
+            # paired GEMV, bf16 rows as fp16 over a power of two (PAIRED_BF16_AS_FP16)
+            pairs_in_graph = m in PAIRED_GEMV_ROWS and not config and paired_decode(dev)
             scaled = dtype == torch.bfloat16 and w4a16_configs.PAIRED_BF16_AS_FP16
             pair_dtype = torch.float16 if scaled else dtype
-            paired_cfg = paired_gemv_plan(pair_dtype, dev, m) if plan[0] == "gemv" and not config else plan[1]
-            # what the graph-timed tinyq column runs: on the GEMV (M = 1, 2) with pairing on, pair_rows
-            # + the paired GEMV
-            pairs_in_graph = plan[0] == "gemv" and not config and paired_decode(dev)
+            paired_cfg = paired_gemv_plan(m, pair_dtype, dev) if pairs_in_graph else plan[1]
             ran = ("pair+gemv", paired_cfg) if pairs_in_graph else plan
             dq_plan = ("dequant", launch_plan(10**9, dtype, torch.cuda.current_device())[1])
             for name, (k, n) in SHAPES.items():
@@ -260,14 +255,14 @@ def main():
                 t_dq = timed(m, lambda a, b, c: (lambda: w4a16_matmul(x, a, b, c, config=dq_plan)), rot_q[name], GRAPH_MAX_M)
                 t_cb = timed(m, lambda w: (lambda: F.linear(x, w)), rot_d[name], GRAPH_MAX_M)
                 t_tg = t_gl = t_p = float("nan")
-                if plan[0] == "gemv":  # the same GEMV reading x in the paired layout its producer would write
+                if pairs_in_graph:  # the paired GEMV on x paired outside the timed graph (as a producer would)
                     xp = pair_rows_scaled_reference(x) if scaled else pair_rows_reference(x)
                     yp = torch.empty(m, n, device="cuda", dtype=dtype)
                     yq = launch_w4a16_gemv(xp, qw, s, z, None, yp, **paired_cfg)
                     rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
-                    if pairs_in_graph:  # and the pairing kernel the graphs run, checked too
-                        yq = launch_w4a16_gemv(pair_rows(x, scaled=scaled), qw, s, z, None, yp, **paired_cfg)
-                        rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
+                    # and the pairing kernel the graphs run, checked too
+                    yq = launch_w4a16_gemv(pair_rows(x, scaled=scaled), qw, s, z, None, yp, **paired_cfg)
+                    rel = max(rel, ((yq.float() - ref).abs().max() / ref.abs().max()).item())
                     t_p = timed(m, lambda a, b, c: (lambda: launch_w4a16_gemv(xp, a, b, c, None, yp, **paired_cfg)),
                                 rot_q[name], GRAPH_MAX_M)
                 if dtype == torch.bfloat16 and rot_tg[name] is not None:

@@ -342,13 +342,12 @@ TARGETS = {
     # bf16 rows as fp16 over a power of two, and the GEMV that applies the row scale
     "pair-rows-scaled-llama3-8b-down-bf16": _pair_rows(14336, torch.bfloat16, scaled=True),
     "pair-rows-scaled-llama3-8b-o-bf16": _pair_rows(4096, torch.bfloat16, scaled=True),
+    "pair-rows-scaled-llama3-70b-down-bf16": _pair_rows(28672, torch.bfloat16, scaled=True),  # 32768 a program
     "gemv-llama3-8b-gate-up-bf16-paired-scaled": _gemv(28672, 4096, torch.bfloat16, pair=True, scaled=True),
-    # two activation rows a program, each word unpacked once (the M = 2 plan; natural x eagerly)
-    "gemv-rows2-llama3-8b-gate-up-fp16": _gemv(28672, 4096, torch.float16, m=2, rows=2),
+    # two activation rows a program, each word unpacked once (a plain M = 2 call inside a graph)
     "gemv-rows2-llama3-8b-gate-up-fp16-paired": _gemv(28672, 4096, torch.float16, pair=True, m=2, rows=2),
-    "gemv-rows2-llama3-8b-gate-up-bf16": _gemv(28672, 4096, torch.bfloat16, m=2, rows=2),
-    "gemv-rows2-llama3-8b-gate-up-bf16-paired-scaled": _gemv(28672, 4096, torch.bfloat16, pair=True, scaled=True, m=2,
-                                                      rows=2),
+    "gemv-rows2-llama3-8b-gate-up-bf16-paired-scaled": _gemv(28672, 4096, torch.bfloat16, pair=True, scaled=True,
+                                                             m=2, rows=2),
     "gemv-rope-llama3-8b-fp16": _gemv_rope(4096, 32, 8, 128, torch.float16, False),
     "gemv-rope-smollm2-prenorm-fp16": _gemv_rope(576, 9, 3, 64, torch.float16, True, group=64),
     "gemv-residual-llama3-8b-fp16": _gemv_residual(4096, 14336, torch.float16, False),

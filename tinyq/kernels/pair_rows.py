@@ -1,6 +1,6 @@
 """Rows of activations rewritten in a W4A16 GEMV's paired layout (:mod:`tinyq.kernels.paired`).
 
-For a GEMV whose input comes from no fused producer (a plain ``W4A16Linear`` at M = 1): the paired
+For a GEMV whose input comes from no fused producer (a plain ``W4A16Linear`` at M = 1 or 2): the paired
 GEMV reads x in 16-byte coalesced pieces where the natural one reads 8 bytes at a 64-byte lane
 stride, and this pass costs one read and one write of x (8 KB at K = 4096).
 
@@ -15,7 +15,9 @@ exponent of ``max |x|`` of the row, the row is stored as ``x * 2^(14 - E)``, so 
 lies in ``[2^14, 2^15)``: under the 34,000 at which the GEMV's fp16 pair sums could overflow, and
 every bf16 value down to ``2^-31 max |x|`` is held exactly (8 mantissa bits within fp16's 11 and
 its subnormals); smaller ones weigh less than the fp16 rounding of the products. ``scale`` holds
-``2^(E - 14)``. One program holds a whole row (the maximum needs it), ``next_pow2(K)`` inputs.
+``2^(E - 14)``, kept a normal float: a row whose maximum is below ``2^-112`` is scaled by ``2^126``
+only. One program holds a whole row (the maximum needs it), ``next_pow2(K)`` inputs, at most
+:data:`SCALED_MAX_K`.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ from tinyq.kernels.paired import PairedRows, empty_paired_rows, pair_rows_refere
 # Inputs per program: one 32-block group of a GEMV step (2 KB of fp16), so K = 4096 gives 4 programs
 # a row and the pass stays a launch's worth of time; 4 warps hold it at 8 inputs a thread.
 BLOCK = 1024
+# The longest row the scaled pass holds in one program: 32768 inputs on 16 warps is 64 a thread
+# (Llama-3-70B's down projection has K = 28672); longer rows would spill.
+SCALED_MAX_K = 32768
 
 
 @triton.jit
@@ -62,6 +67,10 @@ def pair_rows(x: torch.Tensor, out: Optional[PairedRows] = None, *, scaled: bool
     m, k = x.shape
     if x.stride(1) != 1:
         raise ValueError(f"pair_rows: x must have unit stride along K (strides {x.stride()})")
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"pair_rows: x must be fp16 or bf16, got {x.dtype}")
+    if scaled and k > SCALED_MAX_K:
+        raise ValueError(f"pair_rows: scaled rows hold at most {SCALED_MAX_K} inputs in one program, x has {k}")
     dtype = torch.float16 if scaled else x.dtype
     if out is None:
         out = empty_paired_rows(m, k, dtype, x.device)
@@ -71,10 +80,12 @@ def pair_rows(x: torch.Tensor, out: Optional[PairedRows] = None, *, scaled: bool
         raise ValueError(f"pair_rows: out holds {out.data.shape[0]} rows of {out.k} inputs, {out.data.dtype} on "
                          f"{out.data.device}; x is {m} rows of {k}, {x.dtype} on {x.device}"
                          + (", to be written as scaled float16" if scaled else ""))
-    elif scaled != (out.scale is not None) or (scaled and (out.scale.dtype != torch.float32 or out.scale.numel() < m)):
-        raise ValueError(f"pair_rows: scaled={scaled} needs an out with {'a float32 scale of at least ' + str(m) + ' rows' if scaled else 'no scale'}")
+    elif scaled != (out.scale is not None) or (scaled and not _scale_fits(out.scale, m, x.device)):
+        need = f"a contiguous float32 scale of at least {m} rows on {x.device}" if scaled else "no scale"
+        raise ValueError(f"pair_rows: scaled={scaled} needs an out with {need}")
     if m and k and scaled:
         row = max(32, triton.next_power_of_2(k))
+        # 16 to 32 inputs a thread (4 warps up to 4096 inputs, 16 from 16384)
         _pair_rows_scaled_kernel[(m,)](
             x, out.data, out.scale, k, x.stride(0), out.data.stride(0),
             PLANE=out.data.shape[1] // 4, ROW=row, num_warps=max(4, min(16, row // 1024)),
@@ -87,13 +98,19 @@ def pair_rows(x: torch.Tensor, out: Optional[PairedRows] = None, *, scaled: bool
     return out
 
 
+def _scale_fits(scale: torch.Tensor, m: int, device) -> bool:
+    return scale.dtype == torch.float32 and scale.numel() >= m and scale.device == device and scale.is_contiguous()
+
+
 def pair_rows_scaled_reference(x: torch.Tensor) -> PairedRows:
-    """What ``pair_rows(x, scaled=True)`` writes, in torch (the padding is zero)."""
-    biased = (x.float().abs().amax(dim=1).view(torch.int32) >> 23) & 0xFF
+    """What ``pair_rows(x, scaled=True)`` writes, in torch (the padding is zero). The row maximum
+    skips NaN, as the kernel's does; a NaN entry stays NaN."""
+    biased = (x.float().abs().nan_to_num(nan=0.0, posinf=float("inf")).amax(dim=1).view(torch.int32) >> 23) & 0xFF
     up = (268 - biased).clamp(max=253)
     factor = (up << 23).view(torch.float32)
     paired = pair_rows_reference((x.float() * factor[:, None]).half())
     return paired._replace(scale=((254 - up) << 23).view(torch.float32))
 
 
-__all__ = ["BLOCK", "pair_rows", "pair_rows_reference", "pair_rows_scaled_reference"]  # the reference lives beside the layout's definition
+# pair_rows_reference lives beside the layout's definition (tinyq.kernels.paired)
+__all__ = ["BLOCK", "SCALED_MAX_K", "pair_rows", "pair_rows_reference", "pair_rows_scaled_reference"]

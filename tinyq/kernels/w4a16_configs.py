@@ -24,9 +24,6 @@ def _gemm(block_m, block_n, unpack, split_k, num_stages=4, tma=False):
 
 _SM90 = [  # the sweeps' winners (bench_w4a16.py --sweep; H200, the M <= 128 entry H100; docs/perf_notes.md)
     (1, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True)),
-    # two rows a program, each word unpacked once: 78.1 against the GEMM's 89.3 us with x paired in a
-    # graph (88.7 against 89.3 unpaired); three or four rows lost to the GEMM (scripts/ab_small_m.py, H100)
-    (2, "gemv", dict(block_n=8, block_k=1024, num_warps=8, num_stages=3, ptx_dequant=True, rows=2)),
     (16, "gemm", _gemm(16, 128, "frag", 8)),
     (32, "gemm", _gemm(32, 64, "natural", 4)),
     (64, "gemm", _gemm(64, 64, "natural", 4)),
@@ -61,10 +58,19 @@ PLANS = {
 PAIRED_DECODE = {"sm90": True, "default": False}
 
 # Changes to the M = 1 plan of the plain GEMV (not the fused decode GEMVs) when its x comes in the
-# paired layout, per dtype, on every arch. bf16 with 16 rows a program: 63.5 against 66.8 us for the
-# four Llama-3-8B linears (fp16: 53.0 against 51.6; natural x: 83.8 against 74.2), H100, alternating
-# rounds (docs/perf_notes.md). The fused GEMVs keep 8 rows: untimed at 16, and the RoPE one spills there.
+# paired layout, per pair dtype, on every arch. bf16 pairs (PAIRED_BF16_AS_FP16 off) with 16 rows a
+# program: 63.5 against 66.8 us for the four Llama-3-8B linears (fp16: 53.0 against 51.6; natural x:
+# 83.8 against 74.2), H100, alternating rounds (docs/perf_notes.md). The fused GEMVs keep 8 rows:
+# untimed at 16, and the RoPE one spills there.
 PAIRED_GEMV = {torch.bfloat16: dict(block_n=16)}
+
+# The row counts that a plain call pairs inside a CUDA-graph capture (where paired_decode holds) and
+# sends to the paired GEMV, with the plan changes for each. Two rows a program, each weight word
+# unpacked once: 78.1 us against the M = 2 GEMM's 89.3 in fp16, 82.6 against 90.2 in bf16 (four
+# Llama-3-8B linears, pairing included, H100). Unpaired, two rows tie the GEMM in fp16 (88.7) and
+# lose in bf16 (103.8), and three or four rows lose even paired (scripts/ab_small_m.py), so eager
+# calls and other rows keep the plans above.
+PAIRED_GEMV_ROWS = {1: {}, 2: dict(rows=2)}
 
 # Whether bf16 rows paired for the plain GEMV are stored as fp16 over a per-row power of two
 # (tinyq.kernels.pair_rows, ``scaled``), so that the GEMV runs the fp16 dot (2.75 instructions a
@@ -113,10 +119,10 @@ def _arch_of(device_index: int) -> str:
 
 def paired_decode(device_index: int) -> bool:
     """Whether GEMV inputs on CUDA device ``device_index`` (-1: the interpreter) come paired: the
-    fused decode ops write theirs so, and a plain W4A16 GEMV call (M = 1, 2) inside a CUDA-graph
-    capture pairs its own first (one small kernel; four Llama-3-8B linears at M = 1, fp16: 56.7 us
-    against 69.1 natural, H100). ``PAIRED_DECODE`` is read on every call, so a patched table takes
-    effect at once."""
+    fused decode ops write theirs so, and a plain W4A16 call of 1 or 2 rows (:data:`PAIRED_GEMV_ROWS`)
+    inside a CUDA-graph capture pairs its own first (one small kernel; four Llama-3-8B linears at
+    M = 1, fp16: 56.7 us against 69.1 natural, H100). ``PAIRED_DECODE`` is read on every call, so a
+    patched table takes effect at once."""
     return PAIRED_DECODE[_arch_of(device_index)]
 
 
@@ -135,14 +141,17 @@ def launch_plan(m: int, dtype: torch.dtype, device_index: int):
     return plan
 
 
-def paired_gemv_plan(dtype: torch.dtype, device_index: int, m: int = 1) -> dict:
-    """The launch kwargs of the plain GEMV of ``m`` rows reading x in the paired layout, with pairs
-    of ``dtype`` (:data:`PAIRED_GEMV`); cached like :func:`launch_plan`, not to be mutated."""
-    key = ("paired", m if m <= _LAST_FINITE else -1, dtype, device_index)
+def paired_gemv_plan(m: int, dtype: torch.dtype, device_index: int) -> dict:
+    """The launch kwargs of the plain GEMV of ``m`` rows (a key of :data:`PAIRED_GEMV_ROWS`) reading
+    x in the paired layout with pairs of ``dtype``: the M = 1 GEMV plan with the changes of
+    :data:`PAIRED_GEMV` and :data:`PAIRED_GEMV_ROWS`; cached like :func:`launch_plan`, not to be mutated."""
+    key = ("paired", m, dtype, device_index)
     plan = _CACHE.get(key)
     if plan is None:
-        kind, cfg = launch_plan(m, dtype, device_index)
+        if m not in PAIRED_GEMV_ROWS:
+            raise ValueError(f"the paired W4A16 GEMV takes {sorted(PAIRED_GEMV_ROWS)} rows, not {m}")
+        kind, cfg = launch_plan(1, dtype, device_index)
         if kind != "gemv":  # the shipped plans send M = 1 to the GEMV; a custom table must too
-            raise RuntimeError(f"the paired W4A16 GEMV needs a GEMV plan at M={m}, got {kind!r}")
-        plan = _CACHE[key] = dict(cfg, **PAIRED_GEMV.get(dtype, {}))
+            raise RuntimeError(f"the paired W4A16 GEMV needs a GEMV plan at M=1, got {kind!r}")
+        plan = _CACHE[key] = dict(cfg, **PAIRED_GEMV.get(dtype, {}), **PAIRED_GEMV_ROWS[m])
     return plan

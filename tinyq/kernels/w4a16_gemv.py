@@ -22,7 +22,7 @@ scalar x loads per nibble and left the kernel L1-bound (82% L1, 33% DRAM, 111 us
 Tensors: ``x`` [M, K] fp16/bf16 (row stride ``stride_xm``, unit column stride), or paired rows with
 an optional float32 scale ``xs`` [M] (:class:`~tinyq.kernels.paired.PairedRows`); ``qweight`` int32
 [N, K/8], contiguous, its row stride passed as ``stride_w16`` in 16-byte units (K/32); ``scales``/
-``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in x's dtype.
+``zeros`` [N, K/G]; ``bias`` [N] or none; ``y`` [M, N] in the activations' dtype (the scales').
 
 The words, scales and zeros of step k + 1 are loaded before step k computes (register
 double-buffering), two steps of weight bytes in flight per program.
@@ -30,8 +30,9 @@ double-buffering), two steps of weight bytes in flight per program.
 Work split: with G = ceil(M / ROWS) groups of ``ROWS`` (1..4) activation rows, program p handles
 rows ``ROWS * (p % G) ...`` and columns ``BLOCK_N * (p // G) ...``: each weight word it loads is
 unpacked once and multiplied into its ROWS rows. Groups that share a column block are neighbours in
-launch order, so for M > ROWS the second read of a weight block hits L2. No split-K: with BLOCK_N = 8, N = 4096 already gives 512 programs (4 per SM on an
-H100), each streaming whole contiguous weight rows (2 KB per row at K = 4096).
+launch order, so for M > ROWS the second read of a weight block hits L2. No split-K: with
+BLOCK_N = 8, N = 4096 already gives 512 programs (4 per SM on an H100), each streaming whole
+contiguous weight rows (2 KB per row at K = 4096).
 """
 from __future__ import annotations
 
@@ -349,11 +350,12 @@ def gemv_rows_n(x_row0, x_row1, x_row2, x_row3, qw_ptr, s_ptr, z_ptr, rows, row_
 @triton.jit
 def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16, stride_sn,
               GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, X_FP16: tl.constexpr = False):
-    """:func:`gemv_rows_n` of one activation row at ``x_row``: float32 ``[BLOCK_N]``."""
+              WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr):
+    """:func:`gemv_rows_n` of one activation row at ``x_row`` (x paired in the scales' dtype, or
+    natural): float32 ``[BLOCK_N]``."""
     d0, d1, d2, d3 = gemv_rows_n(x_row, x_row, x_row, x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane,
                                  stride_w16, stride_sn, GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
-                                 EVEN_K, X_FP16, 1)
+                                 EVEN_K, False, 1)
     return d0
 
 

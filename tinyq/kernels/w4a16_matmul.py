@@ -4,11 +4,13 @@
 The launcher dispatches on M (callers never choose a kernel), with the configs and crossovers of
 :mod:`tinyq.kernels.w4a16_configs`:
 
-- ``gemv``: one or two rows, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`); inside a CUDA-graph
-  capture the rows are first rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`;
-  bf16 as fp16 over a power of two per row) where
-  :func:`~tinyq.kernels.w4a16_configs.paired_decode` says so. The paired GEMV sums in another
-  order, so a replay can differ from an eager call in the last bit;
+- ``gemv``: one row, CUDA cores (:mod:`tinyq.kernels.w4a16_gemv`). Inside a CUDA-graph capture,
+  where :func:`~tinyq.kernels.w4a16_configs.paired_decode` says so, one or two rows are first
+  rewritten in the GEMV's paired layout (:mod:`tinyq.kernels.pair_rows`; bf16 as fp16 over a power
+  of two per row) and go to the paired GEMV, two rows a program for M = 2. That path sums in another
+  order, and for bf16 rounds each product to fp16 (below bf16's own output rounding), so a replay
+  can differ from an eager call by an ulp of the output; so can the first eager call of a shape,
+  which runs the paired path to compile it;
 - ``gemm``: the fused-dequant tensor-core GEMM, split along K for skinny M
   (:mod:`tinyq.kernels.w4a16_gemm`);
 - ``dequant``: large M is compute-bound, so the weight is dequantized into a reusable scratch
@@ -22,8 +24,8 @@ import torch
 
 from tinyq.backend import check_kernel_device
 from tinyq.kernels import w4a16_configs
-from tinyq.kernels.pair_rows import pair_rows
-from tinyq.kernels.w4a16_configs import launch_plan, paired_decode, paired_gemv_plan
+from tinyq.kernels.pair_rows import SCALED_MAX_K, pair_rows
+from tinyq.kernels.w4a16_configs import PAIRED_GEMV_ROWS, launch_plan, paired_decode, paired_gemv_plan
 from tinyq.kernels.w4a16_dequant import launch_w4a16_dequant, scratch
 from tinyq.kernels.w4a16_gemm import launch_w4a16_gemm
 from tinyq.kernels.w4a16_gemv import launch_w4a16_gemv
@@ -123,13 +125,18 @@ def capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-# (device, dtype, M, K, N, groups, bias?) of the plain GEMV calls whose paired path ran once eagerly
+# (device, dtype, M, K, N, groups, bias?, scaled?) of the plain calls whose paired path ran once eagerly
 _PAIRED_WARM: set = set()
 
 
-def _paired_gemv(x, qweight, scales, zeros, bias, y):
-    xp = pair_rows(x, scaled=x.dtype == torch.bfloat16 and w4a16_configs.PAIRED_BF16_AS_FP16)
-    plan = paired_gemv_plan(xp.data.dtype, x.get_device(), x.shape[0])
+def _scaled_pairs(x) -> bool:
+    """Whether ``x``'s rows are paired as fp16 over a power of two (bf16, where the table says so)."""
+    return x.dtype == torch.bfloat16 and w4a16_configs.PAIRED_BF16_AS_FP16 and x.shape[1] <= SCALED_MAX_K
+
+
+def _paired_gemv(x, qweight, scales, zeros, bias, y, scaled):
+    xp = pair_rows(x, scaled=scaled)
+    plan = paired_gemv_plan(x.shape[0], xp.data.dtype, x.get_device())
     return launch_w4a16_gemv(xp, qweight, scales, zeros, bias, y, **plan)
 
 
@@ -141,19 +148,20 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if config is None and m in PAIRED_GEMV_ROWS and paired_decode(x.get_device()):
+        # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the pass
+        # costs (w4a16_configs.PAIRED_GEMV_ROWS); eager calls are host-bound, so they keep the plan of
+        # their M, except the first of each shape: it runs the paired path, so that its kernels are
+        # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
+        scaled = _scaled_pairs(x)
+        if capturing(x):
+            return _paired_gemv(x, qweight, scales, zeros, bias, y, scaled)
+        key = (x.device, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None, scaled)
+        if key not in _PAIRED_WARM:
+            _PAIRED_WARM.add(key)
+            return _paired_gemv(x, qweight, scales, zeros, bias, y, scaled)
     kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
     if kind == "gemv":
-        if config is None and paired_decode(x.get_device()):
-            # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the
-            # pass costs (w4a16_configs.paired_decode); eager calls are host-bound, so they keep one
-            # launch, except the first of each shape: it runs the paired path, so that its kernels are
-            # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
-            if capturing(x):
-                return _paired_gemv(x, qweight, scales, zeros, bias, y)
-            key = (x.device, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None)
-            if key not in _PAIRED_WARM:
-                _PAIRED_WARM.add(key)
-                return _paired_gemv(x, qweight, scales, zeros, bias, y)
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":
         k = x.shape[1]
