@@ -134,9 +134,15 @@ def _scaled_pairs(x) -> bool:
     return x.dtype == torch.bfloat16 and w4a16_configs.PAIRED_BF16_AS_FP16 and x.shape[1] <= SCALED_MAX_K
 
 
-def _paired_gemv(x, qweight, scales, zeros, bias, y, scaled):
-    xp = pair_rows(x, scaled=scaled)
-    plan = paired_gemv_plan(x.shape[0], xp.data.dtype, x.get_device())
+def pair_for_gemv(x):
+    """``(paired rows, GEMV plan)``: ``x`` (1 or 2 rows) paired as a CUDA-graph capture pairs it for
+    the paired GEMV, and that GEMV's launch kwargs."""
+    xp = pair_rows(x, scaled=_scaled_pairs(x))
+    return xp, paired_gemv_plan(x.shape[0], xp.data.dtype, x.get_device())
+
+
+def _paired_gemv(x, qweight, scales, zeros, bias, y):
+    xp, plan = pair_for_gemv(x)
     return launch_w4a16_gemv(xp, qweight, scales, zeros, bias, y, **plan)
 
 
@@ -148,19 +154,19 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    if config is None and m in PAIRED_GEMV_ROWS and paired_decode(x.get_device()):
+    dev = x.get_device()
+    if config is None and m in PAIRED_GEMV_ROWS and paired_decode(dev):
         # In a graph the pairing kernel's launch is free and the paired GEMV gains more than the pass
         # costs (w4a16_configs.PAIRED_GEMV_ROWS); eager calls are host-bound, so they keep the plan of
         # their M, except the first of each shape: it runs the paired path, so that its kernels are
         # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
-        scaled = _scaled_pairs(x)
         if capturing(x):
-            return _paired_gemv(x, qweight, scales, zeros, bias, y, scaled)
-        key = (x.device, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None, scaled)
+            return _paired_gemv(x, qweight, scales, zeros, bias, y)
+        key = (x.device, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None, _scaled_pairs(x))
         if key not in _PAIRED_WARM:
             _PAIRED_WARM.add(key)
-            return _paired_gemv(x, qweight, scales, zeros, bias, y, scaled)
-    kind, cfg = config if config is not None else launch_plan(m, x.dtype, x.get_device())
+            return _paired_gemv(x, qweight, scales, zeros, bias, y)
+    kind, cfg = config if config is not None else launch_plan(m, x.dtype, dev)
     if kind == "gemv":
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":
