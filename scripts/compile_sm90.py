@@ -54,12 +54,13 @@ from tinyq.kernels import (  # noqa: E402
 )
 from tinyq.kernels.attention_configs import FLASH  # noqa: E402
 from tinyq.kernels.int8_configs import CONFIGS as INT8_CONFIGS  # noqa: E402
-from tinyq.kernels.w4a16_configs import PAIRED_GEMV, PLANS  # noqa: E402
+from tinyq.kernels.w4a16_configs import PAIRED_GEMV, PLANS, SMS  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
                  torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 GEMV_M1 = next(cfg for m, kind, cfg in PLANS["sm90"] if kind == "gemv")
+H100_SMS = 132
 
 
 def _m1(dtype, pair):
@@ -244,7 +245,9 @@ def _pair_rows(k, dtype=torch.float16, scaled=False):
 def _w4a16_gemm(m, n, k, cfg=None, dtype=torch.float16):
     """The fused W4A16 GEMM (and its split-K reduce) with the sm90 plan of M's bucket, or ``cfg``."""
     def launch():
-        plan = cfg or next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and m <= max_m)
+        plan = dict(cfg or next(c for max_m, kind, c in PLANS["sm90"] if kind == "gemm" and m <= max_m))
+        if plan.get("split_below_tiles") == SMS:
+            plan["split_below_tiles"] = H100_SMS  # as resolved on an H100
         w4a16_gemm.launch_w4a16_gemm(torch.zeros(m, k, dtype=dtype), *_w4(n, k, dtype), None,
                                      torch.zeros(m, n, dtype=dtype), **plan)
     return launch

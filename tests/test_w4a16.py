@@ -143,6 +143,33 @@ def test_gemm_split_k(m, n, k, group_size, block_k, unpack, swap_ab, split_k, dt
     assert not counters(y.device, 1).any()
 
 
+@pytest.mark.parametrize("split_below_tiles,splits", [(0, True), (3, True), (2, False), (1, False)])
+def test_gemm_split_below_tiles(split_below_tiles, splits, monkeypatch):
+    """``split_below_tiles``: K is split only while the output has fewer tiles than that (here 2:
+    N = 40 in tiles of 32); otherwise one program a tile reduces the whole K, with the same result."""
+    import tinyq.kernels.w4a16_gemm as gemm
+
+    reduces = []
+    real = gemm._splitk_reduce_kernel
+    monkeypatch.setattr(gemm, "_splitk_reduce_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **kw: (reduces.append(grid), real[grid](*a, **kw)))})())
+    x, qw, s, z, b = make_case(5, 40, 512, 128, torch.float16, bias=True)
+    y = poisoned(5, 40, torch.float16)
+    launch_w4a16_gemm(x, qw, s, z, b, y, block_m=16, block_n=32, block_k=128, swap_ab=True, unpack="frag",
+                      split_k=4, split_below_tiles=split_below_tiles, num_warps=4)
+    assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+    assert bool(reduces) == splits
+
+
+def test_shipped_plans_split_while_tiles_are_short():
+    """The shipped split-K GEMM plans split only layers with fewer output tiles than the GPU has
+    SMs (resolved per device); the interpreter's plans always split, so CPU tests cover the split."""
+    split_plans = [cfg for _, kind, cfg in PLANS["sm90"] if kind == "gemm" and cfg["split_k"] > 1]
+    assert split_plans and all(cfg["split_below_tiles"] == "sms" for cfg in split_plans)
+    kind, cfg = launch_plan(16, torch.float16, -1)
+    assert kind == "gemm" and cfg["split_k"] > 1 and cfg["split_below_tiles"] == 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,group_size,block_k,swap_ab,split_k", [
     (3, 67, 640, 64, 64, True, 3),  # N and M past the tiles (zero-filled rows), splits of 4, 4 and 2 steps
@@ -214,11 +241,14 @@ def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
 
     monkeypatch.setattr(w4a16_configs, "gpu_arch", lambda device: "sm90")  # resolve an H100/H200 plan here
     monkeypatch.setattr(w4a16_configs, "fp16_accumulate_default", lambda device: False)
+    monkeypatch.setattr(w4a16_configs, "sm_count", lambda device: 132)
     gpu = torch.device("cuda", 0)
     for nvidia in (True, False):  # False: e.g. a ROCm GPU, whose tensors also report is_cuda
         monkeypatch.setattr(w4a16_configs, "ptx_supported", lambda device: nvidia)
         ptx = [w4a16_configs._resolve(m, torch.float16, gpu)[1].get("ptx_dequant") for m in (1, 4, 16, 64)]
         assert all(ptx) if nvidia else not any(ptx)
+    # on a GPU the split-K plans split only layers with fewer output tiles than SMs
+    assert all(w4a16_configs._resolve(m, torch.float16, gpu)[1]["split_below_tiles"] == 132 for m in (4, 16, 32, 64))
 
 
 @pytest.mark.parametrize("unpack", ["frag", "natural"])

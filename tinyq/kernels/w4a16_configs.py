@@ -16,10 +16,20 @@ from __future__ import annotations
 import torch
 
 from tinyq.backend import gpu_arch, ptx_supported
+from tinyq.kernels.attention_configs import sm_count
 
-def _gemm(block_m, block_n, unpack, split_k, num_stages=4, tma=False):
+# A GEMM plan's split_below_tiles: the device's SM count, filled in when the plan is resolved. The
+# plans split K only for layers with fewer output tiles than SMs (Llama-3-8B's qkv, o and down):
+# gate/up's 224-448 tiles fill the GPU already, and 4-8 splits only cut each program's K loop to a
+# few steps and add fp32 partials. Four Llama-3-8B linears, H100, same process: 90.1 -> 86.9 us at
+# M = 4, 97.5 -> 91.0 at 16, 115.9 -> 109.6 at 32, 170.6 -> 149.7 at 64, 220.8 -> 198.5 at 128,
+# within 1.5-3.5% of the best split per layer (scripts/ab_split_k.py; docs/perf_notes.md).
+SMS = "sms"
+
+
+def _gemm(block_m, block_n, unpack, split_k, num_stages=4, tma=False, split_below_tiles=SMS):
     return dict(block_m=block_m, block_n=block_n, block_k=128, swap_ab=True, unpack=unpack, ptx_dequant=True,
-                split_k=split_k, tma=tma, num_warps=4, num_stages=num_stages)
+                split_k=split_k, split_below_tiles=split_below_tiles, tma=tma, num_warps=4, num_stages=num_stages)
 
 
 _SM90 = [  # the sweeps' winners (bench_w4a16.py --sweep; H200, the M <= 128 entry H100; docs/perf_notes.md)
@@ -101,6 +111,8 @@ def _resolve(m: int, dtype: torch.dtype, device: torch.device):
                 cfg["ptx_dequant"] = cfg["ptx_dequant"] and ptx_supported(device)
             if kind == "gemm":
                 cfg["acc_fp16"] = dtype == torch.float16 and fp16_accumulate_default(device)
+                if cfg.get("split_below_tiles") == SMS:  # the interpreter splits always: CPU tests cover it
+                    cfg["split_below_tiles"] = sm_count(device) if device.type == "cuda" else 0
             return kind, cfg
     raise AssertionError("the last bucket must be open-ended")
 

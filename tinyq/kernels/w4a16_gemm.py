@@ -264,14 +264,20 @@ def launch_w4a16_gemm(
     x, qweight, scales, zeros, bias, y, *,
     block_m: int, block_n: int, block_k: int, group_m: int = 8,
     swap_ab: bool = False, acc_fp16: bool = False, unpack: str = "frag", ptx_dequant: bool = False,
-    split_k: int = 1, fused_reduce: bool = False, tma: bool = False, num_warps: int = 4, num_stages: int = 3,
+    split_k: int = 1, split_below_tiles: int = 0, fused_reduce: bool = False, tma: bool = False,
+    num_warps: int = 4, num_stages: int = 3,
 ):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
     ``fused_reduce`` sums split-K partials in the GEMM's last program per tile instead of a second
     launch; ``tma`` loads x and the packed words through tensor descriptors where both are 16-byte
-    aligned (pointer loads otherwise)."""
+    aligned (pointer loads otherwise). With ``split_below_tiles`` > 0, K is split only while the
+    output has fewer tiles than that (the shipped plans give the SM count: a layer with a tile per
+    SM already fills the GPU, and splitting it only shortens each program's K loop and adds fp32
+    partials)."""
     m, k = x.shape
     n = qweight.shape[0]
+    if split_below_tiles and triton.cdiv(m, block_m) * triton.cdiv(n, block_n) >= split_below_tiles:
+        split_k = 1
     group_size = k // scales.shape[1]
     block_k = min(block_k, group_size)
     if acc_fp16 and x.dtype != torch.float16:
