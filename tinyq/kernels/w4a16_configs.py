@@ -21,9 +21,8 @@ from tinyq.kernels.attention_configs import sm_count
 # A GEMM plan's split_below_tiles: the device's SM count, filled in when the plan is resolved. The
 # plans split K only for layers with fewer output tiles than SMs (Llama-3-8B's qkv, o and down):
 # gate/up's 224-448 tiles fill the GPU already, and 4-8 splits only cut each program's K loop to a
-# few steps and add fp32 partials. Four Llama-3-8B linears, H100, same process: 90.1 -> 86.9 us at
-# M = 4, 97.5 -> 91.0 at 16, 115.9 -> 109.6 at 32, 170.6 -> 149.7 at 64, 220.8 -> 198.5 at 128,
-# within 1.5-3.5% of the best split per layer (scripts/ab_split_k.py; docs/perf_notes.md).
+# few steps and add fp32 partials (4-14% on the four linears at M = 4..128, H100;
+# scripts/ab_split_k.py, docs/perf_notes.md).
 SMS = "sms"
 
 
