@@ -27,7 +27,7 @@ an optional float32 scale ``xs`` [M] (:class:`~tinyq.kernels.paired.PairedRows`)
 The words, scales and zeros of step k + 1 are loaded before step k computes (register
 double-buffering), two steps of weight bytes in flight per program.
 
-Work split: with G = ceil(M / ROWS) groups of ``ROWS`` (1..4) activation rows, program p handles
+Work split: with G = ceil(M / ROWS) groups of ``ROWS`` (1 or 2) activation rows, program p handles
 rows ``ROWS * (p % G) ...`` and columns ``BLOCK_N * (p // G) ...``: each weight word it loads is
 unpacked once and multiplied into its ROWS rows. Groups that share a column block are neighbours in
 launch order, so for M > ROWS the second read of a weight block hits L2. No split-K: with
@@ -213,19 +213,19 @@ def _acc_sum(acc, ROWS_LAST: tl.constexpr):
 
 
 @triton.jit
-def gemv_rows_n(x_row0, x_row1, x_row2, x_row3, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
+def gemv_rows_n(x_row0, x_row1, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
                 stride_sn, GROUP_SIZE: tl.constexpr, PTX_DEQUANT: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr, X_FP16: tl.constexpr,
                 ROWS: tl.constexpr):
-    """float32 ``[BLOCK_N]`` each: the dot products of ``ROWS`` (1..4) activation rows at ``x_row0``
-    .. ``x_row3`` (the ones past ``ROWS`` unused) with weight rows ``rows`` (any ``BLOCK_N`` row
-    indices; ``row_ok`` masks the rest to 0), returned as 4 values (past ``ROWS``, row 0's again).
+    """float32 ``[BLOCK_N]`` each: the dot products of ``ROWS`` (1 or 2) activation rows at ``x_row0``
+    and ``x_row1`` (unused for one row) with weight rows ``rows`` (any ``BLOCK_N`` row indices;
+    ``row_ok`` masks the rest to 0), returned as 2 values (for one row, row 0's twice).
     The main loop of every W4A16 GEMV (the plain one here, and the fused ones that change only the
     rows and the epilogue; :func:`gemv_rows` is its one-row form).
 
     With several rows each weight word is loaded and dequantized once, and only the multiply-adds
     and the x loads are per row: the fp16 path splits its asm into the unpack (``q - z`` pairs) and
-    one dot per row.
+    one dot per row. (Three and four rows lost to the GEMM: docs/perf_notes.md, 2026-12-06.)
 
     A K step's ``BLOCK_K / 32`` blocks are split as ``[NBO, NBI]`` with ``NBI = WARP_BLOCKS``. Each
     thread loads a block's 4 words (16 bytes, the last tile dim). Triton's coalescing sees no
@@ -253,7 +253,7 @@ def gemv_rows_n(x_row0, x_row1, x_row2, x_row3, qw_ptr, s_ptr, z_ptr, rows, row_
     :func:`tinyq.kernels.pair_rows.pair_rows`); the caller applies the row's scale."""
     tl.static_assert(BLOCK_K % 32 == 0, "a K step is a whole number of 32-input blocks")
     tl.static_assert(GROUP_SIZE % 32 == 0, "groups hold whole 32-input blocks")
-    tl.static_assert(ROWS >= 1 and ROWS <= 4, "1 to 4 activation rows")
+    tl.static_assert(ROWS == 1 or ROWS == 2, "1 or 2 activation rows")
     NB: tl.constexpr = BLOCK_K // 32
     tl.static_assert(NB % WARP_BLOCKS == 0, "WARP_BLOCKS divides the step's blocks")
     NBO: tl.constexpr = NB // WARP_BLOCKS
@@ -270,9 +270,7 @@ def gemv_rows_n(x_row0, x_row1, x_row2, x_row3, qw_ptr, s_ptr, z_ptr, rows, row_
         n3 = rows[None, :, None]
         ok3 = row_ok[None, :, None]
         acc0 = tl.zeros((NBO, BLOCK_N, WARP_BLOCKS, 4), dtype=tl.float32)
-    acc1 = tl.zeros_like(acc0)  # the accumulators of rows 1..3: untouched (and dropped) past ROWS
-    acc2 = tl.zeros_like(acc0)
-    acc3 = tl.zeros_like(acc0)
+    acc1 = tl.zeros_like(acc0)  # row 1's accumulator: untouched (and dropped) for one row
     offs_w = tl.arange(0, 4)
     # the weight words, scales and zeros of step k + 1 are loaded before step k computes (register
     # double-buffering), so each program keeps two steps of weight bytes in flight
@@ -305,46 +303,26 @@ def gemv_rows_n(x_row0, x_row1, x_row2, x_row3, qw_ptr, s_ptr, z_ptr, rows, row_
                 )
                 acc0 += s16 * _pairs_dot(q0, q1, q2, q3, x_row0 + x_off, x_ok, x_plane, EVEN_K)
                 acc1 += s16 * _pairs_dot(q0, q1, q2, q3, x_row1 + x_off, x_ok, x_plane, EVEN_K)
-                if ROWS >= 3:
-                    acc2 += s16 * _pairs_dot(q0, q1, q2, q3, x_row2 + x_off, x_ok, x_plane, EVEN_K)
-                if ROWS >= 4:
-                    acc3 += s16 * _pairs_dot(q0, q1, q2, q3, x_row3 + x_off, x_ok, x_plane, EVEN_K)
         else:
             part0 = tl.zeros_like(acc0)
             part1 = tl.zeros_like(acc0)
-            part2 = tl.zeros_like(acc0)
-            part3 = tl.zeros_like(acc0)
             high = words >> 16  # nibbles 4..7 at bits 0..15
             zz = z[:, :, :, None]
             for j in tl.static_range(4):
                 w_lo = _nibble_minus_zero(words, j, zz, PTX_DEQUANT == 1)
                 w_hi = _nibble_minus_zero(high, j, zz, PTX_DEQUANT == 1)
                 part0 = _fma_pair(part0, w_lo, w_hi, x_row0 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
-                if ROWS >= 2:
+                if ROWS == 2:
                     part1 = _fma_pair(part1, w_lo, w_hi, x_row1 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
-                if ROWS >= 3:
-                    part2 = _fma_pair(part2, w_lo, w_hi, x_row2 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
-                if ROWS >= 4:
-                    part3 = _fma_pair(part3, w_lo, w_hi, x_row3 + x_off, j, x_ok, x_plane, EVEN_K, X_BF16)
             s4 = s[:, :, :, None]
             acc0 += s4 * part0
-            if ROWS >= 2:
+            if ROWS == 2:
                 acc1 += s4 * part1
-            if ROWS >= 3:
-                acc2 += s4 * part2
-            if ROWS >= 4:
-                acc3 += s4 * part3
     d0 = _acc_sum(acc0, ROWS_LAST)
     d1 = d0
-    d2 = d0
-    d3 = d0
-    if ROWS >= 2:
+    if ROWS == 2:
         d1 = _acc_sum(acc1, ROWS_LAST)
-    if ROWS >= 3:
-        d2 = _acc_sum(acc2, ROWS_LAST)
-    if ROWS >= 4:
-        d3 = _acc_sum(acc3, ROWS_LAST)
-    return d0, d1, d2, d3
+    return d0, d1
 
 
 @triton.jit
@@ -353,9 +331,8 @@ def gemv_rows(x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16,
               WARP_BLOCKS: tl.constexpr, EVEN_K: tl.constexpr):
     """:func:`gemv_rows_n` of one activation row at ``x_row`` (x paired in the scales' dtype, or
     natural): float32 ``[BLOCK_N]``."""
-    d0, d1, d2, d3 = gemv_rows_n(x_row, x_row, x_row, x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane,
-                                 stride_w16, stride_sn, GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
-                                 EVEN_K, False, 1)
+    d0, _ = gemv_rows_n(x_row, x_row, qw_ptr, s_ptr, z_ptr, rows, row_ok, K, x_plane, stride_w16, stride_sn,
+                        GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K, False, 1)
     return d0
 
 
@@ -411,29 +388,22 @@ def _w4a16_gemv_kernel(
     pid_n = pid // groups
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    # rows past M (a last group of fewer than ROWS) read row M - 1 again; their stores are masked
+    # a row past M (a last group of one row) reads row M - 1 again; its store is masked
     m1 = tl.minimum(m0 + 1, M - 1)
-    m2 = tl.minimum(m0 + 2, M - 1)
-    m3 = tl.minimum(m0 + 3, M - 1)
     # The weight row stride comes in 16-byte units (K // 32, computed on the host) and is multiplied
     # by 4 words here, so Triton knows every row starts 16-byte aligned and loads a block's 4 words
     # in one access. Passed in words, it was proven aligned only where K // 8 is a multiple of 16
     # (Triton's argument specialization): SmolLM2's K = 576 and 1536 got 4-byte loads.
-    d0, d1, d2, d3 = gemv_rows_n(x_ptr + m0 * stride_xm, x_ptr + m1 * stride_xm, x_ptr + m2 * stride_xm,
-                                 x_ptr + m3 * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K, X_PLANE, stride_w16,
-                                 stride_sn, GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS, EVEN_K, X_SCALED,
-                                 ROWS)
+    d0, d1 = gemv_rows_n(x_ptr + m0 * stride_xm, x_ptr + m1 * stride_xm, qw_ptr, s_ptr, z_ptr, offs_n, n_mask, K,
+                         X_PLANE, stride_w16, stride_sn, GROUP_SIZE, PTX_DEQUANT, BLOCK_N, BLOCK_K, WARP_BLOCKS,
+                         EVEN_K, X_SCALED, ROWS)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     else:
         bias = 0.0
     _store_row(y_ptr, xs_ptr, m0, stride_ym, offs_n, N, d0, bias, X_SCALED)
-    if ROWS >= 2:  # a row past M stores nothing (no column is below 0)
+    if ROWS == 2:  # a row past M stores nothing (no column is below 0)
         _store_row(y_ptr, xs_ptr, m1, stride_ym, offs_n, tl.where(m0 + 1 < M, N, 0), d1, bias, X_SCALED)
-    if ROWS >= 3:
-        _store_row(y_ptr, xs_ptr, m2, stride_ym, offs_n, tl.where(m0 + 2 < M, N, 0), d2, bias, X_SCALED)
-    if ROWS >= 4:
-        _store_row(y_ptr, xs_ptr, m3, stride_ym, offs_n, tl.where(m0 + 3 < M, N, 0), d3, bias, X_SCALED)
 
 
 @triton.jit
@@ -469,12 +439,14 @@ def launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, *, block_n: int, block
                       num_stages: int, ptx_dequant: bool = False, warp_blocks=None, rows: int = 1):
     """Launch on already-validated tensors (see :func:`tinyq.kernels.w4a16_matmul.w4a16_matmul`);
     ``x`` ``[M, K]`` or :class:`PairedRows` of M rows (with or without a row scale). ``rows``
-    (1..4): activation rows a program multiplies by each weight word it unpacks."""
+    (1 or 2): activation rows a program multiplies by each weight word it unpacks."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     x_arg, x_plane = x_operand(x, scaled_ok=True)
     x_scale = x.scale if isinstance(x, PairedRows) else None
     m = x_arg.shape[0]
     group_size = k // scales.shape[1]
+    if rows not in (1, 2):
+        raise ValueError(f"launch_w4a16_gemv: rows={rows}; a program takes 1 or 2 activation rows")
     rows = min(rows, m) or 1
     grid = (triton.cdiv(m, rows) * triton.cdiv(n, block_n),)
     _w4a16_gemv_kernel[grid](

@@ -125,7 +125,7 @@ def capturing(x: torch.Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-# (device, dtype, M, K, N, groups, bias?, scaled?) of the plain calls whose paired path ran once eagerly
+# (device index, dtype, M, K, N, groups, bias?, scaled?) of the plain calls whose paired path ran once eagerly
 _PAIRED_WARM: set = set()
 
 
@@ -162,7 +162,7 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         # compiled and loaded by the eager warm-up a capture needs, never inside the capture.
         if capturing(x):
             return _paired_gemv(x, qweight, scales, zeros, bias, y)
-        key = (x.device, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None, _scaled_pairs(x))
+        key = (dev, x.dtype, m, x.shape[1], qweight.shape[0], scales.shape[1], bias is None, _scaled_pairs(x))
         if key not in _PAIRED_WARM:
             _PAIRED_WARM.add(key)
             return _paired_gemv(x, qweight, scales, zeros, bias, y)
