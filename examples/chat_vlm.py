@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--image", help="image path(s), comma-separated, for the first message")
     p.add_argument("--video", help="video file (mp4 needs PyAV), animated GIF or directory of frames")
     p.add_argument("--frames", type=int, default=None,
-                   help="frames sampled uniformly from --video (default: the checkpoint's num_video_frames, else 8)")
+                   help="frames sampled uniformly from --video; a clip with fewer is an error (default: the "
+                        "checkpoint's num_video_frames, else 8, repeating frames of a shorter clip as VILA does)")
     p.add_argument("--precision", choices=["w4a16", "fp16", "bf16", "fp32"], default=None,
                    help="LLM precision (default: w4a16 on a GPU, fp32 on a CPU)")
     p.add_argument("--vision-precision", choices=["fp", "w8a8"], default="fp",

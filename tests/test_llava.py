@@ -60,6 +60,27 @@ def test_logits_match_transformers(llava, n_images):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tower", ["clip", "siglip"])
+def test_feature_layers_listed_are_concatenated_as_transformers_does(tmp_path, tower):
+    """``vision_feature_layer`` as a list: the hidden states of those layers side by side on channels,
+    the projector sized for them; logits and 16 greedy tokens as transformers gives them."""
+    hf, _ = make_llava_dir(tmp_path, tower, "llama", feature_layer=[-3, -1])
+    model, tok = load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=256)
+    assert model.multi_modal_projector.linear_1.in_features == 2 * hf.config.vision_config.hidden_size
+    ids = torch.tensor([[5, 6] + [model.image_token_id] * TOKENS_PER_IMAGE + [10, 11]])
+    px = torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=px).logits
+    torch.testing.assert_close(model.logits(ids, features=list(model.encode_pixels(px))), ref, rtol=1e-4, atol=1e-4)
+    s = VLMChatSession(model, tok, max_seq_len=256, temperature=0, max_new_tokens=16)
+    s.gen.eos_ids = set()
+    images = _images(1)
+    s.add_images(images)
+    res = s.ask("what is this?")
+    prompt = s.gen.cached_ids[:res.stats.prompt_tokens]
+    assert res.token_ids == _hf_greedy(hf, prompt, _pixels(model, images), 16)
+
+
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_greedy_session_matches_transformers(llava, n_images):
     hf, model, tok = llava
@@ -206,6 +227,47 @@ def test_processor_template_and_vicuna_fallback(llava, template, starts):
     assert [p for p, _ in s._slots] == [i for i, t in enumerate(ids) if t == model.image_token_id][::TOKENS_PER_IMAGE]
     text = tok.decode([t for t in ids if t != model.image_token_id])
     assert text.startswith(starts) and text.rstrip().endswith("ASSISTANT:")
+
+
+def test_processor_chat_template_file_is_read(tmp_path):
+    """llava-hf folders ship the processor's template as chat_template.json, which the tokenizer does
+    not load: the loader does, and the prompt follows it (over the tokenizer's own, as transformers'
+    processor does); a broken file is an error naming it."""
+    import json
+
+    make_llava_dir(tmp_path, "clip", "llama")
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_HF_TEMPLATE}))
+    model, tok = load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=256)
+    assert tok.chat_template == LLAVA_HF_TEMPLATE
+    s = VLMChatSession(model, tok, max_seq_len=256)
+    s.add_images(_images(1))
+    text = tok.decode([t for t in s.prompt_ids("hi") if t != model.image_token_id])
+    assert text.startswith("USER: \nhi ASSISTANT:")
+    (tmp_path / "chat_template.json").write_text("{not json")
+    with pytest.raises(ValueError, match="chat_template.json: not a chat template file"):
+        load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=256)
+
+
+def test_a_video_is_its_frames_as_images(llava, tmp_path):
+    """LLaVA has no video encoder: each sampled frame is one image in the prompt, and the answer is
+    transformers' for those frames given as images."""
+    from PIL import Image
+
+    hf, model, tok = llava
+    g = torch.Generator().manual_seed(3)
+    frames = [Image.fromarray((torch.rand(24, 36, 3, generator=g) * 255).byte().numpy()) for _ in range(5)]
+    gif = tmp_path / "clip.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=40)
+    s = VLMChatSession(model, tok, max_seq_len=512, temperature=0, max_new_tokens=8)
+    s.gen.eos_ids = set()
+    assert s.add_video(str(gif), 3) == [TOKENS_PER_IMAGE] * 3
+    picked = media.load_video_frames(str(gif), 3)  # frames 0, 2, 4 as the GIF decodes them
+    for got, want in zip(s.images, model.encode_images(picked)):
+        torch.testing.assert_close(got, want)
+    res = s.ask("what happens?")
+    prompt = s.gen.cached_ids[:res.stats.prompt_tokens]
+    assert prompt.count(model.image_token_id) == 3 * TOKENS_PER_IMAGE
+    assert res.token_ids == _hf_greedy(hf, prompt, _pixels(model, picked), 8)
 
 
 def test_dropping_a_turn_drops_its_images(llava):

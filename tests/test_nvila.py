@@ -206,9 +206,10 @@ def assert_session_follows_reference(session, res, parts, prompt_ids, rows):
     assert res.token_ids == out
 
 
-def test_video_is_one_item_of_its_frames(nvila, tmp_path):
+def test_video_is_one_item_of_its_frames(nvila, tmp_path, monkeypatch):
     """VILA's default video encoder (BasicVideoEncoder): a video is one media item whose rows are its
-    frames' one-tile rows, each followed by the "\n" embedding; a clip shorter than asked repeats frames."""
+    frames' one-tile rows, each followed by the "\n" embedding. A clip shorter than a count asked for
+    is an error that adds nothing; shorter than the checkpoint's count, it repeats frames, as VILA does."""
     from tinyq.vlm import media
 
     name, parts, model, tok = nvila
@@ -224,9 +225,13 @@ def test_video_is_one_item_of_its_frames(nvila, tmp_path):
     torch.testing.assert_close(s.images[0], torch.cat([torch.cat([f, newline]) for f in per_frame]))
     ids = s.prompt_ids("what happens?")
     assert ids.count(model.image_token_id) == counts[0]  # the newline rows are the video's own
-    # more frames than the clip has: VILA repeats frames (uniform_indices(5, 8))
+    with pytest.raises(ValueError, match="has 5 frame\\(s\\), fewer than the 8 asked for"):
+        s.add_video(str(frames), 8)
+    assert len(s.images) == 1 and s.pending_images == 1  # nothing added
+    # the checkpoint's count (8) on a 5-frame clip: VILA repeats frames (uniform_indices(5, 8))
+    monkeypatch.setattr(model, "num_video_frames", 8)
     assert media.uniform_indices(5, 8) == [0, 1, 1, 2, 2, 3, 3, 4]
-    n = s.add_video(str(frames), 8)[0] // 8  # rows per frame
+    n = s.add_video(str(frames))[0] // 8  # rows per frame
     torch.testing.assert_close(s.images[1][n:2 * n], s.images[1][2 * n:3 * n])  # frame 1, twice
     assert not torch.allclose(s.images[1][:n], s.images[1][n:2 * n])
 

@@ -14,7 +14,8 @@ from tinyq.vlm import media
 def _frames(n, size=(20, 10)):
     from PIL import Image
 
-    return [Image.new("RGB", size, (10 * i, 0, 0)) for i in range(n)]
+    # green tells frames apart past i = 25, where red saturates (a GIF merges equal frames)
+    return [Image.new("RGB", size, (10 * i, i, 0)) for i in range(n)]
 
 
 def test_uniform_indices_hand_computed():
@@ -39,13 +40,22 @@ def test_frames_from_directory_and_gif(tmp_path):
     got = media.load_video_frames(str(gif), 4)
     assert len(got) == 4 and all(f.size == (20, 10) and f.mode == "RGB" for f in got)
     assert [f.getpixel((0, 0))[0] for f in got] == [0, 30, 60, 90]
-    # more frames than the clip has: some repeat, as VILA's loader repeats them
-    got = media.load_video_frames(gif, 12)  # an os.PathLike path
+    # more frames than the clip has: an error saying how many it has, or (asked for) repeats, as VILA's
+    with pytest.raises(ValueError, match=r"clip.gif has 10 frame\(s\), fewer than the 12 asked for: ask for at most 10"):
+        media.load_video_frames(gif, 12)
+    got = media.load_video_frames(gif, 12, repeat_short=True)  # an os.PathLike path
     picked = [f.getpixel((0, 0))[0] // 10 for f in got]
     assert picked == media.uniform_indices(10, 12) == [0, 1, 2, 2, 3, 4, 5, 6, 7, 7, 8, 9]
     short = tmp_path / "short.gif"
     frames[0].save(short, save_all=True, append_images=frames[1:3], duration=40)
-    assert [f.getpixel((0, 0))[0] for f in media.load_video_frames(str(short), 8)] == [0, 0, 10, 10, 10, 10, 20, 20]
+    got = media.load_video_frames(str(short), 8, repeat_short=True)
+    assert [f.getpixel((0, 0))[0] for f in got] == [0, 0, 10, 10, 10, 10, 20, 20]
+    with pytest.raises(ValueError, match="short.gif has 3 frame"):
+        media.load_video_frames(str(short), 4)
+    with pytest.raises(ValueError, match=rf"video {d} has 10 frame\(s\), fewer than the 11 asked for"):
+        media.load_video_frames(str(d), 11)
+    assert [f.getpixel((0, 0))[0] for f in media.load_video_frames(str(d), 11, repeat_short=True)] == \
+        [10 * i for i in media.uniform_indices(10, 11)]
     with pytest.raises(ValueError, match="video not found"):
         media.load_video_frames(str(tmp_path / "none.mp4"), 2)
 
@@ -59,6 +69,13 @@ def test_a_frames_directory_without_frames_says_so(tmp_path):
         media.load_video_frames(str(d), 8)
 
 
+def test_image_input_without_pillow_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "PIL", None)  # Pillow absent (the vlm extra not installed)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(ImportError, match=r"image input needs Pillow: pip install 'tinyq\[vlm\]'"):
+        media.load_image(str(tmp_path / "a.png"))
+
+
 def test_mp4_without_pyav_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "av", None)  # PyAV absent, whether or not this machine has it
     f = tmp_path / "clip.mp4"
@@ -69,7 +86,7 @@ def test_mp4_without_pyav_says_what_to_install(tmp_path, monkeypatch):
 
 def test_mp4_frames_sampled_uniformly(tmp_path):
     """An mp4 written by PyAV itself: 10 frames whose red channel encodes their index; the 4 sampled
-    are those of uniform_indices, in order; asking for 11 is an error."""
+    are those of uniform_indices, in order; asking for 11 is an error unless frames may repeat."""
     av = pytest.importorskip("av")
     import numpy as np
 
@@ -88,7 +105,9 @@ def test_mp4_frames_sampled_uniformly(tmp_path):
     assert [f.size for f in frames] == [(64, 48)] * 4
     reds = [float(np.asarray(f)[..., 0].mean()) for f in frames]
     assert [round((r - 10) / 20) for r in reds] == media.uniform_indices(10, 4)  # lossy codec: within half a step
-    reds = [float(np.asarray(f)[..., 0].mean()) for f in media.load_video_frames(str(path), 11)]
+    with pytest.raises(ValueError, match="has 10 frame"):
+        media.load_video_frames(str(path), 11)
+    reds = [float(np.asarray(f)[..., 0].mean()) for f in media.load_video_frames(str(path), 11, repeat_short=True)]
     assert [round((r - 10) / 20) for r in reds] == media.uniform_indices(10, 11)  # one frame repeated
 
 

@@ -236,6 +236,25 @@ def test_dequant_is_exact(n, k, group_size, dtype):
     assert torch.equal(out, ref.to(dtype))
 
 
+def test_dequant_scratch_is_one_buffer_and_outlives_captured_graphs(monkeypatch):
+    """One buffer per (device, dtype), reused by smaller layers and replaced by a larger one; a buffer
+    that a CUDA-graph capture wrote is kept alive when outgrown (a replay still writes it), others are freed."""
+    from tinyq.kernels import w4a16_dequant as dq
+
+    monkeypatch.setattr(dq, "_SCRATCH", {})
+    monkeypatch.setattr(dq, "_KEPT", [])
+    cpu = torch.device("cpu")
+    a = dq.scratch(100, torch.float16, cpu)
+    assert dq.scratch(60, torch.float16, cpu).data_ptr() == a.data_ptr()  # smaller: the same memory
+    assert dq.scratch(60, torch.bfloat16, cpu).data_ptr() != a.data_ptr()  # another dtype: its own
+    b = dq.scratch(200, torch.float16, cpu)  # outgrown, never captured: dropped
+    assert b.numel() == 200 and b.data_ptr() != a.data_ptr() and dq._KEPT == []
+    assert dq.scratch(150, torch.float16, cpu, capturing=True).data_ptr() == b.data_ptr()
+    c = dq.scratch(300, torch.float16, cpu)  # outgrows the captured one: kept
+    assert [k.data_ptr() for k in dq._KEPT] == [b.data_ptr()] and c.data_ptr() != b.data_ptr()
+    assert len(dq._SCRATCH) == 2
+
+
 def test_plans_cover_every_m_and_skip_ptx_off_nvidia(monkeypatch):
     """Every bucket resolves; buckets grow; the last is open-ended; no PTX where the backend has none."""
     for plans in PLANS.values():
@@ -329,6 +348,54 @@ def test_gpu_shapes(m, n, k, group_size, dtype):
     y = w4a16_matmul(x, qw, s, z, b)
     torch.cuda.synchronize()
     assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k,group_size", [(4096, 4096, 128), (1000, 576, 64)])
+def test_gpu_every_shipped_plan(monkeypatch, n, k, group_size, dtype):
+    """Every M bucket of this GPU's shipped plans at its two ends and middle (the open one up to
+    1000), through the dispatcher, with the paired path off so that M = 1 and 2 run their own plans."""
+    from tinyq.kernels import w4a16_configs
+    from tinyq.kernels import w4a16_matmul as matmul_mod
+
+    dev = torch.cuda.current_device()
+    ms, lo = [], 1
+    for max_m, _, _ in PLANS[w4a16_configs.device_arch(torch.device("cuda", dev))]:
+        hi = max_m if max_m is not None else 1000
+        ms += sorted({lo, (lo + hi) // 2, hi})
+        lo = hi + 1
+    monkeypatch.setattr(matmul_mod, "paired_decode", lambda device_index: False)
+    for m in ms:
+        x, qw, s, z, b = make_case(m, n, k, group_size, dtype, device="cuda")
+        y = w4a16_matmul(x, qw, s, z, b)
+        torch.cuda.synchronize()
+        assert_close_rel(y, w4a16_linear_reference(x, qw, s, z, b))
+
+
+@pytest.mark.gpu
+def test_gpu_dequant_graph_survives_a_larger_layer():
+    """A graph captured on the dequantize + cuBLAS path writes the scratch buffer on every replay; a
+    larger layer called after the capture grows the scratch, and the captured buffer must stay alive,
+    not be handed to another tensor."""
+    dtype = torch.float16
+    plan = launch_plan(10**6, dtype, torch.cuda.current_device())
+    assert plan[0] == "dequant"
+    x, qw, s, z, _ = make_case(300, 256, 512, 64, dtype, bias=False, device="cuda")
+    w4a16_matmul(x, qw, s, z, config=plan)  # warm-up
+    static_x = x.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_y = w4a16_matmul(static_x, qw, s, z, config=plan)
+    xl, qwl, sl, zl, _ = make_case(300, 2048, 1024, 64, dtype, bias=False, device="cuda")
+    w4a16_matmul(xl, qwl, sl, zl, config=plan)  # outgrows the captured scratch
+    torch.cuda.synchronize()
+    others = [torch.zeros(256 * 512, dtype=dtype, device="cuda") for _ in range(8)]  # would take freed memory
+    static_x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close_rel(static_y, w4a16_linear_reference(static_x, qw, s, z))
+    assert all(int(t.count_nonzero()) == 0 for t in others)
 
 
 @pytest.mark.gpu

@@ -50,9 +50,11 @@ def vlm_tokenizer(llama_bos: bool = False):
     return tok
 
 
-def make_llava_dir(path, tower: str = "clip", llm: str = "llama", legacy: bool = False, seed: int = 0):
+def make_llava_dir(path, tower: str = "clip", llm: str = "llama", legacy: bool = False, seed: int = 0,
+                   feature_layer=-2):
     """A random tiny llava-hf ``LlavaForConditionalGeneration`` saved under ``path`` (new key names,
-    or the legacy ones with ``legacy=True``); returns ``(hf_model fp32, tokenizer)``."""
+    or the legacy ones with ``legacy=True``; ``feature_layer`` an index or a list of them, whose
+    hidden states are concatenated); returns ``(hf_model fp32, tokenizer)``."""
     import os
 
     from safetensors.torch import save_file
@@ -63,7 +65,7 @@ def make_llava_dir(path, tower: str = "clip", llm: str = "llama", legacy: bool =
     tok = vlm_tokenizer()
     strategy = "default" if tower == "clip" else "full"
     cfg = LlavaConfig(text_config=hf_config(llm, len(tok)).to_dict(), vision_config=tower_config(tower).to_dict(),
-                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+                      image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=feature_layer,
                       vision_feature_select_strategy=strategy, image_seq_length=(IMAGE_SIZE // PATCH) ** 2)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).float().eval()

@@ -171,7 +171,7 @@ def w4a16_matmul_checked(x, qweight, scales, zeros, bias=None, *, acc_fp16=None,
         return launch_w4a16_gemv(x, qweight, scales, zeros, bias, y, **cfg)
     if kind == "dequant":
         k = x.shape[1]
-        w = scratch(n * k, x.dtype, x.device).view(n, k)
+        w = scratch(n * k, x.dtype, x.device, capturing(x)).view(n, k)
         launch_w4a16_dequant(qweight, scales, zeros, w, **cfg)
         if bias is None:
             return torch.mm(x, w.t(), out=y)

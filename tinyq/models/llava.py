@@ -154,5 +154,24 @@ def load_llava(path: str, precision: str = "w4a16", group_size: int = 64, device
     model = LlavaModel(tower, proj, llm, cfg.image_token_id, cfg.vision_feature_layer,
                        cfg.vision_feature_select_strategy, processor).eval()
     tokenizer = load_tokenizer(path)
+    template = processor_chat_template(path)
+    if template is not None:  # the processor's, as transformers' LlavaProcessor renders with it
+        tokenizer.chat_template = template
     model.load_stats = {"seconds": time.perf_counter() - t0, "peak_host_mb": peak_host_memory_mb(), "path": path}
     return model, tokenizer
+
+
+def processor_chat_template(path: str) -> Optional[str]:
+    """The processor's chat template that llava-hf folders ship as ``chat_template.json``
+    (``{"chat_template": "..."}``), which the tokenizer does not load; None when there is none."""
+    file = os.path.join(path, "chat_template.json")
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file) as f:
+            template = json.load(f)["chat_template"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{file}: not a chat template file ({{\"chat_template\": \"...\"}}): {exc}") from exc
+    if not isinstance(template, str):
+        raise ValueError(f"{file}: chat_template is a {type(template).__name__}, not a string")
+    return template

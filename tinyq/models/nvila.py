@@ -62,8 +62,17 @@ CHATML_TEMPLATE = (
 def s2_grid(width: int, height: int, scales: Sequence[int], max_tiles: int) -> Tuple[int, int]:
     """``(cols, rows)`` of tiles at the last scale for an image of ``width x height``."""
     min_tiles = (scales[-1] // scales[0]) ** 2
-    ratios = sorted({(c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1)
-                     if min_tiles <= c * r <= max_tiles}, key=lambda cr: (cr[0] * cr[1], cr[0]))
+    # VILA (llava/mm_utils.py, dynamic_s2_preprocess) gathers the grids in a Python set and sorts them
+    # by area alone, so grids of one area keep the set's iteration order, which can depend on the
+    # order of insertion; the grids go in in that order here too, so that an aspect ratio exactly
+    # halfway between two grids of one area picks the grid VILA picks.
+    grids = set()
+    for n in range(min_tiles, max_tiles + 1):
+        for c in range(1, n + 1):
+            for r in range(1, n + 1):
+                if min_tiles <= c * r <= max_tiles:
+                    grids.add((c, r))
+    ratios = sorted(grids, key=lambda cr: cr[0] * cr[1])
     aspect, best, best_diff = width / height, (1, 1), float("inf")
     for c, r in ratios:
         diff = abs(aspect - c / r)

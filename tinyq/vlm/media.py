@@ -147,11 +147,20 @@ def uniform_indices(total: int, n: int) -> List[int]:
     return [round(i * step) for i in range(n - 1)] + [total - 1]
 
 
-def load_video_frames(path, num_frames: int) -> List:
+def _pick(path, total: int, num_frames: int, repeat_short: bool) -> List[int]:
+    """The frame indices to keep; a clip shorter than asked is an error unless ``repeat_short``."""
+    if total < num_frames and not repeat_short:
+        raise ValueError(f"video {path} has {total} frame(s), fewer than the {num_frames} asked for: ask for at "
+                         f"most {total}, or let frames repeat as VILA's loader does (repeat_short=True)")
+    return uniform_indices(total, num_frames)
+
+
+def load_video_frames(path, num_frames: int, repeat_short: bool = False) -> List:
     """``num_frames`` RGB frames sampled uniformly (:func:`uniform_indices`) from a directory of
     images (sorted by name; extensions :data:`FRAME_EXTENSIONS`), an animated GIF/WebP, or (with PyAV
-    installed) a video file. A clip with fewer frames than asked repeats some, as VILA's loader does;
-    one with no frame at all is a ValueError naming it."""
+    installed) a video file. A clip with fewer frames than asked is a ValueError saying how many it
+    has, unless ``repeat_short``: then some frames repeat, as VILA's loader repeats them. A clip with
+    no frame at all is a ValueError naming it."""
     Image = _pil()
     path = as_path(path, "a video path (str or os.PathLike)")
     if num_frames < 1:
@@ -161,17 +170,19 @@ def load_video_frames(path, num_frames: int) -> List:
         if not files:
             raise ValueError(f"frames directory {path} has no frame images (files ending in "
                              f"{', '.join(FRAME_EXTENSIONS)})")
-        return [load_image(os.path.join(path, files[i])) for i in uniform_indices(len(files), num_frames)]
+        return [load_image(os.path.join(path, files[i])) for i in _pick(path, len(files), num_frames, repeat_short)]
     if not os.path.isfile(path):
         raise ValueError(f"video not found: {path}")
     if path.lower().endswith((".gif", ".webp")):
         try:
             with Image.open(path) as im:
                 frames = []
-                for i in uniform_indices(getattr(im, "n_frames", 1), num_frames):  # a still image: 1 frame
+                for i in _pick(path, getattr(im, "n_frames", 1), num_frames, repeat_short):  # a still image: 1 frame
                     im.seek(i)
                     frames.append(to_rgb(im))
                 return frames
+        except ValueError:
+            raise
         except Exception as exc:
             raise ValueError(f"cannot read video {path}: {exc}") from exc
     try:
@@ -182,13 +193,14 @@ def load_video_frames(path, num_frames: int) -> List:
     try:
         with av.open(path) as container:
             total = container.streams.video[0].frames  # 0 where the container does not say
-        frames = _decode_frames(av, path, total, num_frames) if total >= 1 else None
-        if frames is None:  # no frame count, or a wrong one: count by decoding, then pick
+        trusted = total >= (1 if repeat_short else num_frames)  # a short count is checked by decoding
+        frames = _decode_frames(av, path, total, num_frames, repeat_short) if trusted else None
+        if frames is None:  # no frame count, a wrong or a short one: count by decoding, then pick
             with av.open(path) as container:
                 total = sum(1 for _ in container.decode(video=0))
             if total == 0:
                 raise ValueError(f"video {path} has no frame that PyAV can decode")
-            frames = _decode_frames(av, path, total, num_frames)
+            frames = _decode_frames(av, path, total, num_frames, repeat_short)
     except ValueError:
         raise
     except Exception as exc:
@@ -196,11 +208,11 @@ def load_video_frames(path, num_frames: int) -> List:
     return frames
 
 
-def _decode_frames(av, path: str, total: int, num_frames: int):
+def _decode_frames(av, path: str, total: int, num_frames: int, repeat_short: bool):
     """The ``uniform_indices(total, num_frames)`` frames of the video at ``path``, decoding through it
     but keeping only those (a long video's frames do not all fit in memory); None when it has fewer
     than ``total`` frames after all."""
-    picks = uniform_indices(total, num_frames)
+    picks = _pick(path, total, num_frames, repeat_short)
     wanted, kept = set(picks), {}
     with av.open(path) as container:
         for i, frame in enumerate(container.decode(video=0)):

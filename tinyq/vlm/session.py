@@ -119,14 +119,16 @@ class VLMChatSession(ChatSession):
         return self._add_media(feats, video=False, label=label, sources=loaded)
 
     def add_video(self, path, num_frames: Optional[int] = None) -> List[int]:
-        """``num_frames`` frames sampled uniformly from ``path`` (default: the checkpoint's
-        ``num_video_frames`` where it has one, else 8; a shorter clip repeats frames:
-        :func:`tinyq.vlm.media.load_video_frames`). A model with a video encoder (VILA / NVILA)
+        """``num_frames`` frames sampled uniformly from ``path`` (:func:`tinyq.vlm.media.load_video_frames`).
+        A clip with fewer frames than ``num_frames`` is a ValueError; left at None, the count is the
+        checkpoint's ``num_video_frames`` where it has one, else 8, and a shorter clip repeats frames,
+        as VILA's loader does for its configured count. A model with a video encoder (VILA / NVILA)
         makes them one media item of ``[tokens, hidden]`` rows (its frames pooled where the
         checkpoint says so); otherwise each frame is an image in the prompt. Returns the tokens per
         media item added; a video that could not fit the cache is a ValueError, and nothing is added."""
         path = media.as_path(path, "a video path (str or os.PathLike)")
         encoder = getattr(self.vlm, "video_encoder", None)
+        repeat_short = num_frames is None
         if num_frames is None:
             num_frames = getattr(self.vlm, "num_video_frames", 8)
         if not isinstance(num_frames, int) or num_frames < 1:
@@ -135,7 +137,7 @@ class VLMChatSession(ChatSession):
             if self.vlm.video_unsupported:
                 raise ValueError(self.vlm.video_unsupported)
             encoder.check_frames(num_frames)  # before any frame is decoded
-        frames = media.load_video_frames(path, num_frames)
+        frames = media.load_video_frames(path, num_frames, repeat_short)
         label = f"video {path} ({num_frames} frames)"
         if encoder is None:
             return self._add_images(frames, label)
