@@ -2,7 +2,7 @@
 should take (the choice :mod:`tinyq.graphs` made), measured side by side on one model.
 
 For a 256-token prompt and a 32-token turn after a 1024-token history (Llama-3-8B shapes, random
-weights, W4A16 or fp16), the time to the first token's logits through:
+weights, W4A16 or fp16, optionally fewer layers), the time to the first token's logits through:
 - ``graphs``: ``Generator.prefill`` (padded-bucket CUDA graphs, ``tinyq.graphs.PrefillGraphs``);
 - ``eager``: one eager ``model(ids, cache, last_only=True)``;
 - ``compile-<mode>``: ``torch.compile(model, mode=...)`` called the same way, for each mode asked
@@ -54,12 +54,18 @@ def main():
     ap.add_argument("--modes", default="reduce-overhead,default")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's 32): fewer "
+                    "compile faster, and every path scales alike")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    start = time.perf_counter()
     device = torch.device(args.device)
     prompt, history, turn = (256, 1024, 32) if not args.tiny else (24, 40, 8)
-    model = random_model(SHAPES["tiny" if args.tiny else "llama3-8b"], args.precision, device, 128 if not args.tiny else 32)
+    shape = dict(SHAPES["tiny" if args.tiny else "llama3-8b"])
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    model = random_model(shape, args.precision, device, 128 if not args.tiny else 32)
     gen = Generator(model, None, max_seq_len=history + prompt + 64)
     warm_up(gen)
     cache = gen.cache
@@ -68,7 +74,7 @@ def main():
 
     def show(name, what, ms, extra=""):
         res["rows"].setdefault(name, {})[what] = ms
-        print(f"{name:22s} {what:26s} {ms:9.3f} ms {extra}", flush=True)
+        print(f"[{time.perf_counter() - start:6.1f} s] {name:22s} {what:26s} {ms:9.3f} ms {extra}", flush=True)
         if args.out:  # after every row: a run cut short by its time limit keeps what it measured
             write_json(args.out, res)
 
@@ -88,6 +94,7 @@ def main():
         compiled = torch.compile(model, mode=mode, dynamic=False)
         for name, (hist, ids) in runs.items():
             what = f"compile {mode}"
+            print(f"[{time.perf_counter() - start:6.1f} s] {name}: compiling ({what})", flush=True)
             try:
                 cache.reset()
                 if hist is not None:
