@@ -147,11 +147,16 @@ def uniform_indices(total: int, n: int) -> List[int]:
     return [round(i * step) for i in range(n - 1)] + [total - 1]
 
 
-def _pick(path, total: int, num_frames: int, repeat_short: bool) -> List[int]:
-    """The frame indices to keep; a clip shorter than asked is an error unless ``repeat_short``."""
+def _check_length(path, total: int, num_frames: int, repeat_short: bool) -> None:
+    """A clip shorter than asked is an error unless ``repeat_short``."""
     if total < num_frames and not repeat_short:
         raise ValueError(f"video {path} has {total} frame(s), fewer than the {num_frames} asked for: ask for at "
                          f"most {total}, or let frames repeat as VILA's loader does (repeat_short=True)")
+
+
+def _pick(path, total: int, num_frames: int, repeat_short: bool) -> List[int]:
+    """The frame indices to keep (:func:`uniform_indices`), after :func:`_check_length`."""
+    _check_length(path, total, num_frames, repeat_short)
     return uniform_indices(total, num_frames)
 
 
@@ -176,15 +181,15 @@ def load_video_frames(path, num_frames: int, repeat_short: bool = False) -> List
     if path.lower().endswith((".gif", ".webp")):
         try:
             with Image.open(path) as im:
-                frames = []
-                for i in _pick(path, getattr(im, "n_frames", 1), num_frames, repeat_short):  # a still image: 1 frame
-                    im.seek(i)
-                    frames.append(to_rgb(im))
-                return frames
-        except ValueError:
-            raise
+                total, frames = getattr(im, "n_frames", 1), []  # a still image: 1 frame
+                if total >= num_frames or repeat_short:
+                    for i in uniform_indices(total, num_frames):
+                        im.seek(i)
+                        frames.append(to_rgb(im))
         except Exception as exc:
             raise ValueError(f"cannot read video {path}: {exc}") from exc
+        _check_length(path, total, num_frames, repeat_short)
+        return frames
     try:
         import av
     except ImportError as exc:
