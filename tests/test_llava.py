@@ -244,6 +244,9 @@ def test_processor_chat_template_file_is_read(tmp_path):
     text = tok.decode([t for t in s.prompt_ids("hi") if t != model.image_token_id])
     assert text.startswith("USER: \nhi ASSISTANT:")
     (tmp_path / "chat_template.json").write_text("{not json")
+    with pytest.raises(ValueError, match="chat_template.json: not valid JSON"):
+        load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=256)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"template": LLAVA_HF_TEMPLATE}))
     with pytest.raises(ValueError, match="chat_template.json: not a chat template file"):
         load_llava(str(tmp_path), precision="fp32", device="cpu", max_seq_len=256)
 

@@ -73,8 +73,8 @@ def launch_w4a16_dequant(qweight, scales, zeros, out, *, block_n: int = 32, bloc
     return out
 
 
-_SCRATCH: dict = {}  # (device, dtype) -> [buffer, whether a CUDA graph captured a write to it]
-_KEPT: list = []  # outgrown buffers that a captured graph still writes on replay: never freed
+_SCRATCH: dict = {}  # (device, dtype) -> buffer
+_KEPT: list = []  # buffers that a captured CUDA graph writes on replay: never freed
 
 
 def scratch(numel: int, dtype: torch.dtype, device: torch.device, capturing: bool = False) -> torch.Tensor:
@@ -82,19 +82,17 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device, capturing: boo
 
     Kernels on one stream run in order, so the next layer's dequantization cannot overwrite a
     weight that a GEMM still reads. The buffer is sized by the largest layer seen. ``capturing``:
-    the caller is capturing a CUDA graph, whose replays will write this buffer; when a larger layer
-    later outgrows it, it is kept rather than freed, so that no replay writes freed memory."""
+    the caller is capturing a CUDA graph, whose replays will write this buffer, so it is kept alive
+    even once a larger layer has outgrown it."""
     key = (device, dtype)
-    entry = _SCRATCH.get(key)
-    if entry is None or entry[0].numel() < numel:
-        if entry is not None:
-            if entry[1]:
-                _KEPT.append(entry[0])
-            del _SCRATCH[key]
-            entry = None  # the old buffer is freed here (unless kept), before the larger one is allocated
-        entry = _SCRATCH[key] = [torch.empty(numel, dtype=dtype, device=device), False]
-    entry[1] = entry[1] or capturing
-    return entry[0][:numel]
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = None  # the old buffer is freed here (unless kept), before the larger one is allocated
+        _SCRATCH.pop(key, None)
+        buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
+    if capturing and all(kept is not buf for kept in _KEPT):
+        _KEPT.append(buf)
+    return buf[:numel]
 
 
 def w4a16_dequant_reference(qweight, scales, zeros) -> torch.Tensor:

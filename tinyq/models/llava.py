@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tinyq.json_io import read_json
 from tinyq.models.loader import TensorSource, build_model, checked_tensors, load_tokenizer, peak_host_memory_mb
 from tinyq.models.vision import VisionConfig, VisionTower, load_vision_tower
 from tinyq.models.vlm import VisionLanguageModel
@@ -167,11 +168,7 @@ def processor_chat_template(path: str) -> Optional[str]:
     file = os.path.join(path, "chat_template.json")
     if not os.path.isfile(file):
         return None
-    try:
-        with open(file) as f:
-            template = json.load(f)["chat_template"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{file}: not a chat template file ({{\"chat_template\": \"...\"}}): {exc}") from exc
+    template = read_json(file).get("chat_template")
     if not isinstance(template, str):
-        raise ValueError(f"{file}: chat_template is a {type(template).__name__}, not a string")
+        raise ValueError(f"{file}: not a chat template file (no \"chat_template\" string in it)")
     return template
